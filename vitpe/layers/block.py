@@ -1,0 +1,25 @@
+"""Pre-norm transformer block with stochastic depth; the strategy reaches it only through ``BlockPos``."""
+from __future__ import annotations
+
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from ..pos.base import BlockPos
+from .attention import Attention
+from .mlp import Mlp
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 mixer: nn.Module | None = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), mixer, drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, pos: BlockPos) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), pos))
+        return x + self.drop_path(self.mlp(self.norm2(x), pos))

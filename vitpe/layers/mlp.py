@@ -1,0 +1,23 @@
+"""The transformer FFN, with an optional token mixer between fc1 and the activation (Mix-FFN)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..pos.base import BlockPos
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, mixer: nn.Module | None = None, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.mixer = mixer  # called with the grid; None keeps the plain FFN (and its state-dict keys)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, pos: BlockPos) -> Tensor:
+        x = self.fc1(x)
+        if self.mixer is not None:
+            x = self.mixer(x, pos.grid, pos.num_prefix)
+        return self.drop2(self.fc2(self.drop1(self.act(x))))

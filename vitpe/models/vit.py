@@ -1,0 +1,264 @@
+"""Plain ViT / DeiT whose positional encoding is a swappable strategy.
+
+Layout and state-dict keys follow timm's ``VisionTransformer`` (``cls_token``, ``patch_embed.proj``,
+``blocks.i.attn.qkv``, ``norm``, ``head``), so timm checkpoints load with only the table moved to
+the strategy (``pos_embed`` -> ``pos.pos_embed``). Any input whose sides are multiples of the patch
+size runs without rebuilding: the strategy follows the grid.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+
+from .. import pos as pos_lib
+from ..layers import Block, PatchEmbed
+from ..pos.base import Grid
+
+_logger = logging.getLogger(__name__)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with ``pos`` any strategy of ``vitpe.pos`` (a name or ``a+b``), options in ``pos_kwargs``."""
+
+    def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
+                 pos: str = "learned", pos_kwargs: dict[str, dict[str, Any]] | None = None,
+                 drop_rate: float = 0.0, pos_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, fc_norm: bool | None = None) -> None:
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.img_size = _pair(img_size)
+        grid = self.patch_embed.grid_of(*self.img_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos = pos_lib.build(pos, dim=embed_dim, num_heads=num_heads, depth=depth, grid=grid,
+                                 num_prefix=self.num_prefix_tokens, pos_kwargs=pos_kwargs)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer=self.pos.ffn_mixer(int(embed_dim * mlp_ratio)),
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i])
+            for i in range(depth)])
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size)
+                             for i in range(depth)]
+        self.init_weights()
+
+    # -- init --------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        names = {"cls_token"}
+        names |= {f"pos.{n}" for n, _ in self.pos.named_parameters()}
+        return names
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise NotImplementedError("gradient checkpointing is not supported by vitpe's ViT yet")
+
+    # -- trunk -------------------------------------------------------------------------------
+    def _embed(self, x: Tensor) -> tuple[Tensor, Grid]:
+        x, grid = self.patch_embed(x)  # (B, N, C)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.pos.embed(x, grid, self.num_prefix_tokens)  # (B, P + N, C)
+        return self.pos_drop(x), grid
+
+    def _blocks(self, x: Tensor, grid: Grid, upto: int | None = None):
+        """Yield ``(i, x)`` after each block (and its after-block hook)."""
+        ctx = self.pos.context(grid, self.num_prefix_tokens)
+        for i, blk in enumerate(self.blocks[: None if upto is None else upto + 1]):
+            x = blk(x, ctx.block(i))
+            x = self.pos.after_block(x, i, grid, self.num_prefix_tokens)
+            yield i, x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> normalised tokens ``(B, P + H/p * W/p, C)``."""
+        x, grid = self._embed(x)
+        for _, x in self._blocks(x, grid):
+            pass
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- timm interface ----------------------------------------------------------------------
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token' needs a class token")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's intermediate-feature API: block outputs as ``(B, C, H/p, W/p)`` maps (or ``NLC``)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, grid = self._embed(x)
+        feats = []
+        for i, x in self._blocks(x, grid, upto=max_index if stop_early else None):
+            if i in take:
+                feats.append(self.norm(x) if norm else x)
+        P = self.num_prefix_tokens
+        prefixes = [f[:, :P] for f in feats]
+        feats = [f[:, P:] for f in feats]
+        if output_fmt == "NCHW":
+            feats = [f.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if return_prefix_tokens and P:
+            feats = list(zip(feats, prefixes))
+        if intermediates_only:
+            return feats
+        return self.norm(x), feats
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def _unwrap(state_dict: dict[str, Any]) -> dict[str, Tensor]:
+    """Accept a bare state dict or one nested under 'model' / 'state_dict' (training checkpoints)."""
+    for key in ("model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            return state_dict[key]
+    return state_dict
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    return next(name for name, m in root.named_modules() if m is target)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -> dict[str, Tensor]:
+    """Map a timm ViT/DeiT checkpoint (or a vitpe one) onto ``model``.
+
+    timm's ``pos_embed`` goes to the model's ``learned`` strategy (resampled to its grid on load);
+    a model without one drops it with a warning. A patch-embedding kernel of another patch size is
+    resampled as timm does.
+    """
+    from timm.layers import resample_patch_embed
+
+    sd = dict(_unwrap(state_dict))
+    if "pos_embed" in sd:
+        learned = model.pos.find("learned")
+        table = sd.pop("pos_embed")
+        if learned is None:
+            _logger.warning("checkpoint has a learned 'pos_embed' but the model's strategy is %r; dropped",
+                            model.pos.name)
+        else:
+            sd[f"{_module_path(model, learned)}.pos_embed"] = table
+    key = "patch_embed.proj.weight"
+    if key in sd and sd[key].shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
+        sd[key] = resample_patch_embed(sd[key], list(model.patch_embed.proj.weight.shape[-2:]))
+    for k in ("dist_token", "head_dist.weight", "head_dist.bias"):  # DeiT distillation extras
+        if k in sd:
+            raise ValueError(f"checkpoint key {k!r}: distilled DeiT checkpoints are not supported")
+    return sd
+
+
+# -- timm registry ---------------------------------------------------------------------------
+from ._timm import CIFAR_MEAN, CIFAR_STD, cfg, create, generate_default_cfgs, register_model  # noqa: E402
+
+default_cfgs = generate_default_cfgs({
+    "vitpe_vit_tiny_patch16_224": cfg(),
+    "vitpe_vit_small_patch16_224": cfg(),
+    "vitpe_vit_base_patch16_224": cfg(),
+    "vitpe_vit_tiny_patch4_32": cfg(32, 10, mean=CIFAR_MEAN, std=CIFAR_STD),
+    "vitpe_vit_small_patch4_32": cfg(32, 10, mean=CIFAR_MEAN, std=CIFAR_STD),
+})
+
+_SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3),
+          "small": dict(embed_dim=384, depth=12, num_heads=6),
+          "base": dict(embed_dim=768, depth=12, num_heads=12)}
+
+
+def _vit(variant: str, pretrained: bool, size: str, patch_size: int, **kwargs: Any) -> VisionTransformer:
+    args = dict(_SIZES[size], patch_size=patch_size)
+    args.update(kwargs)
+    return create(VisionTransformer, variant, pretrained, checkpoint_filter_fn,
+                  feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
+
+
+@register_model
+def vitpe_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Tiny (192 wide, 12 blocks, 3 heads), 16x16 patches, any positional strategy (``pos=``)."""
+    return _vit("vitpe_vit_tiny_patch16_224", pretrained, "tiny", 16, **kwargs)
+
+
+@register_model
+def vitpe_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small (384 wide, 12 blocks, 6 heads), 16x16 patches."""
+    return _vit("vitpe_vit_small_patch16_224", pretrained, "small", 16, **kwargs)
+
+
+@register_model
+def vitpe_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Base / DeiT-Base (768 wide, 12 blocks, 12 heads), 16x16 patches."""
+    return _vit("vitpe_vit_base_patch16_224", pretrained, "base", 16, **kwargs)
+
+
+@register_model
+def vitpe_vit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Tiny on 32x32 images (CIFAR) with 4x4 patches: an 8x8 grid."""
+    return _vit("vitpe_vit_tiny_patch4_32", pretrained, "tiny", 4, img_size=kwargs.pop("img_size", 32), **kwargs)
+
+
+@register_model
+def vitpe_vit_small_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small on 32x32 images with 4x4 patches."""
+    return _vit("vitpe_vit_small_patch4_32", pretrained, "small", 4, img_size=kwargs.pop("img_size", 32), **kwargs)

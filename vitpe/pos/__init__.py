@@ -1,0 +1,57 @@
+"""Positional strategies, chosen by name: ``vitpe.pos.build('peg+rope_mixed', dim=..., ...)``.
+
+``names()`` lists the single strategies; any of them can be combined with ``+``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry import Registry
+from .absolute import Learned, SinCos2d
+from .base import BlockPos, Grid, GridShapedStrategy, PosContext, PosStrategy
+from .compose import Compose
+from .conv import PEG, MixFFN
+from .relative import RelativeBias
+from .rope import RopeAxial, RopeMixed
+
+STRATEGIES: Registry[PosStrategy] = Registry("positional strategy")
+for _cls in (PosStrategy, SinCos2d, Learned, PEG, MixFFN, RopeAxial, RopeMixed, RelativeBias):
+    STRATEGIES.register(_cls.name)(_cls)
+
+
+def names() -> list[str]:
+    """Every single strategy name; combine them with ``+``."""
+    return STRATEGIES.names()
+
+
+def split(spec: str) -> list[str]:
+    """``'peg + rope_mixed'`` -> ``['peg', 'rope_mixed']``, each checked against the registry."""
+    parts = [p.strip() for p in str(spec).split("+") if p.strip()]
+    if not parts:
+        raise KeyError(f"empty positional strategy {spec!r}; valid: {', '.join(names())}")
+    for p in parts:
+        STRATEGIES.get(p)
+    if len(parts) > 1 and "none" in parts:
+        raise KeyError(f"'none' cannot be combined with other strategies in {spec!r}")
+    return parts
+
+
+def build(spec: str, *, dim: int, num_heads: int, depth: int, grid: Grid, num_prefix: int = 0,
+          pos_kwargs: dict[str, dict[str, Any]] | None = None) -> PosStrategy:
+    """Build the strategy ``spec`` (a name or names joined by ``+``).
+
+    ``pos_kwargs`` maps a strategy name to its options, e.g. ``{'peg': {'after': [0, 1]}}``.
+    """
+    parts = split(spec)
+    pos_kwargs = dict(pos_kwargs or {})
+    unknown = set(pos_kwargs) - set(parts)
+    if unknown:
+        raise KeyError(f"pos_kwargs names {sorted(unknown)}, which are not part of {spec!r}")
+    common = dict(dim=dim, num_heads=num_heads, depth=depth, grid=grid, num_prefix=num_prefix)
+    built = [STRATEGIES.build(p, **common, **pos_kwargs.get(p, {})) for p in parts]
+    return built[0] if len(built) == 1 else Compose(built)
+
+
+__all__ = ["BlockPos", "Compose", "Grid", "GridShapedStrategy", "Learned", "MixFFN", "PEG", "PosContext",
+           "PosStrategy", "RelativeBias", "RopeAxial", "RopeMixed", "STRATEGIES", "SinCos2d", "build",
+           "names", "split"]

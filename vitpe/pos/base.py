@@ -1,0 +1,178 @@
+"""The hooks every positional strategy implements, and what they hand to the blocks.
+
+A strategy overrides only the hooks it needs; every default does nothing. A backbone runs:
+
+    x = pos.embed(x, grid, num_prefix)              # add to tokens (sincos2d, learned)
+    ctx = pos.context(grid, num_prefix)             # rotary tables, attention-logit bias
+    for i, blk in enumerate(blocks):
+        x = blk(x, ctx.block(i))                    # attention reads ctx.block(i).rope / .bias
+        x = pos.after_block(x, i, grid, num_prefix) # PEG
+    # and each block's FFN was built with pos.ffn_mixer(hidden_dim) (Mix-FFN)
+
+``grid`` is always ``(rows, cols)`` of patch tokens; ``num_prefix`` is the number of class or
+register tokens in front of them, which every strategy leaves without position.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import torch
+from torch import Tensor, nn
+
+Grid = tuple[int, int]
+
+
+@dataclass
+class BlockPos:
+    """What one block sees: the grid, and optionally rotary tables and an additive logits bias.
+
+    ``rope`` is ``(cos, sin)``, each ``(heads or 1, T, head_dim)``, with cos=1 and sin=0 on the
+    prefix rows so the whole sequence can be rotated at once. ``bias`` is ``(heads, T, T)``.
+    """
+
+    grid: Grid
+    num_prefix: int
+    rope: tuple[Tensor, Tensor] | None = None
+    bias: Tensor | None = None
+
+
+@dataclass
+class PosContext:
+    """Per-forward positional state, built once and shared by every block.
+
+    ``rope`` tensors are ``(depth or 1, heads or 1, T, head_dim)``; a leading size of 1 means one
+    table shared by all blocks. ``bias_terms`` are functions of the block index that return
+    ``(heads, T, T)``; they are evaluated lazily so that a deep model never holds every block's
+    ``T x T`` bias at once.
+    """
+
+    grid: Grid
+    num_prefix: int
+    rope: tuple[Tensor, Tensor] | None = None
+    bias_terms: list[Callable[[int], Tensor]] = field(default_factory=list)
+
+    def block(self, i: int) -> BlockPos:
+        rope = None
+        if self.rope is not None:
+            cos, sin = self.rope
+            j = i if cos.shape[0] > 1 else 0
+            rope = (cos[j], sin[j])
+        bias = None
+        for term in self.bias_terms:
+            b = term(i)
+            bias = b if bias is None else bias + b
+        return BlockPos(self.grid, self.num_prefix, rope, bias)
+
+    def merge(self, other: PosContext) -> PosContext:
+        if self.rope is not None and other.rope is not None:
+            raise ValueError("two rotary strategies cannot be combined: q and k can be rotated only once")
+        return PosContext(self.grid, self.num_prefix, self.rope if self.rope is not None else other.rope,
+                          self.bias_terms + other.bias_terms)
+
+
+class GridCache:
+    """A small LRU cache of tensors derived per grid (tables, indices).
+
+    Derived tables depend only on the grid and on parameters; while gradients are needed for those
+    parameters the cache is bypassed, otherwise an unchanged grid costs nothing.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], Any], params: tuple[Tensor, ...] = ()) -> Any:
+        if params and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return make()
+        key = (key, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        self._items[key] = value
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+class PosStrategy(nn.Module):
+    """Base class: every hook is a no-op. Subclasses set ``name`` and override what they need.
+
+    Every strategy is built with the same keyword arguments, so backbones build any of them alike:
+    ``dim`` (token width), ``num_heads``, ``depth`` (blocks in the stage), ``grid`` (the native
+    token grid, e.g. 14x14 for 224/16) and ``num_prefix``; options of the strategy come after.
+    """
+
+    name: str = "none"
+
+    def __init__(self, *, dim: int, num_heads: int, depth: int, grid: Grid, num_prefix: int = 0) -> None:
+        super().__init__()
+        self.dim, self.num_heads, self.depth = dim, num_heads, depth
+        self.head_dim = dim // num_heads
+        self.native_grid: Grid = (int(grid[0]), int(grid[1]))
+        self.num_prefix = num_prefix
+        self._cache = GridCache()
+
+    # -- hooks -------------------------------------------------------------------------------
+    def embed(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
+        """``x``: ``(B, P + H*W, C)`` right after patch embedding and prefix tokens."""
+        return x
+
+    def context(self, grid: Grid, num_prefix: int) -> PosContext:
+        """Built once per forward; cache per grid what does not need gradients."""
+        return PosContext(grid, num_prefix)
+
+    def after_block(self, x: Tensor, i: int, grid: Grid, num_prefix: int) -> Tensor:
+        return x
+
+    def ffn_mixer(self, hidden_dim: int) -> nn.Module | None:
+        """A module called inside each FFN between fc1 and the activation, or None."""
+        return None
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, old_grid: Grid) -> None:
+        """Rewrite, in place, this strategy's entries of a checkpoint made for ``old_grid`` so that
+        they fit ``self.native_grid``. Strategies without grid-shaped parameters do nothing."""
+
+    # -- helpers -----------------------------------------------------------------------------
+    def parts(self) -> list[PosStrategy]:
+        """The strategies this one is made of (itself, unless it is a combination)."""
+        return [self]
+
+    def find(self, name: str) -> PosStrategy | None:
+        return next((p for p in self.parts() if p.name == name), None)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, depth={self.depth}, grid={self.native_grid}"
+
+
+class GridShapedStrategy(PosStrategy):
+    """A strategy whose parameters are shaped by the grid (learned table, relative-bias table).
+
+    It stores its grid in the state dict (buffer ``grid``) so that a checkpoint made at another
+    resolution is recognised and resampled on load, even when the token count is the same
+    (2x8 and 4x4). Checkpoints without the buffer (timm's) are taken as square grids.
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.register_buffer("grid", torch.tensor(self.native_grid, dtype=torch.long), persistent=True)
+
+    def grid_of_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> Grid:
+        """The grid a checkpoint was made for; subclasses infer it when the buffer is absent."""
+        g = state_dict[prefix + "grid"]
+        return (int(g[0]), int(g[1]))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # type: ignore[override]
+        if any(k.startswith(prefix) and k != prefix + "grid" for k in state_dict):
+            old = self.grid_of_checkpoint(state_dict, prefix)
+            if old != self.native_grid:
+                self.adapt_state_dict(state_dict, prefix, old)
+            state_dict[prefix + "grid"] = self.grid.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

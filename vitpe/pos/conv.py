@@ -1,0 +1,49 @@
+"""Convolutional position: ``peg`` (CPVT's conditional encoding) and ``mixffn`` (SegFormer's Mix-FFN).
+
+Neither adds a table: position leaks in through the zero padding of a depthwise convolution, so
+both follow the grid of any input with nothing to resample.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor, nn
+
+from .base import Grid, PosStrategy
+from .functional import GridConv
+
+
+class PEG(PosStrategy):
+    """A depthwise ``k x k`` convolution with a residual over the token grid after chosen blocks
+    (CPVT: after block 0). Prefix tokens pass through unchanged."""
+
+    name = "peg"
+
+    def __init__(self, *, after: Sequence[int] = (0,), kernel_size: int = 3, **kw: Any) -> None:
+        super().__init__(**kw)
+        bad = [i for i in after if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"peg: block indices {bad} are outside 0..{self.depth - 1}")
+        self.after = sorted(set(int(i) for i in after))
+        self.convs = nn.ModuleDict({str(i): GridConv(self.dim, kernel_size, residual=True) for i in self.after})
+
+    def after_block(self, x: Tensor, i: int, grid: Grid, num_prefix: int) -> Tensor:
+        key = str(i)
+        if key in self.convs:
+            x = self.convs[key](x, grid, num_prefix)
+        return x
+
+
+class MixFFN(PosStrategy):
+    """No explicit encoding: every FFN gets a ``3 x 3`` depthwise convolution between fc1 and the
+    activation, as in SegFormer's Mix-FFN. The convolutions live in the FFNs (built through
+    ``ffn_mixer``), so this strategy itself holds no parameters."""
+
+    name = "mixffn"
+
+    def __init__(self, *, kernel_size: int = 3, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.kernel_size = kernel_size
+
+    def ffn_mixer(self, hidden_dim: int) -> nn.Module:
+        return GridConv(hidden_dim, self.kernel_size, residual=False)

@@ -1,0 +1,111 @@
+"""Grid maths shared by the strategies: closed-form tables, resampling, token<->map reshapes, rotation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+Grid = tuple[int, int]
+
+
+def grid_coords(grid: Grid, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Row and column index of every token, in row-major token order; each ``(H*W,)`` float32."""
+    h, w = grid
+    rows = torch.arange(h, device=device, dtype=torch.float32)
+    cols = torch.arange(w, device=device, dtype=torch.float32)
+    r, c = torch.meshgrid(rows, cols, indexing="ij")
+    return r.reshape(-1), c.reshape(-1)
+
+
+def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """``(N,)`` positions -> ``(N, dim)``: ``[sin(pos * w_k), cos(pos * w_k)]`` with
+    ``w_k = temperature ** (-k / (dim / 2))`` for ``k < dim / 2``."""
+    if dim % 2:
+        raise ValueError(f"sine-cosine encoding needs an even width, got {dim}")
+    omega = temperature ** (-torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim // 2))
+    angles = pos[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0, device: torch.device | None = None) -> Tensor:
+    """``(H*W, dim)``: the first half of the channels encodes the row, the second half the column."""
+    if dim % 4:
+        raise ValueError(f"2D sine-cosine encoding needs a width divisible by 4, got {dim}")
+    rows, cols = grid_coords(grid, device)
+    return torch.cat([sincos_1d(rows, dim // 2, temperature), sincos_1d(cols, dim // 2, temperature)], dim=1)
+
+
+def resample_table(table: Tensor, old_grid: Grid, new_grid: Grid, mode: str = "bicubic") -> Tensor:
+    """Resample ``(..., H*W, C)`` token tables (or ``(C, H, W)`` maps via ``resample_map``) from
+    ``old_grid`` to ``new_grid``; the same grid is returned unchanged."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    lead = table.shape[:-2]
+    if table.shape[-2] != old_grid[0] * old_grid[1]:
+        raise ValueError(f"table has {table.shape[-2]} tokens, grid {old_grid[0]}x{old_grid[1]} needs "
+                         f"{old_grid[0] * old_grid[1]}")
+    maps = rearrange(table.reshape(-1, *table.shape[-2:]), "b (h w) c -> b c h w", h=old_grid[0])
+    maps = resample_map(maps, new_grid, mode)
+    return rearrange(maps, "b c h w -> b (h w) c").reshape(*lead, -1, table.shape[-1])
+
+
+def resample_map(maps: Tensor, size: Grid, mode: str = "bicubic") -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, C, *size)``, antialiased when shrinking, computed in float32."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    out = F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False,
+                        antialias=mode in ("bilinear", "bicubic"))
+    return out.to(maps.dtype)
+
+
+def to_map(x: Tensor, grid: Grid, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """``(B, P + H*W, C)`` -> prefix ``(B, P, C)`` and map ``(B, C, H, W)``."""
+    n = grid[0] * grid[1]
+    if x.shape[1] != num_prefix + n:
+        raise ValueError(f"got {x.shape[1]} tokens, grid {grid[0]}x{grid[1]} with {num_prefix} prefix "
+                         f"tokens needs {num_prefix + n}")
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    return prefix, rearrange(patches, "b (h w) c -> b c h w", h=grid[0])
+
+
+def from_map(prefix: Tensor, maps: Tensor) -> Tensor:
+    """Inverse of ``to_map``."""
+    patches = rearrange(maps, "b c h w -> b (h w) c")
+    return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches
+
+
+class GridConv(nn.Module):
+    """A depthwise convolution over the patch tokens' grid, zero-padded; prefix tokens pass through.
+
+    With ``residual`` it is CPVT's PEG (``x + conv(x)``); without, SegFormer's Mix-FFN mixer.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so the grid keeps its size, got {kernel_size}")
+        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.residual = residual
+
+    def forward(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
+        prefix, maps = to_map(x, grid, num_prefix)
+        out = self.proj(maps)
+        if self.residual:
+            out = out + maps
+        return from_map(prefix, out)
+
+
+def rope_tables(angles: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Angles ``(..., N, D/2)`` -> ``(cos, sin)`` each ``(..., P + N, D)`` in the rotate-half layout,
+    with cos=1, sin=0 on the ``P`` prefix rows (prefix tokens stay unrotated)."""
+    angles = torch.cat([angles, angles], dim=-1)
+    pad = (0, 0, num_prefix, 0)
+    return F.pad(angles.cos(), pad, value=1.0), F.pad(angles.sin(), pad, value=0.0)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``(B, heads, T, D)``: pairs ``(i, i + D/2)`` turn by the angle of their frequency."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

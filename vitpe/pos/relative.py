@@ -1,0 +1,62 @@
+"""``rpb``: a learned relative position bias on the attention logits (Swin, BEiT).
+
+Each block has, per head, a table over 2D offsets ``(2H-1) x (2W-1)``; the bias between patches m
+and n is the entry at their offset. For another grid the table is resized bicubically (as when
+Swin and BEiT are fine-tuned at a new resolution). Prefix tokens get zero bias.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Grid, GridShapedStrategy, PosContext
+from .functional import grid_coords, resample_map
+
+
+def relative_index(grid: Grid, device: torch.device | None = None) -> Tensor:
+    """``(N, N)`` long: flat index into a ``(2H-1) x (2W-1)`` offset table for every pair."""
+    h, w = grid
+    rows, cols = grid_coords(grid, device)
+    dr = (rows[:, None] - rows[None, :]).long() + h - 1
+    dc = (cols[:, None] - cols[None, :]).long() + w - 1
+    return dr * (2 * w - 1) + dc
+
+
+class RelativeBias(GridShapedStrategy):
+    name = "rpb"
+
+    def __init__(self, *, shared: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        h, w = self.native_grid
+        layers = 1 if shared else self.depth
+        self.tables = nn.Parameter(torch.zeros(layers, self.num_heads, 2 * h - 1, 2 * w - 1))
+        nn.init.trunc_normal_(self.tables, std=0.02)
+
+    def tables_for(self, grid: Grid) -> Tensor:
+        """``(layers, heads, (2h-1)*(2w-1))`` for ``grid``."""
+        def make() -> Tensor:
+            size = (2 * grid[0] - 1, 2 * grid[1] - 1)
+            return resample_map(self.tables, size).flatten(2)
+
+        if grid == self.native_grid:
+            return self.tables.flatten(2)
+        return self._cache.get((grid, self.tables.device), make, (self.tables,))
+
+    def context(self, grid: Grid, num_prefix: int) -> PosContext:
+        index = self._cache.get(("index", grid, self.tables.device), lambda: relative_index(grid, self.tables.device))
+        tables = self.tables_for(grid)
+
+        def bias(i: int) -> Tensor:
+            b = tables[i if tables.shape[0] > 1 else 0][:, index]  # (heads, N, N)
+            return F.pad(b, (num_prefix, 0, num_prefix, 0)) if num_prefix else b
+
+        return PosContext(grid, num_prefix, bias_terms=[bias])
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, old_grid: Grid) -> None:
+        key = prefix + "tables"
+        if key in state_dict:
+            h, w = self.native_grid
+            state_dict[key] = resample_map(state_dict[key], (2 * h - 1, 2 * w - 1))

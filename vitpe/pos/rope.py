@@ -1,0 +1,72 @@
+"""2D rotary embeddings on q and k (Heo et al., "Rotary Position Embedding for Vision Transformer").
+
+``rope_axial``: fixed frequencies, half of each head's pairs turn with the column, half with the row.
+``rope_mixed``: every block and head learns its own 2D frequency vectors, so one pair can turn with
+any direction of the grid. Both are recomputed for any grid (positions in patch units) and leave
+prefix tokens unrotated, so ``q_m . k_n`` depends only on the offset between patches m and n.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Grid, PosContext, PosStrategy
+from .functional import grid_coords, rope_tables
+
+
+class _Rope(PosStrategy):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        if self.head_dim % 4:
+            raise ValueError(f"{self.name}: head width {self.head_dim} must be divisible by 4")
+
+
+class RopeAxial(_Rope):
+    name = "rope_axial"
+
+    def __init__(self, *, theta: float = 100.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        q = self.head_dim // 4
+        freqs = theta ** (-torch.arange(0, self.head_dim, 4, dtype=torch.float32)[:q] / self.head_dim)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def context(self, grid: Grid, num_prefix: int) -> PosContext:
+        def make() -> tuple[Tensor, Tensor]:
+            rows, cols = grid_coords(grid, self.freqs.device)
+            # (N, D/2): first D/4 angles follow the column, the next D/4 the row
+            angles = torch.cat([cols[:, None] * self.freqs, rows[:, None] * self.freqs], dim=1)
+            cos, sin = rope_tables(angles, num_prefix)
+            return cos[None, None], sin[None, None]  # (1, 1, T, D)
+
+        return PosContext(grid, num_prefix, rope=self._cache.get((grid, num_prefix, self.freqs.device), make))
+
+
+class RopeMixed(_Rope):
+    name = "rope_mixed"
+
+    def __init__(self, *, theta: float = 10.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.freqs = nn.Parameter(self.init_freqs(theta))  # (2, depth, heads, D/2): x and y parts
+
+    def init_freqs(self, theta: float) -> Tensor:
+        """Magnitudes as in the axial case, each head's directions rotated by a random angle."""
+        q = self.head_dim // 4
+        mag = theta ** (-torch.arange(0, self.head_dim, 4, dtype=torch.float32)[:q] / self.head_dim)
+        phase = torch.rand(self.depth, self.num_heads, 1) * 2 * math.pi
+        fx = torch.cat([mag * torch.cos(phase), mag * torch.cos(phase + math.pi / 2)], dim=-1)
+        fy = torch.cat([mag * torch.sin(phase), mag * torch.sin(phase + math.pi / 2)], dim=-1)
+        return torch.stack([fx, fy])
+
+    def context(self, grid: Grid, num_prefix: int) -> PosContext:
+        def make() -> tuple[Tensor, Tensor]:
+            rows, cols = grid_coords(grid, self.freqs.device)
+            fx, fy = self.freqs.float()
+            # (depth, heads, N, D/2)
+            angles = cols[:, None] * fx[:, :, None, :] + rows[:, None] * fy[:, :, None, :]
+            return rope_tables(angles, num_prefix)
+
+        key = (grid, num_prefix, self.freqs.device)
+        return PosContext(grid, num_prefix, rope=self._cache.get(key, make, (self.freqs,)))
