@@ -1,0 +1,159 @@
+"""Closed forms and invariances of the individual strategies, checked on the strategy objects."""
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vitpe
+from vitpe.pos.functional import apply_rope, resample_table, sincos_2d, to_map
+
+
+def build(spec, grid=(4, 4), dim=32, heads=2, depth=2, num_prefix=1, **kw):
+    return vitpe.pos.build(spec, dim=dim, num_heads=heads, depth=depth, grid=grid, num_prefix=num_prefix, **kw)
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), dim=st.sampled_from([8, 16, 64]), data=st.data())
+def test_sincos2d_matches_closed_form(h, w, dim, data):
+    table = sincos_2d((h, w), dim)
+    r, c = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    k = data.draw(st.integers(0, dim // 4 - 1))
+    omega = 10000.0 ** (-k / (dim // 4))
+    row = table[r * w + c]
+    q = dim // 4
+    assert math.isclose(row[k], math.sin(r * omega), abs_tol=1e-5)       # rows: first half
+    assert math.isclose(row[q + k], math.cos(r * omega), abs_tol=1e-5)
+    assert math.isclose(row[2 * q + k], math.sin(c * omega), abs_tol=1e-5)  # columns: second half
+    assert math.isclose(row[3 * q + k], math.cos(c * omega), abs_tol=1e-5)
+
+
+def test_sincos2d_embed_leaves_prefix_alone_and_follows_grid():
+    s = build("sincos2d")
+    x = torch.zeros(1, 1 + 3 * 5, 32)
+    out = s.embed(x, (3, 5), 1)
+    assert out[0, 0].abs().max() == 0
+    torch.testing.assert_close(out[0, 1:], sincos_2d((3, 5), 32))
+
+
+def rope_scores(spec, grid, num_prefix=1):
+    """q.k for the same q and k vectors placed at every pair of positions: (heads, T, T) per block."""
+    s = build(spec, grid=grid, num_prefix=num_prefix)
+    ctx = s.context(grid, num_prefix)
+    T = num_prefix + grid[0] * grid[1]
+    q = torch.randn(1, 2, 1, 16).expand(1, 2, T, 16)
+    k = torch.randn(1, 2, 1, 16).expand(1, 2, T, 16)
+    out = []
+    for i in range(2):
+        cos, sin = ctx.block(i).rope
+        out.append((apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).transpose(-1, -2))[0])
+    return out, q[0, :, 0], k[0, :, 0]
+
+
+def test_rope_scores_depend_only_on_offset():
+    grid = (5, 6)
+    for spec in ("rope_axial", "rope_mixed"):
+        scores, q, k = rope_scores(spec, grid)
+        for s in scores:
+            patch = s[:, 1:, 1:]  # (heads, N, N)
+            rows = torch.arange(30) // 6
+            cols = torch.arange(30) % 6
+            by_offset = {}
+            for m in range(30):
+                for n in range(30):
+                    key = (int(rows[m] - rows[n]), int(cols[m] - cols[n]))
+                    by_offset.setdefault(key, []).append(patch[:, m, n])
+            for key, vals in by_offset.items():
+                vals = torch.stack(vals)
+                torch.testing.assert_close(vals, vals[:1].expand_as(vals), atol=1e-4, rtol=1e-4,
+                                           msg=f"{spec}: scores differ at offset {key}")
+            assert len({round(float(v[0, 0].detach()), 4) for v in map(torch.stack, by_offset.values())}) > 10, spec
+            # the prefix token is not rotated: its score is the plain dot product
+            torch.testing.assert_close(s[:, 0, 0], (q * k).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_mixed_frequencies_differ_per_block_and_head():
+    s = build("rope_mixed")
+    fx = s.freqs[0]
+    assert fx.shape == (2, 2, 8)
+    assert not torch.allclose(fx[0], fx[1]) and not torch.allclose(fx[0, 0], fx[0, 1])
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(5, 9), w=st.integers(5, 9),
+       shift=st.sampled_from([(0, 1), (1, 0), (1, 1), (-1, 0), (0, -1), (-1, 1)]))
+def test_peg_is_translation_equivariant_away_from_borders(h, w, shift):
+    dy, dx = shift
+    s = build("peg", grid=(h, w), num_prefix=1)
+    x = torch.randn(1, 1 + h * w, 32)
+    _, m = to_map(x, (h, w), 1)
+    shifted = torch.roll(m, shifts=(dy, dx), dims=(2, 3))
+    x_shift = torch.cat([x[:, :1], shifted.flatten(2).transpose(1, 2)], dim=1)
+    with torch.no_grad():
+        out = s.after_block(x, 0, (h, w), 1)
+        out_shift = s.after_block(x_shift, 0, (h, w), 1)
+    _, om = to_map(out, (h, w), 1)
+    _, oms = to_map(out_shift, (h, w), 1)
+    expected = torch.roll(om, shifts=(dy, dx), dims=(2, 3))
+    # away from the borders (2 cells: 1 for the kernel radius, 1 for the roll's wrap-around)
+    torch.testing.assert_close(oms[..., 2:-2, 2:-2], expected[..., 2:-2, 2:-2])
+    torch.testing.assert_close(out_shift[:, 0], x[:, 0])  # the class token passes through
+    assert not torch.allclose(oms, expected)  # at the borders it is not: zero padding marks them
+
+
+def test_learned_resampling_to_same_grid_is_identity():
+    s = build("learned", grid=(3, 7))
+    assert resample_table(s.pos_embed[:, 1:], (3, 7), (3, 7)) is s.pos_embed[:, 1:] or torch.equal(
+        resample_table(s.pos_embed[:, 1:], (3, 7), (3, 7)), s.pos_embed[:, 1:])
+    assert torch.equal(s.resampled((3, 7)), s.pos_embed)
+    other = build("learned", grid=(3, 7))
+    other.load_state_dict(s.state_dict())
+    assert torch.equal(other.pos_embed, s.pos_embed)
+
+
+def test_learned_resampling_keeps_prefix_and_is_smooth():
+    s = build("learned", grid=(4, 4))
+    with torch.no_grad():  # a table that is linear in the row index resamples to one linear in the row
+        rows = torch.arange(4.0).repeat_interleave(4)
+        s.pos_embed[0, 1:] = rows[:, None].expand(16, 32)
+    big = s.resampled((8, 8))
+    assert big.shape == (1, 65, 32)
+    torch.testing.assert_close(big[:, :1], s.pos_embed[:, :1])
+    col = big[0, 1:, 0].reshape(8, 8)[:, 3]
+    assert torch.all(col[1:] >= col[:-1] - 1e-6)  # monotone in the row
+    assert torch.allclose(big[0, 1:, 0].reshape(8, 8), big[0, 1:, 0].reshape(8, 8)[:, :1].expand(8, 8), atol=1e-5)
+
+
+def test_learned_checkpoint_with_same_token_count_other_shape_is_resampled():
+    """2x8 -> 4x4: same number of tokens, so only the stored grid can tell them apart."""
+    src = build("learned", grid=(2, 8))
+    dst = build("learned", grid=(4, 4))
+    dst.load_state_dict(src.state_dict())
+    expected = resample_table(src.pos_embed[:, 1:], (2, 8), (4, 4))
+    torch.testing.assert_close(dst.pos_embed[:, 1:], expected)
+    torch.testing.assert_close(dst.pos_embed[:, :1], src.pos_embed[:, :1])
+    assert not torch.allclose(dst.pos_embed[:, 1:], src.pos_embed[:, 1:])
+    assert tuple(dst.grid.tolist()) == (4, 4)
+
+
+def test_rpb_bias_is_a_function_of_offset_and_resizes():
+    s = build("rpb", grid=(3, 4), num_prefix=1)
+    bias = s.context((3, 4), 1).block(1).bias  # (heads, T, T)
+    assert bias.shape == (2, 13, 13)
+    assert bias[:, 0].abs().max() == 0 and bias[:, :, 0].abs().max() == 0
+    # patches (0,0)->(1,1) and (1,2)->(2,3) share the offset
+    torch.testing.assert_close(bias[:, 1 + 0, 1 + 5], bias[:, 1 + 6, 1 + 11])
+    assert torch.equal(bias[:, 1 + 0, 1 + 5], s.tables[1, :, 2 - 1, 3 - 1])
+    big = s.context((6, 8), 1).block(0).bias
+    assert big.shape == (2, 49, 49) and torch.isfinite(big).all()
+    other = build("rpb", grid=(6, 8), num_prefix=1)
+    other.load_state_dict(s.state_dict())
+    torch.testing.assert_close(other.context((6, 8), 1).block(0).bias, big)
+
+
+def test_context_cache_returns_same_tables_when_grid_unchanged():
+    s = build("rope_axial").eval()
+    a = s.context((5, 5), 1).rope[0]
+    b = s.context((5, 5), 1).rope[0]
+    assert a is b
+    assert s.context((6, 5), 1).rope[0].shape[-2] == 31

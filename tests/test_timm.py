@@ -1,0 +1,119 @@
+"""vitpe models through timm's own entry points: registry, data config, checkpoint files, features."""
+import pytest
+import timm
+import torch
+
+import vitpe  # noqa: F401  (registers the models)
+
+NAMES = ["vitpe_vit_tiny_patch16_224", "vitpe_vit_small_patch16_224", "vitpe_vit_base_patch16_224",
+         "vitpe_vit_tiny_patch4_32", "vitpe_vit_small_patch4_32"]
+
+
+def test_list_models_lists_them():
+    assert set(NAMES) <= set(timm.list_models("vitpe_*"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_create_model_with_any_strategy(name):
+    m = timm.create_model(name, pos="peg", num_classes=10, depth=1)
+    size = m.pretrained_cfg["input_size"][-1]
+    assert m(torch.randn(1, 3, size, size)).shape == (1, 10)
+    assert m.pos.name == "peg"
+
+
+def test_widths_are_deits():
+    for name, width, heads in [("tiny", 192, 3), ("small", 384, 6), ("base", 768, 12)]:
+        m = timm.create_model(f"vitpe_vit_{name}_patch16_224", depth=1)
+        assert m.embed_dim == width and m.blocks[0].attn.num_heads == heads
+
+
+def test_resolve_data_config():
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("vitpe_vit_tiny_patch4_32", depth=1))
+    assert cfg["input_size"] == (3, 32, 32)
+    assert cfg["mean"] == pytest.approx((0.4914, 0.4822, 0.4465))
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("vitpe_vit_small_patch16_224", depth=1))
+    assert cfg["input_size"] == (3, 224, 224) and cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("vitpe_vit_small_patch16_224", depth=1,
+                                                                      img_size=288))
+    assert cfg["input_size"] == (3, 288, 288)
+
+
+def timm_checkpoint(tmp_path, global_pool="token"):
+    ref = timm.create_model("vit_tiny_patch16_224", depth=2, global_pool=global_pool).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # move off the init so that every weight matters
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, str(path)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_timm_checkpoint_gives_timm_logits(tmp_path, global_pool):
+    ref, path = timm_checkpoint(tmp_path, global_pool)
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", depth=2, global_pool=global_pool,
+                          pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("img_size", [288, (160, 256)])
+def test_timm_checkpoint_at_other_img_size_resamples_like_timm(tmp_path, img_size):
+    _, path = timm_checkpoint(tmp_path)
+    kw = dict(depth=2, img_size=img_size, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    ref = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", **kw).eval()
+    size = (img_size, img_size) if isinstance(img_size, int) else img_size
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_timm_checkpoint_with_new_classifier_and_combined_strategy(tmp_path):
+    ref, path = timm_checkpoint(tmp_path)
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned+rope_axial", depth=2, num_classes=7,
+                          pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    torch.testing.assert_close(m.pos.learned.pos_embed, ref.pos_embed)
+    torch.testing.assert_close(m.blocks[1].mlp.fc2.weight, ref.blocks[1].mlp.fc2.weight)
+    assert m.head.out_features == 7
+
+
+def test_forward_intermediates_and_features_only():
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="rope_mixed", depth=4).eval()
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        final, feats = m.forward_intermediates(x, indices=[1, 3])
+        torch.testing.assert_close(final, m.forward_features(x))
+        assert [f.shape for f in feats] == [(1, 192, 10, 14)] * 2
+        nlc = m.forward_intermediates(x, indices=2, output_fmt="NLC", intermediates_only=True)
+        assert [f.shape for f in nlc] == [(1, 140, 192)] * 2
+    fm = timm.create_model("vitpe_vit_tiny_patch16_224", pos="peg", depth=4, features_only=True, out_indices=(1, 3))
+    with torch.no_grad():
+        outs = fm(x)
+    assert [o.shape for o in outs] == [(1, 192, 10, 14)] * 2
+    assert fm.feature_info.channels() == [192, 192] and fm.feature_info.reduction() == [16, 16]
+
+
+def test_forward_head_and_reset_classifier():
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", depth=1, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_features(x)
+    torch.testing.assert_close(m.forward_head(feats), m(x))
+    assert m.forward_head(feats, pre_logits=True).shape == (2, 192)
+    m.reset_classifier(3, "avg")
+    assert m(x).shape == (2, 3)
+    m.reset_classifier(0)
+    assert m(x).shape == (2, 192)
+    assert "cls_token" in m.no_weight_decay() and "pos.pos_embed" in m.no_weight_decay()
+
+
+def test_training_checkpoint_at_other_resolution_loads(tmp_path):
+    """A vitpe checkpoint trained at 32 px loads into the same model built for 64 px."""
+    small = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned+rpb", depth=2)
+    path = tmp_path / "small.pth"
+    torch.save({"model": small.state_dict()}, path)
+    big = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned+rpb", depth=2, img_size=64,
+                            pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert big.pos.learned.pos_embed.shape == (1, 1 + 16 * 16, 192)
+    assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()
