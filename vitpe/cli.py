@@ -1,0 +1,95 @@
+"""What every training script shares on the command line: the options, how they resolve into a
+config, and how user errors end the program (one line on stderr, exit code 2, no traceback).
+
+Resolution order, later wins: dataclass defaults <- ``--config`` YAML <- named options
+(``--lr``, ``--epochs``, ...) <- ``--set key=value``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+from .config import ConfigError, apply_overrides, load_config, override
+from .errors import CheckpointError, DataError, UserError
+
+C = TypeVar("C")
+
+#: option dest -> dotted config key, for configs built on the shared sections of ``vitpe.config``.
+CLI_KEYS: dict[str, str] = {
+    "data": "data.path", "img_size": "data.img_size", "batch_size": "data.batch_size", "workers": "data.workers",
+    "model": "model.name", "pos": "model.pos", "lr": "optim.lr", "epochs": "run.epochs", "output": "run.output",
+    "device": "run.device", "seed": "run.seed", "resume": "run.resume", "eval_sizes": "eval.sizes",
+}
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"24,32,48"`` -> ``[24, 32, 48]`` (argparse type for ``--eval-sizes`` / ``--sizes``)."""
+    try:
+        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 24,32,48, got {text!r}") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
+    return sizes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage too; keep it short)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The options every training script takes; scripts may add their own. Unset options are None,
+    so only what the user typed overrides the config file."""
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--config", metavar="FILE", help="YAML config (only what differs from the defaults)")
+    a("--data", metavar="DIR", help="dataset folder, or 'synthetic'")
+    a("--model", metavar="NAME", help="timm model name (vitpe's included)")
+    a("--pos", metavar="STRATEGY", help="positional strategy, e.g. peg or peg+rope_mixed")
+    a("--epochs", type=int, metavar="N")
+    a("--batch-size", type=int, metavar="N", help="global batch size (over all processes)")
+    a("--img-size", type=int, metavar="N", help="training resolution")
+    a("--lr", type=float, help="peak learning rate")
+    a("--output", metavar="DIR", help="output folder")
+    a("--device", metavar="DEV", help="cpu, cuda, cuda:N or auto")
+    a("--eval-sizes", type=parse_sizes, metavar="S1,S2,...", help="test resolutions evaluated after training")
+    a("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
+    a("--workers", type=int, metavar="N", help="data-loading processes")
+    a("--seed", type=int, metavar="N")
+    a("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. optim.lr=1e-3")
+    return p
+
+
+def resolve_config(cls: type[C], args: argparse.Namespace, keymap: Mapping[str, str] = CLI_KEYS) -> C:
+    """defaults <- ``args.config`` <- named options that are not None <- ``args.set``."""
+    cfg = load_config(args.config, cls) if getattr(args, "config", None) else cls()
+    for dest, key in keymap.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            try:
+                cfg = override(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"--{dest.replace('_', '-')}: {e}") from None
+    return apply_overrides(cfg, getattr(args, "set", None) or [])
+
+
+def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
+    """Call ``main(argv)`` and exit with its return code; user errors become one line and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        code = main(argv)
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
+        print(f"error: {msg}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(code or 0))
+
+
+__all__ = ["CLI_KEYS", "CheckpointError", "ConfigError", "DataError", "UserError", "common_parser", "parse_sizes",
+           "resolve_config", "run_cli"]

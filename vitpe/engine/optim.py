@@ -1,0 +1,74 @@
+"""AdamW with weight-decay groups, per-step learning-rate schedules, and gradient clipping."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
+    """Two groups: decayed weights, and undecayed norms, biases, 1-d parameters and the names in
+    ``skip`` plus the model's ``no_weight_decay()`` (position tables, class token): decaying them
+    pulls them toward zero for no gain in regularisation."""
+    skip = set(skip)
+    if hasattr(model, "no_weight_decay"):
+        skip |= set(model.no_weight_decay())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        undecayed = p.ndim <= 1 or name.endswith(".bias") or name in skip or any(
+            name.startswith(s + ".") for s in skip)
+        (no_decay if undecayed else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``param_groups(model, cfg.weight_decay)`` at the peak rate ``cfg.lr``."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
+              warmup_ratio: float = 0.01, min_ratio: float = 0.0, power: float = 1.0) -> float:
+    """Multiplier of the peak rate at ``step``: linear warm-up from ``warmup_ratio`` to 1, then
+    ``cosine`` or ``poly`` decay to ``min_ratio`` at ``total_steps`` (or ``constant``)."""
+    if step < warmup_steps:
+        return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * t))
+    elif schedule == "poly":
+        decay = (1.0 - t) ** power
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; expected cosine, poly or constant")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
+                    epochs: int) -> LambdaLR:
+    """Per-step schedule (call ``scheduler.step()`` after every optimizer step). Its state dict
+    holds plain numbers, so it goes into checkpoints as is."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    fn: Callable[[int], float] = lambda step: lr_factor(  # noqa: E731
+        step, total, warmup, cfg.schedule, cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.poly_power)
+    return LambdaLR(optimizer, fn)
+
+
+def clip_gradients(parameters: Iterable[Tensor] | nn.Module, max_norm: float | None) -> Tensor | None:
+    """Clip the global gradient norm to ``max_norm`` (None: no clipping); returns the norm before
+    clipping, useful to log, or None when not clipping."""
+    if max_norm is None or max_norm <= 0:
+        return None
+    params = parameters.parameters() if isinstance(parameters, nn.Module) else parameters
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+__all__ = ["build_optimizer", "build_scheduler", "clip_gradients", "lr_factor", "param_groups"]
