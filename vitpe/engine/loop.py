@@ -1,0 +1,111 @@
+"""Pieces of a training loop that every task shares: seeding, loaders whose order depends only on
+(seed, epoch), autocast, the optimizer step, the non-finite-loss guard, progress bars, and the
+training state that goes into a checkpoint and comes back on ``--resume``."""
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from typing import Any, Callable, ContextManager, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ..errors import UserError
+from . import distributed as dist
+from .checkpoint import rng_state, set_rng_state
+from .optim import clip_gradients
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged; the last checkpoint (written at the end of the previous epoch) is intact."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
+                collate_fn: Callable | None = None) -> DataLoader:
+    """A loader over this process's share of ``dataset``; ``batch_size`` is the global batch.
+
+    The order comes from a ``DistributedSampler`` even in one process: it shuffles with
+    ``seed + epoch`` (call ``loader.sampler.set_epoch(epoch)``), so a resumed run and an
+    N-process run see the same global batches as an uninterrupted 1-process run. Workers are not
+    persistent so that their RNG is re-seeded from the (checkpointed) global RNG every epoch.
+    """
+    world = dist.world_size()
+    if batch_size % world:
+        raise UserError(f"batch size {batch_size} is not divisible by the {world} processes")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=train, seed=seed,
+                                 drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_fn, drop_last=train, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> ContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed), nothing on CPU where it would be slower."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_finite(loss: Tensor, epoch: int, step: int) -> None:
+    """Stop with a message naming the epoch and step instead of training on NaNs."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
+                                 f"the last checkpoint is intact (try a lower optim.lr or optim.clip_grad)")
+
+
+def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: Any | None = None, clip: float | None = None) -> Tensor | None:
+    """backward, clip, step, schedule; returns the gradient norm before clipping (or None)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = clip_gradients(model, clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return norm
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm:
+    """A tqdm bar on the main process when stderr is a terminal; silent otherwise (logs, CI)."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                disable=not (dist.is_main() and sys.stderr.isatty()))
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+                   config: dict[str, Any], ema: nn.Module | None = None, **extra: Any) -> dict[str, Any]:
+    """Everything ``--resume`` needs, as plain data: ``epoch`` is the number of finished epochs."""
+    state = {"model": dist.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config, "rng": rng_state()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    state.update(extra)
+    return state
+
+
+def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, ema: nn.Module | None = None) -> int:
+    """Load what ``training_state`` saved (RNG last, so nothing after it disturbs the streams);
+    returns the epoch to start from."""
+    dist.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if "ema" not in state:
+            raise UserError("the checkpoint has no EMA weights but this run has EMA enabled (set ema.enabled=false)")
+        ema.load_state_dict(state["ema"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"])
+
+
+__all__ = ["NonFiniteLossError", "autocast", "check_finite", "make_loader", "optimizer_step", "progress",
+           "restore_training_state", "seed_everything", "training_state"]
