@@ -1,0 +1,162 @@
+"""Training and inference throughput of vitpe strategies against timm's equivalent models, side by side.
+
+    python benchmarks/throughput.py --sizes small,base --strategies learned,rope_axial,rope_mixed \
+        --resolutions 224,384 --modes eager,compiled --batch-size 256 --output runs/bench
+
+For every (model size, strategy, resolution, mode) it measures, on the same input and batch:
+training step (forward, backward, AdamW) and inference images/s, peak GPU memory and achieved
+TFLOP/s (FLOPs from torch.utils.flop_counter), for vitpe and for timm's reference model:
+``vit_{size}_patch16_224`` for ``learned`` (and for strategies timm lacks, as the plain baseline),
+``vit_{size}_patch16_rope_224`` for ``rope_axial``, ``vit_{size}_patch16_rope_mixed_224`` for
+``rope_mixed``. Writes ``throughput.json`` and ``throughput.md`` (with the ratio vitpe / timm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vitpe  # noqa: E402,F401  (registers the models)
+
+REFERENCE = {"learned": "vit_{size}_patch16_224", "rope_axial": "vit_{size}_patch16_rope_224",
+             "rope_mixed": "vit_{size}_patch16_rope_mixed_224"}
+
+
+def build(name: str, res: int, depth: int | None, **kw: Any) -> torch.nn.Module:
+    extra = {"depth": depth} if depth else {}
+    return timm.create_model(name, img_size=res, num_classes=1000, **extra, **kw)
+
+
+def timed(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``step``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool) -> dict[str, float]:
+    device = torch.device(args.device)
+    model = model.to(device)
+    x = torch.randn(args.batch_size, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fwd = torch.compile(model) if compiled else model
+
+    def train_step() -> None:
+        with amp:
+            loss = torch.nn.functional.cross_entropy(fwd(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer_step() -> None:
+        with torch.inference_mode(), amp:
+            fwd(x)
+
+    flops = FlopCounterMode(display=False)
+    with flops:  # one eager forward+backward, counted once per model
+        with amp:
+            model(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    train_flops = flops.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    t_train = timed(train_step, args.steps, args.warmup, device)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    model.eval()
+    t_infer = timed(infer_step, args.steps, args.warmup, device)
+    return dict(train_img_s=args.batch_size / t_train, infer_img_s=args.batch_size / t_infer,
+                train_tflops=train_flops / t_train / 1e12, peak_mem_gib=mem)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for size in args.sizes:
+        for res in args.resolutions:
+            for mode in args.modes:
+                refs_done: dict[str, dict[str, float]] = {}
+                for strategy in args.strategies:
+                    ref_name = REFERENCE.get(strategy, REFERENCE["learned"]).format(size=size)
+                    if ref_name not in timm.list_models(ref_name):  # e.g. no tiny RoPE ViT in timm
+                        ref_name = REFERENCE["learned"].format(size=size)
+                    if ref_name not in refs_done:
+                        torch.manual_seed(0)
+                        refs_done[ref_name] = measure(build(ref_name, res, args.depth), args, res, mode == "compiled")
+                    torch.manual_seed(0)
+                    ours = measure(build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=strategy),
+                                   args, res, mode == "compiled")
+                    ref = refs_done[ref_name]
+                    row = dict(size=size, strategy=strategy, res=res, mode=mode, reference=ref_name,
+                               vitpe=ours, timm=ref,
+                               train_ratio=ours["train_img_s"] / ref["train_img_s"],
+                               infer_ratio=ours["infer_img_s"] / ref["infer_img_s"])
+                    rows.append(row)
+                    print(markdown([row], header=not rows[:-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines += ["| model | strategy | res | mode | reference | train img/s | timm train | train ratio | "
+                  "infer img/s | timm infer | infer ratio | TFLOP/s | peak GiB |",
+                  "|" + "---|" * 13]
+    for r in rows:
+        v, t = r["vitpe"], r["timm"]
+        lines.append(f"| {r['size']} | {r['strategy']} | {r['res']} | {r['mode']} | {r['reference']} | "
+                     f"{v['train_img_s']:.0f} | {t['train_img_s']:.0f} | {r['train_ratio']:.2f} | "
+                     f"{v['infer_img_s']:.0f} | {t['infer_img_s']:.0f} | {r['infer_ratio']:.2f} | "
+                     f"{v['train_tflops']:.1f} | {v['peak_mem_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    p.add_argument("--sizes", type=csv, default=["small", "base"], help="tiny, small, base")
+    p.add_argument("--strategies", type=csv, default=["learned", "rope_axial", "rope_mixed", "peg", "rpb"])
+    p.add_argument("--resolutions", type=lambda s: [int(v) for v in csv(s)], default=[224])
+    p.add_argument("--modes", type=csv, default=["eager", "compiled"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--depth", type=int, default=None, help="override the block count (quick checks)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--output", type=Path, default=Path("runs/throughput"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = run(args)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "throughput.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
+                                                                 device=torch.cuda.get_device_name()
+                                                                 if args.device == "cuda" else "cpu",
+                                                                 torch=torch.__version__, timm=timm.__version__,
+                                                                 rows=rows), indent=1))
+    (args.output / "throughput.md").write_text(markdown(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

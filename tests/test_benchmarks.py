@@ -1,0 +1,29 @@
+"""The throughput benchmark runs end to end on CPU with a tiny setting, so it does not rot."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_throughput_benchmark_writes_side_by_side_rows(tmp_path):
+    bench = load("throughput")
+    bench.main(["--sizes", "small", "--strategies", "learned,rope_mixed,peg", "--resolutions", "32",
+                "--modes", "eager", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--output", str(tmp_path)])
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    refs = {r["strategy"]: r["reference"] for r in data["rows"]}
+    assert refs == {"learned": "vit_small_patch16_224", "rope_mixed": "vit_small_patch16_rope_mixed_224",
+                    "peg": "vit_small_patch16_224"}
+    for r in data["rows"]:
+        assert r["train_ratio"] > 0 and r["infer_ratio"] > 0
+        assert r["vitpe"]["train_img_s"] > 0 and r["timm"]["infer_img_s"] > 0
+    table = (tmp_path / "throughput.md").read_text()
+    assert table.count("\n") == 2 + len(data["rows"])
