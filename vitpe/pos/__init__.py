@@ -24,31 +24,32 @@ def names() -> list[str]:
     return STRATEGIES.names()
 
 
-def split(spec: str) -> list[str]:
-    """``'peg + rope_mixed'`` -> ``['peg', 'rope_mixed']``, each checked against the registry."""
+def split(spec: str, registry: Registry[PosStrategy] = STRATEGIES) -> list[str]:
+    """``'peg + rope_mixed'`` -> ``['peg', 'rope_mixed']``, each checked against ``registry``."""
     parts = [p.strip() for p in str(spec).split("+") if p.strip()]
     if not parts:
-        raise KeyError(f"empty positional strategy {spec!r}; valid: {', '.join(names())}")
+        raise KeyError(f"empty positional strategy {spec!r}; valid: {', '.join(registry.names())}")
     for p in parts:
-        STRATEGIES.get(p)
+        registry.get(p)
     if len(parts) > 1 and "none" in parts:
         raise KeyError(f"'none' cannot be combined with other strategies in {spec!r}")
     return parts
 
 
 def build(spec: str, *, dim: int, num_heads: int, depth: int, grid: Grid, num_prefix: int = 0,
-          pos_kwargs: dict[str, dict[str, Any]] | None = None) -> PosStrategy:
-    """Build the strategy ``spec`` (a name or names joined by ``+``).
+          pos_kwargs: dict[str, dict[str, Any]] | None = None,
+          registry: Registry[PosStrategy] = STRATEGIES) -> PosStrategy:
+    """Build the strategy ``spec`` (a name or names joined by ``+``) from ``registry``.
 
     ``pos_kwargs`` maps a strategy name to its options, e.g. ``{'peg': {'after': [0, 1]}}``.
     """
-    parts = split(spec)
+    parts = split(spec, registry)
     pos_kwargs = dict(pos_kwargs or {})
     unknown = set(pos_kwargs) - set(parts)
     if unknown:
         raise KeyError(f"pos_kwargs names {sorted(unknown)}, which are not part of {spec!r}")
     common = dict(dim=dim, num_heads=num_heads, depth=depth, grid=grid, num_prefix=num_prefix)
-    built = [STRATEGIES.build(p, **common, **pos_kwargs.get(p, {})) for p in parts]
+    built = [registry.build(p, **common, **pos_kwargs.get(p, {})) for p in parts]
     return built[0] if len(built) == 1 else Compose(built)
 
 

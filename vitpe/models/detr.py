@@ -1,0 +1,98 @@
+"""DETR (Carion et al., "End-to-End Object Detection with Transformers") whose encoder's 2D
+positional strategy is chosen by name.
+
+    model = DETR(num_classes=3, backbone="resnet18", frozen_bn=False, pos="rope_mixed", num_queries=50)
+    out = model(images, mask)  # images (B, 3, H, W) padded, mask (B, H, W) True on padding
+
+``out['pred_logits']`` is ``(B, Q, K + 1)`` (the last class is "no object"), ``out['pred_boxes']``
+``(B, Q, 4)`` normalised ``(cx, cy, w, h)`` relative to each image's unpadded size, and
+``out['aux_outputs']`` holds the same for every earlier decoder layer (auxiliary losses).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from .detr_backbone import build_backbone
+from .detr_transformer import DetrTransformer
+
+
+class BoxHead(nn.Module):
+    """DETR's 3-layer box MLP: ``(..., C)`` -> ``(..., 4)`` in ``[0, 1]``."""
+
+    def __init__(self, dim: int, layers: int = 3) -> None:
+        super().__init__()
+        dims = [dim] * layers + [4]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x.sigmoid()
+
+
+class DETR(nn.Module):
+    """Backbone -> 1x1 projection -> encoder (positional strategy ``pos``) -> decoder over
+    ``num_queries`` learned queries -> class and box heads after every decoder layer."""
+
+    def __init__(self, *, num_classes: int, backbone: str = "resnet50", backbone_weights: str | None = None,
+                 frozen_bn: bool = True, freeze_stem: bool = False, backbone_pos: str | None = None,
+                 dim: int = 256, num_heads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
+                 ffn_dim: int = 2048, dropout: float = 0.1, num_queries: int = 100, pos: str = "sine",
+                 pos_kwargs: dict[str, dict[str, Any]] | None = None, pos_grid: int = 32,
+                 aux_loss: bool = True) -> None:
+        super().__init__()
+        self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
+        self.backbone = build_backbone(backbone, weights=backbone_weights, frozen_bn=frozen_bn,
+                                       freeze_stem=freeze_stem, pos=backbone_pos)
+        self.size_divisibility: int = self.backbone.stride  # pad batches to a multiple of this
+        self.input_proj = nn.Conv2d(self.backbone.num_channels, dim, kernel_size=1)
+        self.transformer = DetrTransformer(dim=dim, num_heads=num_heads, enc_layers=enc_layers,
+                                           dec_layers=dec_layers, ffn_dim=ffn_dim, dropout=dropout, pos=pos,
+                                           pos_kwargs=pos_kwargs, pos_grid=(pos_grid, pos_grid))
+        self.query_embed = nn.Embedding(num_queries, dim)
+        self.class_embed = nn.Linear(dim, num_classes + 1)
+        self.bbox_embed = BoxHead(dim)
+
+    def forward(self, images: Tensor, mask: Tensor) -> dict[str, Any]:
+        """``images`` ``(B, 3, H, W)``, ``mask`` ``(B, H, W)`` True on padding."""
+        feat = self.backbone(images)  # (B, C, H/s, W/s)
+        # a feature cell is padding when its top-left pixel is (DETR's nearest-neighbour rule)
+        fmask = F.interpolate(mask[:, None].float(), size=feat.shape[-2:]).bool()[:, 0]
+        hs = self.transformer(self.input_proj(feat), fmask, self.query_embed.weight)  # (L, B, Q, C)
+        logits, boxes = self.class_embed(hs), self.bbox_embed(hs)
+        out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: the backbone at its own (lower) rate; norms, biases and the positional
+        strategy without weight decay."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = p.ndim > 1 and not name.startswith("transformer.pos.")
+            groups.setdefault((name.startswith("backbone."), decay), []).append(p)
+        return [{"params": ps, "lr": backbone_lr if bb else lr, "weight_decay": weight_decay if decay else 0.0}
+                for (bb, decay), ps in groups.items()]
+
+
+@torch.no_grad()
+def postprocess(out: dict[str, Tensor], sizes: Tensor) -> list[dict[str, Tensor]]:
+    """Model outputs -> per image ``scores`` ``(Q,)``, contiguous ``labels`` ``(Q,)`` and ``boxes``
+    ``(Q, 4)`` absolute ``xyxy`` for ``sizes`` ``(B, 2)`` = (height, width) of each original image."""
+    prob = out["pred_logits"].float().softmax(-1)[..., :-1]  # drop "no object"
+    scores, labels = prob.max(-1)
+    boxes = box_convert(out["pred_boxes"].float(), "cxcywh", "xyxy")
+    h, w = sizes.float().unbind(1)
+    boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]
+    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+
+__all__ = ["BoxHead", "DETR", "postprocess"]

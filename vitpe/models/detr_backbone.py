@@ -1,0 +1,119 @@
+"""DETR backbones: torchvision ResNets (optionally with frozen batch norm) or any timm model with
+``features_only`` (vitpe's ViTs included, with their own positional strategy).
+
+Weights come only from a local file (``weights=PATH``); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+_logger = logging.getLogger(__name__)
+RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}  # name -> C5 channels
+
+
+def load_state_file(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from ``path`` (bare or nested under 'model' / 'state_dict'), loaded with
+    ``weights_only=True`` so a file carrying code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file {path} does not exist")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors name nothing the user can act on
+        raise ValueError(f"cannot load backbone weights {path} as plain tensors: {e}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return sd
+
+
+def _load_resnet(net: nn.Module, name: str, weights: str) -> None:
+    """Load torchvision-named weights (the classifier ``fc`` is ignored) or say why they do not fit."""
+    sd = {k: v for k, v in load_state_file(weights).items() if not k.startswith("fc.")}
+    net.fc = nn.Identity()  # so that a checkpoint without fc leaves nothing missing
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"backbone weights {weights} do not fit {name}: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise ValueError(f"backbone weights {weights} do not fit {name}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet up to ``layer4``: ``(B, 3, H, W)`` -> ``(B, C, H/32, W/32)``.
+
+    ``frozen_bn`` replaces batch norm by ``FrozenBatchNorm2d`` (DETR's choice with pretrained
+    weights and small per-GPU batches); ``freeze_stem`` keeps the stem and ``layer1`` fixed, as DETR
+    does when fine-tuning.
+    """
+
+    stride = 32
+
+    def __init__(self, name: str = "resnet50", *, weights: str | None = None, frozen_bn: bool = True,
+                 freeze_stem: bool = False) -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown ResNet {name!r}; valid: {', '.join(RESNETS)}")
+        if frozen_bn and not weights:
+            _logger.warning("%s: frozen batch norm without a weights file leaves the network unnormalised; "
+                            "set frozen_bn=false to train from scratch", name)
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
+        if weights:
+            _load_resnet(net, name, weights)
+        self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
+        self.num_channels = RESNETS[name]
+        if freeze_stem:
+            for m in list(self.body.children())[:5]:  # conv1, bn1, relu, maxpool, layer1
+                m.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class TimmBackbone(nn.Module):
+    """The last feature map of a timm model built with ``features_only``: ``(B, C, H/s, W/s)``.
+
+    For vitpe's ViTs ``pos`` chooses the backbone's own strategy. A ViT attends over the padded
+    image too (it takes no mask); the DETR encoder above it does not.
+    """
+
+    def __init__(self, name: str, *, weights: str | None = None, pos: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        if pos is not None and name.startswith("vitpe_"):
+            kwargs["pos"] = pos
+        if weights:
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+        try:
+            self.body = timm.create_model(name, features_only=True, out_indices=(-1,), **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"unknown backbone {name!r}: neither a ResNet ({', '.join(RESNETS)}) nor a "
+                                 f"timm model") from None
+            raise
+        self.num_channels = self.body.feature_info.channels()[-1]
+        self.stride = self.body.feature_info.reduction()[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)[-1]
+
+
+def build_backbone(name: str, *, weights: str | None = None, frozen_bn: bool = True, freeze_stem: bool = False,
+                   pos: str | None = None) -> nn.Module:
+    """A ResNet by torchvision name, else a timm model (``pos`` for vitpe's ViTs)."""
+    if name in RESNETS:
+        return ResNetBackbone(name, weights=weights, frozen_bn=frozen_bn, freeze_stem=freeze_stem)
+    return TimmBackbone(name, weights=weights, pos=pos)
+
+
+__all__ = ["RESNETS", "ResNetBackbone", "TimmBackbone", "build_backbone", "load_state_file"]

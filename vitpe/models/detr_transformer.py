@@ -1,0 +1,145 @@
+"""DETR's encoder-decoder (post-norm, as in the paper), with the encoder's positional strategy
+taken from ``vitpe.pos.detr``.
+
+Per encoder layer: additive encodings (``sine``, ``learned``) are added to the queries and keys,
+never to the values; rotary tables (``rope_*``) rotate q and k; after-block hooks (``peg``) run on
+the token grid with padded cells zeroed, so a convolution sees the image edge as it would without
+padding. The padding mask reaches every attention as a key-padding mask.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..layers import Mlp
+from ..pos.base import BlockPos
+from ..pos.detr import build_detr_pos, qk_embed
+from ..pos.functional import apply_rope
+
+_NO_POS = BlockPos(grid=(0, 0), num_prefix=0)  # the decoder's FFNs have no grid
+
+
+class MultiheadAttention(nn.Module):
+    """Attention with separate query, key and value inputs (position goes into q and k only)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                pos: BlockPos | None = None) -> Tensor:
+        """``q`` ``(B, T, C)``, ``k``/``v`` ``(B, S, C)``, ``key_padding_mask`` ``(B, S)`` True on
+        padding; ``pos`` may carry rotary tables (self-attention) and an additive bias."""
+        q, k, v = (rearrange(proj(t), "b t (h d) -> b h t d", h=self.num_heads)
+                   for proj, t in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
+        if pos is not None and pos.rope is not None:
+            q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
+        mask = None
+        if key_padding_mask is not None:
+            mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S), True = may attend
+        if pos is not None and pos.bias is not None:
+            bias = pos.bias.to(q.dtype)[None]
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+def _with(x: Tensor, pos: Tensor | None) -> Tensor:
+    return x if pos is None else x + pos
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, mixer: nn.Module | None) -> None:
+        super().__init__()
+        self.attn = MultiheadAttention(dim, num_heads, dropout)
+        self.mlp = Mlp(dim, ffn_dim, mixer, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, pos: Tensor | None, block: BlockPos, key_padding_mask: Tensor) -> Tensor:
+        """``x`` ``(B, N, C)``; ``pos`` the additive q/k encoding ``(B, N, C)`` or None."""
+        qk = _with(x, pos)
+        x = self.norm1(x + self.drop(self.attn(qk, qk, x, key_padding_mask, block)))
+        return self.norm2(x + self.drop(self.mlp(x, block)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, num_heads, dropout)
+        self.cross_attn = MultiheadAttention(dim, num_heads, dropout)
+        self.mlp = Mlp(dim, ffn_dim, None, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor | None,
+                key_padding_mask: Tensor) -> Tensor:
+        """``tgt`` ``(B, Q, C)``, ``memory`` ``(B, N, C)``; keys of the memory get ``pos`` if any."""
+        q = tgt + query_pos
+        tgt = self.norm1(tgt + self.drop(self.self_attn(q, q, tgt)))
+        tgt = self.norm2(tgt + self.drop(self.cross_attn(tgt + query_pos, _with(memory, pos), memory,
+                                                         key_padding_mask)))
+        return self.norm3(tgt + self.drop(self.mlp(tgt, _NO_POS)))
+
+
+class DetrTransformer(nn.Module):
+    """Encoder over the feature map, decoder over learned object queries.
+
+    ``pos`` names the encoder's strategy (``vitpe.pos.detr``); ``pos_grid`` is its native grid
+    (the length of the ``learned`` tables). Rotary encodings act in the encoder's self-attention
+    only: object queries have no place on the grid.
+    """
+
+    def __init__(self, *, dim: int = 256, num_heads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
+                 ffn_dim: int = 2048, dropout: float = 0.1, pos: str = "sine",
+                 pos_kwargs: dict[str, dict[str, Any]] | None = None, pos_grid: tuple[int, int] = (32, 32)) -> None:
+        super().__init__()
+        self.pos = build_detr_pos(pos, dim=dim, num_heads=num_heads, depth=enc_layers, grid=pos_grid,
+                                  pos_kwargs=pos_kwargs)
+        self.encoder = nn.ModuleList([EncoderLayer(dim, num_heads, ffn_dim, dropout, self.pos.ffn_mixer(ffn_dim))
+                                      for _ in range(enc_layers)])
+        self.decoder = nn.ModuleList([DecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(dec_layers)])
+        self.dec_norm = nn.LayerNorm(dim)
+        for layer in [*self.encoder, *self.decoder]:  # DETR's init; the strategy keeps its own
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+
+    def encode(self, src: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``src`` ``(B, C, H, W)``, ``mask`` ``(B, H, W)`` True on padding -> memory ``(B, H*W, C)``
+        and the additive encoding ``(B, H*W, C)`` (or None) for the decoder's keys."""
+        grid = (src.shape[-2], src.shape[-1])
+        x = rearrange(src, "b c h w -> b (h w) c")
+        pad = mask.flatten(1)  # (B, N)
+        pos = qk_embed(self.pos, mask)
+        pos = None if pos is None else pos.to(x.dtype)
+        x = self.pos.embed(x, grid, 0)
+        ctx = self.pos.context(grid, 0)
+        for i, layer in enumerate(self.encoder):
+            x = layer(x, pos, ctx.block(i), pad)
+            x = self.pos.after_block(x.masked_fill(pad[..., None], 0.0), i, grid, 0)
+        return x, pos
+
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor) -> Tensor:
+        """-> decoder outputs after every layer, normalised: ``(L, B, Q, C)``."""
+        memory, pos = self.encode(src, mask)
+        pad = mask.flatten(1)
+        query_pos = query_embed[None].expand(src.shape[0], -1, -1).to(memory.dtype)
+        tgt = torch.zeros_like(query_pos)
+        outs = []
+        for layer in self.decoder:
+            tgt = layer(tgt, memory, query_pos, pos, pad)
+            outs.append(self.dec_norm(tgt))
+        return torch.stack(outs)
+
+
+__all__ = ["DecoderLayer", "DetrTransformer", "EncoderLayer", "MultiheadAttention"]

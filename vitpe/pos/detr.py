@@ -1,0 +1,125 @@
+"""Positional strategies of the DETR encoder, chosen by name from ``DETR_STRATEGIES``.
+
+DETR differs from a ViT in two ways: images in a batch are padded to a common size (a mask says
+where), and an additive encoding goes into the queries and keys of every attention layer, never
+into the values. So the additive strategies here take the padding mask and return a per-image
+table through ``qk_embed``; the others are vitpe's own strategies reused unchanged:
+
+- ``sine``: DETR's normalised sine, computed from the mask: positions run over the unpadded
+  region only, so an image's encoding is the same whatever it was padded to;
+- ``learned``: learned row and column tables (DETR's ``PositionEmbeddingLearned``), resampled to
+  each image's unpadded rows and columns, so any grid works (no cap at 50);
+- ``none``, ``rope_axial``, ``rope_mixed`` (on the encoder's q and k, in feature-cell units, which
+  padding at the bottom and right does not shift), ``peg`` (after chosen encoder layers), and
+  combinations written with ``+`` (``sine+peg``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from ..registry import Registry
+from . import STRATEGIES, build
+from .base import Grid, PosStrategy
+from .functional import resample_map, sincos_1d
+
+
+class AdditiveQK(PosStrategy):
+    """A strategy whose encoding is added to the queries and keys of every attention layer."""
+
+    def qk_embed(self, mask: Tensor) -> Tensor:
+        """``mask`` ``(B, H, W)`` True on padding -> ``(B, H*W, C)`` float32."""
+        raise NotImplementedError
+
+
+def valid_sizes(mask: Tensor) -> Tensor:
+    """``(B, H, W)`` padding mask (True on padding, valid region top-left) -> ``(B, 2)`` rows, cols."""
+    valid = ~mask
+    return torch.stack([valid.any(2).sum(1), valid.any(1).sum(1)], dim=1)
+
+
+class SineMasked(AdditiveQK):
+    """DETR's ``PositionEmbeddingSine`` with ``normalize=True``: row and column positions are
+    counted over the unpadded cells and scaled to ``(0, scale]``; half the channels encode the row."""
+
+    name = "sine"
+
+    def __init__(self, *, temperature: float = 10000.0, scale: float = 2 * math.pi, **kw: Any) -> None:
+        super().__init__(**kw)
+        if self.dim % 4:
+            raise ValueError(f"sine: width {self.dim} must be divisible by 4")
+        self.temperature, self.scale = temperature, scale
+
+    def qk_embed(self, mask: Tensor) -> Tensor:
+        valid = (~mask).float()
+        rows, cols = valid.cumsum(1), valid.cumsum(2)  # (B, H, W): 1-based positions in the valid region
+        eps = 1e-6
+        rows = rows / (rows[:, -1:, :] + eps) * self.scale
+        cols = cols / (cols[:, :, -1:] + eps) * self.scale
+        half = self.dim // 2
+        emb = torch.cat([sincos_1d(rows.flatten(), half, self.temperature),
+                         sincos_1d(cols.flatten(), half, self.temperature)], dim=1)
+        return rearrange(emb, "(b n) c -> b n c", b=mask.shape[0])
+
+
+class LearnedRowCol(AdditiveQK):
+    """Learned row and column tables of ``native_grid`` length, ``C/2`` channels each. Every image
+    gets them resampled to its own unpadded rows and columns (identity at the native size), so the
+    table spans the image as DETR's normalised sine does; padded cells get zeros."""
+
+    name = "learned"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        if self.dim % 2:
+            raise ValueError(f"learned: width {self.dim} must be even")
+        self.row_embed = nn.Parameter(torch.empty(self.native_grid[0], self.dim // 2))
+        self.col_embed = nn.Parameter(torch.empty(self.native_grid[1], self.dim // 2))
+        nn.init.uniform_(self.row_embed)  # as DETR
+        nn.init.uniform_(self.col_embed)
+
+    @staticmethod
+    def _resampled(table: Tensor, length: int, padded: int) -> Tensor:
+        """``(L, C)`` -> ``(padded, C)``: resampled to ``length`` rows, then zero rows."""
+        maps = rearrange(table, "l c -> 1 c l 1")
+        out = rearrange(resample_map(maps, (length, 1)), "1 c l 1 -> l c")
+        return torch.cat([out, out.new_zeros(padded - length, out.shape[1])])
+
+    def qk_embed(self, mask: Tensor) -> Tensor:
+        B, H, W = mask.shape
+        out = []
+        for h, w in valid_sizes(mask).tolist():
+            rows = self._resampled(self.row_embed, h, H)  # (H, C/2)
+            cols = self._resampled(self.col_embed, w, W)  # (W, C/2)
+            out.append(torch.cat([repeat(rows, "h c -> h w c", w=W), repeat(cols, "w c -> h w c", h=H)], -1))
+        emb = torch.stack(out).float().masked_fill(mask[..., None], 0.0)  # (B, H, W, C)
+        return rearrange(emb, "b h w c -> b (h w) c")
+
+
+def qk_embed(pos: PosStrategy, mask: Tensor) -> Tensor | None:
+    """The sum of the additive q/k encodings of ``pos``'s parts, ``(B, H*W, C)``, or None."""
+    terms = [p.qk_embed(mask) for p in pos.parts() if isinstance(p, AdditiveQK)]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+DETR_STRATEGIES: Registry[PosStrategy] = Registry("DETR positional strategy")
+for _cls in (SineMasked, LearnedRowCol):
+    DETR_STRATEGIES.register(_cls.name)(_cls)
+# vitpe's own strategies that work on a padded DETR encoder as they are
+for _name in ("none", "rope_axial", "rope_mixed", "peg"):
+    DETR_STRATEGIES.register(_name)(STRATEGIES.get(_name))
+
+
+def build_detr_pos(spec: str, *, dim: int, num_heads: int, depth: int, grid: Grid,
+                   pos_kwargs: dict[str, dict[str, Any]] | None = None) -> PosStrategy:
+    """Build the DETR encoder strategy ``spec`` (a name of ``DETR_STRATEGIES`` or names joined by ``+``)."""
+    return build(spec, dim=dim, num_heads=num_heads, depth=depth, grid=grid, num_prefix=0,
+                 pos_kwargs=pos_kwargs, registry=DETR_STRATEGIES)
+
+
+__all__ = ["AdditiveQK", "DETR_STRATEGIES", "LearnedRowCol", "SineMasked", "build_detr_pos", "qk_embed",
+           "valid_sizes"]
