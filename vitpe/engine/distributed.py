@@ -100,6 +100,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order, on every process (e.g. per-shard predictions)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel when distributed, else the model itself."""
     if not is_distributed():
@@ -119,6 +128,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-__all__ = ["all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "init_distributed",
-           "is_distributed", "is_main", "local_rank", "rank", "reduce_sums", "resolve_device", "unwrap_model",
+__all__ = ["all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "gather_objects",
+           "init_distributed", "is_distributed", "is_main", "local_rank", "rank", "reduce_sums", "resolve_device", "unwrap_model",
            "world_size", "wrap_model"]

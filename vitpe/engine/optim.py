@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,13 +34,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
-              warmup_ratio: float = 0.01, min_ratio: float = 0.0, power: float = 1.0) -> float:
+              warmup_ratio: float = 0.01, min_ratio: float = 0.0, power: float = 1.0,
+              step_at: Sequence[float] = (), step_gamma: float = 0.1) -> float:
     """Multiplier of the peak rate at ``step``: linear warm-up from ``warmup_ratio`` to 1, then
-    ``cosine`` or ``poly`` decay to ``min_ratio`` at ``total_steps`` (or ``constant``)."""
+    ``cosine`` or ``poly`` decay to ``min_ratio`` at ``total_steps``, ``constant``, or ``step``:
+    times ``step_gamma`` at each fraction ``step_at`` of ``total_steps``."""
     if step < warmup_steps:
         return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "step":
+        return step_gamma ** sum(step >= round(f * total_steps) for f in step_at)
     t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * t))
@@ -58,7 +62,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
     total = max(1, steps_per_epoch * epochs)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     fn: Callable[[int], float] = lambda step: lr_factor(  # noqa: E731
-        step, total, warmup, cfg.schedule, cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.poly_power)
+        step, total, warmup, cfg.schedule, cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.poly_power,
+        cfg.step_at, cfg.step_gamma)
     return LambdaLR(optimizer, fn)
 
 
