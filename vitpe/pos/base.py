@@ -14,6 +14,7 @@ register tokens in front of them, which every strategy leaves without position.
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -29,13 +30,16 @@ class BlockPos:
     """What one block sees: the grid, and optionally rotary tables and an additive logits bias.
 
     ``rope`` is ``(cos, sin)``, each ``(heads or 1, T, head_dim)``, with cos=1 and sin=0 on the
-    prefix rows so the whole sequence can be rotated at once. ``bias`` is ``(heads, T, T)``.
+    prefix rows so the whole sequence can be rotated at once. ``bias`` is ``(heads, T, S)``.
+    When keys come from a reduced grid (spatial-reduction attention, ``S`` keys), ``rope_k``
+    holds the keys' tables ``(heads or 1, S, head_dim)``; ``None`` means the keys use ``rope``.
     """
 
     grid: Grid
     num_prefix: int
     rope: tuple[Tensor, Tensor] | None = None
     bias: Tensor | None = None
+    rope_k: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -44,39 +48,51 @@ class PosContext:
 
     ``rope`` tensors are ``(depth or 1, heads or 1, T, head_dim)``; a leading size of 1 means one
     table shared by all blocks. ``bias_terms`` are functions of the block index that return
-    ``(heads, T, T)``; they are evaluated lazily so that a deep model never holds every block's
-    ``T x T`` bias at once.
+    ``(heads, T, S)``; they are evaluated lazily so that a deep model never holds every block's
+    ``T x S`` bias at once. ``kv_stride`` > 1 says the keys lie on the grid reduced by that stride
+    (``functional.reduced_grid``); ``rope_k`` then holds the keys' rotary tables.
     """
 
     grid: Grid
     num_prefix: int
     rope: tuple[Tensor, Tensor] | None = None
     bias_terms: list[Callable[[int], Tensor]] = field(default_factory=list)
+    kv_stride: int = 1
+    rope_k: tuple[Tensor, Tensor] | None = None
+
+    @staticmethod
+    def _pick(tables: tuple[Tensor, Tensor] | None, i: int) -> tuple[Tensor, Tensor] | None:
+        if tables is None:
+            return None
+        cos, sin = tables
+        j = i if cos.shape[0] > 1 else 0
+        return cos[j], sin[j]
 
     def block(self, i: int) -> BlockPos:
-        rope = None
-        if self.rope is not None:
-            cos, sin = self.rope
-            j = i if cos.shape[0] > 1 else 0
-            rope = (cos[j], sin[j])
         bias = None
         for term in self.bias_terms:
             b = term(i)
             bias = b if bias is None else bias + b
-        return BlockPos(self.grid, self.num_prefix, rope, bias)
+        return BlockPos(self.grid, self.num_prefix, self._pick(self.rope, i), bias, self._pick(self.rope_k, i))
 
     def merge(self, other: PosContext) -> PosContext:
         if self.rope is not None and other.rope is not None:
             raise ValueError("two rotary strategies cannot be combined: q and k can be rotated only once")
-        return PosContext(self.grid, self.num_prefix, self.rope if self.rope is not None else other.rope,
-                          self.bias_terms + other.bias_terms)
+        if self.kv_stride != other.kv_stride:
+            raise ValueError(f"contexts for key strides {self.kv_stride} and {other.kv_stride} cannot be merged")
+        mine = self.rope is not None
+        return PosContext(self.grid, self.num_prefix, self.rope if mine else other.rope,
+                          self.bias_terms + other.bias_terms, self.kv_stride,
+                          self.rope_k if mine else other.rope_k)
 
 
 class GridCache:
     """A small LRU cache of tensors derived per grid (tables, indices).
 
     Derived tables depend only on the grid and on parameters; while gradients are needed for those
-    parameters the cache is bypassed, otherwise an unchanged grid costs nothing.
+    parameters the cache is bypassed, otherwise an unchanged grid costs nothing. Under
+    ``torch.compile`` it is bypassed too: the tables become part of the graph (where they are cheap
+    and fused), and a lookup keyed by a symbolic grid would only cause recompilations.
     """
 
     def __init__(self, capacity: int = 8) -> None:
@@ -84,6 +100,8 @@ class GridCache:
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
 
     def get(self, key: Hashable, make: Callable[[], Any], params: tuple[Tensor, ...] = ()) -> Any:
+        if torch.compiler.is_compiling():
+            return make()
         if params and torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return make()
         key = (key, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
@@ -123,9 +141,14 @@ class PosStrategy(nn.Module):
         """``x``: ``(B, P + H*W, C)`` right after patch embedding and prefix tokens."""
         return x
 
-    def context(self, grid: Grid, num_prefix: int) -> PosContext:
-        """Built once per forward; cache per grid what does not need gradients."""
-        return PosContext(grid, num_prefix)
+    def context(self, grid: Grid, num_prefix: int, kv_stride: int = 1) -> PosContext:
+        """Built once per forward; cache per grid what does not need gradients.
+
+        ``kv_stride`` > 1: attention reads its keys from the grid reduced by that stride (MiT's
+        spatial reduction), so what a strategy gives the attention must be made for query x key
+        positions. Strategies that give the attention nothing ignore it.
+        """
+        return PosContext(grid, num_prefix, kv_stride=kv_stride)
 
     def after_block(self, x: Tensor, i: int, grid: Grid, num_prefix: int) -> Tensor:
         return x
@@ -142,6 +165,12 @@ class PosStrategy(nn.Module):
     def parts(self) -> list[PosStrategy]:
         """The strategies this one is made of (itself, unless it is a combination)."""
         return [self]
+
+    def supports_kv_stride(self) -> bool:
+        """Whether every part can build a context for keys on a reduced grid: parts that give
+        the attention nothing (the default ``context``) can, others only if they take ``kv_stride``."""
+        return all(type(p).context is PosStrategy.context
+                   or "kv_stride" in inspect.signature(type(p).context).parameters for p in self.parts())
 
     def find(self, name: str) -> PosStrategy | None:
         return next((p for p in self.parts() if p.name == name), None)
