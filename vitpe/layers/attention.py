@@ -25,11 +25,20 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, D)
-        if pos.rope is not None:
-            cos, sin = pos.rope  # (heads or 1, T, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None if pos.bias is None else pos.bias.to(q.dtype)  # (heads, T, T), broadcast over B
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = attend(q, k, v, pos, self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, pos: BlockPos, dropout_p: float = 0.0) -> Tensor:
+    """Attention of ``q`` ``(B, heads, T, D)`` over ``k``, ``v`` ``(B, heads, S, D)`` with the
+    strategy's rotation and bias; ``S`` differs from ``T`` when keys come from a reduced grid."""
+    if pos.rope is not None:
+        cos, sin = pos.rope  # (heads or 1, T, D)
+        cos_k, sin_k = pos.rope_k if pos.rope_k is not None else pos.rope
+        if cos_k.shape[-2] != k.shape[-2]:
+            raise ValueError(f"rotary tables for {cos_k.shape[-2]} keys, attention has {k.shape[-2]}: keys on a "
+                             f"reduced grid need a context built with the attention's kv_stride")
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos_k, sin_k)
+    mask = None if pos.bias is None else pos.bias.to(q.dtype)  # (heads, T, S), broadcast over B
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

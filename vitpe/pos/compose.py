@@ -35,10 +35,11 @@ class Compose(PosStrategy):
             x = p.embed(x, grid, num_prefix)
         return x
 
-    def context(self, grid: Grid, num_prefix: int) -> PosContext:
-        ctx = PosContext(grid, num_prefix)
+    def context(self, grid: Grid, num_prefix: int, kv_stride: int = 1) -> PosContext:
+        ctx = PosContext(grid, num_prefix, kv_stride=kv_stride)
         for p in self.parts():
-            ctx = ctx.merge(p.context(grid, num_prefix))
+            part = p.context(grid, num_prefix, kv_stride=kv_stride) if kv_stride != 1 else p.context(grid, num_prefix)
+            ctx = ctx.merge(part)
         return ctx
 
     def after_block(self, x: Tensor, i: int, grid: Grid, num_prefix: int) -> Tensor:

@@ -9,13 +9,24 @@ from torch import Tensor, nn
 Grid = tuple[int, int]
 
 
-def grid_coords(grid: Grid, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """Row and column index of every token, in row-major token order; each ``(H*W,)`` float32."""
+def grid_coords(grid: Grid, device: torch.device | None = None, stride: int = 1) -> tuple[Tensor, Tensor]:
+    """Row and column of every token, in row-major token order; each ``(H*W,)`` float32.
+
+    With ``stride`` > 1, ``grid`` is a grid reduced by a ``stride x stride`` strided convolution
+    (spatial-reduction attention) and the positions are its cells' centres in the units of the
+    full grid: cell ``j`` covers rows ``j*s .. j*s+s-1``, so its centre is ``j*s + (s-1)/2``.
+    """
     h, w = grid
-    rows = torch.arange(h, device=device, dtype=torch.float32)
-    cols = torch.arange(w, device=device, dtype=torch.float32)
+    rows = torch.arange(h, device=device, dtype=torch.float32) * stride + (stride - 1) / 2
+    cols = torch.arange(w, device=device, dtype=torch.float32) * stride + (stride - 1) / 2
     r, c = torch.meshgrid(rows, cols, indexing="ij")
     return r.reshape(-1), c.reshape(-1)
+
+
+def reduced_grid(grid: Grid, stride: int) -> Grid:
+    """The grid left by a ``stride x stride`` convolution with stride ``stride`` and no padding
+    (a remainder is dropped); a side shorter than ``stride`` is padded to one cell."""
+    return max(grid[0] // stride, 1), max(grid[1] // stride, 1)
 
 
 def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Grid, GridShapedStrategy, PosContext
-from .functional import grid_coords, resample_map
+from .functional import grid_coords, reduced_grid, resample_map
 
 
 def relative_index(grid: Grid, device: torch.device | None = None) -> Tensor:
@@ -23,6 +23,18 @@ def relative_index(grid: Grid, device: torch.device | None = None) -> Tensor:
     dr = (rows[:, None] - rows[None, :]).long() + h - 1
     dc = (cols[:, None] - cols[None, :]).long() + w - 1
     return dr * (2 * w - 1) + dc
+
+
+def relative_offsets(grid: Grid, kv_stride: int, device: torch.device | None = None) -> Tensor:
+    """``(1, N, S, 2)``: the (column, row) offset between each query of ``grid`` and each key of the
+    grid reduced by ``kv_stride`` (keys at their cells' centres), scaled so that the offset table's
+    ends are -1 and 1, as ``grid_sample`` with ``align_corners=True`` reads them."""
+    h, w = grid
+    rq, cq = grid_coords(grid, device)
+    rk, ck = grid_coords(reduced_grid(grid, kv_stride), device, kv_stride)
+    dr = (rq[:, None] - rk[None, :]) / max(h - 1, 1)
+    dc = (cq[:, None] - ck[None, :]) / max(w - 1, 1)
+    return torch.stack([dc, dr], dim=-1)[None]
 
 
 class RelativeBias(GridShapedStrategy):
@@ -45,15 +57,30 @@ class RelativeBias(GridShapedStrategy):
             return self.tables.flatten(2)
         return self._cache.get((grid, self.tables.device), make, (self.tables,))
 
-    def context(self, grid: Grid, num_prefix: int) -> PosContext:
-        index = self._cache.get(("index", grid, self.tables.device), lambda: relative_index(grid, self.tables.device))
+    def context(self, grid: Grid, num_prefix: int, kv_stride: int = 1) -> PosContext:
+        """With ``kv_stride`` > 1 the keys sit between the grid's cells (reduced-grid centres), so
+        the table is read bilinearly at those fractional offsets: ``(heads, N, S)`` per block."""
+        dev = self.tables.device
         tables = self.tables_for(grid)
+        if kv_stride == 1:
+            index = self._cache.get(("index", grid, dev), lambda: relative_index(grid, dev))
+
+            def lookup(t: Tensor) -> Tensor:
+                return t[:, index]  # (heads, N, N)
+        else:
+            offsets = self._cache.get(("offsets", grid, kv_stride, dev), lambda: relative_offsets(grid, kv_stride, dev))
+            size = (2 * grid[0] - 1, 2 * grid[1] - 1)
+
+            def lookup(t: Tensor) -> Tensor:
+                maps = t.reshape(1, -1, *size).float()
+                out = F.grid_sample(maps, offsets, mode="bilinear", padding_mode="border", align_corners=True)
+                return out[0].to(t.dtype)  # (heads, N, S)
 
         def bias(i: int) -> Tensor:
-            b = tables[i if tables.shape[0] > 1 else 0][:, index]  # (heads, N, N)
+            b = lookup(tables[i if tables.shape[0] > 1 else 0])
             return F.pad(b, (num_prefix, 0, num_prefix, 0)) if num_prefix else b
 
-        return PosContext(grid, num_prefix, bias_terms=[bias])
+        return PosContext(grid, num_prefix, bias_terms=[bias], kv_stride=kv_stride)
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, old_grid: Grid) -> None:
         key = prefix + "tables"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Grid, PosContext, PosStrategy
-from .functional import grid_coords, rope_tables
+from .functional import grid_coords, reduced_grid, rope_tables
 
 
 class _Rope(PosStrategy):
@@ -22,6 +22,17 @@ class _Rope(PosStrategy):
         super().__init__(**kw)
         if self.head_dim % 4:
             raise ValueError(f"{self.name}: head width {self.head_dim} must be divisible by 4")
+
+    def tables(self, grid: Grid, num_prefix: int, stride: int = 1) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def context(self, grid: Grid, num_prefix: int, kv_stride: int = 1) -> PosContext:
+        """Queries at the grid's cells; with ``kv_stride`` > 1 the keys at the centres of the
+        reduced grid's cells (same units), so ``q . k`` still depends only on their offset."""
+        rope_k = None
+        if kv_stride > 1:
+            rope_k = self.tables(reduced_grid(grid, kv_stride), num_prefix, kv_stride)
+        return PosContext(grid, num_prefix, rope=self.tables(grid, num_prefix), kv_stride=kv_stride, rope_k=rope_k)
 
 
 class RopeAxial(_Rope):
@@ -33,15 +44,16 @@ class RopeAxial(_Rope):
         freqs = theta ** (-torch.arange(0, self.head_dim, 4, dtype=torch.float32)[:q] / self.head_dim)
         self.register_buffer("freqs", freqs, persistent=False)
 
-    def context(self, grid: Grid, num_prefix: int) -> PosContext:
+    def tables(self, grid: Grid, num_prefix: int, stride: int = 1) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` each ``(1, 1, P + H*W, D)``; ``stride``: see ``grid_coords``."""
         def make() -> tuple[Tensor, Tensor]:
-            rows, cols = grid_coords(grid, self.freqs.device)
+            rows, cols = grid_coords(grid, self.freqs.device, stride)
             # (N, D/2): first D/4 angles follow the column, the next D/4 the row
             angles = torch.cat([cols[:, None] * self.freqs, rows[:, None] * self.freqs], dim=1)
             cos, sin = rope_tables(angles, num_prefix)
-            return cos[None, None], sin[None, None]  # (1, 1, T, D)
+            return cos[None, None], sin[None, None]
 
-        return PosContext(grid, num_prefix, rope=self._cache.get((grid, num_prefix, self.freqs.device), make))
+        return self._cache.get((grid, num_prefix, stride, self.freqs.device), make)
 
 
 class RopeMixed(_Rope):
@@ -60,13 +72,14 @@ class RopeMixed(_Rope):
         fy = torch.cat([mag * torch.sin(phase), mag * torch.sin(phase + math.pi / 2)], dim=-1)
         return torch.stack([fx, fy])
 
-    def context(self, grid: Grid, num_prefix: int) -> PosContext:
+    def tables(self, grid: Grid, num_prefix: int, stride: int = 1) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` each ``(depth, heads, P + H*W, D)``; ``stride``: see ``grid_coords``."""
         def make() -> tuple[Tensor, Tensor]:
-            rows, cols = grid_coords(grid, self.freqs.device)
+            rows, cols = grid_coords(grid, self.freqs.device, stride)
             fx, fy = self.freqs.float()
             # (depth, heads, N, D/2)
             angles = cols[:, None] * fx[:, :, None, :] + rows[:, None] * fy[:, :, None, :]
             return rope_tables(angles, num_prefix)
 
-        key = (grid, num_prefix, self.freqs.device)
-        return PosContext(grid, num_prefix, rope=self._cache.get(key, make, (self.freqs,)))
+        key = (grid, num_prefix, stride, self.freqs.device)
+        return self._cache.get(key, make, (self.freqs,))

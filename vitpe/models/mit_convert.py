@@ -1,0 +1,114 @@
+"""SegFormer checkpoints (NVlabs/mmseg and Hugging Face key layouts) -> vitpe's MiT keys.
+
+vitpe's layout: ``stages.{s}.patch_embed.{proj,norm}``, ``stages.{s}.blocks.{i}.{norm1,norm2}``,
+``stages.{s}.blocks.{i}.attn.{q,kv,sr,norm,proj}``, ``stages.{s}.blocks.{i}.mlp.{fc1,mixer.proj,fc2}``
+(``mixer`` is Mix-FFN's depthwise convolution), ``stages.{s}.norm``, ``head``; a segmentation model
+adds the prefix ``backbone.`` and ``decode_head.{linear_c.{i}.proj,fuse,norm,classifier}``.
+
+- NVlabs ImageNet (``mit_b0.pth``): ``patch_embed1.proj``, ``block1.0.attn.q``, ``block1.0.mlp.dwconv.dwconv``,
+  ``norm1``, ``head``; mmseg segmentation checkpoints put it under ``backbone.`` beside
+  ``decode_head.linear_c1.proj``, ``decode_head.linear_fuse.{conv,bn}``, ``decode_head.linear_pred``.
+- Hugging Face (``segformer.``-prefixed or bare ``encoder.``): ``encoder.patch_embeddings.0.proj``,
+  ``encoder.block.0.0.attention.self.{query,key,value,sr,layer_norm}``, ``attention.output.dense``,
+  ``mlp.{dense1,dwconv.dwconv,dense2}``, ``encoder.layer_norm.0``, ``classifier`` (ImageNet) or
+  ``decode_head.{linear_c.0.proj,linear_fuse,batch_norm,classifier}``. Separate key and value
+  projections are stacked into ``kv`` (keys first, as NVlabs stores them).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_NVLABS = [
+    (r"patch_embed(\d)\.(proj|norm)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.patch_embed.{m[2]}.{m[3]}"),
+    (r"block(\d)\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.mlp.mixer.proj.{m[3]}"),
+    (r"block(\d)\.(\d+)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3]}"),
+    (r"norm(\d)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.norm.{m[2]}"),
+    (r"head\.(.+)", lambda m: f"head.{m[1]}"),
+]
+_HF_BLOCK = {"layer_norm_1": "norm1", "layer_norm_2": "norm2", "attention.self.query": "attn.q",
+             "attention.self.sr": "attn.sr", "attention.self.layer_norm": "attn.norm",
+             "attention.output.dense": "attn.proj", "mlp.dense1": "mlp.fc1", "mlp.dwconv.dwconv": "mlp.mixer.proj",
+             "mlp.dense2": "mlp.fc2", "attention.self.key": "attn.k", "attention.self.value": "attn.v"}
+_HF = [
+    (r"encoder\.patch_embeddings\.(\d)\.(proj|layer_norm)\.(.+)",
+     lambda m: f"stages.{m[1]}.patch_embed.{'norm' if m[2] == 'layer_norm' else 'proj'}.{m[3]}"),
+    (r"encoder\.block\.(\d)\.(\d+)\.(.+)\.(weight|bias)",
+     lambda m: f"stages.{m[1]}.blocks.{m[2]}.{_HF_BLOCK[m[3]]}.{m[4]}" if m[3] in _HF_BLOCK else None),
+    (r"encoder\.layer_norm\.(\d)\.(.+)", lambda m: f"stages.{m[1]}.norm.{m[2]}"),
+    (r"classifier\.(.+)", lambda m: f"head.{m[1]}"),
+]
+_HEAD = [
+    (r"linear_c(\d)\.proj\.(.+)", lambda m: f"linear_c.{int(m[1]) - 1}.proj.{m[2]}"),  # NVlabs
+    (r"linear_c\.(\d)\.proj\.(.+)", lambda m: f"linear_c.{m[1]}.proj.{m[2]}"),  # Hugging Face
+    (r"linear_fuse\.conv\.(.+)|linear_fuse\.(weight)", lambda m: f"fuse.{m[1] or m[2]}"),
+    (r"linear_fuse\.bn\.(.+)|batch_norm\.(.+)", lambda m: f"norm.{m[1] or m[2]}"),
+    (r"linear_pred\.(.+)|classifier\.(.+)", lambda m: f"classifier.{m[1] or m[2]}"),
+    (r"conv_seg\.(.+)", lambda m: ""),  # mmseg's unused BaseDecodeHead classifier: dropped
+    (r"(fuse|norm)\.(.+)", lambda m: f"{m[1]}.{m[2]}"),  # vitpe's own
+]
+
+
+def _rename(key: str, rules: list) -> str | None:
+    for pattern, repl in rules:
+        m = re.fullmatch(pattern, key)
+        if m is not None:
+            return repl(m)
+    return None
+
+
+def _unwrap(state_dict: dict[str, Any]) -> dict[str, Tensor]:
+    """A bare state dict, or one nested under 'state_dict' / 'model' (mmseg, training checkpoints)."""
+    for key in ("state_dict", "model"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            return state_dict[key]
+    return state_dict
+
+
+def _stack_kv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face's separate ``attn.k`` / ``attn.v`` -> one ``attn.kv`` (keys first)."""
+    out = {}
+    for key, value in sd.items():
+        if ".attn.v." in key:
+            continue
+        if ".attn.k." in key:
+            partner = key.replace(".attn.k.", ".attn.v.")
+            if partner not in sd:
+                raise KeyError(f"checkpoint has {key!r} but no {partner!r}")
+            out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([value, sd[partner]], dim=0)
+        else:
+            out[key] = value
+    return out
+
+
+def convert_segformer_state_dict(state_dict: dict[str, Any]) -> dict[str, Tensor]:
+    """Rename a SegFormer state dict (any layout above, or vitpe's own) to vitpe's keys.
+
+    Backbone keys come out bare for a backbone checkpoint and under ``backbone.`` for a
+    segmentation one (one with ``decode_head.`` entries); a key no rule knows raises ``KeyError``.
+    """
+    sd = _unwrap(state_dict)
+    segmentation = any(k.startswith("decode_head.") for k in sd)
+    out, unknown = {}, []
+    for key, value in sd.items():
+        if key.startswith("decode_head."):
+            new = _rename(key[len("decode_head."):], _HEAD)
+            new = new if new is None or new == "" else "decode_head." + new
+        else:
+            bare = re.sub(r"^(backbone\.|segformer\.)", "", key)
+            if bare.startswith("stages."):  # already vitpe's
+                new = bare
+            else:
+                new = _rename(bare, _HF if bare.startswith(("encoder.", "classifier.")) else _NVLABS)
+            new = None if new is None else ("backbone." + new if segmentation else new)
+        if new is None:
+            unknown.append(key)
+        elif new:
+            out[new] = value
+    if unknown:
+        raise KeyError(f"{len(unknown)} checkpoint keys are neither SegFormer (NVlabs, Hugging Face) nor vitpe "
+                       f"MiT keys, e.g. {unknown[:3]}")
+    return _stack_kv(out)
