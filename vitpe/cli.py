@@ -63,9 +63,14 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(cls: type[C], args: argparse.Namespace, keymap: Mapping[str, str] = CLI_KEYS) -> C:
-    """defaults <- ``args.config`` <- named options that are not None <- ``args.set``."""
-    cfg = load_config(args.config, cls) if getattr(args, "config", None) else cls()
+def resolve_config(cls: type[C], args: argparse.Namespace, keymap: Mapping[str, str] = CLI_KEYS,
+                   base: C | None = None) -> C:
+    """defaults (or ``base``, e.g. a resumed checkpoint's config) <- ``args.config`` <- named options
+    that are not None <- ``args.set``."""
+    if getattr(args, "config", None):
+        cfg = load_config(args.config, cls)
+    else:
+        cfg = base if base is not None else cls()
     for dest, key in keymap.items():
         value = getattr(args, dest, None)
         if value is not None:

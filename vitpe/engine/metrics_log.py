@@ -56,7 +56,7 @@ def summary_line(epoch: int, epochs: int, metrics: Mapping[str, Any]) -> str:
     """``epoch 3/10  train_loss 1.2345  val_top1 45.6000  lr 0.000912  time 12.3s``: one line per epoch."""
     width = len(str(epochs))
     parts = [f"epoch {epoch + 1:>{width}}/{epochs}"]
-    parts += [f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch"]
+    parts += [f"{k} {v:.1f}s" if k == "time" else f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch"]
     return "  ".join(parts)
 
 

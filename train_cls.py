@@ -1,0 +1,127 @@
+"""Train an image classifier with a chosen positional strategy, then evaluate it across resolutions.
+
+    python train_cls.py                                   # tiny ViT on the synthetic task, CPU, minutes
+    python train_cls.py --config configs/cls/cifar10.yaml --pos peg --output runs/peg
+    torchrun --nproc_per_node=2 train_cls.py --device cpu ...    # data parallel (gloo on CPU, NCCL on GPU)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from timm.utils import ModelEmaV2
+
+from vitpe.cli import common_parser, resolve_config, run_cli
+from vitpe.config import from_dict, save_config, to_dict
+from vitpe.data.classification import build_train_val, norm_stats
+from vitpe.data.folder import collate_skipping
+from vitpe.engine import distributed as dist
+from vitpe.errors import DataError
+from vitpe.engine.checkpoint import load_checkpoint, save_checkpoint
+from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, evaluate,
+                                         train_one_epoch)
+from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
+from vitpe.engine.metrics_log import MetricsLog, summary_line
+from vitpe.engine.optim import build_optimizer, build_scheduler
+from vitpe.evaluate import evaluate_sizes, write_report
+
+log = logging.getLogger("train_cls")
+
+
+def model_stats(name: str) -> tuple[tuple, tuple]:
+    """The model's normalisation statistics (CIFAR's for vitpe's 32-px models), ImageNet's otherwise."""
+    import vitpe  # noqa: F401  (registers vitpe's models, so their configs are found)
+
+    pc = timm.get_pretrained_cfg(name)
+    return (tuple(pc.mean), tuple(pc.std)) if pc else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    base = from_dict(ClsConfig, resumed["config"]) if resumed else None  # a resumed run keeps its recipe
+    cfg = resolve_config(ClsConfig, args, base=base)
+    device = dist.init_distributed(cfg.run.device)
+    try:
+        return train(cfg, device, resumed)
+    finally:
+        dist.cleanup()
+
+
+def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
+    out = Path(cfg.run.output)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    mean, std = norm_stats(cfg.data, *model_stats(cfg.model.name))
+    train_set, val_set, classes = build_train_val(cfg.data, cfg.aug, mean, std, cfg.run.seed)
+    seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
+    model = build_model(cfg.model, len(classes), cfg.data.img_size).to(device)
+    ema = ModelEmaV2(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
+    seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
+    train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,
+                               collate_skipping)
+    val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate_skipping)
+    if len(train_loader) == 0:
+        raise DataError(f"{cfg.data.path}: {len(train_set)} training images are fewer than one batch of {cfg.data.batch_size}")
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)
+    start = restore_training_state(resumed, model, optimizer, scheduler, ema.module if ema else None) if resumed else 0
+    best = resumed.get("best_top1", -1.0) if resumed else -1.0
+    net = dist.wrap_model(model, device)
+    if cfg.run.compile and device.type == "cuda":
+        net = torch.compile(net)
+    mixup = build_mixup(cfg.aug, len(classes), cfg.data.path == "synthetic")
+    criterion = build_criterion(cfg.aug, mixup)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
+    for epoch in range(start, cfg.run.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, device, epoch, cfg, mixup, ema)
+        val = evaluate(ema.module if ema else net, val_loader, device, cfg.run.amp)
+        record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")}}
+        metrics.log(record)
+        if dist.is_main():
+            log.info(summary_line(epoch, cfg.run.epochs, record))
+            best = save_epoch(cfg, out, model, optimizer, scheduler, ema, epoch, classes, mean, std, val, best)
+    dist.barrier()
+    if dist.is_main():
+        finish(cfg, out, ema.module if ema else model, val_loader, device, classes, mean, std)
+    dist.barrier()
+    return 0
+
+
+def save_epoch(cfg, out, model, optimizer, scheduler, ema, epoch, classes, mean, std, val, best) -> float:
+    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation top-1 improves."""
+    best_now = max(best, val["top1"])
+    state = training_state(model, optimizer, scheduler, epoch + 1, to_dict(cfg), ema.module if ema else None,
+                           classes=classes, mean=list(mean), std=list(std), best_top1=best_now, val=val)
+    save_checkpoint(state, out / "checkpoint.pt")
+    if val["top1"] > best:
+        save_checkpoint(state, out / "best.pt")
+    return best_now
+
+
+def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:
+    """Final validation, the resolution evaluation, results.json and the printed table."""
+    final_loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=cfg.eval.batch_size,
+                                  num_workers=cfg.data.workers, collate_fn=collate_skipping)
+    val = evaluate(model, final_loader, device, cfg.run.amp, reduce=False)
+    results = {"top1": val["top1"], "top5": val["top5"], "pos": cfg.model.pos, "model": cfg.model.name,
+               "train_size": cfg.data.img_size, "resolution": {}}
+    if cfg.eval.sizes:
+        sizes = evaluate_sizes(model, cfg, cfg.eval.sizes, device, mean, std, classes)
+        results["resolution"] = {str(s): v["top1"] for s, v in sizes.items()}
+        results["throughput"] = {str(s): v["img_per_s"] for s, v in sizes.items() if "img_per_s" in v}
+        report = {cfg.model.pos: {"checkpoint": str(out / "checkpoint.pt"), "train_size": cfg.data.img_size,
+                                  "sizes": sizes}}
+        print(write_report(report, out))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"final val top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  (outputs in {out})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,97 @@
+"""Classification datasets and timm transforms, built from the config sections below.
+
+``data.path`` is an ImageNet-layout folder or ``synthetic``. Evaluation at another size resizes
+the shorter side to that size and centre-crops (folders), or renders the synthetic scene at that
+size, so the model sees the same content on a finer or coarser patch grid.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from timm.data import create_transform
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+from . import synthetic
+from .folder import CachedImages, ImageFolder
+
+
+@dataclass
+class ClsDataConfig(DataConfig):
+    train_split: str = "train"  # sub-folder of data.path used for training
+    val_split: str = "val"  # sub-folder used for validation and the resolution evaluation
+    cache: bool = False  # decode every training/validation image once into memory (small datasets like CIFAR)
+    synthetic_train: int = 2000  # samples of the synthetic training set (enough for a tiny ViT to learn)
+    synthetic_val: int = 500  # samples of the synthetic validation set
+
+
+@dataclass
+class AugConfig:
+    scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area range; at 32 px DeiT's 0.08 leaves too little
+    ratio: tuple[float, float] = (0.75, 1.3333)  # RandomResizedCrop aspect range
+    hflip: float = 0.5  # horizontal-flip probability (ignored for synthetic data, where it would flip labels)
+    color_jitter: float = 0.0  # timm colour jitter strength; 0 disables it
+    auto_augment: str | None = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; None disables it
+    re_prob: float = 0.0  # random-erasing probability
+    mixup: float = 0.0  # mixup alpha (0 disables); mixing needs soft targets, handled by the loss
+    cutmix: float = 0.0  # cutmix alpha (0 disables)
+    label_smoothing: float = 0.1  # smoothing of the one-hot targets (also used inside mixup)
+    interpolation: str = "bicubic"  # resize interpolation, for training and evaluation
+
+
+def is_synthetic(data: DataConfig) -> bool:
+    return data.path == "synthetic"
+
+
+def train_transform(img_size: int, aug: AugConfig, mean: tuple, std: tuple) -> Callable:
+    """timm's training pipeline: random-resized crop, flip, optional jitter/RandAugment/erasing."""
+    return create_transform(img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+                            hflip=aug.hflip, vflip=0.0, color_jitter=aug.color_jitter or None,
+                            auto_augment=aug.auto_augment, re_prob=aug.re_prob, interpolation=aug.interpolation,
+                            mean=mean, std=std)
+
+
+def eval_transform(size: int, mean: tuple, std: tuple, interpolation: str = "bicubic") -> Callable:
+    """Resize the shorter side to ``size``, centre-crop ``size`` x ``size``, normalise."""
+    return create_transform(size, is_training=False, crop_pct=1.0, interpolation=interpolation, mean=mean, std=std)
+
+
+def norm_stats(data: DataConfig, model_mean: tuple, model_std: tuple) -> tuple[tuple, tuple]:
+    """Synthetic images are normalised their own way; folders use the model's statistics."""
+    return (synthetic.MEAN, synthetic.STD) if is_synthetic(data) else (tuple(model_mean), tuple(model_std))
+
+
+def build_train_val(data: ClsDataConfig, aug: AugConfig, mean: tuple, std: tuple,
+                    seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
+    """Training and validation sets at ``data.img_size`` and the class names."""
+    if is_synthetic(data):
+        train = synthetic.SyntheticPositions(data.synthetic_train, data.img_size, seed, "train")
+        return train, eval_dataset(data, data.img_size, mean, std, aug.interpolation, seed), list(train.classes)
+    train = ImageFolder(data.path, data.train_split, train_transform(data.img_size, aug, mean, std))
+    val = eval_dataset(data, data.img_size, mean, std, aug.interpolation, seed, classes=train.classes)
+    if data.cache:
+        train = CachedImages(train, data.workers)
+    return train, val, list(train.classes)
+
+
+def eval_dataset(data: ClsDataConfig, size: int, mean: tuple, std: tuple, interpolation: str = "bicubic",
+                 seed: int = 0, classes: list[str] | None = None) -> Dataset:
+    """The validation set seen at ``size`` (the resolution evaluation calls this once per size)."""
+    if is_synthetic(data):
+        return synthetic.SyntheticPositions(data.synthetic_val, size, seed, "val")
+    transform = eval_transform(size, mean, std, interpolation)
+    if data.cache:
+        return _decoded(data.path, data.val_split, data.workers, tuple(classes or ())).with_transform(transform)
+    return ImageFolder(data.path, data.val_split, transform, classes=classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded(path: str, split: str, workers: int, classes: tuple[str, ...]) -> CachedImages:
+    """One decode of a split per process, shared by every size and checkpoint evaluated."""
+    return CachedImages(ImageFolder(path, split, None, classes=list(classes) or None), workers)
+
+
+__all__ = ["AugConfig", "ClsDataConfig", "build_train_val", "eval_dataset", "eval_transform", "is_synthetic",
+           "norm_stats", "train_transform"]

@@ -1,0 +1,167 @@
+"""ImageNet-layout folders (``root/<split>/<class>/<image>``), robust to bad files.
+
+Any image PIL opens is read and converted to RGB (grayscale, palette, RGBA, CMYK). A corrupt,
+truncated or empty file does not stop an epoch: ``__getitem__`` returns ``None`` for it, and
+``collate_skipping`` drops it from the batch while recording its path, so the training loop can
+warn once per file and count the skips at the end of the epoch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from ..errors import DataError
+
+_logger = logging.getLogger(__name__)
+
+
+class Skipped(NamedTuple):
+    """A sample that could not be read: its path and why."""
+    path: str
+    reason: str
+
+
+class Batch(NamedTuple):
+    images: Tensor  # (B, 3, H, W) float, normalised
+    targets: Tensor  # (B,) int64 class indices
+    skipped: list[Skipped]  # files dropped from this batch
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB whatever the mode; transparency (RGBA, LA, palette with alpha) is composited on black,
+    as a decoder without alpha support would show it."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode fully (so a truncated file fails here, not later) and convert to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def scan_folder(root: str | Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted sub-folders of ``root/split``) and ``(path, class index)`` samples."""
+    split_dir = Path(root) / split
+    if not Path(root).is_dir():
+        raise DataError(f"data folder not found: {root}")
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} not found: expected {root}/{split}/<class>/<images> (ImageNet layout)")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<images>")
+    samples = [(str(f), i) for i, c in enumerate(classes)
+               for f in sorted((split_dir / c).iterdir()) if f.is_file() and not f.name.startswith(".")]
+    if not samples:
+        raise DataError(f"{split_dir}: the class folders hold no files")
+    return classes, samples
+
+
+class ImageFolder(Dataset):
+    """``root/split/<class>/*``; items are ``(image, class index)`` or ``None`` for an unreadable file."""
+
+    def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
+                 classes: list[str] | None = None) -> None:
+        self.root, self.split, self.transform = Path(root), split, transform
+        found, self.samples = scan_folder(root, split)
+        self.classes = found if classes is None else classes
+        if classes is not None and found != classes:  # val must index the same classes as train
+            missing = sorted(set(found) ^ set(classes))
+            raise DataError(f"{self.root / split}: class folders differ from the training split's: {missing[:5]}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image | Skipped:
+        path = self.samples[index][0]
+        try:
+            return load_rgb(path)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on bad files
+            return Skipped(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}")
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | Skipped:
+        img = self.load(index)
+        if isinstance(img, Skipped):
+            return img
+        return (self.transform(img) if self.transform else img), self.samples[index][1]
+
+
+class CachedImages(Dataset):
+    """A folder decoded once into one uint8 array ``(N, H, W, 3)``: decoding JPEGs every epoch costs
+    more than training a small model on them. Needs every image at the same size (e.g. CIFAR)."""
+
+    def __init__(self, folder: ImageFolder, workers: int = 0) -> None:
+        self.classes, self.transform, self.skipped = folder.classes, folder.transform, []
+        loader = torch.utils.data.DataLoader(_Decode(folder), batch_size=256, num_workers=workers,
+                                             collate_fn=_as_list)
+        arrays, targets = [], []
+        for chunk in loader:
+            for item in chunk:
+                if isinstance(item, Skipped):
+                    self.skipped.append(item)
+                    _logger.warning("skipped unreadable image %s (%s)", item.path, item.reason)
+                else:
+                    arrays.append(item[0])
+                    targets.append(item[1])
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise DataError(f"{folder.root / folder.split}: images have {len(shapes)} different sizes "
+                            f"(e.g. {sorted(shapes)[:3]}); caching needs one size (set data.cache=false)")
+        self.images = np.stack(arrays)  # (N, H, W, 3) uint8
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def with_transform(self, transform: Callable | None) -> CachedImages:
+        """The same decoded images (not copied) under another transform."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[index])
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def _as_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+class _Decode(Dataset):
+    def __init__(self, folder: ImageFolder) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int] | Skipped:
+        img = self.folder.load(index)
+        return img if isinstance(img, Skipped) else (np.asarray(img, dtype=np.uint8), self.folder.samples[index][1])
+
+
+def collate_skipping(items: list[Any]) -> Batch:
+    """Collate the readable samples; the unreadable ones go to ``Batch.skipped``."""
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    good = [it for it in items if not isinstance(it, Skipped)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    images, targets = default_collate(good)
+    return Batch(images, targets, skipped)
+
+
+__all__ = ["Batch", "CachedImages", "ImageFolder", "Skipped", "collate_skipping", "load_rgb", "scan_folder", "to_rgb"]

@@ -1,0 +1,192 @@
+"""Resolution generalisation: accuracy (and throughput) of classifiers at test sizes they were not
+trained at. Each image is resized (shorter side) and centre-cropped to the size, so the model sees
+the same content on a finer or coarser patch grid and its positional strategy must follow.
+
+    python -m vitpe.evaluate --checkpoint runs/peg/best.pt runs/learned/best.pt \\
+        --sizes 16,24,32,48,64 --output runs/compare
+
+prints a markdown table (rows: checkpoints, labelled by strategy; columns: sizes) and writes
+``resolution.json`` and ``resolution.png`` in ``--output``. Training runs the same code at its end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .cli import parse_sizes, run_cli
+from .config import from_dict
+from .data.classification import ClsDataConfig, eval_dataset, norm_stats
+from .data.folder import collate_skipping
+from .engine import distributed as dist
+from .engine.checkpoint import load_checkpoint
+from .engine.classification import ClsConfig, build_model, evaluate
+from .engine.loop import autocast
+from .errors import UserError
+
+_logger = logging.getLogger(__name__)
+Results = dict[str, dict[str, Any]]  # label -> {"checkpoint", "train_size", "sizes": {size: {top1, top5, img_per_s}}}
+
+
+def patch_size(model: nn.Module) -> int:
+    pe = getattr(model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", 1)
+    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+def check_sizes(sizes: Sequence[int], model: nn.Module) -> None:
+    p = patch_size(model)
+    bad = [s for s in sizes if s % p]
+    if bad:
+        raise UserError(f"test sizes {bad} are not multiples of the patch size {p} "
+                        f"(e.g. use {', '.join(str(max(p, s // p * p)) for s in bad)})")
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, size: int, device: torch.device, batch_size: int = 64, amp: bool = True,
+               seconds: float = 0.5) -> float:
+    """Images per second of a forward pass at ``size`` (random input; warm-up excluded)."""
+    model.eval()
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    with autocast(device, amp):
+        model(x)  # warm-up: kernels, cached position tables
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        n, start = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - start < seconds:
+            model(x)
+            n += 1
+            if n % 4 == 0:
+                sync()
+        sync()
+    return n * batch_size / (time.perf_counter() - start)
+
+
+def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], device: torch.device,
+                   mean: tuple, std: tuple, classes: list[str] | None = None) -> dict[int, dict[str, float]]:
+    """``{size: {top1, top5, img_per_s}}`` on the validation set of ``cfg.data`` (this process only)."""
+    check_sizes(sizes, model)
+    mean, std = norm_stats(cfg.data, mean, std)
+    out = {}
+    for size in sizes:
+        ds = eval_dataset(cfg.data, size, mean, std, cfg.aug.interpolation, cfg.run.seed, classes=classes)
+        loader = DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
+                            collate_fn=collate_skipping)
+        m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False)
+        out[size] = {"top1": m["top1"], "top5": m["top5"]}
+        if cfg.eval.throughput:
+            out[size]["img_per_s"] = throughput(model, size, device, min(cfg.eval.batch_size, 64), cfg.run.amp,
+                                                seconds=0.5 if device.type == "cuda" else 0.2)
+    return out
+
+
+# -- reporting ---------------------------------------------------------------------------------
+def unique_labels(labels: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """Strategy names, with the run folder added where two checkpoints share a strategy."""
+    return [f"{lab} ({Path(p).parent.name})" if labels.count(lab) > 1 else lab for lab, p in zip(labels, paths)]
+
+
+def markdown_table(results: Results, key: str = "top1", fmt: str = "{:.1f}") -> str:
+    """Rows: checkpoints; columns: sizes (the training size marked with *)."""
+    sizes = sorted({int(s) for r in results.values() for s in r["sizes"]})
+    train = {r.get("train_size") for r in results.values()}
+    head = ["strategy"] + [f"{s}*" if s in train else str(s) for s in sizes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in results.items():
+        cells = [fmt.format(r["sizes"][s][key]) if s in r["sizes"] and key in r["sizes"][s] else "-" for s in sizes]
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: Results, path: str | Path, title: str = "accuracy against test resolution") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, r in results.items():
+        sizes = sorted(int(s) for s in r["sizes"])
+        ax.plot(sizes, [r["sizes"][s]["top1"] for s in sizes], marker="o", label=label)
+    for t in sorted({r.get("train_size") for r in results.values()} - {None}):
+        ax.axvline(t, color="gray", linestyle="--", linewidth=1)
+    ax.set(xlabel="test resolution (px)", ylabel="top-1 (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: Results, output: str | Path) -> str:
+    """Write ``resolution.json`` and ``resolution.png``; return the markdown tables."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "resolution.json").write_text(json.dumps(results, indent=2))
+    plot(results, output / "resolution.png")
+    text = "top-1 (%) by test resolution (* = training size)\n\n" + markdown_table(results)
+    if any("img_per_s" in v for r in results.values() for v in r["sizes"].values()):
+        text += "\n\nthroughput (images/s) by test resolution\n\n" + markdown_table(results, "img_per_s", "{:.0f}")
+    return text
+
+
+# -- command line ------------------------------------------------------------------------------
+def load_model(path: str, device: torch.device, weights: str = "auto") -> tuple[nn.Module, ClsConfig, dict]:
+    """Rebuild the model a training checkpoint describes; ``weights``: model, ema, or auto (EMA if saved)."""
+    state = load_checkpoint(path)
+    if "config" not in state or "model" not in state:
+        raise UserError(f"{path}: not a vitpe classification checkpoint (no 'config'/'model' entries)")
+    cfg = from_dict(ClsConfig, state["config"])
+    model = build_model(cfg.model, len(state["classes"]), cfg.data.img_size)
+    key = "ema" if weights == "ema" or (weights == "auto" and "ema" in state) else "model"
+    if key not in state:
+        raise UserError(f"{path}: has no {key!r} weights")
+    model.load_state_dict(state[key])
+    return model.to(device).eval(), cfg, state
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Accuracy and throughput of classifiers across test resolutions.")
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT", help="training checkpoints")
+    p.add_argument("--data", help="dataset folder or 'synthetic' (default: each checkpoint's own)")
+    p.add_argument("--sizes", type=parse_sizes, default=[16, 24, 32, 40, 48, 56, 64], help="e.g. 16,32,64")
+    p.add_argument("--output", default="runs/resolution", help="folder for resolution.json and .png")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto")
+    p.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = dist.resolve_device(args.device)
+    results: Results = {}
+    entries = []
+    for path in args.checkpoint:
+        model, cfg, state = load_model(path, device, args.weights)
+        data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None
+                    else cfg.data.workers)
+        cfg.data = from_dict(ClsDataConfig, {**vars(cfg.data), **data})
+        cfg.eval.batch_size = args.batch_size or cfg.eval.batch_size
+        cfg.eval.throughput = not args.no_throughput
+        mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)
+        sizes = evaluate_sizes(model, cfg, args.sizes, device, tuple(mean), tuple(std), state["classes"])
+        entries.append((cfg.model.pos, path, {"checkpoint": path, "train_size": cfg.data.img_size, "sizes": sizes}))
+    for label, (_, _, r) in zip(unique_labels([e[0] for e in entries], [e[1] for e in entries]), entries):
+        results[label] = r
+    print(write_report(results, args.output))
+    print(f"\nwrote {Path(args.output) / 'resolution.json'} and {Path(args.output) / 'resolution.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
