@@ -70,18 +70,6 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: the backbone at its own (lower) rate; norms, biases and the positional
-        strategy without weight decay."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            decay = p.ndim > 1 and not name.startswith("transformer.pos.")
-            groups.setdefault((name.startswith("backbone."), decay), []).append(p)
-        return [{"params": ps, "lr": backbone_lr if bb else lr, "weight_decay": weight_decay if decay else 0.0}
-                for (bb, decay), ps in groups.items()]
-
 
 @torch.no_grad()
 def postprocess(out: dict[str, Tensor], sizes: Tensor) -> list[dict[str, Tensor]]:

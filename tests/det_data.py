@@ -1,0 +1,52 @@
+"""A tiny COCO-format dataset written into a temporary folder, with the awkward parts of real
+COCO files: non-contiguous category ids, a crowd box, an image without boxes, a zero-size box and
+an image file the json does not list."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+CAT_IDS = [3, 17, 90]  # gaps, as in COCO
+COLORS = {3: (220, 40, 40), 17: (40, 200, 40), 90: (40, 40, 220)}
+
+
+def _boxes(i: int) -> list[tuple[int, list[float], int]]:
+    """(category id, [x, y, w, h], iscrowd) for image ``i``: two or three boxes, image 3 none."""
+    if i == 3:
+        return []
+    out = [(CAT_IDS[i % 3], [4.0 + i, 6.0, 20.0, 14.0], 0), (CAT_IDS[(i + 1) % 3], [36.0, 20.0 + i, 18.0, 16.0], 0)]
+    if i == 0:
+        out.append((CAT_IDS[2], [2.0, 30.0, 24.0, 14.0], 1))  # a crowd region
+    return out
+
+
+def write_split(root: Path, split: str, n: int, size: tuple[int, int] = (64, 48)) -> dict[str, Any]:
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        img = Image.new("RGB", size, (128, 128, 128))
+        draw = ImageDraw.Draw(img)
+        image_id = 100 + i  # ids need not start at 1
+        for cat, (x, y, w, h), crowd in _boxes(i):
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLORS[cat])
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": crowd})
+        img.save(root / split / f"{i:04d}.jpg", quality=95)
+        images.append({"id": image_id, "file_name": f"{i:04d}.jpg", "width": size[0], "height": size[1]})
+    anns.append({"id": len(anns) + 1, "image_id": 100, "category_id": 3, "bbox": [10.0, 10.0, 0.0, 5.0],
+                 "area": 0.0, "iscrowd": 0})  # zero width: dropped with a count
+    Image.new("RGB", size).save(root / split / "not_in_json.jpg")
+    data = {"info": {"description": "test"}, "images": images, "annotations": anns,
+            "categories": [{"id": c, "name": f"class{c}", "supercategory": "x"} for c in CAT_IDS]}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return data
+
+
+def make_dataset(root: Path, n_train: int = 4, n_val: int = 4) -> Path:
+    write_split(root, "train2017", n_train)
+    write_split(root, "val2017", n_val)
+    return root

@@ -1,0 +1,178 @@
+"""COCO-format data: checks on real-world awkwardness, label mapping, transforms, COCOeval."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from det_data import CAT_IDS, make_dataset
+from torchvision import tv_tensors
+
+from vitpe.data.coco import CocoDetection, CocoFormatError, PadCollate, load_coco
+from vitpe.data.det_transforms import eval_transform, train_transform
+from vitpe.engine.coco_eval import STAT_NAMES, coco_evaluate, plot_detections, to_coco_results
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("coco"))
+
+
+def test_index_maps_ids_keeps_crowd_for_eval_and_drops_zero_boxes(data, caplog) -> None:
+    with caplog.at_level(logging.INFO):
+        ds = CocoDetection(data, "train2017")
+    idx = ds.index
+    assert idx.cat_ids == CAT_IDS and ds.label_of == {3: 0, 17: 1, 90: 2}
+    assert idx.dropped["zero size"] == 1
+    assert "ignored 1 image file(s) the json does not list" in caplog.text
+    assert len(ds) == 4  # the image without boxes stays
+    crowd = [a for a in idx.gt.dataset["annotations"] if a["iscrowd"]]
+    assert len(crowd) == 1  # COCOeval sees the crowd region...
+    _, target = ds[0]
+    assert len(target["labels"]) == 2  # ...the matcher does not
+    _, empty = ds[3]
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+
+
+def test_targets_are_normalised_cxcywh_with_contiguous_labels(data) -> None:
+    ds = CocoDetection(data, "train2017")
+    image, t = ds[1]  # boxes: class 17 at [5, 6, 20, 14], class 90 at [36, 21, 18, 16] on 64x48
+    assert image.shape == (3, 48, 64) and image.dtype == torch.uint8
+    torch.testing.assert_close(t["boxes"], torch.tensor([[15 / 64, 13 / 48, 20 / 64, 14 / 48],
+                                                         [45 / 64, 29 / 48, 18 / 64, 16 / 48]]))
+    assert t["labels"].tolist() == [1, 2] and int(t["image_id"]) == 101 and t["orig_size"].tolist() == [48, 64]
+
+
+def test_flip_and_resize_move_boxes_with_the_image(data) -> None:
+    ds = CocoDetection(data, "train2017", train_transform(96, 200, flip=1.0, multiscale=False, crop_prob=0.0))
+    image, t = ds[1]
+    assert image.shape == (3, 96, 128) and image.dtype == torch.float32  # 2x, normalised
+    # a horizontal flip mirrors cx and keeps the rest
+    torch.testing.assert_close(t["boxes"][:, 0], 1 - torch.tensor([15 / 64, 45 / 64]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t["boxes"][:, 1:], torch.tensor([[13 / 48, 20 / 64, 14 / 48],
+                                                                [29 / 48, 18 / 64, 16 / 48]]), atol=1e-5, rtol=0)
+
+
+def test_random_crop_keeps_boxes_inside_and_drops_emptied_ones(data) -> None:
+    ds = CocoDetection(data, "train2017", train_transform(48, 80, flip=0.0, crop_prob=1.0))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        image, t = ds[1]
+        b = t["boxes"]
+        assert len(b) == len(t["labels"]) <= 2
+        assert ((b[:, :2] - b[:, 2:] / 2) >= -1e-6).all() and ((b[:, :2] + b[:, 2:] / 2) <= 1 + 1e-6).all()
+        assert (b[:, 2:] > 0).all()
+
+
+def test_pad_collate_pads_bottom_right_to_the_divisor() -> None:
+    items = [(torch.ones(3, 40, 50), {"id": 0}), (torch.ones(3, 33, 70), {"id": 1})]
+    images, mask, targets = PadCollate(32)(items)
+    assert images.shape == (2, 3, 64, 96) and [t["id"] for t in targets] == [0, 1]
+    assert (~mask[0]).sum() == 40 * 50 and (~mask[0, :40, :50]).all() and images[0, :, 40:].abs().sum() == 0
+    assert (~mask[1, :33, :70]).all() and mask[1, 33:].all()
+
+
+def test_perfect_predictions_score_ap_one_through_the_id_mapping(data) -> None:
+    """Predictions made from the dataset's contiguous labels, mapped back with ``cat_ids``: AP is 1
+    only if the mapping round-trips (the crowd region is ignored by COCOeval, not a miss)."""
+    ds = CocoDetection(data, "val2017")
+    preds, ids = [], []
+    for i in range(len(ds)):
+        _, t = ds.raw(i)
+        preds.append({"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"],
+                      "scores": torch.ones(len(t["labels"]))})
+        ids.append(ds.samples[i][0]["id"])
+    results = to_coco_results(preds, ids, ds.index.cat_ids)
+    assert {r["category_id"] for r in results} <= set(CAT_IDS)
+    m = coco_evaluate(ds.index.gt, results)
+    assert len(m["stats"]) == len(STAT_NAMES) == 12
+    assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0)
+    shifted = to_coco_results(preds, ids, [CAT_IDS[1], CAT_IDS[2], CAT_IDS[0]])  # a wrong mapping
+    assert coco_evaluate(ds.index.gt, shifted)["AP"] == pytest.approx(0.0)
+    assert coco_evaluate(ds.index.gt, [])["AP"] == 0.0
+
+
+def test_eval_transform_is_a_pure_rescale(data) -> None:
+    ds = CocoDetection(data, "val2017", eval_transform(96, 1000))
+    image, t = ds[1]
+    assert tuple(image.shape[-2:]) == (96, 128) and t["size"].tolist() == [96, 128]
+    _, raw = CocoDetection(data, "val2017")[1]
+    torch.testing.assert_close(t["boxes"], raw["boxes"], atol=1e-5, rtol=0)  # normalised: unchanged
+
+
+def test_plot_detections_writes_a_png(data, tmp_path) -> None:
+    ds = CocoDetection(data, "val2017")
+    image, truth = ds.raw(0)
+    pred = {"boxes": truth["boxes"].as_subclass(torch.Tensor), "labels": truth["labels"],
+            "scores": torch.tensor([0.9, 0.3])}
+    plot_detections([(image.as_subclass(torch.Tensor), truth, pred)], ds.index.class_names, tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- bad files -------------------------------------------------------------------------------
+def _rewrite(data, split: str, edit) -> None:
+    path = data / "annotations" / f"instances_{split}.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    return make_dataset(tmp_path, 2, 2)
+
+
+def _load(root, on_error="error"):
+    return load_coco(root / "annotations" / "instances_train2017.json", root / "train2017", on_error)
+
+
+def test_a_json_that_is_not_coco_names_the_missing_key(fresh) -> None:
+    _rewrite(fresh, "train2017", lambda d: d.pop("annotations"))
+    with pytest.raises(CocoFormatError, match=r"instances_train2017.json: not a COCO file: missing key 'annotations'"):
+        _load(fresh)
+    (fresh / "annotations" / "instances_train2017.json").write_text("[1, 2")
+    with pytest.raises(CocoFormatError, match="not valid JSON"):
+        _load(fresh)
+
+
+@pytest.mark.parametrize("edit,match,reason", [
+    (lambda d: d["annotations"][0].update(image_id=999), "names unknown image id 999", "unknown image"),
+    (lambda d: d["annotations"][0].update(category_id=5), "names unknown category id 5", "unknown category"),
+    (lambda d: d["annotations"][0].update(bbox=[50.0, 10.0, 30.0, 10.0]), r"reaches outside image 100 \(0000.jpg, 64x48\)",
+     "outside image"),
+])
+def test_bad_annotations_error_or_skip_by_option(fresh, edit, match, reason) -> None:
+    _rewrite(fresh, "train2017", edit)
+    with pytest.raises(CocoFormatError, match=match):
+        _load(fresh)
+    index = _load(fresh, "skip")
+    assert index.dropped[reason] == 1
+    assert len(index.annotations) == 3 + 2 - 1  # image 0: 2 + crowd, image 1: 2; one dropped, zero-size gone
+
+
+def test_box_within_a_pixel_of_the_edge_is_clipped(fresh) -> None:
+    _rewrite(fresh, "train2017", lambda d: d["annotations"][0].update(bbox=[50.0, 10.0, 14.5, 10.0]))
+    box = _load(fresh).annotations[0]["bbox"]
+    assert box == [50.0, 10.0, 14.0, 10.0]
+
+
+def test_missing_image_file_errors_or_is_skipped(fresh) -> None:
+    (fresh / "train2017" / "0001.jpg").unlink()
+    with pytest.raises(CocoFormatError, match="0001.jpg does not exist"):
+        _load(fresh)
+    assert len(_load(fresh, "skip").images) == 1
+
+
+def test_image_size_disagreeing_with_json_is_named(fresh) -> None:
+    _rewrite(fresh, "train2017", lambda d: d["images"][0].update(width=80))
+    from vitpe.errors import DataError
+
+    with pytest.raises(DataError, match="0000.jpg is 64x48 but instances_train2017.json says 80x48"):
+        CocoDetection(fresh, "train2017")[0]
+
+
+def test_tv_tensor_boxes_before_transform(data) -> None:
+    image, t = CocoDetection(data, "train2017").raw(0)
+    assert isinstance(image, tv_tensors.Image) and isinstance(t["boxes"], tv_tensors.BoundingBoxes)
+    assert t["boxes"].canvas_size == (48, 64)

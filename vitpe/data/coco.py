@@ -1,0 +1,298 @@
+"""COCO-format detection data: ``DIR/annotations/instances_<split>.json`` and ``DIR/<split>/``.
+
+The json is checked once, up front, so that a bad file fails with one message naming it (or, with
+``on_error='skip'``, the bad entries are dropped, counted and logged):
+
+- a json that is not COCO (``images``, ``annotations``, ``categories`` missing) is always an error;
+- an annotation naming an unknown image or category, a box reaching outside its image by more
+  than a pixel, or an image file that does not exist: error, or skip by option;
+- boxes of zero width or height are always dropped, with a count; ``iscrowd`` boxes are kept for
+  COCOeval (``CocoIndex.gt``) but never given to the matcher;
+- image files the json does not list are ignored; images without annotations are kept.
+
+Category ids need not be contiguous (COCO's run 1..90 with gaps): labels are the index of the id
+in the sorted list ``CocoIndex.cat_ids``, which maps them back for results.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.ops import box_convert
+from tqdm import tqdm
+
+from ..errors import DataError
+from .folder import load_rgb
+
+_logger = logging.getLogger(__name__)
+OnError = Literal["error", "skip"]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+BOX_TOLERANCE = 1.0  # pixels a box may reach past the image edge (rounding in real files) before it is bad
+
+
+class CocoFormatError(DataError):
+    """A json that is not COCO, or an entry in it that cannot be used."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path} (expected DIR/annotations/instances_<split>.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CocoFormatError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: not a COCO file: expected an object with images, annotations and "
+                              f"categories, got a {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            what = "missing key" if key not in data else "not a list:"
+            raise CocoFormatError(f"{path}: not a COCO file: {what} {key!r} (expected images, annotations, "
+                                  f"categories)")
+    return data
+
+
+def _need(entry: Any, keys: tuple[str, ...], what: str, path: Path) -> None:
+    missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        raise CocoFormatError(f"{path}: {what} {str(entry)[:80]} lacks {', '.join(repr(k) for k in missing)}")
+
+
+@dataclass
+class CocoIndex:
+    """A checked COCO json: the entries kept, the label mapping and what was dropped."""
+
+    path: Path
+    images: list[dict[str, Any]]
+    annotations: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cat_ids(self) -> list[int]:
+        """Sorted category ids; label ``i`` is ``cat_ids[i]``."""
+        return sorted(c["id"] for c in self.categories)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = {c["id"]: str(c["name"]) for c in self.categories}
+        return [names[i] for i in self.cat_ids]
+
+    def by_image(self) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in self.images}
+        for a in self.annotations:
+            out[a["image_id"]].append(a)
+        return out
+
+    @cached_property
+    def gt(self) -> Any:
+        """A pycocotools ``COCO`` over the kept entries (crowd boxes included) for COCOeval."""
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = {"info": self.info, "licenses": [], "images": self.images, "annotations": self.annotations,
+                        "categories": self.categories}
+        with contextlib.redirect_stdout(io.StringIO()):  # "creating index..."
+            coco.createIndex()
+        return coco
+
+
+class _Checker:
+    """Applies ``on_error`` to bad entries: raise, or drop, count and log the first few."""
+
+    def __init__(self, path: Path, on_error: OnError) -> None:
+        self.path, self.on_error, self.dropped = path, on_error, Counter()
+
+    def bad(self, reason: str, message: str) -> None:
+        if self.on_error == "error":
+            raise CocoFormatError(f"{self.path}: {message} (set data.on_error=skip to drop such entries)")
+        self.dropped[reason] += 1
+        if self.dropped[reason] <= 3:
+            _logger.warning("warning: %s: skipped %s", self.path.name, message)
+
+
+def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[float] | None:
+    """The box clipped to the image, or None when it is dropped (zero size) or bad."""
+    box = a["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        check.bad("bad bbox", f"annotation {a.get('id')}: bbox {box!r} is not [x, y, width, height]")
+        return None
+    x, y, w, h = (float(v) for v in box)
+    W, H = float(img["width"]), float(img["height"])
+    if w < 0 or h < 0:
+        check.bad("negative size", f"annotation {a.get('id')}: bbox {box} has a negative width or height")
+        return None
+    if w == 0 or h == 0:
+        check.dropped["zero size"] += 1  # always dropped: no box to learn or to score
+        return None
+    t = BOX_TOLERANCE
+    if x < -t or y < -t or x + w > W + t or y + h > H + t:
+        check.bad("outside image", f"annotation {a.get('id')}: bbox {box} reaches outside image {img['id']} "
+                                   f"({img['file_name']}, {img['width']}x{img['height']})")
+        return None
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Checker) -> list[dict[str, Any]]:
+    images, seen = [], set()
+    for img in data["images"]:
+        _need(img, ("id", "file_name", "width", "height"), "image", path)
+        if img["id"] in seen:
+            check.bad("duplicate image id", f"image id {img['id']} appears twice")
+            continue
+        if not (image_dir / img["file_name"]).is_file():
+            check.bad("missing file", f"image {img['id']}: file {image_dir / img['file_name']} does not exist")
+            continue
+        seen.add(img["id"])
+        images.append(img)
+    return images
+
+
+def _check_annotations(data: dict[str, Any], images: dict[int, dict[str, Any]], cats: set[int], path: Path,
+                       check: _Checker) -> list[dict[str, Any]]:
+    kept = []
+    for i, a in enumerate(data["annotations"]):
+        _need(a, ("image_id", "category_id", "bbox"), "annotation", path)
+        if a["image_id"] not in images:
+            check.bad("unknown image", f"annotation {a.get('id', f'#{i}')} names unknown image id {a['image_id']}")
+            continue
+        if a["category_id"] not in cats:
+            check.bad("unknown category", f"annotation {a.get('id', f'#{i}')} names unknown category id "
+                                          f"{a['category_id']} (known: {sorted(cats)[:10]})")
+            continue
+        box = _check_box(a, images[a["image_id"]], check)
+        if box is None:
+            continue
+        iscrowd = int(a.get("iscrowd", 0))
+        kept.append(dict(a, id=a.get("id", i + 1), bbox=box, iscrowd=iscrowd, area=float(a.get("area", box[2] * box[3]))))
+    return kept
+
+
+def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "error") -> CocoIndex:
+    """Read and check a COCO json against the images in ``image_dir``."""
+    path, image_dir = Path(ann_file), Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"image folder not found: {image_dir}")
+    data = _read_json(path)
+    check = _Checker(path, on_error)
+    for c in data["categories"]:
+        _need(c, ("id", "name"), "category", path)
+    cats = [c["id"] for c in data["categories"]]
+    if len(set(cats)) != len(cats):
+        raise CocoFormatError(f"{path}: category ids repeat: {sorted(k for k, n in Counter(cats).items() if n > 1)}")
+    if not cats:
+        raise CocoFormatError(f"{path}: no categories")
+    images = _check_images(data, path, image_dir, check)
+    anns = _check_annotations(data, {img["id"]: img for img in images}, set(cats), path, check)
+    index = CocoIndex(path, images, anns, data["categories"], check.dropped, data.get("info") or {})
+    listed = {img["file_name"] for img in images}
+    unlisted = sum(1 for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.name not in listed)
+    _logger.info("%s: %d images, %d boxes (%d crowd), %d categories%s%s", path.name, len(images), len(anns),
+                 sum(a["iscrowd"] for a in anns), len(cats),
+                 "".join(f"; dropped {n} ({r})" for r, n in sorted(check.dropped.items())),
+                 f"; ignored {unlisted} image file(s) the json does not list" if unlisted else "")
+    return index
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Items ``(image, target)``: ``image`` float ``(3, H, W)`` after ``transform``; ``target`` holds
+    ``boxes`` ``(M, 4)`` normalised ``cxcywh`` (crowd boxes left out), contiguous ``labels`` ``(M,)``,
+    ``image_id``, ``orig_size`` and ``size`` (height, width before / after the transform).
+
+    ``transform`` takes and returns ``(tv_tensors.Image, {'boxes': BoundingBoxes, 'labels': ...})``.
+    ``cache``: decode every image once into memory (uint8), for small datasets and many epochs.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
+                 on_error: OnError = "error", cache: bool = False, index: CocoIndex | None = None) -> None:
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.image_dir = self.root / split
+        self.index = index or load_coco(self.root / "annotations" / f"instances_{split}.json", self.image_dir, on_error)
+        self.label_of = {cid: i for i, cid in enumerate(self.index.cat_ids)}
+        anns = self.index.by_image()
+        self.samples = [(img, [a for a in anns[img["id"]] if not a["iscrowd"]]) for img in self.index.images]
+        self._cache: list[torch.Tensor] | None = None
+        if cache:
+            self._cache = [self.decode(i) for i in tqdm(range(len(self)), desc=f"decoding {split}", leave=False,
+                                                        disable=not sys.stderr.isatty())]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def decode(self, i: int) -> torch.Tensor:
+        """``(3, H, W)`` uint8 RGB (grayscale, palette, alpha and CMYK images converted)."""
+        img = self.samples[i][0]
+        path = self.image_dir / img["file_name"]
+        try:
+            data = pil_to_tensor(load_rgb(path))
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on bad files
+            raise DataError(f"cannot decode image {path}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+        if tuple(data.shape[-2:]) != (img["height"], img["width"]):
+            raise DataError(f"image {path} is {data.shape[-1]}x{data.shape[-2]} but {self.index.path.name} says "
+                            f"{img['width']}x{img['height']}")
+        return data
+
+    def raw(self, i: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        """The decoded image and its boxes (absolute ``xyxy``) before any transform."""
+        img, anns = self.samples[i]
+        image = tv_tensors.Image(self._cache[i] if self._cache is not None else self.decode(i))
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = tv_tensors.BoundingBoxes(box_convert(boxes, "xywh", "xyxy"), format="XYXY",
+                                         canvas_size=(img["height"], img["width"]))
+        labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.long)
+        return image, {"boxes": boxes, "labels": labels}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, target = self.raw(i)
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        h, w = image.shape[-2:]
+        boxes = box_convert(target["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh")
+        img = self.samples[i][0]
+        return image.as_subclass(torch.Tensor), {
+            "boxes": boxes / torch.tensor([w, h, w, h], dtype=torch.float32), "labels": target["labels"],
+            "image_id": torch.tensor(img["id"]), "orig_size": torch.tensor([img["height"], img["width"]]),
+            "size": torch.tensor([h, w])}
+
+    def with_transform(self, transform: Callable | None) -> CocoDetection:
+        """The same checked index and decoded cache under another transform (evaluation sizes)."""
+        other = object.__new__(CocoDetection)
+        other.__dict__.update(self.__dict__)
+        other.transform = transform
+        return other
+
+
+class PadCollate:
+    """Pads a batch to a common size, a multiple of ``divisor``: ``(images (B, 3, H, W), mask
+    (B, H, W) True on padding, targets)``. Images sit top-left, as DETR's positions assume."""
+
+    def __init__(self, divisor: int = 32) -> None:
+        self.divisor = divisor
+
+    def __call__(self, items: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
+        d = self.divisor
+        H = -(-max(img.shape[-2] for img, _ in items) // d) * d
+        W = -(-max(img.shape[-1] for img, _ in items) // d) * d
+        images = torch.zeros(len(items), 3, H, W, dtype=items[0][0].dtype)
+        mask = torch.ones(len(items), H, W, dtype=torch.bool)
+        for i, (img, _) in enumerate(items):
+            h, w = img.shape[-2:]
+            images[i, :, :h, :w] = img
+            mask[i, :h, :w] = False
+        return images, mask, [t for _, t in items]
+
+
+__all__ = ["CocoDetection", "CocoFormatError", "CocoIndex", "PadCollate", "load_coco"]
