@@ -1,0 +1,134 @@
+"""Train DETR, whose encoder uses a chosen 2D positional strategy, on COCO-format data; evaluate with COCOeval.
+
+    python train_det.py --data DIR --backbone resnet18 --pos sine --output runs/sine
+    python train_det.py --config configs/det/bccd.yaml --pos learned --eval-sizes 320,480,640
+    torchrun --nproc_per_node=2 train_det.py --config ...     # data parallel (NCCL on GPU, gloo on CPU)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from vitpe.cli import CLI_KEYS, common_parser, resolve_config, run_cli
+from vitpe.config import from_dict, save_config, to_dict
+from vitpe.data.coco import PadCollate
+from vitpe.engine import distributed as dist
+from vitpe.engine.checkpoint import load_checkpoint, save_checkpoint
+from vitpe.engine.coco_eval import plot_detections
+from vitpe.engine.detection import (DetConfig, build_criterion, build_datasets, build_model, build_optimizer,
+                                    eval_loader, evaluate, figure_samples, metrics_table, train_one_epoch)
+from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
+from vitpe.engine.metrics_log import MetricsLog, summary_line
+from vitpe.engine.optim import build_scheduler
+from vitpe.errors import DataError
+
+log = logging.getLogger("train_det")
+KEYS = dict(CLI_KEYS, model="model.backbone", backbone="model.backbone", img_size="data.min_size",
+            min_size="data.min_size", max_size="data.max_size", num_queries="model.num_queries")
+SHOWN = ("AP", "AP50", "AP75")  # metrics in the epoch summary
+
+
+def parse(argv: Sequence[str] | None):
+    p = common_parser(__doc__.splitlines()[0])
+    p.add_argument("--backbone", metavar="NAME", help="resnet18/34/50/101 or a timm model (--model is the same)")
+    p.add_argument("--num-queries", type=int, metavar="N", help="object queries (more than objects per image)")
+    p.add_argument("--min-size", type=int, metavar="N", help="shorter side (--img-size is the same)")
+    p.add_argument("--max-size", type=int, metavar="N", help="cap on the longer side")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    base = from_dict(DetConfig, resumed["config"]) if resumed else None  # a resumed run keeps its recipe
+    cfg = resolve_config(DetConfig, args, KEYS, base=base)
+    device = dist.init_distributed(cfg.run.device)
+    try:
+        return train(cfg, device, resumed)
+    finally:
+        dist.cleanup()
+
+
+def train(cfg: DetConfig, device, resumed: dict | None) -> int:
+    out = Path(cfg.run.output)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    train_set, val_set = build_datasets(cfg.data)
+    classes = train_set.index.class_names
+    seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
+    model = build_model(cfg.model, len(classes)).to(device)
+    criterion = build_criterion(cfg.loss, len(classes)).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
+    collate = PadCollate(model.size_divisibility)
+    train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, collate)
+    val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate)
+    if len(train_loader) == 0:
+        raise DataError(f"{cfg.data.path}: {len(train_set)} training images are fewer than one batch of "
+                        f"{cfg.data.batch_size}")
+    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)
+    start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
+    best = resumed.get("best_ap", -1.0) if resumed else -1.0
+    net = dist.wrap_model(model, device)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
+    val: dict[str, Any] = {}
+    for epoch in range(start, cfg.run.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(net, criterion, train_loader, optimizer,
+                                                                      scheduler, device, epoch, cfg)}
+        last = epoch + 1 == cfg.run.epochs
+        if last or (epoch + 1) % cfg.eval.interval == 0:
+            val = evaluate(model, val_loader, val_set, device, cfg.run.amp)
+            record.update({f"val_{k}": v for k, v in val.items() if k in SHOWN or k == "stats"})
+        metrics.log(record)
+        if dist.is_main():
+            log.info(summary_line(epoch, cfg.run.epochs, {k: v for k, v in record.items() if k != "val_stats"}))
+            best = save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, val, best)
+    dist.barrier()
+    if dist.is_main():
+        finish(cfg, out, model, train_set, val_set, val, device)
+    dist.barrier()
+    return 0
+
+
+def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, val, best) -> float:
+    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation AP improves."""
+    ap = val.get("AP", -1.0)
+    state = training_state(model, optimizer, scheduler, epoch + 1, to_dict(cfg), classes=classes,
+                           best_ap=max(best, ap), val={k: val[k] for k in ("AP", "stats") if k in val})
+    save_checkpoint(state, out / "checkpoint.pt")
+    if ap > best:
+        save_checkpoint(state, out / "best.pt")
+    return max(best, ap)
+
+
+def finish(cfg: DetConfig, out: Path, model, train_set, val_set, val: dict[str, Any], device) -> None:
+    """results.json (the last epoch's COCO metrics and those at ``--eval-sizes``), detections.png
+    and a printed table."""
+    div = model.size_divisibility
+    rows = {f"{cfg.data.min_size} (train)": val}
+    sizes = {}
+    for s in cfg.eval.sizes:
+        sizes[str(s)] = evaluate(model, eval_loader(val_set, cfg, div, s), val_set, device, cfg.run.amp,
+                                 f"eval {s}", gather=False)
+        rows[str(s)] = sizes[str(s)]
+    strip = lambda m: {k: v for k, v in m.items() if k != "summary"}  # noqa: E731
+    results = {"coco": strip(val), "eval_sizes": {s: strip(m) for s, m in sizes.items()}, "pos": cfg.model.pos,
+               "backbone": cfg.model.backbone, "min_size": cfg.data.min_size, "max_size": cfg.data.max_size,
+               "classes": val_set.index.class_names, "category_ids": val_set.index.cat_ids,
+               "dropped": {"train": dict(train_set.index.dropped), "val": dict(val_set.index.dropped)}}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    samples = figure_samples(model, val_set, cfg.eval.figure_images, device, div, cfg.run.amp)
+    plot_detections(samples, val_set.index.class_names, out / "detections.png", cfg.eval.score_threshold,
+                    f"DETR, encoder pos={cfg.model.pos}: predictions (red, score >= {cfg.eval.score_threshold}) "
+                    f"and ground truth (dashed green)")
+    print(val.get("summary", ""))
+    print(metrics_table(rows))
+    print(f"final val AP {100 * val.get('AP', 0):.1f}  AP50 {100 * val.get('AP50', 0):.1f}  (outputs in {out})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

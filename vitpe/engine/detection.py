@@ -1,0 +1,267 @@
+"""Detection: the config, DETR and its criterion, one epoch of training, and COCO evaluation."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..config import EvalConfig, OptimConfig, RunConfig
+from ..data.coco import CocoDetection, PadCollate
+from ..data.det_transforms import eval_transform, train_transform
+from ..errors import DataError, UserError
+from ..models.detr import DETR, postprocess
+from ..models.detr_criterion import SetCriterion
+from ..models.detr_matcher import HungarianMatcher
+from . import distributed as dist
+from .coco_eval import coco_evaluate, to_coco_results
+from .loop import autocast, check_finite, optimizer_step, progress
+from .optim import param_groups
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DetDataConfig:
+    path: str = ""  # COCO-layout folder: annotations/instances_<split>.json and <split>/ images
+    train_split: str = "train2017"  # names of the json and the image folder of each split
+    val_split: str = "val2017"
+    min_size: int = 800  # shorter side at evaluation; training draws 0.6..1.0 of it (DETR: 800)
+    max_size: int = 1333  # cap on the longer side (DETR: 1333)
+    batch_size: int = 8  # global batch (split over processes under torchrun)
+    workers: int = 2  # DataLoader processes
+    flip: float = 0.5  # probability of a horizontal flip
+    multiscale: bool = True  # draw the training shorter side from 0.6..1.0 x min_size
+    crop_prob: float = 0.5  # probability of DETR's resize-crop-resize branch
+    on_error: Literal["error", "skip"] = "error"  # bad json entries (unknown ids, boxes outside): stop or drop
+    cache: bool = False  # decode every image once into memory (small datasets, many epochs)
+
+
+@dataclass
+class DetModelConfig:
+    backbone: str = "resnet50"  # resnet18/34/50/101 (torchvision) or any timm model with features_only
+    backbone_weights: str | None = None  # local file of backbone weights; nothing is ever downloaded
+    frozen_bn: bool = True  # FrozenBatchNorm2d (right with pretrained weights; set false from scratch)
+    freeze_stem: bool = False  # keep stem and layer1 fixed, as DETR does when fine-tuning
+    backbone_pos: str | None = None  # a vitpe ViT backbone's own positional strategy
+    pos: str = "sine"  # the encoder's strategy: sine, learned, none, rope_axial, rope_mixed, peg, or a+b
+    pos_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-strategy options
+    pos_grid: int = 32  # native grid of grid-shaped strategies (length of the learned row/column tables)
+    num_queries: int = 100  # object queries: more than the most objects in one image
+    dim: int = 256  # transformer width
+    num_heads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    aux_loss: bool = True  # losses on every decoder layer's output (DETR converges much slower without)
+
+
+@dataclass
+class LossConfig:
+    cost_class: float = 1.0  # matching costs (DETR's)
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    ce: float = 1.0  # loss weights
+    bbox: float = 5.0
+    giou: float = 2.0
+    eos_coef: float = 0.1  # weight of the "no object" class: most queries are empty
+
+
+@dataclass
+class DetOptimConfig(OptimConfig):
+    lr: float = 1e-4  # DETR's transformer rate
+    backbone_lr: float = 1e-5  # the backbone learns 10x slower (DETR); 0 freezes it
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    schedule: Literal["cosine", "poly", "constant", "step"] = "step"  # DETR: x0.1 at 2/3 of training
+    clip_grad: float | None = 0.1  # DETR's max gradient norm
+
+
+@dataclass
+class DetEvalConfig(EvalConfig):
+    sizes: list[int] = field(default_factory=list)  # other shorter sides evaluated after training
+    batch_size: int = 8
+    interval: int = 1  # epochs between validations (the last epoch is always validated)
+    figure_images: int = 4  # validation images drawn in detections.png
+    score_threshold: float = 0.5  # predictions drawn in the figure
+
+
+@dataclass
+class DetConfig:
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: DetOptimConfig = field(default_factory=DetOptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(epochs=50, output="runs/det"))
+    eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+
+
+def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
+    if not cfg.path:
+        raise DataError("no dataset: set --data DIR (COCO layout: DIR/annotations/instances_<split>.json, DIR/<split>/)")
+    train = CocoDetection(cfg.path, cfg.train_split, train_transform(cfg.min_size, cfg.max_size, cfg.flip,
+                          cfg.multiscale, cfg.crop_prob), cfg.on_error, cfg.cache)
+    val = CocoDetection(cfg.path, cfg.val_split, eval_transform(cfg.min_size, cfg.max_size), cfg.on_error, cfg.cache)
+    if train.index.cat_ids != val.index.cat_ids:
+        raise DataError(f"{cfg.path}: categories of {cfg.train_split} {train.index.cat_ids[:10]} and {cfg.val_split} "
+                        f"{val.index.cat_ids[:10]} differ")
+    return train, val
+
+
+def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
+    try:
+        return DETR(num_classes=num_classes, backbone=cfg.backbone, backbone_weights=cfg.backbone_weights,
+                    frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem, backbone_pos=cfg.backbone_pos, dim=cfg.dim,
+                    num_heads=cfg.num_heads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
+                    ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_queries=cfg.num_queries, pos=cfg.pos,
+                    pos_kwargs=cfg.pos_kwargs or None, pos_grid=cfg.pos_grid, aux_loss=cfg.aux_loss)
+    except (KeyError, ValueError) as e:  # unknown strategy or backbone, widths that do not divide
+        raise UserError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
+
+
+def build_criterion(cfg: LossConfig, num_classes: int) -> SetCriterion:
+    matcher = HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou)
+    return SetCriterion(num_classes, matcher, eos_coef=cfg.eos_coef,
+                        weights={"loss_ce": cfg.ce, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou},
+                        num_boxes_reduce=lambda n: dist.all_reduce_mean(n))
+
+
+def build_optimizer(model: DETR, cfg: DetOptimConfig) -> torch.optim.AdamW:
+    """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest."""
+    backbone = {id(p) for p in model.backbone.parameters()}
+    groups = []
+    for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos"]):
+        for is_bb, lr in ((True, cfg.backbone_lr), (False, cfg.lr)):
+            ps = [p for p in g["params"] if (id(p) in backbone) == is_bb]
+            if ps and lr > 0:
+                groups.append({"params": ps, "weight_decay": g["weight_decay"], "lr": lr})
+            elif ps:
+                for p in ps:
+                    p.requires_grad_(False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def to_device(targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+
+
+def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, device: torch.device, epoch: int, cfg: DetConfig) -> dict[str, float]:
+    """One pass; returns the mean weighted ``loss`` and its unweighted parts (last decoder layer),
+    averaged over processes, with ``lr`` (of the transformer) and ``time``."""
+    model.train()
+    criterion.train()
+    start = time.time()
+    keys = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
+    totals = dict.fromkeys(keys, 0.0) | {"n": 0.0}
+    bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
+    for step, (images, mask, targets) in enumerate(bar):
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = to_device(targets, device)
+        with autocast(device, cfg.run.amp):
+            out = model(images, mask)
+        losses = criterion(out, targets)  # in float32: the matcher and GIoU are precision-sensitive
+        loss = criterion.total(losses)
+        check_finite(loss, epoch, step)
+        optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
+        totals["loss"] += loss.item()
+        for k in keys[1:]:
+            totals[k] += losses[k].item()
+        totals["n"] += 1
+        if step % cfg.run.log_interval == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    totals = dist.reduce_sums(totals, device)
+    n = max(totals.pop("n"), 1.0)
+    lr = max(g["lr"] for g in optimizer.param_groups)
+    return {**{k: v / n for k, v in totals.items()}, "lr": lr, "time": time.time() - start}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = True,
+            desc: str = "eval") -> tuple[list[dict[str, Tensor]], list[int], float]:
+    """Predictions (boxes in original-image pixels, on the CPU) and image ids of this process's
+    share of ``loader``, and the images per second of the forward passes."""
+    model.eval()
+    preds, ids, n, seconds = [], [], 0, 0.0
+    for images, mask, targets in progress(loader, desc):
+        t0 = time.perf_counter()
+        with autocast(device, amp):
+            out = model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        res = postprocess(out, sizes)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        preds += [{k: v.cpu() for k, v in r.items()} for r in res]
+        ids += [int(t["image_id"]) for t in targets]
+        n += len(targets)
+    return preds, ids, n / max(seconds, 1e-9)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, device: torch.device,
+             amp: bool = True, desc: str = "eval", gather: bool = True) -> dict[str, Any]:
+    """COCO metrics over the validation set. ``gather``: every process predicts its share of a
+    sharded loader and the main process gathers them (one result per image: samplers repeat images
+    to even out shards) and runs COCOeval; other processes return ``{}``. Without ``gather`` this
+    process alone evaluates what ``loader`` gives."""
+    preds, ids, fps = predict(model, loader, device, amp, desc)
+    shards = dist.gather_objects((preds, ids)) if gather else [(preds, ids)]
+    if gather and not dist.is_main():
+        return {}
+    seen, results = set(), []
+    for shard_preds, shard_ids in shards:
+        fresh = [(p, i) for p, i in zip(shard_preds, shard_ids) if i not in seen]
+        seen |= {i for _, i in fresh}
+        results += to_coco_results([p for p, _ in fresh], [i for _, i in fresh], dataset.index.cat_ids)
+    metrics = coco_evaluate(dataset.index.gt, results, [img["id"] for img in dataset.index.images])
+    return {**metrics, "img_per_s": fps}
+
+
+def eval_loader(dataset: CocoDetection, cfg: DetConfig, divisor: int, min_size: int | None = None) -> DataLoader:
+    """Validation in one process (the whole set) at shorter side ``min_size`` (default: the
+    training config's), with the longer side capped in the same ratio."""
+    if min_size is not None:
+        max_size = round(min_size * cfg.data.max_size / cfg.data.min_size)
+        dataset = dataset.with_transform(eval_transform(min_size, max_size))
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.workers,
+                      collate_fn=PadCollate(divisor))
+
+
+@torch.no_grad()
+def figure_samples(model: nn.Module, dataset: CocoDetection, count: int, device: torch.device, divisor: int,
+                   amp: bool = True) -> list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
+    """``(image uint8, truth, prediction)`` for the first ``count`` images, boxes in their pixels."""
+    idx = list(range(min(count, len(dataset))))
+    if not idx:
+        return []
+    images, mask, targets = PadCollate(divisor)([dataset[i] for i in idx])
+    model.eval()
+    with autocast(device, amp):
+        out = model(images.to(device), mask.to(device))
+    preds = postprocess(out, torch.stack([t["orig_size"] for t in targets]).to(device))
+    samples = []
+    for i, p in zip(idx, preds):
+        image, truth = dataset.raw(i)
+        samples.append((image.as_subclass(Tensor), {"boxes": truth["boxes"].as_subclass(Tensor),
+                                                    "labels": truth["labels"]}, {k: v.cpu() for k, v in p.items()}))
+    return samples
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], label: str = "shorter side") -> str:
+    """A markdown table of COCO metrics (in %) and images/s, one row per key of ``rows``."""
+    cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    lines = [f"| {label} | " + " | ".join(cols) + " | img/s |", "|---" * (len(cols) + 2) + "|"]
+    for name, m in rows.items():
+        cells = [f"{100 * m[c]:.1f}" if m[c] >= 0 else "n/a" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m.get('img_per_s', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["DetConfig", "DetDataConfig", "DetEvalConfig", "DetModelConfig", "DetOptimConfig", "LossConfig",
+           "build_criterion", "build_datasets", "build_model", "build_optimizer", "eval_loader", "evaluate",
+           "figure_samples", "metrics_table", "predict", "train_one_epoch"]
