@@ -1,0 +1,212 @@
+"""Semantic-segmentation data in the ADE20K layout, checked up front, and its augmentation.
+
+``DIR/images/<split>/*.jpg|png`` with ``DIR/annotations/<split>/<stem>.png`` beside them, one class
+index per pixel (``ignore_index``, 255 by default, is not scored); ``DIR/classes.json`` (a list of
+names) is optional. Every mask is decoded and checked when the dataset is built, so that a bad
+pair stops the run with one message naming the file, or, with ``on_error='skip'``, is dropped,
+logged and counted (``dataset.skipped``); a wrong mIoU is never computed silently:
+
+- an image without a mask; a mask whose size differs from its image's;
+- a mask with several channels (a colour rendering, not class indices);
+- a label value at or above ``num_classes`` that is not ``ignore_index``.
+
+Samples are raw ``uint8`` tensors; augmentation (random scale, crop, flip) runs batched on the
+training device (``augment_batch``), so images decoded once into memory keep a GPU busy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from ..errors import DataError
+from .folder import load_rgb
+
+_logger = logging.getLogger(__name__)
+OnError = Literal["error", "skip"]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class Skipped(NamedTuple):
+    path: str
+    reason: str
+
+
+def read_classes(root: str | Path, num_classes: int) -> list[str]:
+    """Names from ``root/classes.json`` (a list) when present, else ``class_0..``; ``num_classes``
+    0 means "as many as classes.json lists"."""
+    path = Path(root) / "classes.json"
+    if not path.is_file():
+        if num_classes <= 0:
+            raise DataError(f"{root}: no classes.json, so the number of classes must be given (--num-classes)")
+        return [f"class_{i}" for i in range(num_classes)]
+    try:
+        names = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: expected a list of class names")
+    if num_classes > 0 and num_classes != len(names):
+        raise DataError(f"{path} lists {len(names)} classes but --num-classes is {num_classes}")
+    return names
+
+
+def read_mask(path: Path, reduce_zero_label: bool, ignore_index: int) -> np.ndarray:
+    """``(H, W)`` int64 class indices; ADE20K's ``reduce_zero_label`` maps 0 (other) to ignore and
+    shifts the rest down by one."""
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I", "I;16", "1"):
+            raise DataError(f"{path}: mask has mode {im.mode}, expected one channel of class indices "
+                            f"(a colour rendering of the labels cannot be read)")
+        mask = np.asarray(im, dtype=np.int64)
+    if reduce_zero_label:
+        mask = np.where(mask == 0, ignore_index, mask - 1)
+        mask[mask == ignore_index - 1] = ignore_index
+    return mask
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Items are ``(image (3, H, W) uint8, mask (H, W) uint8|int16)``; ``cache`` keeps every decoded
+    image in memory (decoded once, here)."""
+
+    def __init__(self, root: str | Path, split: str, num_classes: int, ignore_index: int = 255,
+                 reduce_zero_label: bool = False, on_error: OnError = "error", cache: bool = False) -> None:
+        self.root, self.split, self.ignore_index = Path(root), split, ignore_index
+        self.classes = read_classes(root, num_classes)
+        self.num_classes = len(self.classes)
+        self.reduce_zero_label, self.on_error = reduce_zero_label, on_error
+        self.skipped: list[Skipped] = []
+        pairs = self._pairs()
+        self.images: list[Path] = []
+        self.masks: list[Tensor] = []
+        for image, mask in pairs:
+            checked = self._check(image, mask)
+            if checked is not None:
+                self.images.append(image)
+                self.masks.append(checked)
+        if self.skipped:
+            _logger.warning("%s: skipped %d of %d image(s) with bad masks", self.root / "images" / split,
+                            len(self.skipped), len(pairs))
+        if not self.images:
+            raise DataError(f"{self.root / 'images' / split}: no usable image-mask pairs")
+        self._cache = [self.decode(i) for i in range(len(self.images))] if cache else None
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        image_dir, mask_dir = self.root / "images" / self.split, self.root / "annotations" / self.split
+        if not self.root.is_dir():
+            raise DataError(f"data folder not found: {self.root}")
+        for d in (image_dir, mask_dir):
+            if not d.is_dir():
+                raise DataError(f"{d} not found: expected DIR/images/{self.split}/ and DIR/annotations/{self.split}/ "
+                                f"(ADE20K layout)")
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return [(p, mask_dir / f"{p.stem}.png") for p in images]
+
+    def _bad(self, path: Path, reason: str) -> None:
+        if self.on_error == "error":
+            raise DataError(f"{path}: {reason} (set data.on_error=skip to drop such files)")
+        self.skipped.append(Skipped(str(path), reason))
+        _logger.warning("warning: skipped %s: %s", path, reason)
+
+    def _check(self, image: Path, mask_path: Path) -> Tensor | None:
+        """The checked mask as a compact tensor, or None (skipped)."""
+        if not mask_path.is_file():
+            return self._bad(image, f"no mask {mask_path}")
+        try:
+            mask = read_mask(mask_path, self.reduce_zero_label, self.ignore_index)
+            with Image.open(image) as im:
+                size = im.size  # (W, H) from the header; the pixels are decoded later
+        except DataError as e:
+            return self._bad(mask_path, str(e).removeprefix(f"{mask_path}: "))
+        except (OSError, ValueError, SyntaxError) as e:
+            return self._bad(image, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        if (mask.shape[1], mask.shape[0]) != size:
+            return self._bad(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but image {image.name} is "
+                                        f"{size[0]}x{size[1]}")
+        bad = np.unique(mask[(mask >= self.num_classes) & (mask != self.ignore_index)])
+        if bad.size:
+            return self._bad(mask_path, f"label values {bad[:8].tolist()} are not classes 0..{self.num_classes - 1} "
+                                        f"nor the ignore index {self.ignore_index}")
+        dtype = torch.uint8 if self.num_classes <= 256 and self.ignore_index < 256 else torch.int16
+        return torch.from_numpy(mask).to(dtype)
+
+    def decode(self, i: int) -> Tensor:
+        """``(3, H, W)`` uint8 RGB."""
+        path = self.images[i]
+        try:
+            return torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).contiguous()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot decode image {path}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        image = self._cache[i] if self._cache is not None else self.decode(i)
+        return image, self.masks[i]
+
+
+def list_collate(items: list) -> list:
+    """Keep the samples apart: images differ in size until they are cropped on the device."""
+    return items
+
+
+# -- augmentation and normalisation (on the training device) -----------------------------------
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 or 0..255 float ``(..., 3, H, W)`` -> normalised float32."""
+    m = torch.tensor(mean, device=images.device).view(3, 1, 1) * 255
+    s = torch.tensor(std, device=images.device).view(3, 1, 1) * 255
+    return (images.float() - m) / s
+
+
+def scale_crop(image: Tensor, mask: Tensor, crop: int, scale: float, flip: bool,
+               gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """Rescale by ``scale`` and take a random ``crop x crop`` window (smaller if the rescaled image
+    is): only the window's source region is resampled. Returns the float image ``(3, h, w)``
+    (0..255), the int64 mask ``(h, w)`` and ``(h, w)``."""
+    H, W = image.shape[-2:]
+    th, tw = max(1, round(H * scale)), max(1, round(W * scale))
+    oh, ow = min(crop, th), min(crop, tw)
+    y0 = int(torch.randint(th - oh + 1, (1,), generator=gen))
+    x0 = int(torch.randint(tw - ow + 1, (1,), generator=gen))
+    ys, ye = math.floor(y0 * H / th), max(math.floor(y0 * H / th) + 1, math.ceil((y0 + oh) * H / th))
+    xs, xe = math.floor(x0 * W / tw), max(math.floor(x0 * W / tw) + 1, math.ceil((x0 + ow) * W / tw))
+    img = F.interpolate(image[None, :, ys:ye, xs:xe].float(), size=(oh, ow), mode="bilinear",
+                        align_corners=False, antialias=scale < 1)[0]
+    lab = F.interpolate(mask[None, None, ys:ye, xs:xe].float(), size=(oh, ow), mode="nearest")[0, 0].long()
+    if flip:
+        img, lab = img.flip(-1), lab.flip(-1)
+    return img, lab, (oh, ow)
+
+
+def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: tuple[float, float], flip_p: float,
+                  mean: Sequence[float], std: Sequence[float], ignore_index: int, device: torch.device,
+                  gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Random scale in ``scale_range``, crop and horizontal flip of each sample, on ``device``;
+    windows smaller than the crop are padded (image 0 after normalising, mask ``ignore_index``).
+    Returns images ``(B, 3, crop, crop)`` float32 and masks ``(B, crop, crop)`` int64."""
+    images = torch.zeros(len(samples), 3, crop, crop, device=device)
+    masks = torch.full((len(samples), crop, crop), ignore_index, dtype=torch.long, device=device)
+    lo, hi = scale_range
+    for b, (image, mask) in enumerate(samples):
+        scale = lo + (hi - lo) * float(torch.rand((), generator=gen))
+        flip = float(torch.rand((), generator=gen)) < flip_p
+        img, lab, (h, w) = scale_crop(image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                                      crop, scale, flip, gen)
+        images[b, :, :h, :w] = normalize(img, mean, std)
+        masks[b, :h, :w] = lab
+    return images, masks
+
+
+__all__ = ["SegmentationDataset", "Skipped", "augment_batch", "list_collate", "normalize", "read_classes",
+           "read_mask", "scale_crop"]

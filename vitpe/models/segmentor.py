@@ -1,0 +1,120 @@
+"""Segmentation models: a backbone's feature maps, a decode head, logits at the input size.
+
+- ``AllMLPHead``: SegFormer's decoder for the MiT (each stage's map projected to one width,
+  upsampled to 1/4, concatenated, fused by a 1x1 convolution, classified);
+- ``SimpleHead``: for the plain ViT, the last block's tokens as a map, normalised and classified
+  per patch, then upsampled (Segmenter's linear decoder).
+
+Keys of ``Segmentor`` are ``backbone.*`` and ``decode_head.*``, the layout that
+``convert_segformer_state_dict`` gives for SegFormer's segmentation checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .mit import MixTransformer
+from .vit import VisionTransformer
+
+
+class _Proj(nn.Module):
+    """A linear layer over the channels of a map: ``(B, C, H, W)`` -> ``(B, dim, H, W)``."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_chans, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(self.proj(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
+
+
+class AllMLPHead(nn.Module):
+    """SegFormer's All-MLP decoder: stage maps ``[(B, C_i, H_i, W_i)]`` -> logits ``(B, K, H_1, W_1)``."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.linear_c = nn.ModuleList([_Proj(c, embed_dim) for c in in_channels])
+        self.fuse = nn.Conv2d(embed_dim * len(in_channels), embed_dim, 1, bias=False)
+        self.norm = nn.BatchNorm2d(embed_dim)
+        self.act = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        size = feats[0].shape[-2:]
+        maps = [F.interpolate(proj(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size
+                else proj(f) for proj, f in zip(self.linear_c, feats)]
+        x = self.fuse(torch.cat(maps[::-1], dim=1))  # deepest first, the order of SegFormer's checkpoints
+        return self.classifier(self.dropout(self.act(self.norm(x))))
+
+
+class SimpleHead(nn.Module):
+    """The last feature map ``(B, C, h, w)`` -> BatchNorm -> 1x1 classifier -> ``(B, K, h, w)``."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, dropout: float = 0.1, **_: Any) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels[-1])
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(in_channels[-1], num_classes, 1)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        return self.classifier(self.dropout(self.norm(feats[-1])))
+
+
+class Segmentor(nn.Module):
+    """``backbone.forward_intermediates`` -> ``decode_head`` -> logits upsampled to the input.
+
+    Inputs of any size: they are zero-padded (bottom, right) to a multiple of ``size_divisor``
+    (the ViT's patch size) and the logits cropped back, so ``(B, 3, H, W)`` -> ``(B, K, H, W)``.
+    """
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module, indices: int | list[int],
+                 size_divisor: int = 1, norm: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.decode_head = backbone, decode_head
+        self.indices, self.size_divisor, self.norm = indices, size_divisor, norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[-2:]
+        d = self.size_divisor
+        pad_h, pad_w = (-H) % d, (-W) % d
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        feats = self.backbone.forward_intermediates(x, indices=self.indices, norm=self.norm, intermediates_only=True)
+        logits = self.decode_head(feats)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :H, :W]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{n}" for n in inner}
+
+
+def build_segmentor(name: str, num_classes: int, pos: str | None = None, pos_kwargs: dict | None = None,
+                    img_size: int | None = None, head_dim: int = 256, dropout: float = 0.1,
+                    **kwargs: Any) -> Segmentor:
+    """A vitpe MiT with the All-MLP head, or a vitpe ViT with the simple head, from a timm name."""
+    import vitpe  # noqa: F401  (registers the backbones)
+
+    args = dict(kwargs, num_classes=0)
+    if pos is not None:
+        args.update(pos=pos, pos_kwargs=pos_kwargs or None)
+    if img_size is not None:
+        args["img_size"] = img_size
+    backbone = timm.create_model(name, **args)
+    if isinstance(backbone, MixTransformer):
+        head = AllMLPHead(backbone.embed_dims, num_classes, head_dim, dropout)
+        return Segmentor(backbone, head, list(range(len(backbone.stages))))
+    if isinstance(backbone, VisionTransformer):
+        head = SimpleHead([backbone.embed_dim], num_classes, dropout)
+        return Segmentor(backbone, head, 1, backbone.patch_embed.patch_size[0], norm=True)
+    raise ValueError(f"no segmentation head for {name!r}: use a vitpe_mit_* or vitpe_vit_* model")
+
+
+__all__ = ["AllMLPHead", "Segmentor", "SimpleHead", "build_segmentor"]
