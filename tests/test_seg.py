@@ -1,0 +1,224 @@
+"""Segmentation: metrics against a hand-made confusion matrix, inference modes, augmentation,
+bad-mask handling, the heads, and a two-iteration run of train_seg.py on a dataset made here."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitpe  # noqa: F401
+from vitpe.data.segmentation import SegmentationDataset, augment_batch, normalize
+from vitpe.engine.seg_metrics import (confusion_matrix, metrics_from_confusion, predict, slide_logits,
+                                      slide_windows)
+from vitpe.errors import DataError
+from vitpe.models.segmentor import build_segmentor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_seg.py lives at the repository root
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def from_confusion(conf: list[list[int]], ignored: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label and prediction pixels realising ``conf`` (rows true, columns predicted), plus ignored pixels."""
+    target, pred = [], []
+    for t, row in enumerate(conf):
+        for p, n in enumerate(row):
+            target += [t] * n
+            pred += [p] * n
+    target += [255] * ignored
+    pred += [1] * ignored
+    perm = torch.randperm(len(target))
+    return torch.tensor(pred)[perm], torch.tensor(target)[perm]
+
+
+def test_miou_matches_a_hand_computed_confusion_matrix():
+    conf = [[5, 1, 0, 0],   # class 0: 5 right, 1 taken for class 1
+            [2, 3, 1, 0],   # class 1
+            [0, 0, 0, 0],   # class 2: never in the labels, predicted once -> IoU 0, Acc undefined
+            [0, 0, 0, 0]]   # class 3: nowhere -> left out of every mean
+    pred, target = from_confusion(conf, ignored=8)
+    got = confusion_matrix(pred.reshape(4, 5), target.reshape(4, 5), 4)
+    assert got.tolist() == conf  # the 8 ignored pixels count nowhere
+    m = metrics_from_confusion(got, ["a", "b", "c", "d"])
+    iou = [5 / (6 + 7 - 5), 3 / (6 + 4 - 3), 0 / (0 + 1 - 0)]
+    assert m["per_class"]["a"]["IoU"] == pytest.approx(100 * iou[0])
+    assert m["per_class"]["b"]["IoU"] == pytest.approx(100 * iou[1])
+    assert m["per_class"]["c"]["IoU"] == 0 and math.isnan(m["per_class"]["c"]["Acc"])
+    assert math.isnan(m["per_class"]["d"]["IoU"])
+    assert m["mIoU"] == pytest.approx(100 * sum(iou) / 3)
+    assert m["mAcc"] == pytest.approx(100 * (5 / 6 + 3 / 6) / 2)
+    assert m["aAcc"] == pytest.approx(100 * 8 / 12)
+
+
+def test_perfect_prediction_and_bad_labels():
+    target = torch.randint(0, 5, (20, 20))
+    m = metrics_from_confusion(confusion_matrix(target, target, 5))
+    assert m["mIoU"] == pytest.approx(100) and m["aAcc"] == pytest.approx(100)
+    with pytest.raises(ValueError, match=r"outside 0..4"):
+        confusion_matrix(target, torch.full_like(target, 7), 5)
+
+
+# -- inference -------------------------------------------------------------------------------
+def test_slide_windows_cover_the_image_within_bounds():
+    for size, crop, stride in [((360, 480), 256, 170), ((100, 90), 256, 170), ((257, 256), 256, 1000)]:
+        covered = torch.zeros(size, dtype=torch.int)
+        for y0, y1, x0, x1 in slide_windows(size, crop, stride):
+            assert 0 <= y0 < y1 <= size[0] and 0 <= x0 < x1 <= size[1] and y1 - y0 <= crop and x1 - x0 <= crop
+            covered[y0:y1, x0:x1] += 1
+        assert covered.min() >= 1
+
+
+def test_slide_and_whole_agree_for_a_pointwise_model():
+    model = torch.nn.Conv2d(3, 4, 1)  # no spatial context: windows cannot change any logit
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        whole = predict(model, x, "whole")
+        assert torch.allclose(slide_logits(model, x, 32, 20), whole, atol=1e-5)
+        assert torch.allclose(predict(model, x, "slide", crop=32, stride=20), whole, atol=1e-5)
+        assert predict(model, x, "whole", 1.5).shape == whole.shape
+
+
+# -- data ------------------------------------------------------------------------------------
+def blocks_pair(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image of coloured blocks whose red channel is 60 * class, and its mask (with an ignored strip)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((h, w), np.uint8)
+    for c in (1, 2):
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        mask[y: y + h // 2, x: x + w // 2] = c
+    image = np.stack([mask * 60, np.full_like(mask, 90), 200 - mask * 50], axis=-1).astype(np.uint8)
+    mask[:, :2] = 255
+    return image, mask
+
+
+def make_dataset(root: Path, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (40, 56)) -> Path:
+    for split, n in [("training", n_train), ("validation", n_val)]:
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            image, mask = blocks_pair(*size, seed=i + (100 if split == "validation" else 0))
+            Image.fromarray(image).save(root / "images" / split / f"img{i}.png")
+            Image.fromarray(mask).save(root / "annotations" / split / f"img{i}.png")
+    (root / "classes.json").write_text(json.dumps(["ground", "red", "blue"]))
+    return root
+
+
+def test_dataset_reads_the_layout(tmp_path):
+    ds = SegmentationDataset(make_dataset(tmp_path), "training", 0, cache=True)
+    assert ds.classes == ["ground", "red", "blue"] and len(ds) == 4
+    image, mask = ds[0]
+    assert image.shape == (3, 40, 56) and image.dtype == torch.uint8 and mask.shape == (40, 56)
+    assert set(torch.unique(mask).tolist()) <= {0, 1, 2, 255}
+
+
+@pytest.mark.parametrize("fault", ["size", "missing", "values", "rgb"])
+def test_bad_masks_name_the_file_or_are_skipped(tmp_path, fault, caplog):
+    root = make_dataset(tmp_path)
+    ann = root / "annotations" / "training" / "img1.png"
+    if fault == "size":
+        Image.fromarray(np.zeros((30, 56), np.uint8)).save(ann)
+    elif fault == "missing":
+        ann.unlink()
+    elif fault == "values":
+        Image.fromarray(np.full((40, 56), 7, np.uint8)).save(ann)
+    else:
+        Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(ann)
+    expected = {"size": "30 but image img1.png is 56x40", "missing": "no mask", "values": r"label values \[7\]",
+                "rgb": "mode RGB"}[fault]
+    with pytest.raises(DataError, match=expected) as info:
+        SegmentationDataset(root, "training", 3)
+    assert "img1.png" in str(info.value)
+    ds = SegmentationDataset(root, "training", 3, on_error="skip")
+    assert len(ds) == 3 and len(ds.skipped) == 1 and "img1" in ds.skipped[0].path
+    assert "skipped 1 of 4" in caplog.text
+
+
+def test_reduce_zero_label(tmp_path):
+    root = make_dataset(tmp_path)
+    Image.fromarray(np.array([[0, 1, 2, 3]] * 4, np.uint8)).save(root / "annotations" / "validation" / "img0.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images" / "validation" / "img0.png")
+    ds = SegmentationDataset(root, "validation", 3, reduce_zero_label=True)
+    assert ds[0][1][0].tolist() == [255, 0, 1, 2]
+
+
+def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
+    ds = SegmentationDataset(make_dataset(tmp_path), "training", 3, cache=True)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    torch.manual_seed(1)
+    x, y = augment_batch([ds[i] for i in range(4)] * 4, 48, (0.5, 2.0), 0.5, mean, std, 255, torch.device("cpu"))
+    assert x.shape == (16, 3, 48, 48) and y.shape == (16, 48, 48) and y.dtype == torch.long
+    red = x[:, 0] * 0.25 * 255 + 0.5 * 255  # back to 0..255
+    labelled = y != 255
+    agree = (torch.round(red / 60) == y) & labelled
+    assert agree.sum() / labelled.sum() > 0.95  # only pixels on block borders can disagree
+    same = augment_batch([ds[0]], 64, (1.0, 1.0), 0.0, mean, std, 255, torch.device("cpu"))
+    assert torch.allclose(same[0][0, :, :40, :56], normalize(ds[0][0], mean, std), atol=1e-4)
+    assert (same[1][0, 40:] == 255).all() and torch.equal(same[1][0, :40, :56], ds[0][1].long())
+
+
+# -- heads -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,kw", [("vitpe_mit_b0", dict(pos="peg")),
+                                     ("vitpe_vit_tiny_patch16_224", dict(pos="rope_axial", depth=2))])
+def test_segmentors_give_logits_at_any_input_size(name, kw):
+    m = build_segmentor(name, 5, img_size=64, head_dim=32, **kw)
+    x = torch.randn(2, 3, 45, 70)  # no multiple of 32 nor of 16
+    out = m(x)
+    assert out.shape == (2, 5, 45, 70)
+    out.sum().backward()
+    assert m.decode_head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_segformer_checkpoint_loads_into_the_segmentor():
+    from test_mit_convert import B0, nvlabs_state_dict
+
+    from vitpe.models.mit_convert import convert_segformer_state_dict
+    backbone = {f"backbone.{k}": v for k, v in nvlabs_state_dict(**B0).items() if not k.startswith("head.")}
+    m = build_segmentor("vitpe_mit_b0", 150)
+    head = {k.replace("decode_head.", ""): v for k, v in m.decode_head.state_dict().items()}
+    mmseg = {**backbone, **{f"decode_head.linear_c{i + 1}.proj.{p}": head[f"linear_c.{i}.proj.{p}"]
+                            for i in range(4) for p in ("weight", "bias")},
+             "decode_head.linear_fuse.conv.weight": head["fuse.weight"],
+             **{f"decode_head.linear_fuse.bn.{p}": head[f"norm.{p}"] for p in
+                ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
+             "decode_head.linear_pred.weight": head["classifier.weight"],
+             "decode_head.linear_pred.bias": head["classifier.bias"]}
+    m.load_state_dict(convert_segformer_state_dict({"state_dict": mmseg}))  # strict: every key placed
+
+
+# -- the training script -----------------------------------------------------------------------
+def test_train_seg_two_iterations(tmp_path, capsys):
+    import train_seg
+
+    root = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--data", str(root), "--crop-size", "32", "--batch-size", "2", "--epochs", "1", "--device", "cpu",
+            "--output", str(out), "--eval-scales", "0.5,1.0", "--lr", "1e-3",
+            "--set", "model.kwargs={embed_dims: [8, 16, 40, 64]}", "--set", "model.head_dim=16",
+            "--set", "eval.figure_images=2"]
+    assert train_seg.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"mIoU", "aAcc", "mAcc", "per_class", "scales"} <= results.keys()
+    assert set(results["per_class"]) == {"ground", "red", "blue"}
+    assert set(results["scales"]) == {"whole", "slide"} and set(results["scales"]["whole"]) == {"0.5", "1.0", "ms"}
+    assert results["mIoU"] == results["scales"]["whole"]["1.0"]["mIoU"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "val_mIoU" in json.loads(lines[0])
+    for f in ("checkpoint.pt", "config.yaml", "predictions.png"):
+        assert (out / f).is_file()
+    assert "| whole | 1.0 |" in capsys.readouterr().out
+
+
+def test_train_seg_bad_mask_is_one_line_error(tmp_path, capsys):
+    import train_seg
+    from vitpe.cli import run_cli
+
+    root = make_dataset(tmp_path / "data")
+    Image.fromarray(np.full((40, 56), 9, np.uint8)).save(root / "annotations" / "validation" / "img1.png")
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_seg.main, ["--data", str(root), "--device", "cpu", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "annotations/validation/img1.png" in err and "label values [9]" in err

@@ -1,0 +1,149 @@
+"""Fine-tune a segmentation model (MiT + All-MLP head, or ViT + simple head) with a chosen positional strategy.
+
+    python train_seg.py --data DIR --num-classes 150 --reduce-zero-label --crop-size 512 --pos mixffn
+    python train_seg.py --config configs/seg/camvid.yaml --pos peg --eval-scales 0.5,1.0,1.5 --output runs/peg
+    torchrun --nproc_per_node=2 train_seg.py --config ...     # data parallel (NCCL on GPU, gloo on CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vitpe.cli import CLI_KEYS, common_parser, resolve_config, run_cli
+from vitpe.config import ConfigError, from_dict, save_config, to_dict
+from vitpe.data.segmentation import list_collate
+from vitpe.engine import distributed as dist
+from vitpe.engine.checkpoint import load_checkpoint, save_checkpoint
+from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
+from vitpe.engine.metrics_log import MetricsLog, summary_line
+from vitpe.engine.optim import build_scheduler
+from vitpe.engine.seg_metrics import json_safe
+from vitpe.engine.seg_plot import plot_segmentation
+from vitpe.engine.segmentation import (SegConfig, build_datasets, build_model, build_optimizer, evaluate,
+                                       figure_samples, results_table, summarize, train_one_epoch)
+from vitpe.errors import DataError
+
+log = logging.getLogger("train_seg")
+KEYS = {k: v for k, v in CLI_KEYS.items() if k != "eval_sizes"}
+KEYS.update(img_size="data.crop_size", crop_size="data.crop_size", num_classes="data.num_classes",
+            ignore_index="data.ignore_index", reduce_zero_label="data.reduce_zero_label", eval_scales="eval.scales",
+            on_error="data.on_error")
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"expected positive scales, got {text!r}")
+    return scales
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = common_parser(__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--crop-size", type=int, metavar="N", help="square training crop (--img-size is the same)")
+    a("--num-classes", type=int, metavar="N", help="classes (default: as many as DIR/classes.json lists)")
+    a("--ignore-index", type=int, metavar="N", help="label value never scored (default 255)")
+    a("--reduce-zero-label", action="store_const", const=True, help="ADE20K: label 0 is ignored, the rest shift down")
+    a("--eval-scales", type=parse_scales, metavar="S1,S2,...", help="scales of the final evaluation, e.g. 0.5,1.0,1.5")
+    a("--on-error", choices=["error", "skip"], help="bad masks: stop (default) or skip them with a warning")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if args.eval_sizes:
+        raise ConfigError("--eval-sizes is for classification; segmentation evaluates at --eval-scales")
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    base = from_dict(SegConfig, resumed["config"]) if resumed else None  # a resumed run keeps its recipe
+    cfg = resolve_config(SegConfig, args, KEYS, base=base)
+    device = dist.init_distributed(cfg.run.device)
+    try:
+        return train(cfg, device, resumed)
+    finally:
+        dist.cleanup()
+
+
+def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
+    out = Path(cfg.run.output)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    train_set, val_set = build_datasets(cfg.data)
+    seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
+    model = build_model(cfg.model, train_set.num_classes, cfg.data.crop_size).to(device)
+    if dist.is_distributed():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the decoder's BN sees the global batch
+    optimizer = build_optimizer(model, cfg.optim)
+    seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
+    loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, list_collate)
+    if len(loader) == 0:
+        raise DataError(f"{cfg.data.path}: {len(train_set)} training images are fewer than one batch of "
+                        f"{cfg.data.batch_size}")
+    scheduler = build_scheduler(optimizer, cfg.optim, len(loader), cfg.run.epochs)
+    start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
+    best = resumed.get("best_miou", -1.0) if resumed else -1.0
+    net = dist.wrap_model(model, device)
+    if cfg.run.compile and device.type == "cuda":
+        net = torch.compile(net, dynamic=True)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
+    log.info("%d training / %d validation images, %d classes, %d skipped", len(train_set), len(val_set),
+             train_set.num_classes, len(train_set.skipped) + len(val_set.skipped))
+    for epoch in range(start, cfg.run.epochs):
+        loader.sampler.set_epoch(epoch)
+        record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(net, loader, optimizer, scheduler, device, epoch, cfg)}
+        if (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == cfg.run.epochs:
+            val = summarize(evaluate(model, val_set, device, cfg.run.amp, crop=cfg.data.crop_size), val_set.classes)
+            record.update(val_mIoU=val["mIoU"], val_aAcc=val["aAcc"])
+        metrics.log(json_safe(record))
+        if dist.is_main():
+            log.info(summary_line(epoch, cfg.run.epochs, record))
+            best = save_epoch(cfg, out, model, optimizer, scheduler, epoch, val_set.classes, record, best)
+    dist.barrier()
+    finish(cfg, out, model, train_set, val_set, device)
+    dist.barrier()
+    return 0
+
+
+def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, record, best) -> float:
+    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation mIoU improves."""
+    miou = record.get("val_mIoU", -1.0)
+    miou = -1.0 if miou != miou else miou  # NaN (no labelled pixel) never counts as best
+    state = training_state(model, optimizer, scheduler, epoch + 1, to_dict(cfg), classes=classes,
+                           best_miou=max(best, miou))
+    save_checkpoint(state, out / "checkpoint.pt")
+    if miou > best:
+        save_checkpoint(state, out / "best.pt")
+    return max(best, miou)
+
+
+def finish(cfg: SegConfig, out: Path, model, train_set, val_set, device: torch.device) -> None:
+    """The final evaluation (every process takes its share), results.json, predictions.png and the table."""
+    e = cfg.eval
+    scales = tuple(sorted(set(e.scales) | {1.0}))
+    crop = e.slide_crop or cfg.data.crop_size
+    conf = evaluate(model, val_set, device, cfg.run.amp, tuple(e.modes), scales, crop, e.slide_stride, "final eval")
+    if not dist.is_main():
+        return
+    results = {**summarize(conf, val_set.classes), "pos": cfg.model.pos, "model": cfg.model.name,
+               "crop_size": cfg.data.crop_size, "slide": {"crop": crop, "stride": e.slide_stride or max(1, crop * 2 // 3)},
+               "skipped": {"train": [s._asdict() for s in train_set.skipped],
+                           "val": [s._asdict() for s in val_set.skipped]}}
+    (out / "results.json").write_text(json.dumps(json_safe(results), indent=2))
+    samples = figure_samples(model, val_set, e.figure_images, device, cfg.run.amp)
+    plot_segmentation(samples, val_set.classes, out / "predictions.png",
+                      f"{cfg.model.name}, pos={cfg.model.pos}: whole-image predictions", val_set.ignore_index)
+    print(results_table(results["scales"]))
+    print(f"final val mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}  "
+          f"(whole image, scale 1.0; outputs in {out})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

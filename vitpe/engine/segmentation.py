@@ -1,0 +1,223 @@
+"""Semantic segmentation: the config, the model, one epoch of training, and evaluation (whole image
+and sliding window, at several scales and their fusion), with the figure of predictions."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from ..config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from ..data.segmentation import SegmentationDataset, augment_batch, list_collate, normalize
+from ..errors import UserError
+from ..models.segmentor import Segmentor, build_segmentor
+from . import distributed as dist
+from .checkpoint import load_checkpoint
+from .loop import autocast, check_finite, optimizer_step, progress
+from .optim import param_groups
+from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SegDataConfig(DataConfig):
+    path: str = ""  # ADE20K-layout folder: images/<split>/*.jpg|png, annotations/<split>/*.png, classes.json
+    train_split: str = "training"
+    val_split: str = "validation"
+    crop_size: int = 512  # square training crop (SegFormer: 512 on ADE20K, 1024 on Cityscapes)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale of the original image before cropping
+    flip: float = 0.5  # probability of a horizontal flip
+    num_classes: int = 0  # 0: as many as classes.json lists
+    ignore_index: int = 255  # label value that is never scored nor trained on
+    reduce_zero_label: bool = False  # ADE20K: label 0 ("other") -> ignore, the rest shift down by one
+    on_error: Literal["error", "skip"] = "error"  # bad masks (size, values, missing): stop, or drop and count
+    cache: bool = True  # decode every image once into memory (fine for CamVid; ADE20K needs ~20 GB)
+    batch_size: int = 16  # global batch (split over processes under torchrun)
+    workers: int = 0  # loader processes; cached data needs none (augmentation runs on the device)
+
+
+@dataclass
+class SegModelConfig(ModelConfig):
+    name: str = "vitpe_mit_b0"  # vitpe_mit_b0..b5 (All-MLP head) or vitpe_vit_* (simple head)
+    pos: str = "mixffn"  # SegFormer's Mix-FFN by default
+    head_dim: int = 256  # All-MLP decoder width (SegFormer: 256 for B0/B1, 768 for B2..B5)
+    head_dropout: float = 0.1
+    backbone_weights: str | None = None  # local file of backbone weights (e.g. SegFormer's mit_b0.pth)
+
+
+@dataclass
+class SegOptimConfig(OptimConfig):
+    lr: float = 6e-5  # SegFormer's fine-tuning rate
+    weight_decay: float = 0.01
+    schedule: Literal["cosine", "poly", "constant", "step"] = "poly"  # SegFormer: polynomial decay, power 1
+    min_lr_ratio: float = 0.0
+    head_lr_mult: float = 10.0  # the randomly initialised decoder learns faster (SegFormer: x10)
+    clip_grad: float | None = None
+
+
+@dataclass
+class SegEvalConfig:
+    interval: int = 1  # epochs between validations (whole image at scale 1) during training
+    scales: list[float] = field(default_factory=lambda: [1.0])  # final evaluation scales; their fusion too if >1
+    modes: list[Literal["whole", "slide"]] = field(default_factory=lambda: ["whole", "slide"])  # inference modes
+    slide_crop: int | None = None  # sliding-window size (None: the training crop)
+    slide_stride: int | None = None  # sliding-window step (None: 2/3 of the window)
+    figure_images: int = 4  # validation images in the figure
+
+
+@dataclass
+class SegConfig:
+    data: SegDataConfig = field(default_factory=SegDataConfig)  # what to train on
+    model: SegModelConfig = field(default_factory=SegModelConfig)  # backbone, strategy, head
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)  # AdamW, poly schedule
+    run: RunConfig = field(default_factory=RunConfig)  # epochs, output, device, seed, resume
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)  # validation and final evaluation
+
+
+def build_datasets(cfg: SegDataConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
+    kw = dict(num_classes=cfg.num_classes, ignore_index=cfg.ignore_index, reduce_zero_label=cfg.reduce_zero_label,
+              on_error=cfg.on_error, cache=cfg.cache)
+    return SegmentationDataset(cfg.path, cfg.train_split, **kw), SegmentationDataset(cfg.path, cfg.val_split, **kw)
+
+
+def build_model(cfg: SegModelConfig, num_classes: int, crop_size: int) -> Segmentor:
+    """The segmentor; ``backbone_weights`` (any layout ``checkpoint_filter_fn`` reads) are loaded strictly."""
+    try:
+        model = build_segmentor(cfg.name, num_classes, cfg.pos, cfg.pos_kwargs, crop_size, cfg.head_dim,
+                                cfg.head_dropout, **cfg.kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"unknown model {cfg.name!r} (use vitpe_mit_b0..b5 or a vitpe_vit_* model)") from None
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}: {msg}") from None
+    if cfg.backbone_weights:
+        load_backbone(model.backbone, cfg.backbone_weights)
+    return model
+
+
+def load_backbone(backbone: nn.Module, path: str) -> None:
+    import importlib
+
+    filter_fn = getattr(importlib.import_module(type(backbone).__module__), "checkpoint_filter_fn")
+    try:
+        state = filter_fn(load_checkpoint(path), backbone)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot load into {type(backbone).__name__}: {e}") from None
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise UserError(f"{path}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                        f"(e.g. {unexpected[:3]})")
+
+
+def build_optimizer(model: Segmentor, cfg: SegOptimConfig) -> torch.optim.AdamW:
+    """AdamW; the decode head's groups get ``lr * head_lr_mult``."""
+    skip = model.no_weight_decay()
+    groups = param_groups(model.backbone, cfg.weight_decay, {s.removeprefix("backbone.") for s in skip})
+    for g in param_groups(model.decode_head, cfg.weight_decay):
+        groups.append(dict(g, lr=cfg.lr * cfg.head_lr_mult))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    device: torch.device, epoch: int, cfg: SegConfig) -> dict[str, float]:
+    """One pass; returns ``train_loss`` (pixel-weighted mean over processes), ``lr`` and ``time``."""
+    model.train()
+    start, d = time.time(), cfg.data
+    totals = {"loss": 0.0, "n": 0.0}
+    bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
+    for step, samples in enumerate(bar):
+        x, y = augment_batch(samples, d.crop_size, d.scale_range, d.flip, IMAGENET_MEAN, IMAGENET_STD,
+                             d.ignore_index, device)
+        with autocast(device, cfg.run.amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=d.ignore_index)
+        check_finite(loss, epoch, step)
+        optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
+        totals["loss"] += loss.item() * len(x)
+        totals["n"] += len(x)
+        if step % cfg.run.log_interval == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    totals = dist.reduce_sums(totals, device)
+    return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],
+            "time": time.time() - start}
+
+
+def _shard(dataset: SegmentationDataset) -> DataLoader:
+    """This process's images, every ``world``-th one and no padding: no image is scored twice."""
+    part = Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
+    return DataLoader(part, batch_size=1, collate_fn=list_collate)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: SegmentationDataset, device: torch.device, amp: bool = True,
+             modes: tuple[str, ...] = ("whole",), scales: tuple[float, ...] = (1.0,), crop: int = 512,
+             stride: int | None = None, desc: str = "eval") -> dict[str, dict[str, Tensor]]:
+    """Confusion matrices ``{mode: {scale or 'ms': (K, K)}}`` summed over processes; ``'ms'`` fuses
+    the scales' softmax outputs (when there are several)."""
+    model.eval()
+    K, stride = dataset.num_classes, stride or max(1, crop * 2 // 3)
+    keys = [str(s) for s in scales] + (["ms"] if len(scales) > 1 else [])
+    conf = {m: {k: torch.zeros(K, K, dtype=torch.long, device=device) for k in keys} for m in modes}
+    for [(image, mask)] in progress(_shard(dataset), desc):
+        x = normalize(image.to(device), IMAGENET_MEAN, IMAGENET_STD)[None]
+        target = mask.to(device).long()
+        for mode in modes:
+            fused = 0
+            for s in scales:
+                with autocast(device, amp):
+                    logits = predict(model, x, mode, s, crop, stride)
+                conf[mode][str(s)] += confusion_matrix(logits[0].argmax(0), target, K, dataset.ignore_index)
+                fused = fused + logits.softmax(1)
+            if "ms" in keys:
+                conf[mode]["ms"] += confusion_matrix(fused[0].argmax(0), target, K, dataset.ignore_index)
+    return {m: {k: dist.all_reduce_sum(c).cpu() for k, c in per.items()} for m, per in conf.items()}
+
+
+def summarize(conf: dict[str, dict[str, Tensor]], classes: list[str]) -> dict[str, Any]:
+    """results.json's body: the headline (whole image at scale 1, else the first) with per-class IoU
+    and accuracy, and ``scales``: ``{mode: {scale: {mIoU, mAcc, aAcc}}}``."""
+    mode = "whole" if "whole" in conf else next(iter(conf))
+    key = "1.0" if "1.0" in conf[mode] else next(iter(conf[mode]))
+    head = metrics_from_confusion(conf[mode][key], classes)
+    scales = {m: {k: {n: v for n, v in metrics_from_confusion(c, classes).items() if n != "per_class"}
+                  for k, c in per.items()} for m, per in conf.items()}
+    return {"mIoU": head["mIoU"], "aAcc": head["aAcc"], "mAcc": head["mAcc"], "per_class": head["per_class"],
+            "headline": {"mode": mode, "scale": key}, "scales": scales}
+
+
+def results_table(scales: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: one row per mode and scale."""
+    rows = ["| mode | scale | mIoU | mAcc | aAcc |", "|---|---|---|---|---|"]
+    for mode, per in scales.items():
+        for key, m in per.items():
+            rows.append(f"| {mode} | {key} | {m['mIoU']:.2f} | {m['mAcc']:.2f} | {m['aAcc']:.2f} |")
+    return "\n".join(rows)
+
+
+@torch.no_grad()
+def figure_samples(model: nn.Module, dataset: SegmentationDataset, count: int, device: torch.device,
+                   amp: bool = True) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``(image uint8 (3, H, W), label (H, W), prediction (H, W))`` for ``count`` images spread over
+    the set (neighbouring frames of a video look alike)."""
+    model.eval()
+    out = []
+    for i in sorted({round(j * len(dataset) / max(count, 1)) for j in range(min(count, len(dataset)))}):
+        image, mask = dataset[i]
+        with autocast(device, amp):
+            logits = predict(model, normalize(image.to(device), IMAGENET_MEAN, IMAGENET_STD)[None])
+        out.append((image, mask.long(), logits[0].argmax(0).cpu()))
+    return out
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
+           "SegOptimConfig", "build_datasets", "build_model", "build_optimizer", "evaluate", "figure_samples",
+           "results_table", "summarize", "train_one_epoch"]
