@@ -27,7 +27,7 @@ from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup
 from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_optimizer, build_scheduler
-from vitpe.evaluate import evaluate_sizes, write_report
+from vitpe.evaluate import check_sizes, evaluate_sizes, write_report
 
 log = logging.getLogger("train_cls")
 
@@ -61,6 +61,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     train_set, val_set, classes = build_train_val(cfg.data, cfg.aug, mean, std, cfg.run.seed)
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
     model = build_model(cfg.model, len(classes), cfg.data.img_size).to(device)
+    check_sizes(cfg.eval.sizes, model)  # fail now, not after training
     ema = ModelEmaV2(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
     seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
     train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,

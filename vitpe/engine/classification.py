@@ -1,6 +1,7 @@
 """Classification: the config, the model, the loss, and one epoch of training or evaluation."""
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -59,8 +60,9 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
         return timm.create_model(cfg.name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:5]
-            raise UserError(f"unknown model {cfg.name!r} (e.g. {', '.join(close)})") from None
+            close = difflib.get_close_matches(cfg.name, timm.list_models(), n=4, cutoff=0.5)
+            hint = f" (closest: {', '.join(close)})" if close else " (see timm.list_models())"
+            raise UserError(f"unknown model {cfg.name!r}{hint}") from None
         raise
     except (KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -1,0 +1,171 @@
+"""End-to-end classification training on a tiny folder dataset made in the test (CPU, seconds)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cls_data import ROOT, make_folder, tiny_argv, train_cls_module
+from vitpe.engine.checkpoint import load_checkpoint
+from vitpe.engine.metrics_log import read_metrics
+
+# random crops and flips stay on in the resume test, so that it checks the RNG is restored too
+NO_AUG = ["--set", "aug.scale=[1.0, 1.0]", "--set", "aug.ratio=[1.0, 1.0]", "--set", "aug.hflip=0.0"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+def run(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        train_cls_module().run_cli(train_cls_module().main, argv)
+    return exc.value.code
+
+
+def losses(out: Path) -> list[float]:
+    return [r["train_loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_two_epoch_run_writes_every_output(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_argv(folder, out)) == 0
+    for name in ("config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "results.json", "resolution.png",
+                 "resolution.json"):
+        assert (out / name).is_file(), name
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(r["skipped"] == 0 and 0 <= r["val_top1"] <= 100 for r in records)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["resolution"]) == {"8", "16", "24"}
+    # the training-size column of the resolution evaluation is the final validation itself
+    assert results["resolution"]["16"] == pytest.approx(results["top1"])
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["classes"] == ["blue", "red"]
+    assert state["config"]["model"]["pos"] == "peg" and state["config"]["run"]["epochs"] == 2
+    printed = capsys.readouterr().out
+    assert "| peg |" in printed and "16*" in printed
+
+
+def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(tiny_argv(folder, full, epochs=3)) == 0
+    module = train_cls_module()
+    original = module.save_epoch
+
+    def stop_after_first(*args, **kwargs):  # a crash right after epoch 1's checkpoint is written
+        best = original(*args, **kwargs)
+        if args[6] == 0:
+            raise KeyboardInterrupt
+        return best
+
+    monkeypatch.setattr(module, "save_epoch", stop_after_first)
+    assert run(tiny_argv(folder, part, epochs=3)) == 130
+    monkeypatch.setattr(module, "save_epoch", original)
+    assert len(losses(part)) == 1
+    assert run(["--resume", str(part / "checkpoint.pt")]) == 0  # the checkpoint's own config and output
+    assert losses(part) == losses(full)  # exactly: same batches, augmentations and updates
+    assert [r["epoch"] for r in read_metrics(part / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_two_gloo_processes_match_one_at_the_same_global_batch(folder, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(tiny_argv(folder, one, *NO_AUG, "--set", "eval.sizes=[]")) == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_cls.py"), *tiny_argv(folder, two, *NO_AUG, "--set", "eval.sizes=[]")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    v1, v2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["val_top1"] for r in v2] == [r["val_top1"] for r in v1]
+
+
+def test_corrupt_truncated_and_empty_files_are_skipped_and_counted(tmp_path, caplog):
+    data = make_folder(tmp_path / "data")
+    bad = data / "train" / "red"
+    (bad / "garbage.jpg").write_bytes(b"this is not an image")
+    (bad / "empty.png").write_bytes(b"")
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(tmp_path / "whole.jpg")
+    (bad / "truncated.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:200])
+    for i in range(5):  # 24 files: three full batches, so every bad file is met every epoch
+        Image.new("RGB", (16, 16), (0, 0, 200)).save(data / "train" / "blue" / f"extra{i}.png")
+    caplog.set_level("WARNING")
+    assert run(tiny_argv(data, tmp_path / "out", "--set", "eval.sizes=[]")) == 0
+    assert [r["skipped"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl")] == [3, 3]
+    for name in ("garbage.jpg", "empty.png", "truncated.jpg"):
+        assert name in caplog.text
+    assert "skipped 3 unreadable image(s)" in caplog.text
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(folder, tmp_path, monkeypatch,
+                                                                           capsys):
+    out = tmp_path / "nan"
+    module = train_cls_module()
+    real = module.build_criterion
+
+    def poisoned(aug, mixup):
+        crit, calls = real(aug, mixup), [0]
+
+        def loss(logits, y):
+            calls[0] += 1
+            value = crit(logits, y)
+            return value * float("nan") if calls[0] == 4 else value  # epoch 2, step 2 (2 steps an epoch)
+
+        return loss
+
+    monkeypatch.setattr(module, "build_criterion", poisoned)
+    assert run(tiny_argv(folder, out, epochs=3)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "epoch 2, step 2" in err
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the last good one, intact
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--set", "optim.lrr=0.1"], "optim.lr"),
+    (["--set", "optim.lr=fast"], "expected float"),
+    (["--config", "missing.yaml"], "missing.yaml"),
+    (["--pos", "pegg"], "peg"),
+    (["--eval-sizes", "10,16"], "patch size 4"),
+])
+def test_config_errors_exit_non_zero_with_one_line(folder, tmp_path, capsys, extra, expected):
+    assert run(tiny_argv(folder, tmp_path / "o", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_missing_or_empty_data_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    for data, expected in ((tmp_path / "nowhere", "nowhere"), (tmp_path / "empty", "no class folders")):
+        assert run(tiny_argv(data, tmp_path / "o")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_unreadable_config_in_a_real_process_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "bad.yaml").write_text("data: {path: [unclosed\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "train_cls.py"), "--config", str(tmp_path / "bad.yaml")],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "bad.yaml" in proc.stderr, proc.stderr
+
+
+def test_checkpoint_carrying_code_is_refused_not_run(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    assert run(["--resume", str(tmp_path / "evil.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "evil.pt" in err and "refused" in err and not marker.exists()
