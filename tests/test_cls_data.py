@@ -1,0 +1,92 @@
+"""Classification data: folders of any PIL mode, skipped bad files, the in-memory cache, and the
+synthetic positional task."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cls_data import make_folder
+from vitpe.data.classification import eval_transform
+from vitpe.data.folder import CachedImages, ImageFolder, Skipped, collate_skipping, load_rgb
+from vitpe.data.synthetic import SyntheticPositions, label_of, render, sample_params
+from vitpe.errors import DataError
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "I;16"])
+def test_every_mode_loads_as_rgb(tmp_path, mode):
+    img = Image.new("RGB", (6, 5), (120, 60, 30)).convert(mode) if mode != "I;16" else Image.new(mode, (6, 5), 300)
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    img.save(path)
+    out = load_rgb(path)
+    assert out.mode == "RGB" and out.size == (6, 5)
+
+
+def test_transparent_pixels_become_black(tmp_path):
+    img = Image.new("RGBA", (2, 1), (255, 255, 255, 0))
+    img.putpixel((1, 0), (255, 255, 255, 255))
+    img.save(tmp_path / "a.png")
+    assert np.asarray(load_rgb(tmp_path / "a.png")).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+
+
+def test_bad_files_are_returned_as_skipped_and_dropped_from_the_batch(tmp_path):
+    root = make_folder(tmp_path, per_class=2, val_per_class=1)
+    (root / "train" / "red" / "zz_empty.jpg").write_bytes(b"")
+    ds = ImageFolder(root, "train", eval_transform(16, (0.5,) * 3, (0.5,) * 3))
+    items = [ds[i] for i in range(len(ds))]
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    assert len(skipped) == 1 and skipped[0].path.endswith("zz_empty.jpg")
+    batch = collate_skipping(items)
+    assert batch.images.shape == (4, 3, 16, 16) and batch.targets.tolist() == [0, 0, 1, 1]
+    assert [s.path for s in batch.skipped] == [skipped[0].path]
+
+
+def test_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        ImageFolder(tmp_path / "none", "train")
+    (tmp_path / "a" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="no class folders"):
+        ImageFolder(tmp_path / "a", "train")
+    root = make_folder(tmp_path / "b", per_class=1, val_per_class=1)
+    with pytest.raises(DataError, match="differ"):
+        ImageFolder(root, "val", classes=["blue", "green", "red"])
+
+
+def test_cache_gives_the_same_tensors_as_decoding(tmp_path):
+    root = make_folder(tmp_path, per_class=3, val_per_class=1)
+    t = eval_transform(24, (0.5,) * 3, (0.5,) * 3)
+    folder = ImageFolder(root, "train", t)
+    cached = CachedImages(folder)
+    assert len(cached) == len(folder) and cached.images.dtype == np.uint8
+    for i in range(len(folder)):
+        assert torch.equal(cached[i][0], folder[i][0]) and cached[i][1] == folder[i][1]
+    other = cached.with_transform(eval_transform(8, (0.5,) * 3, (0.5,) * 3))
+    assert other[0][0].shape == (3, 8, 8) and other.images is cached.images  # shared, not copied
+
+
+def test_synthetic_is_deterministic_and_splits_are_disjoint():
+    a, b = SyntheticPositions(6, 16, seed=3), SyntheticPositions(6, 16, seed=3)
+    assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in range(6))
+    val = SyntheticPositions(6, 16, seed=3, split="val")
+    assert not any(torch.equal(a[i][0], val[i][0]) for i in range(6))
+    assert not torch.equal(SyntheticPositions(1, 16, seed=4)[0][0], a[0][0])
+
+
+def test_synthetic_label_is_the_relative_position():
+    labels = [label_of(sample_params(0, i)) for i in range(400)]
+    assert set(labels) == {0, 1, 2, 3} and max(np.bincount(labels)) < 0.35 * 400  # balanced, four classes
+    p = sample_params(0, 0)
+    img = render(p, 64)
+    red = (img[0] - img[2]) > 0.3  # the square is red, the disk blue
+    ys, xs = torch.nonzero(red, as_tuple=True)
+    cx, cy = (xs.float().mean() + 0.5) / 64, (ys.float().mean() + 0.5) / 64
+    assert abs(cx - p["square"][0]) < 0.03 and abs(cy - p["square"][1]) < 0.03
+
+
+def test_synthetic_renders_the_same_scene_at_any_resolution():
+    p = sample_params(1, 5)
+    big, small = render(p, 64, noise=0.0), render(p, 32, noise=0.0)
+    down = F.avg_pool2d(big[None], 2)[0]  # box-filtering the 64-px render approximates the 32-px one
+    assert (down - small).abs().mean() < 0.02

@@ -1,0 +1,161 @@
+"""The shared training pieces: typed configs and overrides, CLI resolution, checkpoints, RNG state,
+optimizer groups and schedules, metrics log."""
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from vitpe.cli import common_parser, parse_sizes, resolve_config
+from vitpe.config import (ConfigError, DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, apply_overrides,
+                          from_dict, load_config, save_config, to_dict)
+from vitpe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vitpe.engine.metrics_log import MetricsLog, summary_line
+from vitpe.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from vitpe.errors import CheckpointError, UserError
+
+
+@dataclass
+class Cfg:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# -- config ------------------------------------------------------------------------------------
+def test_overrides_parse_yaml_and_check_types():
+    cfg = apply_overrides(Cfg(), ["optim.lr=1e-3", "model.kwargs.depth=2", "eval.sizes=[16, 32]",
+                                  "optim.clip_grad=null", "data.path=2024", "optim.betas=[0.9, 0.95]"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.model.kwargs == {"depth": 2} and cfg.eval.sizes == [16, 32]
+    assert cfg.optim.clip_grad is None and cfg.data.path == "2024" and cfg.optim.betas == (0.9, 0.95)
+    assert Cfg().optim.lr == OptimConfig().lr  # the original is not modified
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.lrr=1", "optim.lr"),
+    ("optim.lr=abc", "expected float"),
+    ("data.img_size=1.5", "expected int"),
+    ("run.amp=3", "expected bool"),
+    ("optim.schedule=linear", "cosine"),
+    ("optim.betas=[0.9]", "expected 2 values"),
+    ("model.name.x=1", "no sub-keys"),
+    ("no_equals_sign", "key=value"),
+])
+def test_bad_overrides_name_the_key(item, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Cfg(), [item])
+
+
+def test_unknown_key_in_a_file_names_the_file_and_the_closest_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, Cfg)
+    assert str(path) in str(e.value) and "optim.weight_decay" in str(e.value)
+    assert issubclass(ConfigError, UserError)
+
+
+def test_yaml_round_trip_and_dict_round_trip(tmp_path):
+    cfg = apply_overrides(Cfg(), ["model.pos_kwargs={peg: {after: [0, 1]}}", "run.resume=x.pt"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml", Cfg) == cfg
+    assert from_dict(Cfg, to_dict(cfg)) == cfg
+    assert isinstance(to_dict(cfg)["optim"]["betas"], list)  # plain data for YAML and checkpoints
+
+
+def test_cli_resolution_order(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim: {lr: 0.5, weight_decay: 0.2}\nrun: {epochs: 7}\n")
+    args = common_parser("t").parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.1", "--epochs", "3",
+                                          "--set", "run.epochs=4", "--eval-sizes", "16,32"])
+    cfg = resolve_config(Cfg, args)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.run.epochs, cfg.eval.sizes) == (0.1, 0.2, 4, [16, 32])
+    assert resolve_config(Cfg, common_parser("t").parse_args([])) == Cfg()  # unset options change nothing
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_sizes("16,x")
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def test_checkpoint_is_atomic_and_plain(tmp_path):
+    path = tmp_path / "sub" / "ck.pt"
+    save_checkpoint({"w": torch.arange(3), "cfg": {"a": [1, "b"]}}, path)
+    save_checkpoint({"w": torch.arange(4)}, path)  # overwrite in place
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck.pt"]  # no temp files left
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4))
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"x": Boom()}, path)
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4))  # a failed save leaves the old file
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck.pt"]
+
+
+def test_corrupt_and_code_carrying_checkpoints_are_refused(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_checkpoint(tmp_path / "bad.pt")
+    torch.save({"f": random.Random}, tmp_path / "code.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "code.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's generator
+    save_checkpoint({"rng": rng_state()}, tmp_path / "r.pt")
+    first = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(2).tolist())
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(2).tolist()) == first
+    assert all(isinstance(v, torch.Tensor) for v in rng_state().values())
+
+
+# -- optimizer and schedule ----------------------------------------------------------------------
+def test_weight_decay_skips_norms_biases_and_position_tables():
+    import timm
+
+    import vitpe  # noqa: F401
+
+    model = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned", depth=1, num_classes=3)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos.pos_embed", "cls_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= skipped
+    assert all(p.ndim >= 2 for p in decay["params"]) and "head.weight" not in skipped
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_schedules_warm_up_then_decay_to_the_floor():
+    f = [lr_factor(s, 100, 10, "cosine", 0.01, 0.1) for s in range(101)]
+    assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)
+    assert all(a <= b for a, b in zip(f[:10], f[1:11])) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(55, 100, 10, "poly", min_ratio=0.0, power=1.0) == pytest.approx(0.5)
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, OptimConfig(lr=1.0, warmup_epochs=1))
+    sched = build_scheduler(opt, OptimConfig(lr=1.0, warmup_epochs=1, warmup_lr_ratio=0.0), 4, 3)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0]) and lrs[-1] < 0.1
+
+
+# -- metrics log ---------------------------------------------------------------------------------
+def test_metrics_log_drops_epochs_past_the_resumed_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for e in range(3):
+        log.log({"epoch": e, "loss": float(e)})
+    resumed = MetricsLog(tmp_path / "m.jsonl", resume_epoch=1)
+    assert [r["epoch"] for r in resumed.read()] == [0]
+    line = summary_line(1, 10, {"epoch": 1, "train_loss": 0.123456, "time": 3.21})
+    assert line.startswith("epoch  2/10") and "train_loss 0.1235" in line and "time 3.2s" in line
