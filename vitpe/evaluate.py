@@ -89,8 +89,10 @@ def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], devic
 
 # -- reporting ---------------------------------------------------------------------------------
 def unique_labels(labels: Sequence[str], paths: Sequence[str]) -> list[str]:
-    """Strategy names, with the run folder added where two checkpoints share a strategy."""
-    return [f"{lab} ({Path(p).parent.name})" if labels.count(lab) > 1 else lab for lab, p in zip(labels, paths)]
+    """Strategy names, with the run folder added where two checkpoints share a strategy (and a
+    number where even that repeats)."""
+    named = [f"{lab} ({Path(p).parent.name})" if labels.count(lab) > 1 else lab for lab, p in zip(labels, paths)]
+    return [lab if named[:i].count(lab) == 0 else f"{lab} #{named[:i].count(lab) + 1}" for i, lab in enumerate(named)]
 
 
 def markdown_table(results: Results, key: str = "top1", fmt: str = "{:.1f}") -> str:

@@ -1,0 +1,75 @@
+"""The resolution evaluation: `python -m vitpe.evaluate` over several checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cls_data import make_folder, tiny_argv, train_cls_module
+from vitpe import evaluate as ev
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """Two one-epoch runs (peg, learned) on a tiny folder."""
+    root = tmp_path_factory.mktemp("eval")
+    data = make_folder(root / "data")
+    module = train_cls_module()
+    out = {}
+    for pos in ("peg", "learned"):
+        out[pos] = root / pos
+        with pytest.raises(SystemExit) as e:
+            module.run_cli(module.main, tiny_argv(data, out[pos], "--pos", pos, "--set", "eval.sizes=[]", epochs=1))
+        assert e.value.code == 0
+    return data, out
+
+
+def run_eval(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as e:
+        ev.run_cli(ev.main, argv)
+    return e.value.code
+
+
+def test_table_json_plot_and_throughput(runs, tmp_path, capsys):
+    data, out = runs
+    ckpts = [str(out["peg"] / "checkpoint.pt"), str(out["learned"] / "checkpoint.pt")]
+    assert run_eval(["--checkpoint", *ckpts, "--data", str(data), "--sizes", "8,16,32", "--output", str(tmp_path),
+                     "--device", "cpu", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "| strategy | 8 | 16* | 32 |" in printed and "| peg |" in printed and "| learned |" in printed
+    assert "images/s" in printed
+    res = json.loads((tmp_path / "resolution.json").read_text())
+    assert list(res) == ["peg", "learned"]
+    for label, pos in (("peg", "peg"), ("learned", "learned")):
+        sizes = res[label]["sizes"]
+        assert set(sizes) == {"8", "16", "32"} and res[label]["train_size"] == 16
+        assert all(0 <= v["top1"] <= v["top5"] <= 100 and v["img_per_s"] > 0 for v in sizes.values())
+        # at the training size the evaluation is exactly the training run's own validation
+        last = json.loads((out[pos] / "results.json").read_text())
+        assert sizes["16"]["top1"] == pytest.approx(last["top1"])
+    assert (tmp_path / "resolution.png").stat().st_size > 1000
+
+
+def test_same_strategy_twice_is_labelled_by_run_folder(runs, tmp_path):
+    _, out = runs
+    ck = str(out["peg"] / "checkpoint.pt")
+    assert run_eval(["--checkpoint", ck, str(out["peg"] / "best.pt"), "--sizes", "16", "--output", str(tmp_path),
+                     "--device", "cpu", "--workers", "0", "--no-throughput"]) == 0
+    assert list(json.loads((tmp_path / "resolution.json").read_text())) == ["peg (peg)", "peg (peg) #2"]
+
+
+def test_size_not_a_multiple_of_the_patch_is_one_line(runs, tmp_path, capsys):
+    _, out = runs
+    assert run_eval(["--checkpoint", str(out["peg"] / "checkpoint.pt"), "--sizes", "18", "--output", str(tmp_path),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "18" in err and "patch size 4" in err
+
+
+def test_markdown_table_marks_the_training_size():
+    results = {"a": {"train_size": 32, "sizes": {16: {"top1": 50.0}, 32: {"top1": 90.25}}},
+               "b": {"train_size": 32, "sizes": {32: {"top1": 80.0}}}}
+    table = ev.markdown_table(results).splitlines()
+    assert table[0] == "| strategy | 16 | 32* |"
+    assert table[2] == "| a | 50.0 | 90.2 |" and table[3] == "| b | - | 80.0 |"
