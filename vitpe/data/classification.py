@@ -69,10 +69,12 @@ def build_train_val(data: ClsDataConfig, aug: AugConfig, mean: tuple, std: tuple
     if is_synthetic(data):
         train = synthetic.SyntheticPositions(data.synthetic_train, data.img_size, seed, "train")
         return train, eval_dataset(data, data.img_size, mean, std, aug.interpolation, seed), list(train.classes)
-    train = ImageFolder(data.path, data.train_split, train_transform(data.img_size, aug, mean, std))
-    val = eval_dataset(data, data.img_size, mean, std, aug.interpolation, seed, classes=train.classes)
+    transform = train_transform(data.img_size, aug, mean, std)
     if data.cache:
-        train = CachedImages(train, data.workers)
+        train = _decoded(data.path, data.train_split, data.workers, ()).with_transform(transform)
+    else:
+        train = ImageFolder(data.path, data.train_split, transform)
+    val = eval_dataset(data, data.img_size, mean, std, aug.interpolation, seed, classes=train.classes)
     return train, val, list(train.classes)
 
 
@@ -89,7 +91,7 @@ def eval_dataset(data: ClsDataConfig, size: int, mean: tuple, std: tuple, interp
 
 @functools.lru_cache(maxsize=4)
 def _decoded(path: str, split: str, workers: int, classes: tuple[str, ...]) -> CachedImages:
-    """One decode of a split per process, shared by every size and checkpoint evaluated."""
+    """One decode of a split per process, shared by every size, run and checkpoint of the process."""
     return CachedImages(ImageFolder(path, split, None, classes=list(classes) or None), workers)
 
 

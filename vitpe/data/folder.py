@@ -117,6 +117,10 @@ class CachedImages(Dataset):
                 else:
                     arrays.append(item[0])
                     targets.append(item[1])
+        if self.skipped:
+            _logger.warning("skipped %d unreadable image(s) of %s", len(self.skipped), folder.root / folder.split)
+        if not arrays:
+            raise DataError(f"{folder.root / folder.split}: no readable image")
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise DataError(f"{folder.root / folder.split}: images have {len(shapes)} different sizes "
