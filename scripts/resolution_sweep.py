@@ -86,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs, per_epoch = choose_epochs(cfg, strategies, device, args.budget_s, args.min_epochs, args.max_epochs)
     log.info("estimated seconds per epoch: %s -> %d epochs each",
              {k: round(v, 2) for k, v in per_epoch.items()}, epochs)
-    out, summary = Path(args.output), {"epochs": epochs, "estimated_epoch_s": per_epoch, "runs": {}}
+    out, summary = Path(args.output), {"epochs": epochs, "estimated_epoch_s": per_epoch, "runs": {},
+                                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                                       "torch": torch.__version__}
     for pos in strategies:
         start = time.time()
         train_cls.main(["--config", args.config, "--pos", pos, "--epochs", str(epochs), "--output", str(out / pos),
