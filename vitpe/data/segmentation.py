@@ -15,6 +15,7 @@ training device (``augment_batch``), so images decoded once into memory keep a G
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -162,10 +163,17 @@ def list_collate(items: list) -> list:
 
 
 # -- augmentation and normalisation (on the training device) -----------------------------------
+@functools.lru_cache(maxsize=8)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    # Made once per device: a tensor built from Python numbers on a GPU is a pageable host-to-device
+    # copy, which waits for the whole stream; once per sample it stalled training (and far more so
+    # with several processes sharing the GPU).
+    return (torch.tensor(mean, device=device).view(3, 1, 1) * 255, torch.tensor(std, device=device).view(3, 1, 1) * 255)
+
+
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 or 0..255 float ``(..., 3, H, W)`` -> normalised float32."""
-    m = torch.tensor(mean, device=images.device).view(3, 1, 1) * 255
-    s = torch.tensor(std, device=images.device).view(3, 1, 1) * 255
+    m, s = _stats(tuple(mean), tuple(std), images.device)
     return (images.float() - m) / s
 
 

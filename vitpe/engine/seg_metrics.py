@@ -22,9 +22,10 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
         raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ in shape")
     keep = target != ignore_index
     t, p = target[keep].long(), pred[keep].long()
-    if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+    bad = (t < 0) | (t >= num_classes)
+    if bad.any():  # one device sync
         raise ValueError(f"label values outside 0..{num_classes - 1} (and not {ignore_index}): "
-                         f"{torch.unique(t[(t < 0) | (t >= num_classes)])[:8].tolist()}")
+                         f"{torch.unique(t[bad])[:8].tolist()}")
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 

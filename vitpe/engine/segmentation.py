@@ -142,10 +142,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss = F.cross_entropy(logits.float(), y, ignore_index=d.ignore_index)
         check_finite(loss, epoch, step)
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
-        totals["loss"] += loss.item() * len(x)
+        value = loss.item()
+        totals["loss"] += value * len(x)
         totals["n"] += len(x)
         if step % cfg.run.log_interval == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{value:.4f}")
     totals = dist.reduce_sums(totals, device)
     return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],
             "time": time.time() - start}
