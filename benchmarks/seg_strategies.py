@@ -77,7 +77,7 @@ def report(out: Path) -> str:
 
 
 def plot(runs: dict, path: Path) -> None:
-    """Left: mIoU per strategy for each inference mode and scale; right: validation mIoU over epochs."""
+    """Left: mIoU per strategy for each inference mode and scale; right: training loss per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,8 +91,7 @@ def plot(runs: dict, path: Path) -> None:
         sc = r["results"]["scales"]
         vals = [sc.get(m, {}).get(s, {}).get("mIoU") or 0.0 for m, s in COLUMNS]
         ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, label=pos)
-        pts = [(m["epoch"] + 1, m["val_mIoU"]) for m in r["metrics"] if m.get("val_mIoU") is not None]
-        ax2.plot(*zip(*pts), marker=".", label=pos)
+        ax2.plot([m["epoch"] + 1 for m in r["metrics"]], [m["train_loss"] for m in r["metrics"]], marker=".", label=pos)
     ax.set_xticks(x, [f"{m}\nscale {s}" for m, s in COLUMNS])
     ax.set_ylabel("val mIoU (%)")
     crop = next(iter(runs.values()))["results"]["crop_size"]
@@ -102,8 +101,9 @@ def plot(runs: dict, path: Path) -> None:
     ax.set_ylim(max(0, lo - 10), None)
     ax.legend(fontsize=8)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("val mIoU (%), whole image")
-    ax2.set_title("validation during training")
+    ax2.set_ylabel("training loss (cross-entropy)")
+    ax2.set_title("training")
+    ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
