@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from vitpe.cli import CLI_KEYS, common_parser, resolve_config, run_cli
+from vitpe.cli import CLI_KEYS, common_parser, parse_scales, resolve_config, run_cli
 from vitpe.config import ConfigError, from_dict, save_config, to_dict
 from vitpe.data.segmentation import list_collate
 from vitpe.engine import distributed as dist
@@ -33,16 +33,6 @@ KEYS = {k: v for k, v in CLI_KEYS.items() if k != "eval_sizes"}
 KEYS.update(img_size="data.crop_size", crop_size="data.crop_size", num_classes="data.num_classes",
             ignore_index="data.ignore_index", reduce_zero_label="data.reduce_zero_label", eval_scales="eval.scales",
             on_error="data.on_error")
-
-
-def parse_scales(text: str) -> list[float]:
-    try:
-        scales = [float(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise argparse.ArgumentTypeError(f"expected positive scales, got {text!r}")
-    return scales
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -24,15 +24,24 @@ CLI_KEYS: dict[str, str] = {
 }
 
 
+def _positive_list(text: str, conv: Callable[[str], Any], kind: str, example: str, what: str) -> list:
+    try:
+        values = [conv(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind} like {example}, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive {what}, got {text!r}")
+    return values
+
+
 def parse_sizes(text: str) -> list[int]:
     """``"24,32,48"`` -> ``[24, 32, 48]`` (argparse type for ``--eval-sizes`` / ``--sizes``)."""
-    try:
-        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 24,32,48, got {text!r}") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
-    return sizes
+    return _positive_list(text, int, "integers", "24,32,48", "sizes")
+
+
+def parse_scales(text: str) -> list[float]:
+    """``"0.5,1,1.5"`` -> ``[0.5, 1.0, 1.5]`` (argparse type for ``--eval-scales``)."""
+    return _positive_list(text, float, "numbers", "0.5,1.0,1.5", "scales")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,5 +105,5 @@ def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None
     sys.exit(int(code or 0))
 
 
-__all__ = ["CLI_KEYS", "CheckpointError", "ConfigError", "DataError", "UserError", "common_parser", "parse_sizes",
+__all__ = ["CLI_KEYS", "CheckpointError", "ConfigError", "DataError", "UserError", "common_parser", "parse_scales", "parse_sizes",
            "resolve_config", "run_cli"]

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -29,16 +29,11 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError
-from .folder import load_rgb
+from .folder import Skipped, load_rgb
 
 _logger = logging.getLogger(__name__)
 OnError = Literal["error", "skip"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-class Skipped(NamedTuple):
-    path: str
-    reason: str
 
 
 def read_classes(root: str | Path, num_classes: int) -> list[str]:

@@ -10,17 +10,16 @@ cells' centres, biases for query x key positions). Any input size works (480x360
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
 from einops import rearrange
-from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from .. import pos as pos_lib
 from ..layers import Block
+from ..layers.init import init_weights_
 from ..layers.overlap_patch_embed import OverlapPatchEmbed, overlap_grid
 from ..layers.sr_attention import SRAttention
 from ..pos.base import Grid
@@ -103,19 +102,7 @@ class MixTransformer(nn.Module):
     # -- init --------------------------------------------------------------------------------
     def init_weights(self) -> None:
         """SegFormer's: truncated normal for linear layers, He (fan-out) normal for convolutions."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights_(self, conv_fan_out=True)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

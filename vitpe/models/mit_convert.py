@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .vit import _unwrap
+
 _NVLABS = [
     (r"patch_embed(\d)\.(proj|norm)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.patch_embed.{m[2]}.{m[3]}"),
     (r"block(\d)\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.mlp.mixer.proj.{m[3]}"),
@@ -58,14 +60,6 @@ def _rename(key: str, rules: list) -> str | None:
         if m is not None:
             return repl(m)
     return None
-
-
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, Tensor]:
-    """A bare state dict, or one nested under 'state_dict' / 'model' (mmseg, training checkpoints)."""
-    for key in ("state_dict", "model"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return state_dict[key]
-    return state_dict
 
 
 def _stack_kv(sd: dict[str, Tensor]) -> dict[str, Tensor]:

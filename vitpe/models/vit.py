@@ -11,12 +11,12 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from .. import pos as pos_lib
 from ..layers import Block, PatchEmbed
+from ..layers.init import init_weights_
 from ..pos.base import Grid
 
 _logger = logging.getLogger(__name__)
@@ -66,14 +66,7 @@ class VisionTransformer(nn.Module):
 
     # -- init --------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights_(self)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
 
