@@ -39,6 +39,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 def read_classes(root: str | Path, num_classes: int) -> list[str]:
     """Names from ``root/classes.json`` (a list) when present, else ``class_0..``; ``num_classes``
     0 means "as many as classes.json lists"."""
+    if not Path(root).is_dir():
+        raise DataError(f"data folder not found: {root}")
     path = Path(root) / "classes.json"
     if not path.is_file():
         if num_classes <= 0:
