@@ -69,7 +69,7 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     train_set, val_set = build_datasets(cfg.data)
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
     model = build_model(cfg.model, train_set.num_classes, cfg.data.crop_size).to(device)
-    if dist.is_distributed():
+    if dist.is_distributed() and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the decoder's BN sees the global batch
     optimizer = build_optimizer(model, cfg.optim)
     seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
