@@ -1,76 +1,89 @@
 """Train one classifier per positional strategy under one recipe, then compare them across test
-resolutions (one table, one plot). The number of epochs is the same for every strategy and is
-chosen to fit a time budget, from a short timing probe of each strategy's training step.
+resolutions (one table, one plot, throughput per size).
 
     PYTHONPATH=. python scripts/resolution_sweep.py --config configs/cls/cifar10.yaml \\
-        --set data.path=.carry/cifar10 --budget-s 240 --sizes 16,24,32,40,48,56,64 --output runs/sweep
+        --set data.path=.carry/cifar10 --deadline-s 180 --output runs/sweep
+
+Every strategy trains at once, one ``train_cls.py`` process each: a ViT-Tiny on 32-px images
+leaves a GPU mostly idle (its steps are bound by kernel launches), so eight runs share one GPU
+several times faster than they run one after another. The epoch count, the same for every
+strategy, is fitted to the deadline from a two-epoch probe of all runs together. Throughput is
+measured afterwards, one model at a time, so that the runs do not disturb each other's timing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-import train_cls
 from vitpe import evaluate as ev
 from vitpe.cli import parse_sizes, resolve_config, run_cli
-from vitpe.data.classification import is_synthetic
-from vitpe.data.folder import scan_folder
 from vitpe.engine import distributed as dist
 from vitpe.engine.classification import ClsConfig, build_model
-from vitpe.engine.loop import autocast
 from vitpe.engine.metrics_log import read_metrics
-from vitpe.engine.optim import build_optimizer
+from vitpe.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = "none,sincos2d,learned,peg,mixffn,rope_axial,rope_mixed,rpb"
 log = logging.getLogger("sweep")
 
 
-def step_seconds(cfg: ClsConfig, device: torch.device, steps: int = 10) -> float:
-    """Seconds of one training step at the configured batch (random data; warm-up excluded)."""
-    model = build_model(cfg.model, 10, cfg.data.img_size).to(device).train()
-    opt = build_optimizer(model, cfg.optim)
-    x = torch.randn(cfg.data.batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=device)
-    y = torch.randint(0, 10, (cfg.data.batch_size,), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i in range(steps + 3):
-        if i == 3:
-            sync()
-            start = time.perf_counter()
-        with autocast(device, cfg.run.amp):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    sync()
-    return (time.perf_counter() - start) / steps
+def launch(strategies: list[str], common: list[str], out: Path, epochs: int, extra: list[str]) -> float:
+    """All strategies at once (logs in ``out/<pos>/train.log``); returns the wall time."""
+    start, procs = time.time(), []
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    for pos in strategies:
+        (out / pos).mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "train_cls.py"), *common, "--pos", pos, "--epochs", str(epochs),
+               "--output", str(out / pos), *extra]
+        logf = open(out / pos / "train.log", "w")
+        procs.append((pos, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf))
+    failed = []
+    for pos, p, logf in procs:
+        if p.wait() != 0:
+            failed.append(pos)
+        logf.close()
+    if failed:
+        raise UserError(f"training failed for {failed}: see {out}/<strategy>/train.log")
+    return time.time() - start
 
 
-def choose_epochs(cfg: ClsConfig, strategies: list[str], device: torch.device, budget_s: float,
-                  lo: int, hi: int) -> tuple[int, dict[str, float]]:
-    """The largest epoch count (in [lo, hi]) whose estimated total training time fits ``budget_s``."""
-    n = cfg.data.synthetic_train if is_synthetic(cfg.data) else len(scan_folder(cfg.data.path, cfg.data.train_split)[1])
-    steps = max(1, n // cfg.data.batch_size)
-    per_epoch = {}
+def probe(strategies: list[str], common: list[str], out: Path) -> tuple[float, float]:
+    """Seconds per epoch (with validation) and of start-up (imports, decoding) of every run at
+    once, from a one-epoch probe; the first epoch's warm-up makes the estimate err on the safe side."""
+    wall = launch(strategies, common, out / "probe", 1, ["--set", "eval.sizes=[]"])
+    epoch = max(read_metrics(out / "probe" / p / "metrics.jsonl")[0]["time"] for p in strategies)
+    per_epoch = epoch * 1.15  # validation after each epoch
+    return per_epoch, max(0.0, wall - per_epoch)
+
+
+@torch.no_grad()
+def throughput(cfg: ClsConfig, strategies: list[str], sizes: list[int], device: torch.device) -> dict:
+    """Images/s per strategy and size, one model at a time (random weights: speed needs no training)."""
+    out = {}
     for pos in strategies:
         cfg.model.pos = pos
-        # x1.3 for data loading, validation and worker start-up, measured on the first runs of this sweep
-        per_epoch[pos] = 1.3 * steps * step_seconds(cfg, device) + 1.0
-    total = sum(per_epoch.values())
-    return max(lo, min(hi, int(budget_s // total))), per_epoch
+        model = build_model(cfg.model, 10, cfg.data.img_size).to(device).eval()
+        out[pos] = {s: ev.throughput(model, s, device, cfg.eval.batch_size, cfg.run.amp, 0.3) for s in sizes}
+        del model
+    return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/cls/cifar10.yaml")
-    p.add_argument("--strategies", default=STRATEGIES, help="comma-separated strategies, trained in this order")
-    p.add_argument("--budget-s", type=float, default=240, help="training time for all strategies together")
-    p.add_argument("--min-epochs", type=int, default=1)
+    p.add_argument("--strategies", default=STRATEGIES, help="comma-separated strategies")
+    p.add_argument("--epochs", type=int, help="epochs for every strategy (default: fitted to --deadline-s)")
+    p.add_argument("--deadline-s", type=float, default=180, help="wall time for the whole sweep")
+    p.add_argument("--reserve-s", type=float, default=60, help="of which kept for the evaluation and throughput")
     p.add_argument("--max-epochs", type=int, default=100)
     p.add_argument("--sizes", type=parse_sizes, default=[16, 24, 32, 40, 48, 56, 64])
     p.add_argument("--output", default="runs/sweep")
@@ -79,27 +92,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    start, args = time.time(), parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     cfg = resolve_config(ClsConfig, argparse.Namespace(config=args.config, set=args.set))
-    device = dist.resolve_device(cfg.run.device)
-    epochs, per_epoch = choose_epochs(cfg, strategies, device, args.budget_s, args.min_epochs, args.max_epochs)
-    log.info("estimated seconds per epoch: %s -> %d epochs each",
-             {k: round(v, 2) for k, v in per_epoch.items()}, epochs)
-    out, summary = Path(args.output), {"epochs": epochs, "estimated_epoch_s": per_epoch, "runs": {},
-                                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                                       "torch": torch.__version__}
+    device, out = dist.resolve_device(cfg.run.device), Path(args.output)
+    common = ["--config", args.config, *[a for s in args.set for a in ("--set", s)]]
+    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "strategies": strategies}
+    epochs = args.epochs
+    if epochs is None:
+        per_epoch, startup = probe(strategies, common, out)
+        left = args.deadline_s - args.reserve_s - (time.time() - start) - startup
+        epochs = max(1, min(args.max_epochs, int(left // per_epoch)))
+        summary.update(probe_epoch_s=per_epoch, probe_startup_s=startup)
+    log.info("training %d strategies at once for %d epochs", len(strategies), epochs)
+    summary.update(epochs=epochs, train_wall_s=launch(strategies, common, out, epochs, [
+        "--eval-sizes", ",".join(map(str, args.sizes)), "--set", "eval.throughput=false"]))
+    results = {pos: json.loads((out / pos / "resolution.json").read_text())[pos] for pos in strategies}
+    speed = throughput(cfg, strategies, args.sizes, device)
     for pos in strategies:
-        start = time.time()
-        train_cls.main(["--config", args.config, "--pos", pos, "--epochs", str(epochs), "--output", str(out / pos),
-                        *[a for s in args.set for a in ("--set", s)], "--set", "eval.sizes=[]"])
-        summary["runs"][pos] = {"train_s": time.time() - start, "metrics": read_metrics(out / pos / "metrics.jsonl")}
-        log.info("%s trained in %.0f s", pos, summary["runs"][pos]["train_s"])
-    start = time.time()
-    ev.main(["--checkpoint", *[str(out / p / "checkpoint.pt") for p in strategies], "--output", str(out),
-             "--sizes", ",".join(map(str, args.sizes)), "--device", str(device)])
-    summary["evaluate_s"] = time.time() - start
+        for s, ips in speed[pos].items():
+            results[pos]["sizes"][str(s)]["img_per_s"] = ips
+        results[pos]["metrics"] = read_metrics(out / pos / "metrics.jsonl")
+    print(ev.write_report(results, out))
+    summary["total_wall_s"] = time.time() - start
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))
+    log.info("sweep done in %.0f s: %s", summary["total_wall_s"], out)
     return 0
 
 

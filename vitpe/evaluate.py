@@ -82,8 +82,9 @@ def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], devic
         m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False)
         out[size] = {"top1": m["top1"], "top5": m["top5"]}
         if cfg.eval.throughput:
-            out[size]["img_per_s"] = throughput(model, size, device, min(cfg.eval.batch_size, 64), cfg.run.amp,
-                                                seconds=0.5 if device.type == "cuda" else 0.2)
+            gpu = device.type == "cuda"  # a GPU needs full batches to be measured, not launch overhead
+            out[size]["img_per_s"] = throughput(model, size, device, cfg.eval.batch_size if gpu else
+                                                min(cfg.eval.batch_size, 64), cfg.run.amp, 0.5 if gpu else 0.2)
     return out
 
 
@@ -97,12 +98,13 @@ def unique_labels(labels: Sequence[str], paths: Sequence[str]) -> list[str]:
 
 def markdown_table(results: Results, key: str = "top1", fmt: str = "{:.1f}") -> str:
     """Rows: checkpoints; columns: sizes (the training size marked with *)."""
-    sizes = sorted({int(s) for r in results.values() for s in r["sizes"]})
+    rows = {label: {int(s): v for s, v in r["sizes"].items()} for label, r in results.items()}  # JSON keys are str
+    sizes = sorted({s for row in rows.values() for s in row})
     train = {r.get("train_size") for r in results.values()}
     head = ["strategy"] + [f"{s}*" if s in train else str(s) for s in sizes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in results.items():
-        cells = [fmt.format(r["sizes"][s][key]) if s in r["sizes"] and key in r["sizes"][s] else "-" for s in sizes]
+    for label, row in rows.items():
+        cells = [fmt.format(row[s][key]) if s in row and key in row[s] else "-" for s in sizes]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines)
 
@@ -115,8 +117,8 @@ def plot(results: Results, path: str | Path, title: str = "accuracy against test
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in results.items():
-        sizes = sorted(int(s) for s in r["sizes"])
-        ax.plot(sizes, [r["sizes"][s]["top1"] for s in sizes], marker="o", label=label)
+        row = {int(s): v for s, v in r["sizes"].items()}
+        ax.plot(sorted(row), [row[s]["top1"] for s in sorted(row)], marker="o", label=label)
     for t in sorted({r.get("train_size") for r in results.values()} - {None}):
         ax.axvline(t, color="gray", linestyle="--", linewidth=1)
     ax.set(xlabel="test resolution (px)", ylabel="top-1 (%)", title=title)
