@@ -23,7 +23,7 @@ class ClsDataConfig(DataConfig):
     train_split: str = "train"  # sub-folder of data.path used for training
     val_split: str = "val"  # sub-folder used for validation and the resolution evaluation
     cache: bool = False  # decode every training/validation image once into memory (small datasets like CIFAR)
-    synthetic_train: int = 2000  # samples of the synthetic training set (enough for a tiny ViT to learn)
+    synthetic_train: int = 1600  # samples of the synthetic training set (enough for a tiny ViT to learn it)
     synthetic_val: int = 500  # samples of the synthetic validation set
 
 
