@@ -15,13 +15,13 @@ import timm
 import torch
 from timm.utils import ModelEmaV2
 
-from vitpe.cli import common_parser, resolve_config, run_cli
-from vitpe.config import from_dict, save_config, to_dict
+from vitpe.cli import common_parser, run_cli, run_training
+from vitpe.config import save_config, to_dict
 from vitpe.data.classification import build_train_val, norm_stats
 from vitpe.data.folder import collate_skipping
 from vitpe.engine import distributed as dist
 from vitpe.errors import DataError
-from vitpe.engine.checkpoint import load_checkpoint, save_checkpoint
+from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, evaluate,
                                          train_one_epoch)
 from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
@@ -41,15 +41,7 @@ def model_stats(name: str) -> tuple[tuple, tuple]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    base = from_dict(ClsConfig, resumed["config"]) if resumed else None  # a resumed run keeps its recipe
-    cfg = resolve_config(ClsConfig, args, base=base)
-    device = dist.init_distributed(cfg.run.device)
-    try:
-        return train(cfg, device, resumed)
-    finally:
-        dist.cleanup()
+    return run_training(ClsConfig, common_parser(__doc__.splitlines()[0]).parse_args(argv), train)
 
 
 def train(cfg: ClsConfig, device, resumed: dict | None) -> int:

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +26,7 @@ from vitpe.cli import parse_sizes, resolve_config, run_cli
 from vitpe.engine import distributed as dist
 from vitpe.engine.classification import ClsConfig, build_model
 from vitpe.engine.metrics_log import read_metrics
-from vitpe.errors import UserError
+from vitpe.engine.runs import launch_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = "none,sincos2d,learned,peg,mixffn,rope_axial,rope_mixed,rpb"
@@ -37,23 +34,7 @@ log = logging.getLogger("sweep")
 
 
 def launch(strategies: list[str], common: list[str], out: Path, epochs: int, extra: list[str]) -> float:
-    """All strategies at once (logs in ``out/<pos>/train.log``); returns the wall time."""
-    start, procs = time.time(), []
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    for pos in strategies:
-        (out / pos).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "train_cls.py"), *common, "--pos", pos, "--epochs", str(epochs),
-               "--output", str(out / pos), *extra]
-        logf = open(out / pos / "train.log", "w")
-        procs.append((pos, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf))
-    failed = []
-    for pos, p, logf in procs:
-        if p.wait() != 0:
-            failed.append(pos)
-        logf.close()
-    if failed:
-        raise UserError(f"training failed for {failed}: see {out}/<strategy>/train.log")
-    return time.time() - start
+    return launch_runs(ROOT / "train_cls.py", strategies, common, out, epochs, extra)
 
 
 def probe(strategies: list[str], common: list[str], out: Path) -> tuple[float, float]:

@@ -73,3 +73,24 @@ def test_markdown_table_marks_the_training_size():
     table = ev.markdown_table(results).splitlines()
     assert table[0] == "| strategy | 16 | 32* |"
     assert table[2] == "| a | 50.0 | 90.2 |" and table[3] == "| b | - | 80.0 |"
+
+
+def test_sweep_trains_every_strategy_at_once_and_merges_the_reports(tmp_path):
+    import importlib.util
+
+    from cls_data import ROOT
+
+    spec = importlib.util.spec_from_file_location("resolution_sweep", ROOT / "scripts" / "resolution_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    sweep.main(["--config", str(ROOT / "configs/cls/synthetic.yaml"), "--strategies", "none,rope_axial",
+                "--epochs", "1", "--sizes", "16,32", "--output", str(out), "--set", "run.device=cpu",
+                "--set", "data.synthetic_train=64", "--set", "data.synthetic_val=16", "--set", "eval.batch_size=16",
+                "--set", "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"])
+    res = json.loads((out / "resolution.json").read_text())
+    assert list(res) == ["none", "rope_axial"]
+    for r in res.values():
+        assert set(r["sizes"]) == {"16", "32"} and all(v["img_per_s"] > 0 for v in r["sizes"].values())
+        assert len(r["metrics"]) == 1  # one epoch, read back from the run's metrics.jsonl
+    assert json.loads((out / "sweep.json").read_text())["epochs"] == 1

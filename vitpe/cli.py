@@ -90,6 +90,25 @@ def resolve_config(cls: type[C], args: argparse.Namespace, keymap: Mapping[str, 
     return apply_overrides(cfg, getattr(args, "set", None) or [])
 
 
+def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any, dict | None], int],
+                 keymap: Mapping[str, str] = CLI_KEYS) -> int:
+    """The body of every training script's ``main``: resolve the config (on ``--resume`` the
+    checkpoint's own config is the base, so a resumed run keeps its recipe), join the process
+    group when under torchrun, call ``train(cfg, device, resumed_state_or_None)``, leave the group."""
+    from .config import from_dict
+    from .engine import distributed as dist
+    from .engine.checkpoint import load_checkpoint
+
+    resumed = load_checkpoint(args.resume) if getattr(args, "resume", None) else None
+    base = from_dict(cls, resumed["config"]) if resumed else None
+    cfg = resolve_config(cls, args, keymap, base=base)
+    device = dist.init_distributed(cfg.run.device)
+    try:
+        return train(cfg, device, resumed)
+    finally:
+        dist.cleanup()
+
+
 def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
     """Call ``main(argv)`` and exit with its return code; user errors become one line and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -106,4 +125,4 @@ def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None
 
 
 __all__ = ["CLI_KEYS", "CheckpointError", "ConfigError", "DataError", "UserError", "common_parser", "parse_scales", "parse_sizes",
-           "resolve_config", "run_cli"]
+           "resolve_config", "run_cli", "run_training"]
