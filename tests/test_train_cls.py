@@ -54,9 +54,11 @@ def test_two_epoch_run_writes_every_output(folder, tmp_path, capsys):
     assert "| peg |" in printed and "16*" in printed
 
 
-def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--set", "ema.enabled=true", "--set", "ema.decay=0.9",
+                                         "--set", "aug.mixup=0.8", "--set", "aug.cutmix=1.0"]], ids=["plain", "ema_mixup"])
+def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatch, extra):
     full, part = tmp_path / "full", tmp_path / "part"
-    assert run(tiny_argv(folder, full, epochs=3)) == 0
+    assert run(tiny_argv(folder, full, *extra, epochs=3)) == 0
     module = train_cls_module()
     original = module.save_epoch
 
@@ -67,12 +69,14 @@ def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatc
         return best
 
     monkeypatch.setattr(module, "save_epoch", stop_after_first)
-    assert run(tiny_argv(folder, part, epochs=3)) == 130
+    assert run(tiny_argv(folder, part, *extra, epochs=3)) == 130
     monkeypatch.setattr(module, "save_epoch", original)
     assert len(losses(part)) == 1
     assert run(["--resume", str(part / "checkpoint.pt")]) == 0  # the checkpoint's own config and output
     assert losses(part) == losses(full)  # exactly: same batches, augmentations and updates
     assert [r["epoch"] for r in read_metrics(part / "metrics.jsonl")] == [0, 1, 2]
+    assert [r["val_top1"] for r in read_metrics(part / "metrics.jsonl")] == \
+        [r["val_top1"] for r in read_metrics(full / "metrics.jsonl")]
 
 
 def test_two_gloo_processes_match_one_at_the_same_global_batch(folder, tmp_path):

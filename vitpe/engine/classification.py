@@ -115,6 +115,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         x = batch.images.to(device, non_blocking=True)
         y = batch.targets.to(device, non_blocking=True)
         if mixup is not None:
+            if len(x) % 2:  # timm's mixup pairs samples; a skipped file can leave an odd batch
+                x, y = x[:-1], y[:-1]
             x, y = mixup(x, y)
         with autocast(device, cfg.run.amp):
             loss = criterion(model(x), y)
