@@ -87,7 +87,9 @@ def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+    """Measure every combination; the files are rewritten after each row, so a run cut short keeps
+    what it measured."""
+    rows: list[dict[str, Any]] = []
     for size in args.sizes:
         for res in args.resolutions:
             for mode in args.modes:
@@ -108,8 +110,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                train_ratio=ours["train_img_s"] / ref["train_img_s"],
                                infer_ratio=ours["infer_img_s"] / ref["infer_img_s"])
                     rows.append(row)
-                    print(markdown([row], header=not rows[:-1]), flush=True)
+                    print(markdown([row], header=len(rows) == 1), flush=True)
+                    write(args, rows)
     return rows
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    args.output.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    meta = dict(args={k: str(v) for k, v in vars(args).items()}, device=device, torch=torch.__version__,
+                timm=timm.__version__, rows=rows)
+    (args.output / "throughput.json").write_text(json.dumps(meta, indent=1))
+    (args.output / "throughput.md").write_text(markdown(rows) + "\n")
 
 
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
@@ -148,14 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = run(args)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "throughput.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                                 device=torch.cuda.get_device_name()
-                                                                 if args.device == "cuda" else "cpu",
-                                                                 torch=torch.__version__, timm=timm.__version__,
-                                                                 rows=rows), indent=1))
-    (args.output / "throughput.md").write_text(markdown(rows) + "\n")
+    run(args)
 
 
 if __name__ == "__main__":
