@@ -71,10 +71,13 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     mixup = build_mixup(cfg.aug, len(classes), cfg.data.path == "synthetic")
     criterion = build_criterion(cfg.aug, mixup)
     metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
+    # Under DDP, evaluate the bare model: shards may differ in length by one batch, and DDP's forward
+    # would wait on a buffer broadcast from a process that has already finished.
+    eval_net = model if dist.is_distributed() else net
     for epoch in range(start, cfg.run.epochs):
         train_loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, device, epoch, cfg, mixup, ema)
-        val = evaluate(ema.module if ema else net, val_loader, device, cfg.run.amp)
+        val = evaluate(ema.module if ema else eval_net, val_loader, device, cfg.run.amp)
         record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")}}
         metrics.log(record)
         if dist.is_main():

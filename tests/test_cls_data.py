@@ -90,3 +90,11 @@ def test_synthetic_renders_the_same_scene_at_any_resolution():
     big, small = render(p, 64, noise=0.0), render(p, 32, noise=0.0)
     down = F.avg_pool2d(big[None], 2)[0]  # box-filtering the 64-px render approximates the 32-px one
     assert (down - small).abs().mean() < 0.02
+
+
+def test_evaluation_shards_cover_every_sample_exactly_once():
+    from vitpe.engine.loop import ShardSampler
+
+    for size, world in [(10, 3), (7, 2), (2, 4), (0, 2)]:
+        seen = sorted(i for r in range(world) for i in ShardSampler(size, r, world))
+        assert seen == list(range(size))

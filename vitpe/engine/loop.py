@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Iterable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from ..errors import UserError
@@ -30,6 +30,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class ShardSampler(Sampler[int]):
+    """Evaluation order: process ``r`` of ``w`` takes indices ``r, r + w, ...``, so every sample is
+    seen exactly once over all processes. ``DistributedSampler`` would pad the last shard with
+    repeated samples, and a metric summed over processes would count those twice."""
+
+    def __init__(self, size: int, rank: int, world: int) -> None:
+        self.indices = range(rank, size, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:  # same interface as DistributedSampler; order is fixed
+        pass
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
                 collate_fn: Callable | None = None) -> DataLoader:
     """A loader over this process's share of ``dataset``; ``batch_size`` is the global batch.
@@ -38,12 +56,16 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, w
     ``seed + epoch`` (call ``loader.sampler.set_epoch(epoch)``), so a resumed run and an
     N-process run see the same global batches as an uninterrupted 1-process run. Workers are not
     persistent so that their RNG is re-seeded from the (checkpointed) global RNG every epoch.
+    Evaluation loaders (``train=False``) shard without padding (``ShardSampler``).
     """
     world = dist.world_size()
     if batch_size % world:
         raise UserError(f"batch size {batch_size} is not divisible by the {world} processes")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=train, seed=seed,
-                                 drop_last=False)
+    if train:
+        sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
+                                                   seed=seed, drop_last=False)
+    else:
+        sampler = ShardSampler(len(dataset), dist.rank(), world)
     return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn, drop_last=train, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False)
@@ -107,5 +129,5 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
     return int(state["epoch"])
 
 
-__all__ = ["NonFiniteLossError", "autocast", "check_finite", "make_loader", "optimizer_step", "progress",
+__all__ = ["NonFiniteLossError", "ShardSampler", "autocast", "check_finite", "make_loader", "optimizer_step", "progress",
            "restore_training_state", "seed_everything", "training_state"]
