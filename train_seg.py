@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
-from vitpe.cli import CLI_KEYS, common_parser, parse_scales, resolve_config, run_cli
-from vitpe.config import ConfigError, from_dict, save_config, to_dict
+from vitpe.cli import CLI_KEYS, common_parser, parse_scales, run_cli, run_training
+from vitpe.config import ConfigError, save_config, to_dict
 from vitpe.data.segmentation import list_collate
 from vitpe.engine import distributed as dist
-from vitpe.engine.checkpoint import load_checkpoint, save_checkpoint
+from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
@@ -51,14 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.eval_sizes:
         raise ConfigError("--eval-sizes is for classification; segmentation evaluates at --eval-scales")
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    base = from_dict(SegConfig, resumed["config"]) if resumed else None  # a resumed run keeps its recipe
-    cfg = resolve_config(SegConfig, args, KEYS, base=base)
-    device = dist.init_distributed(cfg.run.device)
-    try:
-        return train(cfg, device, resumed)
-    finally:
-        dist.cleanup()
+    return run_training(SegConfig, args, train, KEYS)
 
 
 def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:

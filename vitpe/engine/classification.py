@@ -11,11 +11,11 @@ import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import EvalConfig, ModelConfig, OptimConfig, RunConfig
-from ..data.classification import AugConfig, ClsDataConfig, is_synthetic
+from ..data.classification import AugConfig, ClsDataConfig
 from ..data.folder import Batch, Skipped
 from ..errors import UserError
 from . import distributed as dist
