@@ -201,6 +201,12 @@ def test_resnet_weights_come_from_a_local_file(tmp_path) -> None:
         ResNetBackbone("resnet18", weights=str(tmp_path / "missing.pt"))
 
 
+def test_resnet_cut_after_layer3_has_stride_16() -> None:
+    net = ResNetBackbone("resnet18", frozen_bn=False, stages=3)
+    assert (net.stride, net.num_channels) == (16, 256)
+    assert net(torch.randn(1, 3, 64, 96)).shape == (1, 256, 4, 6)
+
+
 def _torchvision_keys(backbone: ResNetBackbone) -> dict[str, torch.Tensor]:
     """The backbone's state dict under torchvision's names (``conv1.weight``, ``layer1.0...``)."""
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
@@ -213,3 +219,14 @@ def test_vit_backbone_through_timm() -> None:
     assert model.size_divisibility == 16
     out = model(torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool))
     assert out["pred_boxes"].shape == (2, 4, 4) and ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+
+
+def test_box_refs_start_every_query_on_its_own_centre() -> None:
+    model = DETR(num_classes=2, backbone="resnet18", frozen_bn=False, dim=32, num_heads=4, enc_layers=1,
+                 dec_layers=2, ffn_dim=64, num_queries=7, box_refs=True).eval()
+    out = model(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))
+    centres = model.box_refs.detach().sigmoid()
+    for boxes in [out["pred_boxes"], *(a["pred_boxes"] for a in out["aux_outputs"])]:
+        torch.testing.assert_close(boxes[..., :2], centres.expand(2, -1, -1))
+        torch.testing.assert_close(boxes[..., 2:], torch.full((2, 7, 2), torch.tensor(-2.0).sigmoid().item()))
+    assert len(set(centres[:, 0].tolist())) == 7  # spread: no two queries share a centre

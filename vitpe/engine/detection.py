@@ -48,6 +48,7 @@ class DetModelConfig:
     frozen_bn: bool = True  # FrozenBatchNorm2d (right with pretrained weights; set false from scratch)
     freeze_stem: bool = False  # keep stem and layer1 fixed, as DETR does when fine-tuning
     backbone_pos: str | None = None  # a vitpe ViT backbone's own positional strategy
+    backbone_stages: int = 4  # ResNet stages kept: 4 ends at stride 32 (DETR), 3 at stride 16 (finer grid)
     pos: str = "sine"  # the encoder's strategy: sine, learned, none, rope_axial, rope_mixed, peg, or a+b
     pos_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-strategy options
     pos_grid: int = 32  # native grid of grid-shaped strategies (length of the learned row/column tables)
@@ -59,6 +60,7 @@ class DetModelConfig:
     ffn_dim: int = 2048
     dropout: float = 0.1
     aux_loss: bool = True  # losses on every decoder layer's output (DETR converges much slower without)
+    box_refs: bool = False  # per-query reference centres for the boxes (Deformable DETR), for short schedules
 
 
 @dataclass
@@ -116,10 +118,12 @@ def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
 def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
     try:
         return DETR(num_classes=num_classes, backbone=cfg.backbone, backbone_weights=cfg.backbone_weights,
-                    frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem, backbone_pos=cfg.backbone_pos, dim=cfg.dim,
+                    frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem, backbone_pos=cfg.backbone_pos,
+                    backbone_stages=cfg.backbone_stages, dim=cfg.dim,
                     num_heads=cfg.num_heads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
                     ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_queries=cfg.num_queries, pos=cfg.pos,
-                    pos_kwargs=cfg.pos_kwargs or None, pos_grid=cfg.pos_grid, aux_loss=cfg.aux_loss)
+                    pos_kwargs=cfg.pos_kwargs or None, pos_grid=cfg.pos_grid, aux_loss=cfg.aux_loss,
+                    box_refs=cfg.box_refs)
     except (KeyError, ValueError) as e:  # unknown strategy or backbone, widths that do not divide
         raise UserError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
 
@@ -135,7 +139,7 @@ def build_optimizer(model: DETR, cfg: DetOptimConfig) -> torch.optim.AdamW:
     """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest."""
     backbone = {id(p) for p in model.backbone.parameters()}
     groups = []
-    for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos"]):
+    for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos", "box_refs"]):
         for is_bb, lr in ((True, cfg.backbone_lr), (False, cfg.lr)):
             ps = [p for p in g["params"] if (id(p) in backbone) == is_bb]
             if ps and lr > 0:

@@ -22,16 +22,20 @@ from .detr_transformer import DetrTransformer
 
 
 class BoxHead(nn.Module):
-    """DETR's 3-layer box MLP: ``(..., C)`` -> ``(..., 4)`` in ``[0, 1]``."""
+    """DETR's 3-layer box MLP: ``(..., Q, C)`` -> ``(..., Q, 4)`` in ``[0, 1]``. Given ``refs``
+    ``(Q, 2)``, logits of per-query reference centres, it predicts the centre as an offset from
+    them in logit space (Deformable DETR's reference points, without the deformable attention)."""
 
     def __init__(self, dim: int, layers: int = 3) -> None:
         super().__init__()
         dims = [dim] * layers + [4]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, refs: Tensor | None = None) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        if refs is not None:
+            x = x + F.pad(refs, (0, 2)).to(x.dtype)
         return x.sigmoid()
 
 
@@ -41,14 +45,15 @@ class DETR(nn.Module):
 
     def __init__(self, *, num_classes: int, backbone: str = "resnet50", backbone_weights: str | None = None,
                  frozen_bn: bool = True, freeze_stem: bool = False, backbone_pos: str | None = None,
+                 backbone_stages: int = 4,
                  dim: int = 256, num_heads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
                  ffn_dim: int = 2048, dropout: float = 0.1, num_queries: int = 100, pos: str = "sine",
                  pos_kwargs: dict[str, dict[str, Any]] | None = None, pos_grid: int = 32,
-                 aux_loss: bool = True) -> None:
+                 aux_loss: bool = True, box_refs: bool = False) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
         self.backbone = build_backbone(backbone, weights=backbone_weights, frozen_bn=frozen_bn,
-                                       freeze_stem=freeze_stem, pos=backbone_pos)
+                                       freeze_stem=freeze_stem, pos=backbone_pos, stages=backbone_stages)
         self.size_divisibility: int = self.backbone.stride  # pad batches to a multiple of this
         self.input_proj = nn.Conv2d(self.backbone.num_channels, dim, kernel_size=1)
         self.transformer = DetrTransformer(dim=dim, num_heads=num_heads, enc_layers=enc_layers,
@@ -57,6 +62,16 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, dim)
         self.class_embed = nn.Linear(dim, num_classes + 1)
         self.bbox_embed = BoxHead(dim)
+        self.box_refs = None
+        if box_refs:
+            # queries spread over the image from the first step, so that Hungarian matching pairs
+            # each object with a nearby query instead of all queries collapsing onto one mean box
+            self.box_refs = nn.Parameter(torch.logit(torch.rand(num_queries, 2) * 0.9 + 0.05))
+            last = self.bbox_embed.layers[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.constant_(last.bias, 0.0)
+            with torch.no_grad():
+                last.bias[2:] = -2.0  # small initial boxes (sigmoid(-2) = 0.12), as Deformable DETR
 
     def forward(self, images: Tensor, mask: Tensor) -> dict[str, Any]:
         """``images`` ``(B, 3, H, W)``, ``mask`` ``(B, H, W)`` True on padding."""
@@ -64,7 +79,7 @@ class DETR(nn.Module):
         # a feature cell is padding when its top-left pixel is (DETR's nearest-neighbour rule)
         fmask = F.interpolate(mask[:, None].float(), size=feat.shape[-2:]).bool()[:, 0]
         hs = self.transformer(self.input_proj(feat), fmask, self.query_embed.weight)  # (L, B, Q, C)
-        logits, boxes = self.class_embed(hs), self.bbox_embed(hs)
+        logits, boxes = self.class_embed(hs), self.bbox_embed(hs, self.box_refs)
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]

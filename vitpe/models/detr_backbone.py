@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 _logger = logging.getLogger(__name__)
-RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}  # name -> C5 channels
+RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}  # name -> layer4 channels
 
 
 def load_state_file(path: str | Path) -> dict[str, Tensor]:
@@ -49,20 +49,21 @@ def _load_resnet(net: nn.Module, name: str, weights: str) -> None:
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet up to ``layer4``: ``(B, 3, H, W)`` -> ``(B, C, H/32, W/32)``.
+    """A torchvision ResNet up to ``layer4``: ``(B, 3, H, W)`` -> ``(B, C, H/32, W/32)``; with
+    ``stages=3`` up to ``layer3``: ``(B, C/2, H/16, W/16)``, a finer grid for small objects.
 
     ``frozen_bn`` replaces batch norm by ``FrozenBatchNorm2d`` (DETR's choice with pretrained
     weights and small per-GPU batches); ``freeze_stem`` keeps the stem and ``layer1`` fixed, as DETR
     does when fine-tuning.
     """
 
-    stride = 32
-
     def __init__(self, name: str = "resnet50", *, weights: str | None = None, frozen_bn: bool = True,
-                 freeze_stem: bool = False) -> None:
+                 freeze_stem: bool = False, stages: int = 4) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; valid: {', '.join(RESNETS)}")
+        if stages not in (3, 4):
+            raise ValueError(f"{name}: stages must be 3 (stride 16) or 4 (stride 32), got {stages}")
         if frozen_bn and not weights:
             _logger.warning("%s: frozen batch norm without a weights file leaves the network unnormalised; "
                             "set frozen_bn=false to train from scratch", name)
@@ -70,8 +71,9 @@ class ResNetBackbone(nn.Module):
         net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
         if weights:
             _load_resnet(net, name, weights)
-        self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
-        self.num_channels = RESNETS[name]
+        self.body = nn.Sequential(*list(net.children())[:4 + stages])  # stem, then layer1..layer<stages>
+        self.num_channels = RESNETS[name] // (2 ** (4 - stages))
+        self.stride = 2 ** (1 + stages)
         if freeze_stem:
             for m in list(self.body.children())[:5]:  # conv1, bn1, relu, maxpool, layer1
                 m.requires_grad_(False)
@@ -109,10 +111,10 @@ class TimmBackbone(nn.Module):
 
 
 def build_backbone(name: str, *, weights: str | None = None, frozen_bn: bool = True, freeze_stem: bool = False,
-                   pos: str | None = None) -> nn.Module:
-    """A ResNet by torchvision name, else a timm model (``pos`` for vitpe's ViTs)."""
+                   pos: str | None = None, stages: int = 4) -> nn.Module:
+    """A ResNet by torchvision name (``stages`` 3 or 4), else a timm model (``pos`` for vitpe's ViTs)."""
     if name in RESNETS:
-        return ResNetBackbone(name, weights=weights, frozen_bn=frozen_bn, freeze_stem=freeze_stem)
+        return ResNetBackbone(name, weights=weights, frozen_bn=frozen_bn, freeze_stem=freeze_stem, stages=stages)
     return TimmBackbone(name, weights=weights, pos=pos)
 
 
