@@ -82,4 +82,27 @@ def plot_detections(samples: Sequence[tuple[Tensor, dict[str, Tensor], dict[str,
     plt.close(fig)
 
 
-__all__ = ["STAT_NAMES", "coco_evaluate", "plot_detections", "to_coco_results"]
+def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path,
+                metrics: Sequence[str] = ("loss", "val_AP50", "val_AP")) -> None:
+    """One panel per metric of ``metrics.jsonl`` records against the epoch, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], metrics):
+        for name, records in runs.items():
+            pts = [(r["epoch"] + 1, r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 15 else None, ms=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(key.replace("val_", "validation "), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["STAT_NAMES", "coco_evaluate", "plot_curves", "plot_detections", "to_coco_results"]
