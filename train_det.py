@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from vitpe.cli import CLI_KEYS, common_parser, resolve_config, run_cli
-from vitpe.config import from_dict, save_config, to_dict
+from vitpe.cli import CLI_KEYS, common_parser, run_cli, run_training
+from vitpe.config import save_config, to_dict
 from vitpe.data.coco import PadCollate
 from vitpe.engine import distributed as dist
-from vitpe.engine.checkpoint import load_checkpoint, save_checkpoint
+from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.coco_eval import plot_detections
 from vitpe.engine.detection import (DetConfig, build_criterion, build_datasets, build_model, build_optimizer,
                                     eval_loader, evaluate, figure_samples, metrics_table, train_one_epoch)
@@ -40,15 +40,7 @@ def parse(argv: Sequence[str] | None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(argv)
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    base = from_dict(DetConfig, resumed["config"]) if resumed else None  # a resumed run keeps its recipe
-    cfg = resolve_config(DetConfig, args, KEYS, base=base)
-    device = dist.init_distributed(cfg.run.device)
-    try:
-        return train(cfg, device, resumed)
-    finally:
-        dist.cleanup()
+    return run_training(DetConfig, parse(argv), train, KEYS)
 
 
 def train(cfg: DetConfig, device, resumed: dict | None) -> int:

@@ -13,9 +13,10 @@ CAT_IDS = [3, 17, 90]  # gaps, as in COCO
 COLORS = {3: (220, 40, 40), 17: (40, 200, 40), 90: (40, 40, 220)}
 
 
-def _boxes(i: int) -> list[tuple[int, list[float], int]]:
-    """(category id, [x, y, w, h], iscrowd) for image ``i``: two or three boxes, image 3 none."""
-    if i == 3:
+def _boxes(i: int, empty: int | None = 3) -> list[tuple[int, list[float], int]]:
+    """(category id, [x, y, w, h], iscrowd) for image ``i``: two boxes (image 0 also a crowd
+    region), none for image ``empty``."""
+    if i == empty:
         return []
     out = [(CAT_IDS[i % 3], [4.0 + i, 6.0, 20.0, 14.0], 0), (CAT_IDS[(i + 1) % 3], [36.0, 20.0 + i, 18.0, 16.0], 0)]
     if i == 0:
@@ -23,7 +24,8 @@ def _boxes(i: int) -> list[tuple[int, list[float], int]]:
     return out
 
 
-def write_split(root: Path, split: str, n: int, size: tuple[int, int] = (64, 48)) -> dict[str, Any]:
+def write_split(root: Path, split: str, n: int, size: tuple[int, int] = (64, 48),
+                empty: int | None = 3) -> dict[str, Any]:
     (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
     images, anns = [], []
@@ -31,7 +33,7 @@ def write_split(root: Path, split: str, n: int, size: tuple[int, int] = (64, 48)
         img = Image.new("RGB", size, (128, 128, 128))
         draw = ImageDraw.Draw(img)
         image_id = 100 + i  # ids need not start at 1
-        for cat, (x, y, w, h), crowd in _boxes(i):
+        for cat, (x, y, w, h), crowd in _boxes(i, empty):
             draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLORS[cat])
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": [x, y, w, h],
                          "area": w * h, "iscrowd": crowd})
@@ -46,7 +48,7 @@ def write_split(root: Path, split: str, n: int, size: tuple[int, int] = (64, 48)
     return data
 
 
-def make_dataset(root: Path, n_train: int = 4, n_val: int = 4) -> Path:
-    write_split(root, "train2017", n_train)
-    write_split(root, "val2017", n_val)
+def make_dataset(root: Path, n_train: int = 4, n_val: int = 4, empty: int | None = 3) -> Path:
+    write_split(root, "train2017", n_train, empty=empty)
+    write_split(root, "val2017", n_val, empty=empty)
     return root

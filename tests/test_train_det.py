@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,25 @@ def test_json_that_is_not_coco_is_one_line_error(tmp_path) -> None:
     assert lines[-1].startswith("error: ") and "instances_train2017.json" in lines[-1]
     assert "not a COCO file: missing key 'images'" in lines[-1]
     assert not [ln for ln in lines[:-1] if ln.strip() and not ln.startswith("instances_")]  # only info lines before
+
+
+def test_two_gloo_processes_match_one_at_the_same_global_batch(tmp_path) -> None:
+    """Frozen batch norm, no dropout and no random augmentation: the only difference left is the
+    split of each global batch over processes, which DETR's loss normalisation makes invisible
+    (box losses are divided by the box count averaged over processes; the class loss is a
+    weighted mean per process, so every image here has the same number of boxes, as the
+    weights' sum then is the same in every process)."""
+    data = make_dataset(tmp_path / "data", empty=None)
+    fixed = [*TINY, "--set", "model.frozen_bn=true", "--set", "model.dropout=0", "--set", "data.flip=0",
+             "--set", "data.multiscale=false", "--set", "data.crop_prob=0", "--epochs", "2"]
+    assert train_det().main(["--data", str(data), *fixed, "--output", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_det.py"), "--data", str(data), *fixed, "--output", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    read = lambda d: [json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    one, two = read("one"), read("two")
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["val_stats"] == pytest.approx(a["val_stats"], abs=1e-6)

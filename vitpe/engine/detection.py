@@ -210,18 +210,15 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: boo
 def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, device: torch.device,
              amp: bool = True, desc: str = "eval", gather: bool = True) -> dict[str, Any]:
     """COCO metrics over the validation set. ``gather``: every process predicts its share of a
-    sharded loader and the main process gathers them (one result per image: samplers repeat images
-    to even out shards) and runs COCOeval; other processes return ``{}``. Without ``gather`` this
-    process alone evaluates what ``loader`` gives."""
+    sharded loader (``make_loader`` shards evaluation without repeats) and the main process
+    gathers them and runs COCOeval; other processes return ``{}``. Without ``gather`` this process
+    alone evaluates what ``loader`` gives."""
     preds, ids, fps = predict(model, loader, device, amp, desc)
     shards = dist.gather_objects((preds, ids)) if gather else [(preds, ids)]
     if gather and not dist.is_main():
         return {}
-    seen, results = set(), []
-    for shard_preds, shard_ids in shards:
-        fresh = [(p, i) for p, i in zip(shard_preds, shard_ids) if i not in seen]
-        seen |= {i for _, i in fresh}
-        results += to_coco_results([p for p, _ in fresh], [i for _, i in fresh], dataset.index.cat_ids)
+    results = [r for shard_preds, shard_ids in shards
+               for r in to_coco_results(shard_preds, shard_ids, dataset.index.cat_ids)]
     metrics = coco_evaluate(dataset.index.gt, results, [img["id"] for img in dataset.index.images])
     return {**metrics, "img_per_s": fps}
 
