@@ -8,19 +8,19 @@ padding. The padding mask reaches every attention as a key-padding mask.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from ..layers import Mlp
+from ..layers.attention import attend
 from ..pos.base import BlockPos
 from ..pos.detr import build_detr_pos, qk_embed
-from ..pos.functional import apply_rope
 
-_NO_POS = BlockPos(grid=(0, 0), num_prefix=0)  # the decoder's FFNs have no grid
+_NO_POS = BlockPos(grid=(0, 0), num_prefix=0)  # no position: cross-attention, the decoder's FFNs
 
 
 class MultiheadAttention(nn.Module):
@@ -40,16 +40,12 @@ class MultiheadAttention(nn.Module):
         padding; ``pos`` may carry rotary tables (self-attention) and an additive bias."""
         q, k, v = (rearrange(proj(t), "b t (h d) -> b h t d", h=self.num_heads)
                    for proj, t in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
-        if pos is not None and pos.rope is not None:
-            q, k = apply_rope(q, *pos.rope), apply_rope(k, *pos.rope)
-        mask = None
-        if key_padding_mask is not None:
-            mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S), True = may attend
-        if pos is not None and pos.bias is not None:
-            bias = pos.bias.to(q.dtype)[None]
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        pos = pos or _NO_POS
+        if key_padding_mask is not None:  # padded keys get -inf on top of the strategy's bias
+            pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
+            pos = replace(pos, bias=pad if pos.bias is None else pos.bias.to(q.dtype)[None] + pad)
+        out = attend(q, k, v, pos, self.dropout if self.training else 0.0)
         return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
