@@ -105,12 +105,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     model.train()
     start, seen = time.time(), set()
     totals = {"loss": 0.0, "n": 0.0, "skipped": 0.0}
+    loss_sum = torch.zeros((), device=device)
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
     for step, item in enumerate(bar):
         batch = as_batch(item)
         _report_skips(batch.skipped, seen)
         totals["skipped"] += len(batch.skipped)
-        if batch.images.numel() == 0:
+        if _empty_anywhere(batch, device):
             continue
         x = batch.images.to(device, non_blocking=True)
         y = batch.targets.to(device, non_blocking=True)
@@ -124,15 +125,26 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
         if ema is not None:
             ema.update(dist.unwrap_model(model))
-        totals["loss"] += loss.item() * len(x)
+        loss_sum = loss_sum + loss.detach().float() * len(x)  # on the device: no sync per step
         totals["n"] += len(x)
         if step % cfg.run.log_interval == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    totals["loss"] = float(loss_sum)
     totals = dist.reduce_sums(totals, device)
     if totals["skipped"] and dist.is_main():
         _logger.warning("epoch %d: skipped %d unreadable image(s)", epoch + 1, int(totals["skipped"]))
     return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],
             "skipped": int(totals["skipped"]), "time": time.time() - start}
+
+
+def _empty_anywhere(batch: Batch, device: torch.device) -> bool:
+    """True when this process's batch is empty (every file in it unreadable) or, under DDP, any
+    process's is: all processes must skip the step together, or the others would wait forever in
+    the gradient all-reduce."""
+    empty = float(batch.images.numel() == 0)
+    if dist.is_distributed():
+        empty = dist.all_reduce_sum(torch.tensor(empty, device=device)).item()
+    return empty > 0
 
 
 @torch.no_grad()

@@ -1,0 +1,42 @@
+"""Under DDP, a batch whose files were all unreadable on one process makes every process skip the
+step together (otherwise the others would wait forever in the gradient all-reduce)."""
+import os
+import socket
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from vitpe.data.folder import Batch
+from vitpe.engine.classification import _empty_anywhere
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        full = Batch(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long), [])
+        empty = Batch(torch.zeros(0, 3, 4, 4), torch.zeros(0, dtype=torch.long), [])
+        cpu = torch.device("cpu")
+        results[rank] = (_empty_anywhere(empty if rank == 0 else full, cpu), _empty_anywhere(full, cpu))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_an_empty_batch_on_one_process_skips_the_step_on_all():
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: (True, False), 1: (True, False)}
+
+
+def test_one_process_skips_only_its_own_empty_batches():
+    empty = Batch(torch.zeros(0, 3, 4, 4), torch.zeros(0, dtype=torch.long), [])
+    full = Batch(torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.long), [])
+    cpu = torch.device("cpu")
+    assert _empty_anywhere(empty, cpu) and not _empty_anywhere(full, cpu)
