@@ -20,7 +20,6 @@ from vitpe.config import save_config, to_dict
 from vitpe.data.classification import build_train_val, norm_stats
 from vitpe.data.folder import collate_skipping
 from vitpe.engine import distributed as dist
-from vitpe.errors import DataError
 from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, evaluate,
                                          train_one_epoch)
@@ -57,10 +56,8 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     ema = ModelEmaV2(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
     seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
     train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,
-                               collate_skipping)
+                               collate_skipping, source=cfg.data.path)
     val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate_skipping)
-    if len(train_loader) == 0:
-        raise DataError(f"{cfg.data.path}: {len(train_set)} training images are fewer than one batch of {cfg.data.batch_size}")
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)
     start = restore_training_state(resumed, model, optimizer, scheduler, ema.module if ema else None) if resumed else 0

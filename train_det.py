@@ -22,7 +22,6 @@ from vitpe.engine.detection import (DetConfig, build_criterion, build_datasets, 
 from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
-from vitpe.errors import DataError
 
 log = logging.getLogger("train_det")
 KEYS = dict(CLI_KEYS, model="model.backbone", backbone="model.backbone", img_size="data.min_size",
@@ -56,11 +55,9 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     optimizer = build_optimizer(model, cfg.optim)
     seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
     collate = PadCollate(model.size_divisibility)
-    train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, collate)
+    train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, collate,
+                               source=cfg.data.path)
     val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate)
-    if len(train_loader) == 0:
-        raise DataError(f"{cfg.data.path}: {len(train_set)} training images are fewer than one batch of "
-                        f"{cfg.data.batch_size}")
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)
     start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
     best = resumed.get("best_ap", -1.0) if resumed else -1.0

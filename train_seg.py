@@ -26,7 +26,6 @@ from vitpe.engine.seg_metrics import json_safe
 from vitpe.engine.seg_plot import plot_segmentation
 from vitpe.engine.segmentation import (SegConfig, build_datasets, build_model, build_optimizer, evaluate,
                                        figure_samples, results_table, summarize, train_one_epoch)
-from vitpe.errors import DataError
 
 log = logging.getLogger("train_seg")
 KEYS = {k: v for k, v in CLI_KEYS.items() if k != "eval_sizes"}
@@ -66,10 +65,8 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the decoder's BN sees the global batch
     optimizer = build_optimizer(model, cfg.optim)
     seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
-    loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, list_collate)
-    if len(loader) == 0:
-        raise DataError(f"{cfg.data.path}: {len(train_set)} training images are fewer than one batch of "
-                        f"{cfg.data.batch_size}")
+    loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, list_collate,
+                               source=cfg.data.path)
     scheduler = build_scheduler(optimizer, cfg.optim, len(loader), cfg.run.epochs)
     start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
     best = resumed.get("best_miou", -1.0) if resumed else -1.0

@@ -98,3 +98,14 @@ def test_evaluation_shards_cover_every_sample_exactly_once():
     for size, world in [(10, 3), (7, 2), (2, 4), (0, 2)]:
         seen = sorted(i for r in range(world) for i in ShardSampler(size, r, world))
         assert seen == list(range(size))
+
+
+def test_a_training_set_smaller_than_one_batch_is_a_named_error():
+    import pytest
+
+    from vitpe.engine.loop import make_loader
+    from vitpe.errors import DataError
+
+    with pytest.raises(DataError, match=r"data/tiny: 3 training images are fewer than one batch of 4"):
+        make_loader(list(range(3)), 4, True, source="data/tiny")
+    assert len(make_loader(list(range(3)), 4, False)) == 1  # evaluation keeps the partial batch

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import DataError, UserError
 from . import distributed as dist
 from .checkpoint import rng_state, set_rng_state
 from .optim import clip_gradients
@@ -49,14 +49,15 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
-                collate_fn: Callable | None = None) -> DataLoader:
+                collate_fn: Callable | None = None, source: str = "dataset") -> DataLoader:
     """A loader over this process's share of ``dataset``; ``batch_size`` is the global batch.
 
     The order comes from a ``DistributedSampler`` even in one process: it shuffles with
     ``seed + epoch`` (call ``loader.sampler.set_epoch(epoch)``), so a resumed run and an
     N-process run see the same global batches as an uninterrupted 1-process run. Workers are not
     persistent so that their RNG is re-seeded from the (checkpointed) global RNG every epoch.
-    Evaluation loaders (``train=False``) shard without padding (``ShardSampler``).
+    Evaluation loaders (``train=False``) shard without padding (``ShardSampler``). A training set
+    smaller than one batch is a ``DataError`` naming ``source`` (it would train on nothing).
     """
     world = dist.world_size()
     if batch_size % world:
@@ -66,9 +67,12 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, w
                                                    seed=seed, drop_last=False)
     else:
         sampler = ShardSampler(len(dataset), dist.rank(), world)
-    return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_fn, drop_last=train, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+    loader = DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_fn, drop_last=train, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=False)
+    if train and len(loader) == 0:
+        raise DataError(f"{source}: {len(dataset)} training images are fewer than one batch of {batch_size}")
+    return loader
 
 
 def autocast(device: torch.device, enabled: bool = True) -> ContextManager:
