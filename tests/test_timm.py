@@ -117,3 +117,16 @@ def test_training_checkpoint_at_other_resolution_loads(tmp_path):
                             pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     assert big.pos.learned.pos_embed.shape == (1, 1 + 16 * 16, 192)
     assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_under_bf16_autocast_the_residual_stream_stays_float32_and_matches_timm(tmp_path):
+    ref, path = timm_checkpoint(tmp_path)
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", depth=2, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=path)).eval()
+    dtypes = []
+    m.blocks[1].register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = m(x).float(), ref(x).float()
+    assert dtypes == [torch.float32]
+    assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max()  # the same ops as timm, in the same dtypes

@@ -84,6 +84,9 @@ class VisionTransformer(nn.Module):
     # -- trunk -------------------------------------------------------------------------------
     def _embed(self, x: Tensor) -> tuple[Tensor, Grid]:
         x, grid = self.patch_embed(x)  # (B, N, C)
+        # The residual stream keeps the parameters' dtype: under bf16 autocast the convolution
+        # returns bf16, but sums of many blocks' outputs belong in float32 (as in timm).
+        x = x.to(self.patch_embed.proj.weight.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.pos.embed(x, grid, self.num_prefix_tokens)  # (B, P + N, C)
