@@ -176,3 +176,25 @@ def test_tv_tensor_boxes_before_transform(data) -> None:
     image, t = CocoDetection(data, "train2017").raw(0)
     assert isinstance(image, tv_tensors.Image) and isinstance(t["boxes"], tv_tensors.BoundingBoxes)
     assert t["boxes"].canvas_size == (48, 64)
+
+
+def test_annotation_ids_of_zero_or_repeated_do_not_lower_ap(tmp_path) -> None:
+    """pycocotools treats a ground-truth id of 0 as unmatched and repeated ids as one box: the loader
+    renumbers them, so perfect predictions still score AP 1."""
+    root = make_dataset(tmp_path / "coco")
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    for a in data["annotations"]:
+        a["id"] = 0 if a is data["annotations"][0] else 5
+    path.write_text(json.dumps(data))
+    ds = CocoDetection(root, "val2017")
+    ids = [a["id"] for a in ds.index.gt.dataset["annotations"]]
+    assert len(set(ids)) == len(ids) and min(ids) >= 1
+    preds, image_ids = [], []
+    for i in range(len(ds)):
+        _, t = ds.raw(i)
+        preds.append({"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"],
+                      "scores": torch.ones(len(t["labels"]))})
+        image_ids.append(ds.samples[i][0]["id"])
+    m = coco_evaluate(ds.index.gt, to_coco_results(preds, image_ids, ds.index.cat_ids))
+    assert m["AP"] == pytest.approx(1.0)

@@ -177,7 +177,10 @@ def _check_annotations(data: dict[str, Any], images: dict[int, dict[str, Any]], 
         if box is None:
             continue
         iscrowd = int(a.get("iscrowd", 0))
-        kept.append(dict(a, id=a.get("id", i + 1), bbox=box, iscrowd=iscrowd, area=float(a.get("area", box[2] * box[3]))))
+        # Renumbered from 1: pycocotools treats a ground-truth id of 0 as "unmatched" and looks up
+        # repeated ids as one box, which would silently lower AP; nothing else reads these ids.
+        kept.append(dict(a, id=len(kept) + 1, bbox=box, iscrowd=iscrowd,
+                         area=float(a.get("area", box[2] * box[3]))))
     return kept
 
 
