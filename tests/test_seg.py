@@ -222,3 +222,15 @@ def test_train_seg_bad_mask_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert "annotations/validation/img1.png" in err and "label values [9]" in err
+
+
+def test_mask_dtype_holds_negative_and_large_ignore_indices():
+    import torch
+
+    from vitpe.data.segmentation import mask_dtype
+
+    assert mask_dtype(11, 255) == torch.uint8
+    for classes, ignore in [(11, -1), (150, -100), (300, 255), (11, 40000)]:
+        dtype = mask_dtype(classes, ignore)
+        stored = torch.tensor([ignore, classes - 1]).to(dtype)
+        assert stored.tolist() == [ignore, classes - 1], (classes, ignore, dtype)

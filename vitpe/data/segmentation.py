@@ -71,6 +71,15 @@ def read_mask(path: Path, reduce_zero_label: bool, ignore_index: int) -> np.ndar
     return mask
 
 
+def mask_dtype(num_classes: int, ignore_index: int) -> torch.dtype:
+    """The smallest integer dtype that holds every class index and the ignore index (which may be
+    negative, e.g. -100, and must not wrap around into a class)."""
+    lo, hi = min(0, ignore_index), max(num_classes - 1, ignore_index)
+    if lo >= 0 and hi < 256:
+        return torch.uint8
+    return torch.int16 if -2**15 <= lo and hi < 2**15 else torch.int32
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Items are ``(image (3, H, W) uint8, mask (H, W) uint8|int16)``; ``cache`` keeps every decoded
     image in memory (decoded once, here)."""
@@ -135,8 +144,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if bad.size:
             return self._bad(mask_path, f"label values {bad[:8].tolist()} are not classes 0..{self.num_classes - 1} "
                                         f"nor the ignore index {self.ignore_index}")
-        dtype = torch.uint8 if self.num_classes <= 256 and self.ignore_index < 256 else torch.int16
-        return torch.from_numpy(mask).to(dtype)
+        return torch.from_numpy(mask).to(mask_dtype(self.num_classes, self.ignore_index))
 
     def decode(self, i: int) -> Tensor:
         """``(3, H, W)`` uint8 RGB."""
