@@ -234,3 +234,19 @@ def test_mask_dtype_holds_negative_and_large_ignore_indices():
         dtype = mask_dtype(classes, ignore)
         stored = torch.tensor([ignore, classes - 1]).to(dtype)
         assert stored.tolist() == [ignore, classes - 1], (classes, ignore, dtype)
+
+
+def test_pixel_loss_is_the_labelled_mean_and_zero_without_labels():
+    import torch
+    import torch.nn.functional as F
+
+    from vitpe.engine.segmentation import pixel_loss
+
+    logits = torch.randn(2, 4, 5, 6, requires_grad=True)
+    target = torch.randint(0, 4, (2, 5, 6))
+    target[0, :2] = 255
+    torch.testing.assert_close(pixel_loss(logits, target, 255), F.cross_entropy(logits, target, ignore_index=255))
+    empty = pixel_loss(logits, torch.full((2, 5, 6), 255), 255)
+    assert empty.item() == 0.0
+    empty.backward()
+    assert torch.isfinite(logits.grad).all()

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from ..data.segmentation import SegmentationDataset, augment_batch, list_collate, normalize
@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
 from .checkpoint import load_checkpoint
-from .loop import autocast, check_finite, optimizer_step, progress
+from .loop import ShardSampler, autocast, check_finite, optimizer_step, progress
 from .optim import param_groups
 from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
 
@@ -127,9 +127,16 @@ def build_optimizer(model: Segmentor, cfg: SegOptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
+def pixel_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (not NaN) for a batch with none, which
+    random crops of sparsely labelled images can produce."""
+    loss = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="sum")
+    return loss / (target != ignore_index).sum().clamp(min=1)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
                     device: torch.device, epoch: int, cfg: SegConfig) -> dict[str, float]:
-    """One pass; returns ``train_loss`` (pixel-weighted mean over processes), ``lr`` and ``time``."""
+    """One pass; returns ``train_loss`` (mean of the batch losses over processes), ``lr`` and ``time``."""
     model.train()
     start, d = time.time(), cfg.data
     totals = {"loss": 0.0, "n": 0.0}
@@ -139,7 +146,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                              d.ignore_index, device)
         with autocast(device, cfg.run.amp):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, ignore_index=d.ignore_index)
+        loss = pixel_loss(logits, y, d.ignore_index)
         check_finite(loss, epoch, step)
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
         value = loss.item()
@@ -154,8 +161,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 def _shard(dataset: SegmentationDataset) -> DataLoader:
     """This process's images, every ``world``-th one and no padding: no image is scored twice."""
-    part = Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
-    return DataLoader(part, batch_size=1, collate_fn=list_collate)
+    sampler = ShardSampler(len(dataset), dist.rank(), dist.world_size())
+    return DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=list_collate)
 
 
 @torch.no_grad()
