@@ -103,9 +103,16 @@ def test_peg_is_translation_equivariant_away_from_borders(h, w, shift):
 
 def test_learned_resampling_to_same_grid_is_identity():
     s = build("learned", grid=(3, 7))
-    assert resample_table(s.pos_embed[:, 1:], (3, 7), (3, 7)) is s.pos_embed[:, 1:] or torch.equal(
-        resample_table(s.pos_embed[:, 1:], (3, 7), (3, 7)), s.pos_embed[:, 1:])
-    assert torch.equal(s.resampled((3, 7)), s.pos_embed)
+    table = s.pos_embed[:, 1:].detach().clone()
+    assert torch.equal(resample_table(table, (3, 7), (3, 7)), table)
+    # and the interpolation itself, at scale 1, reproduces the table (the shortcut is not hiding a shift)
+    from vitpe.pos.functional import resample_map
+    maps = table.reshape(1, 3, 7, 32).permute(0, 3, 1, 2)
+    import torch.nn.functional as F
+    same = F.interpolate(maps, size=(3, 7), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(same, maps, atol=1e-6, rtol=0)
+    assert resample_map(maps, (3, 7)) is maps
+    torch.testing.assert_close(s.resampled((3, 7)), s.pos_embed)
     other = build("learned", grid=(3, 7))
     other.load_state_dict(s.state_dict())
     assert torch.equal(other.pos_embed, s.pos_embed)
@@ -157,3 +164,13 @@ def test_context_cache_returns_same_tables_when_grid_unchanged():
     b = s.context((5, 5), 1).rope[0]
     assert a is b
     assert s.context((6, 5), 1).rope[0].shape[-2] == 31
+
+
+def test_rpb_checkpoint_without_grid_entry_infers_it_from_the_table():
+    src = build("rpb", grid=(3, 5))
+    sd = {k: v for k, v in src.state_dict().items() if k != "grid"}
+    dst = build("rpb", grid=(6, 6))
+    dst.load_state_dict(sd)
+    from vitpe.pos.functional import resample_map
+
+    torch.testing.assert_close(dst.tables, resample_map(src.tables, (11, 11)))

@@ -103,3 +103,13 @@ def test_pos_kwargs_reach_the_strategy():
         tiny_vit("peg", pos_kwargs={"peg": {"after": [7]}})
     with pytest.raises(KeyError, match="not part of"):
         tiny_vit("peg", pos_kwargs={"rpb": {}})
+
+
+@pytest.mark.parametrize("pos", ["rope_axial", "rpb", "sincos2d", "learned"])
+def test_tables_cached_under_inference_mode_do_not_break_training(pos):
+    model = tiny_vit(pos).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    model(x).sum().backward()  # would fail if an inference tensor were reused from the cache

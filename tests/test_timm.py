@@ -115,7 +115,12 @@ def test_training_checkpoint_at_other_resolution_loads(tmp_path):
     torch.save({"model": small.state_dict()}, path)
     big = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned+rpb", depth=2, img_size=64,
                             pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
-    assert big.pos.learned.pos_embed.shape == (1, 1 + 16 * 16, 192)
+    from vitpe.pos.functional import resample_map, resample_table
+
+    expected = resample_table(small.pos.learned.pos_embed[:, 1:].detach(), (8, 8), (16, 16))
+    torch.testing.assert_close(big.pos.learned.pos_embed[:, 1:], expected)
+    torch.testing.assert_close(big.pos.learned.pos_embed[:, :1], small.pos.learned.pos_embed[:, :1])
+    torch.testing.assert_close(big.pos.rpb.tables, resample_map(small.pos.rpb.tables.detach(), (31, 31)))
     assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()
 
 

@@ -104,7 +104,9 @@ class GridCache:
             return make()
         if params and torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return make()
-        key = (key, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        # Tables made under inference_mode cannot be saved for a later backward: keep them apart.
+        key = (key, torch.is_inference_mode_enabled(), tuple(p._version for p in params),
+               tuple(p.data_ptr() for p in params))
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
