@@ -159,3 +159,14 @@ def test_metrics_log_drops_epochs_past_the_resumed_checkpoint(tmp_path):
     assert [r["epoch"] for r in resumed.read()] == [0]
     line = summary_line(1, 10, {"epoch": 1, "train_loss": 0.123456, "time": 3.21})
     assert line.startswith("epoch  2/10") and "train_loss 0.1235" in line and "time 3.2s" in line
+
+
+def test_config_file_on_resume_is_merged_over_the_checkpoint_config(tmp_path):
+    from vitpe.engine.classification import ClsConfig
+
+    base = apply_overrides(ClsConfig(), ["optim.lr=0.123", "model.pos=rpb", "run.epochs=3"])
+    yaml_file = tmp_path / "more.yaml"
+    yaml_file.write_text("run:\n  epochs: 9\n")
+    args = argparse.Namespace(config=str(yaml_file), set=[])
+    cfg = resolve_config(ClsConfig, args, base=base)
+    assert (cfg.run.epochs, cfg.optim.lr, cfg.model.pos) == (9, 0.123, "rpb")

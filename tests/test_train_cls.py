@@ -173,3 +173,10 @@ def test_checkpoint_carrying_code_is_refused_not_run(tmp_path, capsys):
     assert run(["--resume", str(tmp_path / "evil.pt")]) == 2
     err = capsys.readouterr().err
     assert "evil.pt" in err and "refused" in err and not marker.exists()
+
+
+def test_resume_given_through_set_is_not_ignored(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert run(["--set", f"run.resume={missing}", "--output", str(tmp_path / "out")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no fresh run started in its place

@@ -77,7 +77,7 @@ def resolve_config(cls: type[C], args: argparse.Namespace, keymap: Mapping[str, 
     """defaults (or ``base``, e.g. a resumed checkpoint's config) <- ``args.config`` <- named options
     that are not None <- ``args.set``."""
     if getattr(args, "config", None):
-        cfg = load_config(args.config, cls)
+        cfg = load_config(args.config, cls, base)
     else:
         cfg = base if base is not None else cls()
     for dest, key in keymap.items():
@@ -99,9 +99,11 @@ def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any
     from .engine import distributed as dist
     from .engine.checkpoint import load_checkpoint
 
-    resumed = load_checkpoint(args.resume) if getattr(args, "resume", None) else None
-    base = from_dict(cls, resumed["config"]) if resumed else None
-    cfg = resolve_config(cls, args, keymap, base=base)
+    cfg = resolve_config(cls, args, keymap)
+    resumed = None
+    if cfg.run.resume:  # from --resume, --set run.resume=... or the YAML alike
+        resumed = load_checkpoint(cfg.run.resume)
+        cfg = resolve_config(cls, args, keymap, base=from_dict(cls, resumed["config"]))
     device = dist.init_distributed(cfg.run.device)
     try:
         return train(cfg, device, resumed)

@@ -217,8 +217,16 @@ def from_dict(cls: type[C], d: Mapping[str, Any], prefix: str = "") -> C:
 
 
 # -- files and overrides -------------------------------------------------------------------------
-def load_config(path: str | Path, cls: type[C]) -> C:
-    """Read a YAML file onto the defaults of ``cls``; errors name the file."""
+def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` written over it, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path, cls: type[C], base: C | None = None) -> C:
+    """Read a YAML file onto the defaults of ``cls`` (or onto ``base``); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -226,8 +234,10 @@ def load_config(path: str | Path, cls: type[C]) -> C:
         data = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, _merged(to_dict(base), data) if base is not None else data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
