@@ -65,7 +65,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     net = dist.wrap_model(model, device)
     if cfg.run.compile and device.type == "cuda":
         net = torch.compile(net)
-    mixup = build_mixup(cfg.aug, len(classes), cfg.data.path == "synthetic")
+    mixup = build_mixup(cfg.aug, len(classes), cfg.data.path == "synthetic", cfg.data.batch_size // dist.world_size())
     criterion = build_criterion(cfg.aug, mixup)
     metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
     # Under DDP, evaluate the bare model: shards may differ in length by one batch, and DDP's forward

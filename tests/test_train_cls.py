@@ -180,3 +180,10 @@ def test_resume_given_through_set_is_not_ignored(tmp_path, capsys):
     assert run(["--set", f"run.resume={missing}", "--output", str(tmp_path / "out")]) == 2
     assert "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no fresh run started in its place
+
+
+def test_mixup_with_an_odd_batch_is_refused_at_start(folder, tmp_path, capsys):
+    argv = tiny_argv(folder, tmp_path / "out", "--set", "aug.mixup=0.8", "--batch-size", "3")
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "must be even" in err and err.count("\n") == 1

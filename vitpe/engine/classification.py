@@ -69,10 +69,15 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
         raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}, kwargs={cfg.kwargs}: {msg}") from None
 
 
-def build_mixup(aug: AugConfig, num_classes: int, synthetic: bool) -> Mixup | None:
-    """timm Mixup/CutMix when configured (never for the synthetic task, whose label is geometric)."""
+def build_mixup(aug: AugConfig, num_classes: int, synthetic: bool, batch_per_process: int = 2) -> Mixup | None:
+    """timm Mixup/CutMix when configured (never for the synthetic task, whose label is geometric).
+    Mixup pairs the samples of a batch, so the batch of each process must be even."""
     if synthetic or (aug.mixup <= 0 and aug.cutmix <= 0):
         return None
+    if batch_per_process % 2:
+        raise UserError(f"mixup/cutmix pair the samples of a batch: the batch per process "
+                        f"({batch_per_process}) must be even (change --batch-size or set aug.mixup=0 "
+                        f"aug.cutmix=0)")
     return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, label_smoothing=aug.label_smoothing,
                  num_classes=num_classes)
 
@@ -116,8 +121,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         x = batch.images.to(device, non_blocking=True)
         y = batch.targets.to(device, non_blocking=True)
         if mixup is not None:
-            if len(x) % 2:  # timm's mixup pairs samples; a skipped file can leave an odd batch
-                x, y = x[:-1], y[:-1]
+            if len(x) % 2:  # timm's mixup pairs samples; a skipped file can leave an odd batch:
+                x, y = torch.cat([x, x[-1:]]), torch.cat([y, y[-1:]])  # repeat one rather than lose one
             x, y = mixup(x, y)
         with autocast(device, cfg.run.amp):
             loss = criterion(model(x), y)
