@@ -83,7 +83,8 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     dist.barrier()
     if dist.is_main():
         finish(cfg, out, ema.module if ema else model, val_loader, device, classes, mean, std)
-    dist.barrier()
+    # No barrier after the final evaluation: it runs on the main process alone and may outlast the
+    # collective timeout; the other processes simply finish.
     return 0
 
 

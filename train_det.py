@@ -79,7 +79,8 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     dist.barrier()
     if dist.is_main():
         finish(cfg, out, model, train_set, val_set, val, device)
-    dist.barrier()
+    # No barrier after the final evaluation: it runs on the main process alone and may outlast the
+    # collective timeout; the other processes simply finish.
     return 0
 
 
