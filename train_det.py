@@ -99,6 +99,9 @@ def finish(cfg: DetConfig, out: Path, model, train_set, val_set, val: dict[str, 
     """results.json (the last epoch's COCO metrics and those at ``--eval-sizes``), detections.png
     and a printed table."""
     div = model.size_divisibility
+    if not val:  # no epoch ran (a resumed run that had already finished): evaluate here
+        val = evaluate(model, eval_loader(val_set, cfg, div, cfg.data.min_size), val_set, device, cfg.run.amp,
+                       "final eval", gather=False)
     rows = {f"{cfg.data.min_size} (train)": val}
     sizes = {}
     for s in cfg.eval.sizes:

@@ -63,6 +63,11 @@ def test_resume_continues_exactly(data, tmp_path) -> None:
     assert [m["epoch"] for m in split] == [0, 1]
     for a, b in zip(straight, split):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    # resuming a run that has already finished trains nothing and still writes the results
+    (tmp_path / "split" / "results.json").unlink()
+    td.main(["--resume", str(tmp_path / "split" / "checkpoint.pt"), "--output", str(tmp_path / "split")])
+    assert len(read("split")) == 2
+    assert "AP" in json.loads((tmp_path / "split" / "results.json").read_text())["coco"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
