@@ -23,7 +23,7 @@ from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, evaluate,
                                          train_one_epoch)
-from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
+from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_optimizer, build_scheduler
 from vitpe.evaluate import check_sizes, evaluate_sizes, write_report
@@ -54,7 +54,6 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     model = build_model(cfg.model, len(classes), cfg.data.img_size).to(device)
     check_sizes(cfg.eval.sizes, model)  # fail now, not after training
     ema = ModelEmaV2(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
-    seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
     train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,
                                collate_skipping, source=cfg.data.path)
     val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate_skipping)
@@ -73,6 +72,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     eval_net = model if dist.is_distributed() else net
     for epoch in range(start, cfg.run.epochs):
         train_loader.sampler.set_epoch(epoch)
+        seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         stats = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, device, epoch, cfg, mixup, ema)
         val = evaluate(ema.module if ema else eval_net, val_loader, device, cfg.run.amp)
         record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")}}

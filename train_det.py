@@ -19,7 +19,7 @@ from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.coco_eval import plot_detections
 from vitpe.engine.detection import (DetConfig, build_criterion, build_datasets, build_model, build_optimizer,
                                     eval_loader, evaluate, figure_samples, metrics_table, train_one_epoch)
-from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
+from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
 
@@ -53,7 +53,6 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     model = build_model(cfg.model, len(classes)).to(device)
     criterion = build_criterion(cfg.loss, len(classes)).to(device)
     optimizer = build_optimizer(model, cfg.optim)
-    seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
     collate = PadCollate(model.size_divisibility)
     train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, collate,
                                source=cfg.data.path)
@@ -66,6 +65,7 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     val: dict[str, Any] = {}
     for epoch in range(start, cfg.run.epochs):
         train_loader.sampler.set_epoch(epoch)
+        seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(net, criterion, train_loader, optimizer,
                                                                       scheduler, device, epoch, cfg)}
         last = epoch + 1 == cfg.run.epochs

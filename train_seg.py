@@ -19,7 +19,7 @@ from vitpe.config import ConfigError, save_config, to_dict
 from vitpe.data.segmentation import list_collate
 from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import save_checkpoint
-from vitpe.engine.loop import make_loader, restore_training_state, seed_everything, training_state
+from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
 from vitpe.engine.seg_metrics import json_safe
@@ -64,7 +64,6 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     if dist.is_distributed() and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the decoder's BN sees the global batch
     optimizer = build_optimizer(model, cfg.optim)
-    seed_everything(cfg.run.seed + dist.rank())  # different augmentation streams per process
     loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, list_collate,
                                source=cfg.data.path)
     scheduler = build_scheduler(optimizer, cfg.optim, len(loader), cfg.run.epochs)
@@ -78,6 +77,7 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
              train_set.num_classes, len(train_set.skipped) + len(val_set.skipped))
     for epoch in range(start, cfg.run.epochs):
         loader.sampler.set_epoch(epoch)
+        seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(net, loader, optimizer, scheduler, device, epoch, cfg)}
         if (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == cfg.run.epochs:
             val = summarize(evaluate(model, val_set, device, cfg.run.amp, crop=cfg.data.crop_size), val_set.classes)

@@ -109,3 +109,17 @@ def test_a_training_set_smaller_than_one_batch_is_a_named_error():
     with pytest.raises(DataError, match=r"data/tiny: 3 training images are fewer than one batch of 4"):
         make_loader(list(range(3)), 4, True, source="data/tiny")
     assert len(make_loader(list(range(3)), 4, False)) == 1  # evaluation keeps the partial batch
+
+
+def test_epoch_seeds_depend_on_epoch_and_process_only():
+    import torch
+
+    from vitpe.engine.loop import seed_epoch
+
+    def draw(epoch):
+        torch.rand(5)  # whatever was drawn before does not matter
+        seed_epoch(3, epoch)
+        return torch.rand(3)
+
+    assert torch.equal(draw(2), draw(2))
+    assert not torch.equal(draw(2), draw(3))

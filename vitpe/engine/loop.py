@@ -30,6 +30,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed every generator from (seed, epoch, process) at the start of an epoch. Augmentation,
+    dropout and data-worker streams then differ per process and per epoch, and a resumed run, on
+    any number of processes, draws exactly what the uninterrupted run drew: no per-process RNG
+    state has to travel in the checkpoint (which only the main process writes)."""
+    seed_everything(seed + 1_000_003 * (epoch + 1) + 7_919 * dist.rank())
+
+
 class ShardSampler(Sampler[int]):
     """Evaluation order: process ``r`` of ``w`` takes indices ``r, r + w, ...``, so every sample is
     seen exactly once over all processes. ``DistributedSampler`` would pad the last shard with
@@ -134,4 +142,4 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
 
 
 __all__ = ["NonFiniteLossError", "ShardSampler", "autocast", "check_finite", "make_loader", "optimizer_step", "progress",
-           "restore_training_state", "seed_everything", "training_state"]
+           "restore_training_state", "seed_epoch", "seed_everything", "training_state"]
