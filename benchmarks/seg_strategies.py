@@ -14,34 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from vitpe.cli import run_cli  # noqa: E402
+from vitpe.engine.runs import launch_runs  # noqa: E402
 COLUMNS = [("whole", "0.5"), ("whole", "1.0"), ("whole", "1.5"), ("whole", "ms"), ("slide", "1.0"), ("slide", "ms")]
 
 
 def launch(strategies: list[str], passthrough: list[str], out: Path, epochs: int, extra: list[str]) -> float:
     """Run every strategy at once; returns the wall time. Logs go to ``out/<pos>/train.log``."""
-    start, procs = time.time(), []
-    for pos in strategies:
-        run = out / pos
-        run.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "train_seg.py"), *passthrough, "--pos", pos, "--epochs", str(epochs),
-               "--output", str(run), *extra]
-        log = open(run / "train.log", "w")
-        procs.append((pos, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    for pos, p, log in procs:
-        if p.wait() != 0:
-            failed.append(pos)
-        log.close()
-    if failed:
-        tails = {pos: (out / pos / "train.log").read_text().strip().splitlines()[-1:] for pos in failed}
-        raise SystemExit(f"error: training failed for {failed}: {tails}")
-    return time.time() - start
+    return launch_runs(ROOT / "train_seg.py", strategies, passthrough, out, epochs, extra)
 
 
 def probe(strategies: list[str], passthrough: list[str], out: Path) -> float:
@@ -110,14 +95,14 @@ def plot(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pos", default="mixffn,sincos2d,learned,peg", help="strategies, comma-separated")
     p.add_argument("--output", default="runs/seg_strategies")
     p.add_argument("--epochs", type=int, help="epochs of every run")
     p.add_argument("--time-budget", type=float, help="seconds of training to fill (probes the epoch time first)")
     p.add_argument("--report", metavar="DIR", help="only write the comparison of finished runs in DIR")
-    args, passthrough = p.parse_known_args()  # everything else goes to train_seg.py
+    args, passthrough = p.parse_known_args(argv)  # everything else goes to train_seg.py
     if args.report:
         print(report(Path(args.report)))
         return
@@ -135,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
