@@ -13,6 +13,7 @@ from typing import Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV2
 
 from vitpe.cli import common_parser, run_cli, run_training
@@ -36,7 +37,7 @@ def model_stats(name: str) -> tuple[tuple, tuple]:
     import vitpe  # noqa: F401  (registers vitpe's models, so their configs are found)
 
     pc = timm.get_pretrained_cfg(name)
-    return (tuple(pc.mean), tuple(pc.std)) if pc else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return (tuple(pc.mean), tuple(pc.std)) if pc else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,8 +22,6 @@ from .checkpoint import load_checkpoint
 from .loop import ShardSampler, autocast, check_finite, optimizer_step, progress
 from .optim import param_groups
 from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 from einops import rearrange
+from timm.layers import to_2tuple
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
@@ -25,9 +26,6 @@ from ..layers.sr_attention import SRAttention
 from ..pos.base import Grid
 from .mit_convert import convert_segformer_state_dict
 
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class MiTStage(nn.Module):
@@ -82,7 +80,7 @@ class MixTransformer(nn.Module):
         self.num_classes, self.global_pool = num_classes, global_pool
         self.embed_dims = list(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.img_size = _pair(img_size)
+        self.img_size = tuple(int(v) for v in to_2tuple(img_size))
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         self.feature_info: list[dict[str, Any]] = []

@@ -11,6 +11,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
+from timm.layers import to_2tuple
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
@@ -21,9 +22,6 @@ from ..pos.base import Grid
 
 _logger = logging.getLogger(__name__)
 
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class VisionTransformer(nn.Module):
@@ -44,7 +42,7 @@ class VisionTransformer(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.img_size = _pair(img_size)
+        self.img_size = tuple(int(v) for v in to_2tuple(img_size))
         grid = self.patch_embed.grid_of(*self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos = pos_lib.build(pos, dim=embed_dim, num_heads=num_heads, depth=depth, grid=grid,
