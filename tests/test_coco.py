@@ -73,16 +73,22 @@ def test_pad_collate_pads_bottom_right_to_the_divisor() -> None:
     assert (~mask[1, :33, :70]).all() and mask[1, 33:].all()
 
 
-def test_perfect_predictions_score_ap_one_through_the_id_mapping(data) -> None:
-    """Predictions made from the dataset's contiguous labels, mapped back with ``cat_ids``: AP is 1
-    only if the mapping round-trips (the crowd region is ignored by COCOeval, not a miss)."""
-    ds = CocoDetection(data, "val2017")
+def perfect_predictions(ds: CocoDetection) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """The dataset's own (non-crowd) boxes as predictions with score 1, and their image ids."""
     preds, ids = [], []
     for i in range(len(ds)):
         _, t = ds.raw(i)
         preds.append({"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"],
                       "scores": torch.ones(len(t["labels"]))})
         ids.append(ds.samples[i][0]["id"])
+    return preds, ids
+
+
+def test_perfect_predictions_score_ap_one_through_the_id_mapping(data) -> None:
+    """Predictions made from the dataset's contiguous labels, mapped back with ``cat_ids``: AP is 1
+    only if the mapping round-trips (the crowd region is ignored by COCOeval, not a miss)."""
+    ds = CocoDetection(data, "val2017")
+    preds, ids = perfect_predictions(ds)
     results = to_coco_results(preds, ids, ds.index.cat_ids)
     assert {r["category_id"] for r in results} <= set(CAT_IDS)
     m = coco_evaluate(ds.index.gt, results)
@@ -190,11 +196,6 @@ def test_annotation_ids_of_zero_or_repeated_do_not_lower_ap(tmp_path) -> None:
     ds = CocoDetection(root, "val2017")
     ids = [a["id"] for a in ds.index.gt.dataset["annotations"]]
     assert len(set(ids)) == len(ids) and min(ids) >= 1
-    preds, image_ids = [], []
-    for i in range(len(ds)):
-        _, t = ds.raw(i)
-        preds.append({"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"],
-                      "scores": torch.ones(len(t["labels"]))})
-        image_ids.append(ds.samples[i][0]["id"])
+    preds, image_ids = perfect_predictions(ds)
     m = coco_evaluate(ds.index.gt, to_coco_results(preds, image_ids, ds.index.cat_ids))
     assert m["AP"] == pytest.approx(1.0)
