@@ -70,13 +70,11 @@ class Learned(GridShapedStrategy):
                              f"{num_prefix} prefix tokens")
         return torch.cat([x[:, :num_prefix], x[:, num_prefix:] + table], dim=1)
 
-    def grid_of_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> Grid:
-        if prefix + "grid" in state_dict:
-            return super().grid_of_checkpoint(state_dict, prefix)
-        key = prefix + "pos_embed"
-        if key not in state_dict:
-            return self.native_grid
-        n = state_dict[key].shape[1] - self.table_prefix
+    table_key = "pos_embed"
+
+    def grid_from_table(self, table: Tensor, key: str) -> Grid:
+        """timm's checkpoints hold no grid: their tables are square."""
+        n = table.shape[1] - self.table_prefix
         side = math.isqrt(max(n, 0))
         if side * side != n:
             raise ValueError(f"{key} has {n} patch positions, which is not a square grid; save the "

@@ -193,10 +193,19 @@ class GridShapedStrategy(PosStrategy):
         super().__init__(**kw)
         self.register_buffer("grid", torch.tensor(self.native_grid, dtype=torch.long), persistent=True)
 
+    table_key: str = ""  # the grid-shaped parameter, from which a checkpoint's grid can be inferred
+
     def grid_of_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> Grid:
-        """The grid a checkpoint was made for; subclasses infer it when the buffer is absent."""
-        g = state_dict[prefix + "grid"]
-        return (int(g[0]), int(g[1]))
+        """The grid a checkpoint was made for: its ``grid`` entry, else inferred from its table."""
+        if prefix + "grid" in state_dict:
+            g = state_dict[prefix + "grid"]
+            return (int(g[0]), int(g[1]))
+        key = prefix + self.table_key
+        return self.grid_from_table(state_dict[key], key) if key in state_dict else self.native_grid
+
+    def grid_from_table(self, table: Tensor, key: str) -> Grid:
+        """The grid a checkpoint's table ``key`` (without a ``grid`` entry) was made for."""
+        raise NotImplementedError(f"{key}: cannot tell the grid of a checkpoint without its 'grid' entry")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # type: ignore[override]

@@ -82,14 +82,11 @@ class RelativeBias(GridShapedStrategy):
 
         return PosContext(grid, num_prefix, bias_terms=[bias], kv_stride=kv_stride)
 
-    def grid_of_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> Grid:
-        """From the ``grid`` entry, or else from the table's ``(2h-1) x (2w-1)`` offsets."""
-        if prefix + "grid" in state_dict:
-            return super().grid_of_checkpoint(state_dict, prefix)
-        key = prefix + "tables"
-        if key not in state_dict:
-            return self.native_grid
-        rows, cols = state_dict[key].shape[-2:]
+    table_key = "tables"
+
+    def grid_from_table(self, table: Tensor, key: str) -> Grid:
+        """From the table's ``(2h-1) x (2w-1)`` offsets."""
+        rows, cols = table.shape[-2:]
         if rows % 2 == 0 or cols % 2 == 0:
             raise ValueError(f"{key} has {rows}x{cols} offsets; a relative-bias table has an odd number "
                              f"(2h-1) x (2w-1)")
