@@ -83,6 +83,16 @@ def test_synthetic_label_is_the_relative_position():
     ys, xs = torch.nonzero(red, as_tuple=True)
     cx, cy = (xs.float().mean() + 0.5) / 64, (ys.float().mean() + 0.5) / 64
     assert abs(cx - p["square"][0]) < 0.03 and abs(cy - p["square"][1]) < 0.03
+    # the label read off the rendered pixels (disk's centroid against the square's) matches the name
+    from vitpe.data.synthetic import CLASSES
+
+    for i in range(40):
+        p = sample_params(0, i)
+        img = render(p, 48, noise=0.0)
+        centre = lambda m: torch.nonzero(m).float().mean(0)  # noqa: E731  (row, col)
+        sq, disk = centre(img[0] - img[2] > 0.3), centre(img[2] - img[0] > 0.3)
+        name = ("right" if disk[1] > sq[1] else "left") + "_" + ("below" if disk[0] > sq[0] else "above")
+        assert CLASSES[label_of(p)] == name, (i, name)
 
 
 def test_synthetic_renders_the_same_scene_at_any_resolution():
