@@ -8,7 +8,8 @@ training step (forward, backward, AdamW) and inference images/s, peak GPU memory
 TFLOP/s (FLOPs from torch.utils.flop_counter), for vitpe and for timm's reference model:
 ``vit_{size}_patch16_224`` for ``learned`` (and for strategies timm lacks, as the plain baseline),
 ``vit_{size}_patch16_rope_224`` for ``rope_axial``, ``vit_{size}_patch16_rope_mixed_224`` for
-``rope_mixed``. Writes ``throughput.json`` and ``throughput.md`` (with the ratio vitpe / timm).
+``rope_mixed``. Writes ``throughput.json`` and ``throughput.md`` (with the ratio vitpe / timm, and
+each strategy's ratio to vitpe's own ``learned`` when ``learned`` is measured first).
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure every combination; the files are rewritten after each row, so a run cut short keeps
     what it measured."""
     rows: list[dict[str, Any]] = []
+    learned: dict[tuple, dict[str, float]] = {}  # vitpe's own `learned` per (size, res, mode): list it first
     for size in args.sizes:
         for res in args.resolutions:
             for mode in args.modes:
@@ -106,10 +108,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ours = measure(build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=strategy),
                                    args, res, mode == "compiled")
                     ref = refs_done[ref_name]
+                    own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else \
+                        learned.get((size, res, mode))
                     row = dict(size=size, strategy=strategy, res=res, mode=mode, reference=ref_name,
                                vitpe=ours, timm=ref,
                                train_ratio=ours["train_img_s"] / ref["train_img_s"],
-                               infer_ratio=ours["infer_img_s"] / ref["infer_img_s"])
+                               infer_ratio=ours["infer_img_s"] / ref["infer_img_s"],
+                               train_vs_learned=ours["train_img_s"] / own["train_img_s"] if own else None,
+                               infer_vs_learned=ours["infer_img_s"] / own["infer_img_s"] if own else None)
                     rows.append(row)
                     print(markdown([row], header=len(rows) == 1), flush=True)
                     write(args, rows)
@@ -129,15 +135,20 @@ def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
     lines = []
     if header:
         lines += ["| model | strategy | res | mode | reference | train img/s | timm train | train ratio | "
-                  "infer img/s | timm infer | infer ratio | TFLOP/s | peak GiB |",
-                  "|" + "---|" * 13]
+                  "infer img/s | timm infer | infer ratio | train / learned | infer / learned | TFLOP/s | peak GiB |",
+                  "|" + "---|" * 15]
     for r in rows:
         v, t = r["vitpe"], r["timm"]
         lines.append(f"| {r['size']} | {r['strategy']} | {r['res']} | {r['mode']} | {r['reference']} | "
                      f"{v['train_img_s']:.0f} | {t['train_img_s']:.0f} | {r['train_ratio']:.2f} | "
                      f"{v['infer_img_s']:.0f} | {t['infer_img_s']:.0f} | {r['infer_ratio']:.2f} | "
+                     f"{_ratio(r.get('train_vs_learned'))} | {_ratio(r.get('infer_vs_learned'))} | "
                      f"{v['train_tflops']:.1f} | {v['peak_mem_gib']:.1f} |")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,5 +25,8 @@ def test_throughput_benchmark_writes_side_by_side_rows(tmp_path):
     for r in data["rows"]:
         assert r["train_ratio"] > 0 and r["infer_ratio"] > 0
         assert r["vitpe"]["train_img_s"] > 0 and r["timm"]["infer_img_s"] > 0
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert rows["learned"]["train_vs_learned"] == 1.0  # its own baseline
+    assert rows["peg"]["infer_vs_learned"] == rows["peg"]["vitpe"]["infer_img_s"] / rows["learned"]["vitpe"]["infer_img_s"]
     table = (tmp_path / "throughput.md").read_text()
     assert table.count("\n") == 2 + len(data["rows"])
