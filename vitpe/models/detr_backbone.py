@@ -48,13 +48,26 @@ def _load_resnet(net: nn.Module, name: str, weights: str) -> None:
                          f"unexpected {unexpected[:5]}")
 
 
+class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """``FrozenBatchNorm2d`` (same buffers and state-dict keys) as one affine pass ``x * scale + shift``
+    in ``x``'s dtype: torchvision's multiplies and adds in two passes over the map and, under bf16
+    autocast, promotes the map to float32, so every following convolution first reads a float32 copy."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,), from fixed buffers
+        shift = self.bias - self.running_mean * scale
+        return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet up to ``layer4``: ``(B, 3, H, W)`` -> ``(B, C, H/32, W/32)``; with
     ``stages=3`` up to ``layer3``: ``(B, C/2, H/16, W/16)``, a finer grid for small objects.
 
     ``frozen_bn`` replaces batch norm by ``FrozenBatchNorm2d`` (DETR's choice with pretrained
     weights and small per-GPU batches); ``freeze_stem`` keeps the stem and ``layer1`` fixed, as DETR
-    does when fine-tuning.
+    does when fine-tuning. Weights and maps are channels-last, the layout in which cuDNN's
+    convolutions are fastest (bf16 above all); the output map keeps it, so flattening it into
+    tokens ``(B, H*W, C)`` is a view.
     """
 
     def __init__(self, name: str = "resnet50", *, weights: str | None = None, frozen_bn: bool = True,
@@ -67,11 +80,12 @@ class ResNetBackbone(nn.Module):
         if frozen_bn and not weights:
             _logger.warning("%s: frozen batch norm without a weights file leaves the network unnormalised; "
                             "set frozen_bn=false to train from scratch", name)
-        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        norm = FusedFrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
         if weights:
             _load_resnet(net, name, weights)
         self.body = nn.Sequential(*list(net.children())[:4 + stages])  # stem, then layer1..layer<stages>
+        self.body.to(memory_format=torch.channels_last)
         self.num_channels = RESNETS[name] // (2 ** (4 - stages))
         self.stride = 2 ** (1 + stages)
         if freeze_stem:
@@ -79,7 +93,7 @@ class ResNetBackbone(nn.Module):
                 m.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x)
+        return self.body(x.contiguous(memory_format=torch.channels_last))
 
 
 class TimmBackbone(nn.Module):
@@ -118,4 +132,4 @@ def build_backbone(name: str, *, weights: str | None = None, frozen_bn: bool = T
     return TimmBackbone(name, weights=weights, pos=pos)
 
 
-__all__ = ["RESNETS", "ResNetBackbone", "TimmBackbone", "build_backbone", "load_state_file"]
+__all__ = ["RESNETS", "FusedFrozenBatchNorm2d", "ResNetBackbone", "TimmBackbone", "build_backbone", "load_state_file"]
