@@ -33,28 +33,31 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def loss_labels(self, logits: Tensor, targets: Targets, indices: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Cross-entropy over all queries; unmatched queries should predict "no object" (class K)."""
-        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=logits.device)
-        b, src = self._flat(indices)
-        classes[b, src] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
-        return F.cross_entropy(logits.float().transpose(1, 2), classes, self.empty_weight)
+    def loss_labels(self, logits: Tensor, classes: Tensor) -> Tensor:
+        """Cross-entropy per layer over all queries: ``logits`` ``(L, B, Q, K+1)``, ``classes``
+        ``(L, B, Q)`` (unmatched queries are "no object", class K) -> ``(L,)``, each the weighted
+        mean over its layer (``F.cross_entropy``'s weighted mean, layer by layer)."""
+        nll = F.cross_entropy(logits.float().flatten(0, 2), classes.flatten(), self.empty_weight, reduction="none")
+        return nll.view(classes.shape).sum((1, 2)) / self.empty_weight[classes].sum((1, 2))
 
-    def loss_boxes(self, boxes: Tensor, targets: Targets, indices: list[tuple[Tensor, Tensor]],
-                   num_boxes: float) -> tuple[Tensor, Tensor]:
-        """L1 on ``cxcywh`` and ``1 - GIoU``, summed over matched pairs, divided by ``num_boxes``."""
-        b, src = self._flat(indices)
-        pred = boxes[b, src].float()
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(pred)
-        l1 = F.l1_loss(pred, tgt, reduction="sum") / num_boxes
-        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"),
-                                        reduction="sum") / num_boxes
-        return l1, giou
+    def loss_boxes(self, pred: Tensor, tgt: Tensor, num_boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """L1 on ``cxcywh`` and ``1 - GIoU`` of matched pairs ``(L, P, 4)``, summed per layer and
+        divided by ``num_boxes`` -> two ``(L,)``."""
+        pred, tgt = pred.float(), tgt.to(pred.device, torch.float32)
+        l1 = (pred - tgt).abs().sum((1, 2)) / num_boxes
+        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy").flatten(0, 1),
+                                        box_convert(tgt, "cxcywh", "xyxy").flatten(0, 1), reduction="none")
+        return l1, giou.view(pred.shape[:2]).sum(1) / num_boxes
 
     @staticmethod
-    def _flat(indices: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        return batch, torch.cat([src for src, _ in indices])
+    def _pairs(indices: list[list[tuple[Tensor, Tensor]]], sizes: list[int], device: torch.device) -> Tensor:
+        """Matches of every layer -> ``(4, L * P)`` long on ``device``: layer, image, prediction and
+        target index into the batch's concatenated targets; each layer holds the same ``P`` pairs
+        (the same targets are matched at every layer), layer-major. One copy to the device."""
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        cols = [torch.stack([torch.full_like(src, layer), torch.full_like(src, b), src, dst + offsets[b]])
+                for layer, pairs in enumerate(indices) for b, (src, dst) in enumerate(pairs)]
+        return torch.cat(cols, 1).to(device, non_blocking=True)
 
     @torch.no_grad()
     def cardinality_error(self, logits: Tensor, targets: Targets) -> Tensor:
@@ -63,22 +66,32 @@ class SetCriterion(nn.Module):
         true = torch.tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float)
         return (pred - true).abs().mean()
 
-    def _layer(self, out: dict[str, Tensor], targets: Targets, num_boxes: float, suffix: str) -> dict[str, Tensor]:
-        indices = self.matcher(out, targets)
-        l1, giou = self.loss_boxes(out["pred_boxes"], targets, indices, num_boxes)
-        return {f"loss_ce{suffix}": self.loss_labels(out["pred_logits"], targets, indices),
-                f"loss_bbox{suffix}": l1, f"loss_giou{suffix}": giou}
-
     def forward(self, outputs: dict, targets: Targets) -> dict[str, Tensor]:
-        """``targets``: per image ``labels`` ``(M,)`` and normalised ``cxcywh`` ``boxes`` ``(M, 4)``."""
-        device = outputs["pred_logits"].device
-        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        """``targets``: per image ``labels`` ``(M,)`` and normalised ``cxcywh`` ``boxes`` ``(M, 4)``.
+
+        Every decoder layer is matched and scored in one batch (stacked ``(L, B, Q, .)``): one
+        copy to the host for the matching, a few kernels for the losses, whatever the depth."""
+        layers = [*outputs.get("aux_outputs", []), outputs]  # decoder order; the last is the output
+        logits = torch.stack([o["pred_logits"] for o in layers])  # (L, B, Q, K+1)
+        boxes = torch.stack([o["pred_boxes"] for o in layers])  # (L, B, Q, 4)
+        device, L = logits.device, len(layers)
+        sizes = [len(t["labels"]) for t in targets]
+        num_boxes = torch.tensor(float(sum(sizes)), device=device)
         if self.num_boxes_reduce is not None:
             num_boxes = self.num_boxes_reduce(num_boxes)
-        n = max(float(num_boxes), 1.0)
-        losses = self._layer(outputs, targets, n, "")
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._layer(aux, targets, n, f"_{i}"))
+        num_boxes = num_boxes.clamp(min=1.0)  # a tensor: reading it on the host would wait for the device
+        layer, b, src, dst = self._pairs(self.matcher.match_layers(logits, boxes, targets), sizes, device)
+        classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.long, device=device)
+        if len(dst):
+            classes[layer, b, src] = torch.cat([t["labels"] for t in targets]).to(device)[dst]
+        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        ce = self.loss_labels(logits, classes)
+        l1, giou = self.loss_boxes(boxes[layer, b, src].view(L, -1, 4), all_boxes[dst].view(L, -1, 4), num_boxes)
+        suffixes = ["", *(f"_{i}" for i in range(L - 1))]  # the output first, then auxiliary layer i
+        order = [L - 1, *range(L - 1)]
+        losses = {}
+        for suffix, i in zip(suffixes, order):
+            losses.update({f"loss_ce{suffix}": ce[i], f"loss_bbox{suffix}": l1[i], f"loss_giou{suffix}": giou[i]})
         losses["cardinality_error"] = self.cardinality_error(outputs["pred_logits"], targets)
         return losses
 

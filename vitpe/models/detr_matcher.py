@@ -31,22 +31,33 @@ class HungarianMatcher(nn.Module):
         giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
         return cost - self.cost_giou * giou
 
-    @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        B, Q = outputs["pred_logits"].shape[:2]
+        """One decoder layer's ``pred_logits`` ``(B, Q, K+1)`` and ``pred_boxes`` ``(B, Q, 4)``."""
+        return self.match_layers(outputs["pred_logits"][None], outputs["pred_boxes"][None], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]
+                     ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Every decoder layer at once: ``logits`` ``(L, B, Q, K+1)``, ``boxes`` ``(L, B, Q, 4)`` ->
+        per layer, per image ``(prediction indices, target indices)`` on the CPU.
+
+        One cost matrix for all layers and images and one copy to the host: a copy waits for the
+        device to finish the forward pass, so one per layer would stall it once per layer."""
+        L, B, Q = logits.shape[:3]
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.long)
         if sum(sizes) == 0:
-            return [(empty, empty) for _ in range(B)]
-        # one cost matrix for the whole batch (one GPU call), split per image for the assignment
-        cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1),
+            return [[(empty, empty) for _ in range(B)] for _ in range(L)]
+        cost = self.cost_matrix(logits.flatten(0, 2), boxes.flatten(0, 2),
                                 torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
-        cost = cost.view(B, Q, -1).cpu()
+        cost = cost.view(L, B, Q, -1).cpu()
         out = []
-        for i, c in enumerate(cost.split(sizes, -1)):
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        for layer in cost:
+            pairs = []
+            for i, c in enumerate(layer.split(sizes, -1)):
+                rows, cols = linear_sum_assignment(c[i].numpy())
+                pairs.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            out.append(pairs)
         return out
-
 
 __all__ = ["HungarianMatcher"]
