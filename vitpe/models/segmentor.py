@@ -86,7 +86,9 @@ class Segmentor(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         feats = self.backbone.forward_intermediates(x, indices=self.indices, norm=self.norm, intermediates_only=True)
-        logits = self.decode_head(feats)
+        # the head's maps are channels-last; the loss's softmax over classes copies a channels-last
+        # input to NCHW, so copy the small map here rather than the upsampled one there
+        logits = self.decode_head(feats).contiguous()
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :H, :W]
 
