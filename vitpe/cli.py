@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -105,25 +106,45 @@ def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any
         resumed = load_checkpoint(cfg.run.resume)
         cfg = resolve_config(cls, args, keymap, base=from_dict(cls, resumed["config"]))
     device = dist.init_distributed(cfg.run.device)
-    try:
-        return train(cfg, device, resumed)
-    finally:
-        dist.cleanup()
+    code = train(cfg, device, resumed)
+    # Not on an error: leaving the group would close its connections before run_cli has reported
+    # the error, and the other processes' "connection closed" would then reach torchrun first and
+    # be taken for the cause. The process exits right after reporting, which closes them anyway.
+    dist.cleanup()
+    return code
 
 
 def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
-    """Call ``main(argv)`` and exit with its return code; user errors become one line and exit 2."""
+    """Call ``main(argv)`` and exit with its return code; user errors become one line and exit 2.
+
+    Under torchrun the line names the rank and is handed to torchrun, which then ends the other
+    processes and shows the line in its failure summary; an unexpected exception is recorded
+    with its traceback (torch's ``record``), so the summary says which rank failed and why."""
+    from .engine.distributed import process_label, report_failure
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        code = main(argv)
+        code = _recorded(main)(argv)
     except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
-        print(f"error: {msg}".splitlines()[0], file=sys.stderr)
+        line = f"error: {process_label()}{msg}".splitlines()[0]
+        print(line, file=sys.stderr)
+        report_failure(line)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(code or 0))
+
+
+def _recorded(main: Callable[..., Any]) -> Callable[..., Any]:
+    """``main`` under torch's ``record`` when started by torchrun (elsewhere it would only
+    re-register the fault handler)."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return main
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(main)
 
 
 __all__ = ["CLI_KEYS", "CheckpointError", "ConfigError", "DataError", "UserError", "common_parser", "parse_scales", "parse_sizes",

@@ -6,7 +6,10 @@ then drives one GPU (NCCL) or a share of the CPU (gloo). Every helper works unch
 """
 from __future__ import annotations
 
+import json
 import os
+import time
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -51,14 +54,53 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def init_distributed(device: str = "auto") -> torch.device:
+#: Seconds a collective waits for the other processes before failing. A stuck process otherwise
+#: holds the rest for torch's default (10 min for NCCL, 30 for gloo); override with VITPE_DIST_TIMEOUT.
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def collective_timeout() -> timedelta:
+    """``VITPE_DIST_TIMEOUT`` (seconds), else :data:`DEFAULT_TIMEOUT_S`."""
+    text = os.environ.get("VITPE_DIST_TIMEOUT", "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        from ..errors import UserError
+        raise UserError(f"VITPE_DIST_TIMEOUT={text!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> torch.device:
     """Join the process group if started by torchrun (NCCL on GPU, gloo on CPU); return the device
-    this process should use. Without torchrun's variables nothing is set up."""
+    this process should use. Without torchrun's variables nothing is set up. A collective that
+    waits longer than ``timeout`` (default :func:`collective_timeout`) fails instead of hanging."""
     dev = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None,
+                                timeout=timeout or collective_timeout())
     return dev
+
+
+def process_label() -> str:
+    """``"rank 1/2: "`` in a process started by torchrun with several processes (known before the
+    group exists, so config errors are labelled too), else ``""``."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return f"rank {os.environ.get('RANK', '?')}/{world}: " if world > 1 else ""
+
+
+def report_failure(message: str) -> None:
+    """Give torchrun this process's one-line failure reason: its failure summary then shows
+    ``message`` for this rank instead of a pointer to its documentation. No-op outside torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                          "timestamp": str(int(time.time()))}}}
+    with open(path, "w") as f:
+        json.dump(data, f)
 
 
 def cleanup() -> None:
@@ -128,6 +170,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-__all__ = ["all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "gather_objects",
-           "init_distributed", "is_distributed", "is_main", "local_rank", "rank", "reduce_sums", "resolve_device", "unwrap_model",
-           "world_size", "wrap_model"]
+__all__ = ["DEFAULT_TIMEOUT_S", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "cleanup",
+           "collective_timeout", "gather_objects", "init_distributed", "is_distributed", "is_main", "local_rank",
+           "process_label", "rank", "reduce_sums", "report_failure", "resolve_device", "unwrap_model", "world_size",
+           "wrap_model"]
