@@ -1,0 +1,71 @@
+"""The data-parallel scaling benchmark runs on CPU with gloo and a tiny ViT: one process in this
+one, two under torchrun, both in one JSON and one table; the replicas stay identical under DDP."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--no-amp", "--model", "vitpe_vit_tiny_patch4_32", "--img-size", "32", "--depth", "1",
+        "--embed-dim", "32", "--num-heads", "2", "--batch-size", "4", "--steps", "2", "--warmup", "1"]
+
+
+def scaling_module():
+    spec = importlib.util.spec_from_file_location("ddp_scaling", ROOT / "benchmarks" / "ddp_scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def test_one_and_two_gloo_processes_fill_one_table(tmp_path, monkeypatch):
+    bench = scaling_module()
+    out = tmp_path / "scaling.json"
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    bench.main([*TINY, "--output", str(out)])  # one process, no process group
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "benchmarks" / "ddp_scaling.py"), *TINY, "--output", str(out)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    one, two = data["runs"]["1"], data["runs"]["2"]
+    assert (one["global_batch"], two["global_batch"]) == (4, 8)
+    assert (one["backend"], two["backend"]) == ("none", "gloo")
+    assert two["replicas_in_sync"] and one["img_s"] > 0 and two["img_s"] > 0
+    assert two["img_s"] == pytest.approx(2 * two["img_s_per_process"])
+    table = bench.markdown(data).splitlines()
+    assert table[-2].startswith("| 1 | 4 |") and "| 1.00x | 100% | True |" in table[-2]
+    ratio = two["img_s"] / one["img_s"]
+    assert table[-1].startswith("| 2 | 8 |") and f"| {ratio:.2f}x | {ratio / 2:.0%} | True |" in table[-1]
+
+
+def test_a_file_measured_with_other_settings_is_started_afresh(tmp_path):
+    bench = scaling_module()
+    out = tmp_path / "scaling.json"
+    result = {"processes": 1, "img_s": 10.0}
+    bench.update_json(out, bench.parse([*TINY]), result)
+    bench.update_json(out, bench.parse([*TINY]), {**result, "processes": 2})
+    assert set(json.loads(out.read_text())["runs"]) == {"1", "2"}
+    bench.update_json(out, bench.parse([*TINY, "--batch-size", "8"]), result)
+    assert set(json.loads(out.read_text())["runs"]) == {"1"}
+
+
+@pytest.mark.slow
+def test_the_driver_launches_each_count_and_prints_the_ratio(tmp_path):
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ddp_scaling.py"), "--driver", "1,2", *TINY,
+           "--output", str(out)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(json.loads(out.read_text())["runs"]) == {"1", "2"}
+    assert "| 2 | 8 |" in proc.stdout and (tmp_path / "scaling.md").read_text().strip() in proc.stdout
