@@ -12,7 +12,7 @@ from vitpe.models.detr_backbone import ResNetBackbone
 from vitpe.models.detr_criterion import SetCriterion
 from vitpe.models.detr_matcher import HungarianMatcher
 from vitpe.models.detr_transformer import DetrTransformer
-from vitpe.pos.detr import DETR_STRATEGIES, build_detr_pos, qk_embed, valid_sizes
+from vitpe.pos.detr import DETR_STRATEGIES, build_detr_pos, point_embed, qk_embed, valid_sizes
 
 STRATEGIES = ["sine", "learned", "none", "rope_axial", "rope_mixed", "peg", "sine+peg"]
 
@@ -132,6 +132,39 @@ def test_learned_tables_are_exact_at_native_size_and_follow_any_grid() -> None:
     torch.testing.assert_close(emb[0, :, 8:], pos.col_embed.detach())
     big = qk_embed(pos, padded_mask(70, 90, 72, 96)).reshape(72, 96, 16)  # beyond any fixed cap
     assert torch.isfinite(big).all() and big[70:].abs().sum() == 0 and big[:, 90:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["sine", "learned", "sine+learned"])
+def test_point_embed_is_the_cell_encoding_at_that_place(name: str) -> None:
+    """A query's reference point gets the encoding the feature cell there has in the keys: sine
+    positions are the cells' normalised ones (``(i + 1) / h``), the learned tables are read at cell
+    centres (``(i + 0.5) / L``) of the native grid."""
+    pos = build_detr_pos(name, dim=16, num_heads=2, depth=1, grid=(6, 8))
+    h, w = 6, 8
+    cells = qk_embed(pos, padded_mask(h, w, h + 2, w + 3)).reshape(h + 2, w + 3, 16)[:h, :w]
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    parts = [p.name for p in pos.parts()]
+    if parts == ["sine"]:
+        points = torch.stack([(j + 1) / w, (i + 1) / h], -1)
+    elif parts == ["learned"]:
+        points = torch.stack([(j + 0.5) / w, (i + 0.5) / h], -1)
+    else:  # two encodings that place cells differently cannot both be exact; check the sum's shape
+        assert point_embed(pos, torch.rand(5, 2)).shape == (5, 16)
+        return
+    torch.testing.assert_close(point_embed(pos, points), cells, atol=1e-5, rtol=0)
+    assert point_embed(build_detr_pos("none", dim=16, num_heads=2, depth=1, grid=(6, 8)), points) is None
+
+
+def test_reference_points_steer_cross_attention_only_with_an_additive_encoding() -> None:
+    """Moving the reference points changes the decoder's output when the keys carry an additive
+    encoding (sine), and cannot when they carry none."""
+    for name, moves in [("sine", True), ("none", False)]:
+        torch.manual_seed(0)
+        tr = DetrTransformer(dim=32, num_heads=4, enc_layers=1, dec_layers=2, ffn_dim=64, pos=name).eval()
+        src, mask, queries = torch.randn(1, 32, 5, 6), torch.zeros(1, 5, 6, dtype=torch.bool), torch.randn(3, 32)
+        a = tr(src, mask, queries, torch.full((3, 2), 0.2))
+        b = tr(src, mask, queries, torch.full((3, 2), 0.8))
+        assert (not torch.allclose(a, b, atol=1e-4)) == moves, name
 
 
 def test_valid_sizes_reads_the_mask() -> None:

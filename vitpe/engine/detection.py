@@ -60,7 +60,8 @@ class DetModelConfig:
     ffn_dim: int = 2048
     dropout: float = 0.1
     aux_loss: bool = True  # losses on every decoder layer's output (DETR converges much slower without)
-    box_refs: bool = False  # per-query reference centres for the boxes (Deformable DETR), for short schedules
+    box_refs: bool = False  # per-query reference centres: boxes predicted around them (Deformable DETR) and the
+    # encoder's additive encoding at each centre added to the cross-attention's query (Conditional DETR)
 
 
 @dataclass

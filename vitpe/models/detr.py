@@ -65,7 +65,8 @@ class DETR(nn.Module):
         self.box_refs = None
         if box_refs:
             # queries spread over the image from the first step, so that Hungarian matching pairs
-            # each object with a nearby query instead of all queries collapsing onto one mean box
+            # each object with a nearby query instead of all queries collapsing onto one mean box;
+            # the cross-attention also reads the encoder's encoding at each centre (see DetrTransformer)
             self.box_refs = nn.Parameter(torch.logit(torch.rand(num_queries, 2) * 0.9 + 0.05))
             last = self.bbox_embed.layers[-1]
             nn.init.zeros_(last.weight)
@@ -78,7 +79,8 @@ class DETR(nn.Module):
         feat = self.backbone(images)  # (B, C, H/s, W/s)
         # a feature cell is padding when its top-left pixel is (DETR's nearest-neighbour rule)
         fmask = F.interpolate(mask[:, None].float(), size=feat.shape[-2:]).bool()[:, 0]
-        hs = self.transformer(self.input_proj(feat), fmask, self.query_embed.weight)  # (L, B, Q, C)
+        refs = None if self.box_refs is None else self.box_refs.sigmoid()
+        hs = self.transformer(self.input_proj(feat), fmask, self.query_embed.weight, refs)  # (L, B, Q, C)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs, self.box_refs)
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..layers import Mlp
 from ..layers.attention import attend
 from ..pos.base import BlockPos
-from ..pos.detr import build_detr_pos, qk_embed
+from ..pos.detr import build_detr_pos, point_embed, qk_embed
 
 _NO_POS = BlockPos(grid=(0, 0), num_prefix=0)  # no position: cross-attention, the decoder's FFNs
 
@@ -78,12 +78,14 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor | None,
-                key_padding_mask: Tensor) -> Tensor:
-        """``tgt`` ``(B, Q, C)``, ``memory`` ``(B, N, C)``; keys of the memory get ``pos`` if any."""
+                key_padding_mask: Tensor, point_pos: Tensor | None = None) -> Tensor:
+        """``tgt`` ``(B, Q, C)``, ``memory`` ``(B, N, C)``; keys of the memory get ``pos`` if any;
+        ``point_pos`` ``(Q, C)``, the encoding at each query's reference point, joins the
+        cross-attention's queries, so that they meet the keys' encoding near that point."""
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.drop(self.self_attn(q, q, tgt)))
-        tgt = self.norm2(tgt + self.drop(self.cross_attn(tgt + query_pos, _with(memory, pos), memory,
-                                                         key_padding_mask)))
+        tgt = self.norm2(tgt + self.drop(self.cross_attn(_with(tgt + query_pos, point_pos), _with(memory, pos),
+                                                         memory, key_padding_mask)))
         return self.norm3(tgt + self.drop(self.mlp(tgt, _NO_POS)))
 
 
@@ -125,15 +127,21 @@ class DetrTransformer(nn.Module):
             x = self.pos.after_block(x.masked_fill(pad[..., None], 0.0), i, grid, 0)
         return x, pos
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor) -> Tensor:
-        """-> decoder outputs after every layer, normalised: ``(L, B, Q, C)``."""
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, ref_points: Tensor | None = None) -> Tensor:
+        """-> decoder outputs after every layer, normalised: ``(L, B, Q, C)``. ``ref_points``
+        ``(Q, 2)`` (x, y in ``[0, 1]``): each query's place, read in the encoder's own additive
+        encoding for the cross-attention (Conditional DETR's spatial query, without its scaling)."""
         memory, pos = self.encode(src, mask)
         pad = mask.flatten(1)
         query_pos = query_embed[None].expand(src.shape[0], -1, -1).to(memory.dtype)
+        point_pos = None
+        if ref_points is not None and pos is not None:
+            point_pos = point_embed(self.pos, ref_points)
+            point_pos = None if point_pos is None else point_pos.to(memory.dtype)
         tgt = torch.zeros_like(query_pos)
         outs = []
         for layer in self.decoder:
-            tgt = layer(tgt, memory, query_pos, pos, pad)
+            tgt = layer(tgt, memory, query_pos, pos, pad, point_pos)
             outs.append(self.dec_norm(tgt))
         return torch.stack(outs)
 

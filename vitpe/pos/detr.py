@@ -35,6 +35,11 @@ class AdditiveQK(PosStrategy):
         """``mask`` ``(B, H, W)`` True on padding -> ``(B, H*W, C)`` float32."""
         raise NotImplementedError
 
+    def point_embed(self, points: Tensor) -> Tensor:
+        """``points`` ``(..., 2)`` as ``(x, y)`` in ``[0, 1]`` of the unpadded image -> ``(..., C)``
+        float32: the encoding a feature cell at that place gets from ``qk_embed``."""
+        raise NotImplementedError
+
 
 def valid_sizes(mask: Tensor) -> Tensor:
     """``(B, H, W)`` padding mask (True on padding, valid region top-left) -> ``(B, 2)`` rows, cols."""
@@ -60,10 +65,16 @@ class SineMasked(AdditiveQK):
         eps = 1e-6
         rows = rows / (rows[:, -1:, :] + eps) * self.scale
         cols = cols / (cols[:, :, -1:] + eps) * self.scale
+        return rearrange(self._encode(rows.flatten(), cols.flatten()), "(b n) c -> b n c", b=mask.shape[0])
+
+    def _encode(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """``(N,)`` scaled row and column positions -> ``(N, C)``, the row in the first half."""
         half = self.dim // 2
-        emb = torch.cat([sincos_1d(rows.flatten(), half, self.temperature),
-                         sincos_1d(cols.flatten(), half, self.temperature)], dim=1)
-        return rearrange(emb, "(b n) c -> b n c", b=mask.shape[0])
+        return torch.cat([sincos_1d(rows, half, self.temperature), sincos_1d(cols, half, self.temperature)], dim=1)
+
+    def point_embed(self, points: Tensor) -> Tensor:
+        flat = points.reshape(-1, 2).float() * self.scale
+        return self._encode(flat[:, 1], flat[:, 0]).reshape(*points.shape[:-1], self.dim)
 
 
 class LearnedRowCol(AdditiveQK):
@@ -100,9 +111,32 @@ class LearnedRowCol(AdditiveQK):
         return rearrange(emb, "b h w c -> b (h w) c")
 
 
+    def point_embed(self, points: Tensor) -> Tensor:
+        flat = points.reshape(-1, 2).float()
+        emb = torch.cat([self._sample(self.row_embed, flat[:, 1]), self._sample(self.col_embed, flat[:, 0])], -1)
+        return emb.reshape(*points.shape[:-1], self.dim)
+
+    @staticmethod
+    def _sample(table: Tensor, at: Tensor) -> Tensor:
+        """``(L, C)`` table, ``(N,)`` places in ``[0, 1]`` -> ``(N, C)``, linear between cell centres
+        (``qk_embed`` resamples bicubically; the two agree at the cell centres)."""
+        idx = (at * table.shape[0] - 0.5).clamp(0, table.shape[0] - 1)
+        lo = idx.floor().long().clamp(max=table.shape[0] - 2) if table.shape[0] > 1 else idx.long()
+        frac = (idx - lo)[:, None]
+        hi = (lo + 1).clamp(max=table.shape[0] - 1)
+        return table[lo].float() * (1 - frac) + table[hi].float() * frac
+
+
 def qk_embed(pos: PosStrategy, mask: Tensor) -> Tensor | None:
     """The sum of the additive q/k encodings of ``pos``'s parts, ``(B, H*W, C)``, or None."""
     terms = [p.qk_embed(mask) for p in pos.parts() if isinstance(p, AdditiveQK)]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def point_embed(pos: PosStrategy, points: Tensor) -> Tensor | None:
+    """The sum of the additive encodings of ``pos``'s parts at ``points`` ``(..., 2)`` (x, y in
+    ``[0, 1]``), ``(..., C)``, or None when ``pos`` has no additive part."""
+    terms = [p.point_embed(points) for p in pos.parts() if isinstance(p, AdditiveQK)]
     return sum(terms[1:], terms[0]) if terms else None
 
 
