@@ -151,10 +151,14 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel when distributed, else the model itself."""
+def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = True) -> nn.Module:
+    """DistributedDataParallel when distributed, else the model itself. On GPUs, batch norm layers
+    become ``SyncBatchNorm`` (in place: same parameters and buffers), so their statistics are those
+    of the global batch and N processes train as one would (CPU/gloo has no SyncBatchNorm)."""
     if not is_distributed():
         return model
+    if sync_bn and device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
