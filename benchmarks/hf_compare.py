@@ -87,7 +87,8 @@ def _adamw_step(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def vitpe_detr(args: argparse.Namespace, batch: Batch, amp: Any, backbone: str) -> tuple[Step, torch.nn.Module]:
+def vitpe_detr(args: argparse.Namespace, batch: Batch, amp: Any, compiled: bool,
+               backbone: str) -> tuple[Step, torch.nn.Module]:
     cfg = detection.DetConfig()
     cfg.model.backbone = backbone
     if args.tiny:
@@ -99,15 +100,16 @@ def vitpe_detr(args: argparse.Namespace, batch: Batch, amp: Any, backbone: str) 
     optimizer = detection.build_optimizer(model, cfg.optim)
     images, mask = pad_to(batch["images"], model.size_divisibility)
     model.train()
+    net = torch.compile(model) if compiled else model  # the criterion (host-side matching) stays eager
 
     def step() -> None:
         with amp:
-            out = model(images, mask)
+            out = net(images, mask)
         _adamw_step(criterion.total(criterion(out, batch["targets"])), optimizer)
     return step, model
 
 
-def hf_detr(args: argparse.Namespace, batch: Batch, amp: Any) -> tuple[Step, torch.nn.Module]:
+def hf_detr(args: argparse.Namespace, batch: Batch, amp: Any, _compiled: bool) -> tuple[Step, torch.nn.Module]:
     from transformers import DetrConfig, DetrForObjectDetection
 
     tiny = dict(backbone=TINY_BACKBONE["resnet50"], encoder_layers=1, decoder_layers=1) if args.tiny else {}
@@ -125,7 +127,7 @@ def hf_detr(args: argparse.Namespace, batch: Batch, amp: Any) -> tuple[Step, tor
     return step, model
 
 
-def vitpe_mit(args: argparse.Namespace, batch: Batch, amp: Any) -> tuple[Step, torch.nn.Module]:
+def vitpe_mit(args: argparse.Namespace, batch: Batch, amp: Any, compiled: bool) -> tuple[Step, torch.nn.Module]:
     cfg = segmentation.SegConfig()
     variant = "b0" if args.tiny else "b2"
     cfg.model.name, cfg.model.head_dim = f"vitpe_mit_{variant}", MIT[variant]["decoder_hidden_size"]
@@ -134,15 +136,16 @@ def vitpe_mit(args: argparse.Namespace, batch: Batch, amp: Any) -> tuple[Step, t
     model = segmentation.build_model(cfg.model, args.seg_classes, args.seg_size).to(device).train()
     optimizer = segmentation.build_optimizer(model, cfg.optim)
     ignore = cfg.data.ignore_index
+    net = torch.compile(model) if compiled else model  # static: the benchmark's shapes never change
 
     def step() -> None:
         with amp:
-            logits = model(batch["images"])
+            logits = net(batch["images"])
         _adamw_step(segmentation.pixel_loss(logits, batch["labels"], ignore), optimizer)
     return step, model
 
 
-def hf_mit(args: argparse.Namespace, batch: Batch, amp: Any) -> tuple[Step, torch.nn.Module]:
+def hf_mit(args: argparse.Namespace, batch: Batch, amp: Any, _compiled: bool) -> tuple[Step, torch.nn.Module]:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     config = SegformerConfig(**MIT["b0" if args.tiny else "b2"], num_labels=args.seg_classes,
@@ -158,30 +161,51 @@ def hf_mit(args: argparse.Namespace, batch: Batch, amp: Any) -> tuple[Step, torc
 
 
 # -- measurement -----------------------------------------------------------------------------
-Builder = Callable[[argparse.Namespace, Batch, Any], tuple[Step, torch.nn.Module]]
+Builder = Callable[[argparse.Namespace, Batch, Any, bool], tuple[Step, torch.nn.Module]]
 SPECS: dict[str, tuple[str, Callable[..., Batch], Builder, Builder | None]] = {
     # row: (what HF builds, batch maker, vitpe builder, HF builder)
     "detr_r50": ("DetrForObjectDetection (timm ResNet-50)", det_batch,
-                 lambda a, b, amp: vitpe_detr(a, b, amp, "resnet50"), hf_detr),
-    "detr_vit_s": ("-", det_batch, lambda a, b, amp: vitpe_detr(a, b, amp, "vitpe_vit_small_patch16_224"), None),
+                 lambda *a: vitpe_detr(*a, backbone="resnet50"), hf_detr),
+    "detr_vit_s": ("-", det_batch, lambda *a: vitpe_detr(*a, backbone="vitpe_vit_small_patch16_224"), None),
     "mit_b2": ("SegformerForSemanticSegmentation (B2)", seg_batch, vitpe_mit, hf_mit),
 }
 
 
-def measure(build: Builder, args: argparse.Namespace, batch: Batch, bf16: bool) -> dict[str, float]:
-    """Images/s of the training step and peak memory (GiB, model and optimizer state included)."""
+def measure(build: Builder, args: argparse.Namespace, batch: Batch, bf16: bool, compiled: bool = False,
+            label: str = "") -> dict[str, float]:
+    """Images/s of the training step and peak memory (GiB, model and optimizer state included);
+    with ``--profile`` the busiest kernels of a few more steps go to the profile file."""
     device = torch.device(args.device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    step, model = build(args, batch, amp)
+    step, model = build(args, batch, amp, compiled)
     seconds = timed(step, args.steps, args.warmup, device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if args.profile:
+        profile(step, args, device, label)
     del step, model
     gc.collect()
     return {"img_s": len(batch["images"]) / seconds, "step_ms": 1000 * seconds, "peak_gib": mem}
+
+
+def profile(step: Step, args: argparse.Namespace, device: torch.device, label: str) -> None:
+    """Append the ``--profile`` busiest operators of 3 steps (device time on CUDA) to the profile file."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    cuda = device.type == "cuda"
+    with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=args.profile, max_name_column_width=70)
+    args.output.mkdir(parents=True, exist_ok=True)
+    with open(args.output / "hf_compare_profile.txt", "a") as f:
+        f.write(f"## {label} (3 steps)\n{table}\n\n")
 
 
 def hf_available() -> bool:
@@ -200,6 +224,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not has_hf:
         _logger.warning("transformers is not installed: Hugging Face rows are skipped")
     rows: list[dict[str, Any]] = []
+    (args.output / "hf_compare_profile.txt").unlink(missing_ok=True)  # appended to by every measurement
     for name in args.rows:
         reference, make_batch, ours, theirs = SPECS[name]
         batch = make_batch(args, device)
@@ -207,15 +232,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             row: dict[str, Any] = dict(row=name, precision=precision, batch=len(batch["images"]),
                                        size="x".join(map(str, batch["images"].shape[-2:])),
                                        reference=f"{reference} [tiny]" if args.tiny and theirs else reference)
-            for side, build in (("vitpe", ours), ("hf", theirs if has_hf else None)):
+            sides = [("vitpe", ours, False), ("hf", theirs if has_hf else None, False)]
+            if args.compile:
+                sides.append(("vitpe_compiled", ours, True))
+            for side, build, compiled in sides:
                 if build is None:
                     continue
                 try:
-                    row[side] = measure(build, args, batch, precision == "bf16")
+                    row[side] = measure(build, args, batch, precision == "bf16", compiled, f"{name} {precision} {side}")
                 except torch.OutOfMemoryError as e:  # the other rows still run
                     _logger.error("%s %s %s: out of memory: %s", name, precision, side, str(e).splitlines()[0])
-            if "vitpe" in row and "hf" in row:
-                row["ratio"] = row["vitpe"]["img_s"] / row["hf"]["img_s"]
+            for side, key in (("vitpe", "ratio"), ("vitpe_compiled", "compiled_ratio")):
+                if side in row and "hf" in row:
+                    row[key] = row[side]["img_s"] / row["hf"]["img_s"]
             rows.append(row)
             print(markdown([row], header=len(rows) == 1), flush=True)
             write(args, rows)
@@ -235,17 +264,18 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
-    def cell(r: dict[str, Any], side: str, key: str, fmt: str) -> str:
-        return format(r[side][key], fmt) if side in r else "-"
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
 
-    lines = ["| model | precision | batch | input | vitpe img/s | HF img/s | ratio | vitpe GiB | HF GiB | HF model |",
-             "|" + "---|" * 10] if header else []
+    lines = ["| model | precision | batch | input | vitpe img/s | HF img/s | ratio | vitpe compiled img/s | "
+             "compiled ratio | vitpe GiB | HF GiB | HF model |", "|" + "---|" * 12] if header else []
     for r in rows:
-        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+        ours, hf, comp = (r.get(side, {}) for side in ("vitpe", "hf", "vitpe_compiled"))
         lines.append(f"| {r['row']} | {r['precision']} | {r['batch']} | {r['size']} | "
-                     f"{cell(r, 'vitpe', 'img_s', '.1f')} | {cell(r, 'hf', 'img_s', '.1f')} | {ratio} | "
-                     f"{cell(r, 'vitpe', 'peak_gib', '.2f')} | {cell(r, 'hf', 'peak_gib', '.2f')} | "
-                     f"{r['reference']} |")
+                     f"{num(ours.get('img_s'), '.1f')} | {num(hf.get('img_s'), '.1f')} | "
+                     f"{num(r.get('ratio'), '.2f')} | {num(comp.get('img_s'), '.1f')} | "
+                     f"{num(r.get('compiled_ratio'), '.2f')} | {num(ours.get('peak_gib'), '.2f')} | "
+                     f"{num(hf.get('peak_gib'), '.2f')} | {r['reference']} |")
     return "\n".join(lines)
 
 
@@ -264,6 +294,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seg-classes", type=int, default=150)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time vitpe's model under torch.compile "
+                   "(Hugging Face's stays eager; the ratio is to its eager figure)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="write the N busiest operators of every measurement to hf_compare_profile.txt")
     p.add_argument("--tiny", action="store_true", help="small models for a quick CPU check: ResNet-18 / ViT-Ti, "
                    "one encoder and one decoder layer, MiT-B0; the rows keep their names")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

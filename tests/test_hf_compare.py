@@ -59,15 +59,19 @@ def test_pad_to_marks_only_the_added_cells():
     assert images[:, :, :5, :7].eq(1).all() and images[mask[:, None].expand_as(images)].eq(0).all()
 
 
-def test_side_by_side_with_transformers(tmp_path):
+def test_side_by_side_with_transformers_and_a_profile(tmp_path):
     pytest.importorskip("transformers")
     bench = load()
-    bench.main([*TINY, "--rows", "detr_r50,mit_b2", "--output", str(tmp_path)])
+    bench.main([*TINY, "--rows", "detr_r50,mit_b2", "--profile", "5", "--output", str(tmp_path)])
     rows, table = read(tmp_path)
     for r in rows:
         assert r["hf"]["img_s"] > 0
         assert r["ratio"] == pytest.approx(r["vitpe"]["img_s"] / r["hf"]["img_s"])
     assert table.count("\n") == 2 + len(rows)
+    profile = (tmp_path / "hf_compare_profile.txt").read_text()
+    assert [line for line in profile.splitlines() if line.startswith("## ")] == [
+        "## detr_r50 fp32 vitpe (3 steps)", "## detr_r50 fp32 hf (3 steps)",
+        "## mit_b2 fp32 vitpe (3 steps)", "## mit_b2 fp32 hf (3 steps)"]
 
 
 def test_unknown_row_is_a_usage_error(capsys):
