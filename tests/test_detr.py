@@ -11,7 +11,7 @@ from vitpe.models.detr import DETR, postprocess
 from vitpe.models.detr_backbone import ResNetBackbone
 from vitpe.models.detr_criterion import SetCriterion
 from vitpe.models.detr_matcher import HungarianMatcher
-from vitpe.models.detr_transformer import DetrTransformer
+from vitpe.models.detr_transformer import DetrTransformer, SpatialPrior
 from vitpe.pos.detr import DETR_STRATEGIES, build_detr_pos, point_embed, qk_embed, valid_sizes
 
 STRATEGIES = ["sine", "learned", "none", "rope_axial", "rope_mixed", "peg", "sine+peg"]
@@ -165,6 +165,32 @@ def test_reference_points_steer_cross_attention_only_with_an_additive_encoding()
         a = tr(src, mask, queries, torch.full((3, 2), 0.2))
         b = tr(src, mask, queries, torch.full((3, 2), 0.8))
         assert (not torch.allclose(a, b, atol=1e-4)) == moves, name
+
+
+def test_spatial_prior_peaks_at_the_reference_point_and_ignores_padding() -> None:
+    prior = SpatialPrior(num_queries=2, num_heads=3)
+    points = torch.tensor([[0.5 / 6, 2.5 / 4], [5.5 / 6, 0.5 / 4]])  # centres of cells (2, 0) and (0, 5)
+    bias = prior(points, padded_mask(4, 6, 4, 6)).reshape(1, 3, 2, 4, 6)
+    assert bias.shape == (1, 3, 2, 4, 6)
+    for q, (row, col) in enumerate([(2, 0), (0, 5)]):
+        flat = bias[0, :, q].flatten(1)
+        assert (flat.argmax(1) == row * 6 + col).all() and torch.allclose(flat.max(1).values, torch.zeros(3))
+    widths = prior.log_width.exp()[0, :, 0]
+    assert (bias[0, 0, 0] <= bias[0, -1, 0]).all() and widths[0] < widths[-1]  # narrow heads fall off faster
+    padded = prior(points, padded_mask(4, 6, 7, 9)).reshape(1, 3, 2, 7, 9)
+    torch.testing.assert_close(padded[..., :4, :6], bias)  # positions count over the unpadded image
+
+
+def test_spatial_prior_keeps_detections_independent_of_padding() -> None:
+    torch.manual_seed(0)
+    tr = DetrTransformer(dim=32, num_heads=4, enc_layers=1, dec_layers=2, ffn_dim=64, pos="sine").eval()
+    prior, refs, queries = SpatialPrior(5, 4), torch.rand(5, 2), torch.randn(5, 32)
+    src = torch.randn(1, 32, 5, 6)
+    big = torch.randn(1, 32, 8, 9) * 10
+    big[..., :5, :6] = src
+    ref = tr(src, padded_mask(5, 6, 5, 6), queries, refs, prior)
+    torch.testing.assert_close(tr(big, padded_mask(5, 6, 8, 9), queries, refs, prior), ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(tr(src, padded_mask(5, 6, 5, 6), queries, refs), ref, atol=1e-4)  # the prior acts
 
 
 def test_valid_sizes_reads_the_mask() -> None:

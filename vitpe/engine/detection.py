@@ -62,6 +62,7 @@ class DetModelConfig:
     aux_loss: bool = True  # losses on every decoder layer's output (DETR converges much slower without)
     box_refs: bool = False  # per-query reference centres: boxes predicted around them (Deformable DETR) and the
     # encoder's additive encoding at each centre added to the cross-attention's query (Conditional DETR)
+    spatial_prior: bool = False  # a Gaussian around each reference centre on the cross-attention's logits (SMCA)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
                     num_heads=cfg.num_heads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
                     ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_queries=cfg.num_queries, pos=cfg.pos,
                     pos_kwargs=cfg.pos_kwargs or None, pos_grid=cfg.pos_grid, aux_loss=cfg.aux_loss,
-                    box_refs=cfg.box_refs)
+                    box_refs=cfg.box_refs, spatial_prior=cfg.spatial_prior)
     except (KeyError, ValueError) as e:  # unknown strategy or backbone, widths that do not divide
         raise UserError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
 
@@ -140,7 +141,7 @@ def build_optimizer(model: DETR, cfg: DetOptimConfig) -> torch.optim.AdamW:
     """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest."""
     backbone = {id(p) for p in model.backbone.parameters()}
     groups = []
-    for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos", "box_refs"]):
+    for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos", "box_refs", "spatial_prior"]):
         for is_bb, lr in ((True, cfg.backbone_lr), (False, cfg.lr)):
             ps = [p for p in g["params"] if (id(p) in backbone) == is_bb]
             if ps and lr > 0:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from .detr_backbone import build_backbone
-from .detr_transformer import DetrTransformer
+from .detr_transformer import DetrTransformer, SpatialPrior
 
 
 class BoxHead(nn.Module):
@@ -49,7 +49,7 @@ class DETR(nn.Module):
                  dim: int = 256, num_heads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
                  ffn_dim: int = 2048, dropout: float = 0.1, num_queries: int = 100, pos: str = "sine",
                  pos_kwargs: dict[str, dict[str, Any]] | None = None, pos_grid: int = 32,
-                 aux_loss: bool = True, box_refs: bool = False) -> None:
+                 aux_loss: bool = True, box_refs: bool = False, spatial_prior: bool = False) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
         self.backbone = build_backbone(backbone, weights=backbone_weights, frozen_bn=frozen_bn,
@@ -73,6 +73,9 @@ class DETR(nn.Module):
             nn.init.constant_(last.bias, 0.0)
             with torch.no_grad():
                 last.bias[2:] = -2.0  # small initial boxes (sigmoid(-2) = 0.12), as Deformable DETR
+        if spatial_prior and not box_refs:
+            raise ValueError("spatial_prior needs box_refs: the prior is centred on each query's reference point")
+        self.spatial_prior = SpatialPrior(num_queries, num_heads) if spatial_prior else None
 
     def forward(self, images: Tensor, mask: Tensor) -> dict[str, Any]:
         """``images`` ``(B, 3, H, W)``, ``mask`` ``(B, H, W)`` True on padding."""
@@ -80,7 +83,8 @@ class DETR(nn.Module):
         # a feature cell is padding when its top-left pixel is (DETR's nearest-neighbour rule)
         fmask = F.interpolate(mask[:, None].float(), size=feat.shape[-2:]).bool()[:, 0]
         refs = None if self.box_refs is None else self.box_refs.sigmoid()
-        hs = self.transformer(self.input_proj(feat), fmask, self.query_embed.weight, refs)  # (L, B, Q, C)
+        hs = self.transformer(self.input_proj(feat), fmask, self.query_embed.weight, refs,
+                              self.spatial_prior)  # (L, B, Q, C)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs, self.box_refs)
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:

@@ -8,6 +8,7 @@ padding. The padding mask reaches every attention as a key-padding mask.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from ..layers import Mlp
 from ..layers.attention import attend
 from ..pos.base import BlockPos
-from ..pos.detr import build_detr_pos, point_embed, qk_embed
+from ..pos.detr import build_detr_pos, point_embed, qk_embed, valid_sizes
 
 _NO_POS = BlockPos(grid=(0, 0), num_prefix=0)  # no position: cross-attention, the decoder's FFNs
 
@@ -44,7 +45,10 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is not None:  # padded keys get -inf on top of the strategy's bias
             pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
             pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
-            pos = replace(pos, bias=pad if pos.bias is None else pos.bias.to(q.dtype)[None] + pad)
+            bias = pos.bias
+            if bias is not None:  # (heads, T, S) shared by the batch, or (B, heads, T, S) per image
+                bias = bias.to(q.dtype) if bias.dim() == 4 else bias.to(q.dtype)[None]
+            pos = replace(pos, bias=pad if bias is None else bias + pad)
         out = attend(q, k, v, pos, self.dropout if self.training else 0.0)
         return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))
 
@@ -78,15 +82,44 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor | None,
-                key_padding_mask: Tensor, point_pos: Tensor | None = None) -> Tensor:
+                key_padding_mask: Tensor, point_pos: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
         """``tgt`` ``(B, Q, C)``, ``memory`` ``(B, N, C)``; keys of the memory get ``pos`` if any;
         ``point_pos`` ``(Q, C)``, the encoding at each query's reference point, joins the
-        cross-attention's queries, so that they meet the keys' encoding near that point."""
+        cross-attention's queries, so that they meet the keys' encoding near that point; ``prior``
+        ``(B, heads, Q, N)`` is added to the cross-attention's logits (``SpatialPrior``)."""
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.drop(self.self_attn(q, q, tgt)))
+        cross = None if prior is None else BlockPos(grid=(0, 0), num_prefix=0, bias=prior)
         tgt = self.norm2(tgt + self.drop(self.cross_attn(_with(tgt + query_pos, point_pos), _with(memory, pos),
-                                                         memory, key_padding_mask)))
+                                                         memory, key_padding_mask, cross)))
         return self.norm3(tgt + self.drop(self.mlp(tgt, _NO_POS)))
+
+
+class SpatialPrior(nn.Module):
+    """A Gaussian around each query's reference point, added (as a log-weight) to the logits of
+    the decoder's cross-attention (SMCA, Gao et al. 2021, with learned per-query, per-head widths
+    instead of predicted ones). Each query then pools the features near its place from the first
+    step, which is what lets DETR learn from few images and steps. Widths start spread over heads
+    (from ``min_width`` to ``max_width`` of the image) so some heads look near and some wide."""
+
+    def __init__(self, num_queries: int, num_heads: int, min_width: float = 0.05, max_width: float = 0.5) -> None:
+        super().__init__()
+        widths = torch.logspace(math.log10(min_width), math.log10(max_width), num_heads)
+        self.log_width = nn.Parameter(widths.log()[None, :, None].repeat(num_queries, 1, 2))  # (Q, heads, 2)
+
+    def forward(self, points: Tensor, mask: Tensor) -> Tensor:
+        """``points`` ``(Q, 2)`` (x, y in ``[0, 1]`` of the unpadded image), ``mask`` ``(B, H, W)``
+        True on padding -> ``(B, heads, Q, H*W)`` float32, 0 at the point, falling off with distance."""
+        B, H, W = mask.shape
+        size = valid_sizes(mask).clamp(min=1).float()  # (B, 2) unpadded rows, cols
+        ys = (torch.arange(H, device=mask.device) + 0.5)[None] / size[:, :1]  # (B, H) cell centres
+        xs = (torch.arange(W, device=mask.device) + 0.5)[None] / size[:, 1:]  # (B, W)
+        inv = (-2 * self.log_width.float()).exp()  # (Q, heads, 2): 1 / width^2
+        dx = (xs[:, None, :] - points[None, :, :1].float()) ** 2  # (B, Q, W)
+        dy = (ys[:, None, :] - points[None, :, 1:].float()) ** 2  # (B, Q, H)
+        logit = (dy[:, :, None, :, None] * inv[None, :, :, 1, None, None]
+                 + dx[:, :, None, None, :] * inv[None, :, :, 0, None, None])  # (B, Q, heads, H, W)
+        return rearrange(-0.5 * logit, "b q h y x -> b h q (y x)")
 
 
 class DetrTransformer(nn.Module):
@@ -127,7 +160,8 @@ class DetrTransformer(nn.Module):
             x = self.pos.after_block(x.masked_fill(pad[..., None], 0.0), i, grid, 0)
         return x, pos
 
-    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, ref_points: Tensor | None = None) -> Tensor:
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, ref_points: Tensor | None = None,
+                prior: SpatialPrior | None = None) -> Tensor:
         """-> decoder outputs after every layer, normalised: ``(L, B, Q, C)``. ``ref_points``
         ``(Q, 2)`` (x, y in ``[0, 1]``): each query's place, read in the encoder's own additive
         encoding for the cross-attention (Conditional DETR's spatial query, without its scaling)."""
@@ -138,12 +172,13 @@ class DetrTransformer(nn.Module):
         if ref_points is not None and pos is not None:
             point_pos = point_embed(self.pos, ref_points)
             point_pos = None if point_pos is None else point_pos.to(memory.dtype)
+        bias = None if prior is None or ref_points is None else prior(ref_points, mask)
         tgt = torch.zeros_like(query_pos)
         outs = []
         for layer in self.decoder:
-            tgt = layer(tgt, memory, query_pos, pos, pad, point_pos)
+            tgt = layer(tgt, memory, query_pos, pos, pad, point_pos, bias)
             outs.append(self.dec_norm(tgt))
         return torch.stack(outs)
 
 
-__all__ = ["DecoderLayer", "DetrTransformer", "EncoderLayer", "MultiheadAttention"]
+__all__ = ["DecoderLayer", "DetrTransformer", "EncoderLayer", "MultiheadAttention", "SpatialPrior"]
