@@ -22,8 +22,8 @@ from vitpe.data.classification import build_train_val, norm_stats
 from vitpe.data.folder import collate_skipping
 from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import save_checkpoint
-from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, evaluate,
-                                         train_one_epoch)
+from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, build_train_loader,
+                                         evaluate, train_one_epoch)
 from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_optimizer, build_scheduler
@@ -55,8 +55,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     model = build_model(cfg.model, len(classes), cfg.data.img_size).to(device)
     check_sizes(cfg.eval.sizes, model)  # fail now, not after training
     ema = ModelEmaV2(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
-    train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,
-                               collate_skipping, source=cfg.data.path)
+    train_loader = build_train_loader(cfg, train_set, device, mean, std)  # data.decode=gpu: decoded on the device
     val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate_skipping)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
+from ..errors import UserError
 from . import synthetic
 from .folder import CachedImages, ImageFolder
+from .gpu_decode import EncodedFolder, check_aug
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ClsDataConfig(DataConfig):
     train_split: str = "train"  # sub-folder of data.path used for training
     val_split: str = "val"  # sub-folder used for validation and the resolution evaluation
     cache: bool = False  # decode every training/validation image once into memory (small datasets like CIFAR)
+    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers only read training JPEGs; the device decodes, crops, flips
     synthetic_train: int = 1600  # samples of the synthetic training set (enough for a tiny ViT to learn it)
     synthetic_val: int = 500  # samples of the synthetic validation set
 
@@ -70,7 +73,12 @@ def build_train_val(data: ClsDataConfig, aug: AugConfig, mean: tuple, std: tuple
         train = synthetic.SyntheticPositions(data.synthetic_train, data.img_size, seed, "train")
         return train, eval_dataset(data, data.img_size, mean, std, aug.interpolation, seed), list(train.classes)
     transform = train_transform(data.img_size, aug, mean, std)
-    if data.cache:
+    if data.decode == "gpu":  # decoded and augmented on the device (vitpe.data.gpu_decode)
+        if data.cache:
+            raise UserError("data.decode=gpu decodes the files every epoch; set data.cache=false or data.decode=cpu")
+        check_aug(aug)
+        train = EncodedFolder(data.path, data.train_split)
+    elif data.cache:
         train = _decoded(data.path, data.train_split, data.workers, ()).with_transform(transform)
     else:
         train = ImageFolder(data.path, data.train_split, transform)

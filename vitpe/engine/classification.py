@@ -12,14 +12,15 @@ import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import EvalConfig, ModelConfig, OptimConfig, RunConfig
-from ..data.classification import AugConfig, ClsDataConfig
-from ..data.folder import Batch, Skipped
+from ..data.classification import AugConfig, ClsDataConfig, is_synthetic
+from ..data.folder import Batch, Skipped, collate_skipping
+from ..data.gpu_decode import DeviceAugment, DeviceDecodeLoader, collate_encoded
 from ..errors import UserError
 from . import distributed as dist
-from .loop import autocast, check_finite, optimizer_step, progress
+from .loop import autocast, check_finite, make_loader, optimizer_step, progress
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +68,18 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     except (KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}, kwargs={cfg.kwargs}: {msg}") from None
+
+
+def build_train_loader(cfg: ClsConfig, train_set: Dataset, device: torch.device, mean: tuple,
+                       std: tuple) -> DataLoader | DeviceDecodeLoader:
+    """The training loader; with ``data.decode=gpu`` the workers only read files and batches are
+    decoded, cropped, flipped and normalised on ``device`` (``vitpe.data.gpu_decode``)."""
+    on_device = cfg.data.decode == "gpu" and not is_synthetic(cfg.data)
+    loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,
+                         collate_encoded if on_device else collate_skipping, source=cfg.data.path)
+    if not on_device:
+        return loader
+    return DeviceDecodeLoader(loader, DeviceAugment(cfg.data.img_size, cfg.aug, mean, std, torch.device(device)))
 
 
 def build_mixup(aug: AugConfig, num_classes: int, synthetic: bool, batch_per_process: int = 2) -> Mixup | None:
@@ -180,5 +193,5 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
             "loss": totals["loss"] / n, "n": int(totals["n"]), "skipped": int(totals["skipped"])}
 
 
-__all__ = ["ClsConfig", "EmaConfig", "as_batch", "build_criterion", "build_mixup", "build_model", "evaluate",
-           "train_one_epoch"]
+__all__ = ["ClsConfig", "EmaConfig", "as_batch", "build_criterion", "build_mixup", "build_model", "build_train_loader",
+           "evaluate", "train_one_epoch"]
