@@ -91,11 +91,11 @@ def test_json_that_is_not_coco_is_one_line_error(tmp_path) -> None:
 
 def test_two_gloo_processes_match_one_at_the_same_global_batch(tmp_path) -> None:
     """Frozen batch norm, no dropout and no random augmentation: the only difference left is the
-    split of each global batch over processes, which DETR's loss normalisation makes invisible
-    (box losses are divided by the box count averaged over processes; the class loss is a
-    weighted mean per process, so every image here has the same number of boxes, as the
-    weights' sum then is the same in every process)."""
-    data = make_dataset(tmp_path / "data", empty=None)
+    split of each global batch over processes, which DETR's loss normalisation makes invisible:
+    box losses are divided by the box count, the class loss by the sum of its weights, both
+    averaged over processes. One image has no box, so the two processes of a step hold
+    different numbers of boxes."""
+    data = make_dataset(tmp_path / "data", empty=3)
     fixed = [*TINY, "--set", "model.frozen_bn=true", "--set", "model.dropout=0", "--set", "data.flip=0",
              "--set", "data.multiscale=false", "--set", "data.crop_prob=0", "--epochs", "2"]
     assert train_det().main(["--data", str(data), *fixed, "--output", str(tmp_path / "one")]) == 0

@@ -18,8 +18,8 @@ class SetCriterion(nn.Module):
     """Losses ``loss_ce``, ``loss_bbox``, ``loss_giou`` (and ``*_i`` for auxiliary layer ``i``), plus
     ``cardinality_error`` for logging. ``forward`` returns them unweighted; ``total`` weighs them.
 
-    ``num_boxes_reduce`` lets a distributed run average the box count over processes, so that
-    every process normalises its box losses by the same number.
+    ``num_boxes_reduce`` lets a distributed run average the box count (and the class weights'
+    sum) over processes, so that every process normalises its losses by the same numbers.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
@@ -36,9 +36,14 @@ class SetCriterion(nn.Module):
     def loss_labels(self, logits: Tensor, classes: Tensor) -> Tensor:
         """Cross-entropy per layer over all queries: ``logits`` ``(L, B, Q, K+1)``, ``classes``
         ``(L, B, Q)`` (unmatched queries are "no object", class K) -> ``(L,)``, each the weighted
-        mean over its layer (``F.cross_entropy``'s weighted mean, layer by layer)."""
+        mean over its layer (``F.cross_entropy``'s weighted mean, layer by layer). In a distributed
+        run the weights are summed over every process's images, so that N processes give the
+        gradient of one process holding the whole batch, whatever the boxes per image."""
         nll = F.cross_entropy(logits.float().flatten(0, 2), classes.flatten(), self.empty_weight, reduction="none")
-        return nll.view(classes.shape).sum((1, 2)) / self.empty_weight[classes].sum((1, 2))
+        weight = self.empty_weight[classes].sum((1, 2))
+        if self.num_boxes_reduce is not None:  # the mean over processes, as DDP averages gradients
+            weight = self.num_boxes_reduce(weight)
+        return nll.view(classes.shape).sum((1, 2)) / weight
 
     def loss_boxes(self, pred: Tensor, tgt: Tensor, num_boxes: Tensor) -> tuple[Tensor, Tensor]:
         """L1 on ``cxcywh`` and ``1 - GIoU`` of matched pairs ``(L, P, 4)``, summed per layer and
