@@ -51,6 +51,11 @@ def timed(step: Callable[[], Any], steps: int, warmup: int, device: torch.device
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool) -> dict[str, float]:
+    with sdpa_preference(args.sdpa) if args.sdpa else nullcontext():
+        return _measure(model, args, res, compiled)
+
+
+def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool) -> dict[str, float]:
     device = torch.device(args.device)
     model = model.to(device)
     x = torch.randn(args.batch_size, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
@@ -86,6 +91,20 @@ def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled
     t_infer = timed(infer_step, args.steps, args.warmup, device)
     return dict(train_img_s=args.batch_size / t_train, infer_img_s=args.batch_size / t_infer,
                 train_tflops=train_flops / t_train / 1e12, peak_mem_gib=mem)
+
+
+def sdpa_preference(names: list[str]) -> Any:
+    """A context that makes scaled_dot_product_attention try these backends first, in this order
+    (``cudnn``, ``flash``, ``efficient``, ``math``); the others stay as fallbacks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"--sdpa: unknown backend(s) {unknown}; choose from {sorted(table)}")
+    order = [table[n] for n in names] + [b for n, b in table.items() if n not in names]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -164,6 +183,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=None, help="override the block count (quick checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--sdpa", type=csv, default=[], help="attention backends to try first, in order, for both "
+                   "models: cudnn, flash, efficient, math (default: torch's own choice)")
     p.add_argument("--output", type=Path, default=Path("runs/throughput"))
     return p.parse_args(argv)
 

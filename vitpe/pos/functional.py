@@ -101,6 +101,9 @@ class GridConv(nn.Module):
 
     def forward(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
         prefix, maps = to_map(x, grid, num_prefix)
+        # tokens (B, N, C) already are a channels-last map, unless prefix tokens were sliced off;
+        # keep that layout so the convolution runs channels-last without transposing copies
+        maps = maps.contiguous(memory_format=torch.channels_last)
         out = self.proj(maps)
         if self.residual:
             out = out + maps
