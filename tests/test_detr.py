@@ -272,10 +272,13 @@ def _torchvision_keys(backbone: ResNetBackbone) -> dict[str, torch.Tensor]:
     return {f"{names[int(k.split('.')[0])]}.{k.split('.', 1)[1]}": v for k, v in backbone.body.state_dict().items()}
 
 
-def test_vit_backbone_through_timm() -> None:
-    model = DETR(num_classes=2, backbone="vitpe_vit_tiny_patch16_224", backbone_pos="rope_mixed", dim=32,
+@pytest.mark.parametrize("backbone, stride", [("vitpe_vit_tiny_patch16_224", 16), ("vitpe_mit_b0", 32)])
+def test_vitpe_backbones_through_timm(backbone: str, stride: int) -> None:
+    """vitpe's ViT and MiT serve as DETR backbones through timm's ``features_only``, with a
+    positional strategy of their own."""
+    model = DETR(num_classes=2, backbone=backbone, backbone_pos="rope_mixed", dim=32,
                  num_heads=4, enc_layers=1, dec_layers=1, ffn_dim=64, num_queries=4, pos="learned")
-    assert model.size_divisibility == 16
+    assert model.size_divisibility == stride
     out = model(torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool))
     assert out["pred_boxes"].shape == (2, 4, 4) and ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
 
