@@ -2,14 +2,13 @@
 argument list of a seconds-long training run, and the training script imported as a module."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from script_modules import ROOT, load_script  # noqa: F401  (tests take ROOT from here)
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--set", "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]
 
 
@@ -39,8 +38,5 @@ def tiny_argv(data: Path | str, out: Path, *extra: str, epochs: int = 2) -> list
 def train_cls_module():
     """``train_cls.py`` (at the repository root, not a package) imported once."""
     if "train_cls" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_cls", ROOT / "train_cls.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_cls"] = module
-        spec.loader.exec_module(module)
+        load_script("train_cls.py")
     return sys.modules["train_cls"]

@@ -1,16 +1,11 @@
 """The throughput benchmark runs end to end on CPU with a tiny setting, so it does not rot."""
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_modules import load_script
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_throughput_benchmark_writes_side_by_side_rows(tmp_path):

@@ -3,7 +3,6 @@ torchrun (gloo, 2 CPU processes) with a rank killed by SIGKILL as by the OOM kil
 error on one rank, and a collective whose peer never arrives (the process-group timeout)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import sys
@@ -17,16 +16,13 @@ import torch.multiprocessing as mp
 
 from vitpe.engine import distributed as dist
 from vitpe.errors import UserError
+from script_modules import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads torchrun's workers from /proc")
 
 
 def check_module():
-    spec = importlib.util.spec_from_file_location("ddp_check", ROOT / "benchmarks" / "ddp_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/ddp_check.py")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 one, two under torchrun, both in one JSON and one table; the replicas stay identical under DDP."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--no-amp", "--model", "vitpe_vit_tiny_patch4_32", "--img-size", "32", "--depth", "1",
@@ -17,10 +17,7 @@ TINY = ["--device", "cpu", "--no-amp", "--model", "vitpe_vit_tiny_patch4_32", "-
 
 
 def scaling_module():
-    spec = importlib.util.spec_from_file_location("ddp_scaling", ROOT / "benchmarks" / "ddp_scaling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/ddp_scaling.py")
 
 
 def env() -> dict[str, str]:

@@ -76,13 +76,9 @@ def test_markdown_table_marks_the_training_size():
 
 
 def test_sweep_trains_every_strategy_at_once_and_merges_the_reports(tmp_path):
-    import importlib.util
+    from script_modules import ROOT, load_script
 
-    from cls_data import ROOT
-
-    spec = importlib.util.spec_from_file_location("resolution_sweep", ROOT / "scripts" / "resolution_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("scripts/resolution_sweep.py")
     out = tmp_path / "sweep"
     sweep.main(["--config", str(ROOT / "configs/cls/synthetic.yaml"), "--strategies", "none,rope_axial",
                 "--epochs", "1", "--sizes", "16,32", "--output", str(out), "--set", "run.device=cpu",

@@ -1,21 +1,17 @@
 """The vitpe / Hugging Face training benchmark runs end to end on CPU with tiny models, so it does not rot."""
-import importlib.util
 import json
 import logging
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tiny", "--det-size", "64x96", "--det-batch", "2", "--det-boxes", "3", "--seg-size", "64",
         "--seg-batch", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--precisions", "fp32"]
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("hf_compare", ROOT / "benchmarks" / "hf_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/hf_compare.py")
 
 
 def read(out: Path) -> tuple[list[dict], str]:

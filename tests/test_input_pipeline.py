@@ -2,10 +2,8 @@
 the input-pipeline benchmark in a tiny setting so it does not rot."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +12,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from cls_data import ROOT, tiny_argv, train_cls_module
+from cls_data import tiny_argv, train_cls_module
 from vitpe.data.classification import AugConfig, ClsDataConfig, build_train_val
 from vitpe.data.gpu_decode import (DeviceAugment, DeviceDecodeLoader, EncodedFolder, collate_encoded,
                                    device_decodable, resized_crops, sample_boxes)
 from vitpe.engine.metrics_log import read_metrics
 from vitpe.errors import UserError
+from script_modules import load_script
 
 
 def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -157,9 +156,7 @@ def test_train_cls_runs_with_gpu_decode_on_cpu(mixed, tmp_path):
 
 # -- the benchmark -------------------------------------------------------------------------------
 def test_input_pipeline_benchmark_compares_the_three_inputs(tmp_path):
-    spec = importlib.util.spec_from_file_location("input_pipeline", ROOT / "benchmarks" / "input_pipeline.py")
-    bench = sys.modules["input_pipeline"] = importlib.util.module_from_spec(spec)  # importable by workers
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/input_pipeline.py")  # registered in sys.modules: importable by workers
     bench.main(["--model", "vitpe_vit_tiny_patch4_32", "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}',
                 "--img-size", "32", "--batch-size", "4", "--unique", "3", "--image-size", "64x48", "--warmup", "1",
                 "--steps", "2", "--workers", "0", "--gpu-workers", "0", "--device", "cpu", "--no-bf16",

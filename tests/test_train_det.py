@@ -1,7 +1,6 @@
 """train_det.py end to end on a tiny COCO-format dataset made here (CPU, seconds)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from det_data import CAT_IDS, make_dataset
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--set", "model.frozen_bn=false", "--set", "model.dim=32",
@@ -20,10 +20,7 @@ TINY = ["--backbone", "resnet18", "--set", "model.frozen_bn=false", "--set", "mo
 
 
 def train_det():
-    spec = importlib.util.spec_from_file_location("train_det", ROOT / "train_det.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_det.py")
 
 
 @pytest.fixture(scope="module")
