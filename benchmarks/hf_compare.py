@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import sys
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import timed  # noqa: E402
+from throughput import timed, write_rows  # noqa: E402
 
 from vitpe.engine import detection, segmentation  # noqa: E402
 
@@ -252,15 +251,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    args.output.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    versions = {"torch": torch.__version__}
+    versions = {}
     if hf_available():
         import transformers
         versions["transformers"] = transformers.__version__
-    meta = dict(args={k: str(v) for k, v in vars(args).items()}, device=device, **versions, rows=rows)
-    (args.output / "hf_compare.json").write_text(json.dumps(meta, indent=1))
-    (args.output / "hf_compare.md").write_text(markdown(rows) + "\n")
+    write_rows(args, "hf_compare", rows, markdown(rows), **versions)
 
 
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:

@@ -142,12 +142,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    write_rows(args, "throughput", rows, markdown(rows), timm=timm.__version__)
+
+
+def write_rows(args: argparse.Namespace, name: str, rows: list[dict[str, Any]], table: str,
+               **versions: str) -> None:
+    """``<name>.json`` (the arguments, the device, torch's and ``versions``, the rows) and
+    ``<name>.md`` (``table``) in ``args.output``."""
     args.output.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     meta = dict(args={k: str(v) for k, v in vars(args).items()}, device=device, torch=torch.__version__,
-                timm=timm.__version__, rows=rows)
-    (args.output / "throughput.json").write_text(json.dumps(meta, indent=1))
-    (args.output / "throughput.md").write_text(markdown(rows) + "\n")
+                **versions, rows=rows)
+    (args.output / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    (args.output / f"{name}.md").write_text(table + "\n")
 
 
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
