@@ -169,9 +169,8 @@ class DetrTransformer(nn.Module):
         pad = mask.flatten(1)
         query_pos = query_embed[None].expand(src.shape[0], -1, -1).to(memory.dtype)
         point_pos = None
-        if ref_points is not None and pos is not None:
-            point_pos = point_embed(self.pos, ref_points)
-            point_pos = None if point_pos is None else point_pos.to(memory.dtype)
+        if ref_points is not None and pos is not None:  # a strategy with no additive part has no point encoding
+            point_pos = point_embed(self.pos, ref_points).to(memory.dtype)
         bias = None if prior is None or ref_points is None else prior(ref_points, mask)
         tgt = torch.zeros_like(query_pos)
         outs = []

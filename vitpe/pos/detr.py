@@ -16,7 +16,7 @@ table through ``qk_embed``; the others are vitpe's own strategies reused unchang
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from einops import rearrange, repeat
@@ -127,17 +127,21 @@ class LearnedRowCol(AdditiveQK):
         return table[lo].float() * (1 - frac) + table[hi].float() * frac
 
 
+def _additive_sum(pos: PosStrategy, encode: Callable[[AdditiveQK], Tensor]) -> Tensor | None:
+    """The sum of ``encode(part)`` over ``pos``'s additive parts, or None when it has none."""
+    terms = [encode(p) for p in pos.parts() if isinstance(p, AdditiveQK)]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
 def qk_embed(pos: PosStrategy, mask: Tensor) -> Tensor | None:
     """The sum of the additive q/k encodings of ``pos``'s parts, ``(B, H*W, C)``, or None."""
-    terms = [p.qk_embed(mask) for p in pos.parts() if isinstance(p, AdditiveQK)]
-    return sum(terms[1:], terms[0]) if terms else None
+    return _additive_sum(pos, lambda p: p.qk_embed(mask))
 
 
 def point_embed(pos: PosStrategy, points: Tensor) -> Tensor | None:
     """The sum of the additive encodings of ``pos``'s parts at ``points`` ``(..., 2)`` (x, y in
     ``[0, 1]``), ``(..., C)``, or None when ``pos`` has no additive part."""
-    terms = [p.point_embed(points) for p in pos.parts() if isinstance(p, AdditiveQK)]
-    return sum(terms[1:], terms[0]) if terms else None
+    return _additive_sum(pos, lambda p: p.point_embed(points))
 
 
 DETR_STRATEGIES: Registry[PosStrategy] = Registry("DETR positional strategy")
