@@ -120,19 +120,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ref_name = REFERENCE.get(strategy, REFERENCE["learned"]).format(size=size)
                     if ref_name not in timm.list_models(ref_name):  # e.g. no tiny RoPE ViT in timm
                         ref_name = REFERENCE["learned"].format(size=size)
-                    if ref_name not in refs_done:
+                    if ref_name not in refs_done and args.reference:
                         torch.manual_seed(0)
                         refs_done[ref_name] = measure(build(ref_name, res, args.depth), args, res, mode == "compiled")
                     torch.manual_seed(0)
                     ours = measure(build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=strategy),
                                    args, res, mode == "compiled")
-                    ref = refs_done[ref_name]
+                    ref = refs_done.get(ref_name)
                     own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else \
                         learned.get((size, res, mode))
-                    row = dict(size=size, strategy=strategy, res=res, mode=mode, reference=ref_name,
-                               vitpe=ours, timm=ref,
-                               train_ratio=ours["train_img_s"] / ref["train_img_s"],
-                               infer_ratio=ours["infer_img_s"] / ref["infer_img_s"],
+                    row = dict(size=size, strategy=strategy, res=res, mode=mode,
+                               reference=ref_name if ref else None, vitpe=ours, timm=ref,
+                               train_ratio=ours["train_img_s"] / ref["train_img_s"] if ref else None,
+                               infer_ratio=ours["infer_img_s"] / ref["infer_img_s"] if ref else None,
                                train_vs_learned=ours["train_img_s"] / own["train_img_s"] if own else None,
                                infer_vs_learned=ours["infer_img_s"] / own["infer_img_s"] if own else None)
                     rows.append(row)
@@ -164,10 +164,10 @@ def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
                   "infer img/s | timm infer | infer ratio | train / learned | infer / learned | TFLOP/s | peak GiB |",
                   "|" + "---|" * 15]
     for r in rows:
-        v, t = r["vitpe"], r["timm"]
-        lines.append(f"| {r['size']} | {r['strategy']} | {r['res']} | {r['mode']} | {r['reference']} | "
-                     f"{v['train_img_s']:.0f} | {t['train_img_s']:.0f} | {r['train_ratio']:.2f} | "
-                     f"{v['infer_img_s']:.0f} | {t['infer_img_s']:.0f} | {r['infer_ratio']:.2f} | "
+        v, t = r["vitpe"], r["timm"] or {}
+        lines.append(f"| {r['size']} | {r['strategy']} | {r['res']} | {r['mode']} | {r['reference'] or '-'} | "
+                     f"{v['train_img_s']:.0f} | {_num(t.get('train_img_s'))} | {_ratio(r['train_ratio'])} | "
+                     f"{v['infer_img_s']:.0f} | {_num(t.get('infer_img_s'))} | {_ratio(r['infer_ratio'])} | "
                      f"{_ratio(r.get('train_vs_learned'))} | {_ratio(r.get('infer_vs_learned'))} | "
                      f"{v['train_tflops']:.1f} | {v['peak_mem_gib']:.1f} |")
     return "\n".join(lines)
@@ -175,6 +175,10 @@ def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
 
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -192,6 +196,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--sdpa", type=csv, default=[], help="attention backends to try first, in order, for both "
                    "models: cudnn, flash, efficient, math (default: torch's own choice)")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip timm's models (only the ratios to vitpe's own learned)")
     p.add_argument("--output", type=Path, default=Path("runs/throughput"))
     return p.parse_args(argv)
 

@@ -25,3 +25,14 @@ def test_throughput_benchmark_writes_side_by_side_rows(tmp_path):
     assert rows["peg"]["infer_vs_learned"] == rows["peg"]["vitpe"]["infer_img_s"] / rows["learned"]["vitpe"]["infer_img_s"]
     table = (tmp_path / "throughput.md").read_text()
     assert table.count("\n") == 2 + len(data["rows"])
+
+
+def test_throughput_without_reference_times_only_vitpe(tmp_path):
+    bench = load("throughput")
+    bench.main(["--sizes", "small", "--strategies", "learned,rpb", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--depth", "1", "--device", "cpu",
+                "--no-bf16", "--no-reference", "--output", str(tmp_path)])
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["rows"]}
+    assert all(r["timm"] is None and r["train_ratio"] is None and r["reference"] is None for r in rows.values())
+    assert rows["rpb"]["train_vs_learned"] == rows["rpb"]["vitpe"]["train_img_s"] / rows["learned"]["vitpe"]["train_img_s"]
+    assert "| rpb | 32 | eager | - |" in (tmp_path / "throughput.md").read_text()
