@@ -1,25 +1,9 @@
 """Multi-head self-attention through ``scaled_dot_product_attention``, with rotary q/k and an
-additive logits bias taken from the positional strategy.
-
-A bias shared by the batch (``rpb``) keeps ``scaled_dot_product_attention`` off its flash kernels:
-only the memory-efficient kernel takes a bias that needs a gradient, and it writes that gradient
-for every image before summing. Under ``torch.compile`` on a GPU the bias goes instead through
-FlexAttention, whose generated flash-style kernel adds it inside the tile loop and accumulates its
-gradient in place; ``BIAS_KERNEL`` chooses (``"auto"``: FlexAttention where it applies, ``"sdpa"``:
-never).
-"""
+additive logits bias taken from the positional strategy."""
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:  # torch without FlexAttention: every bias goes through SDPA
-    flex_attention = None
 
 from ..pos.base import BlockPos
 from ..pos.functional import apply_rope
@@ -56,28 +40,5 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pos: BlockPos, dropout_p: float = 0.
             raise ValueError(f"rotary tables for {cos_k.shape[-2]} keys, attention has {k.shape[-2]}: keys on a "
                              f"reduced grid need a context built with the attention's kv_stride")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos_k, sin_k)
-    if pos.bias is not None and use_flex(q, pos.bias, dropout_p):
-        return flex_with_bias(q, k, v, pos.bias)
     mask = None if pos.bias is None else pos.bias.to(q.dtype)  # (heads, T, S), broadcast over B
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-
-BIAS_KERNEL: Literal["auto", "sdpa"] = "auto"
-
-
-def use_flex(q: Tensor, bias: Tensor, dropout_p: float) -> bool:
-    """FlexAttention for a batch-shared ``(heads, T, S)`` bias, only inside a compiled CUDA graph:
-    eager FlexAttention is an unfused reference, and it has no dropout."""
-    return (BIAS_KERNEL == "auto" and flex_attention is not None and q.is_cuda and bias.dim() == 3
-            and dropout_p == 0.0 and torch.compiler.is_compiling())
-
-
-def flex_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """``softmax(q k^T / sqrt(D) + bias) v`` with ``bias`` ``(heads, T, S)`` read in float32 inside
-    the kernel; its gradient is accumulated in float32 too."""
-    bias = bias.float()
-
-    def add_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return score + bias[h, q_idx, kv_idx]
-
-    return flex_attention(q, k, v, score_mod=add_bias)

@@ -90,21 +90,16 @@ class GridConv(nn.Module):
     """A depthwise convolution over the patch tokens' grid, zero-padded; prefix tokens pass through.
 
     With ``residual`` it is CPVT's PEG (``x + conv(x)``); without, SegFormer's Mix-FFN mixer.
-    Under ``torch.compile`` the convolution is written as a sum of shifted products on the tokens'
-    own ``(B, H, W, C)`` layout (``depthwise_conv_tokens``), which the compiler fuses with its
-    neighbours into one pass instead of a separate depthwise kernel; ``fuse`` turns that off.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False, fuse: bool = True) -> None:
+    def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd so the grid keeps its size, got {kernel_size}")
         self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.residual, self.fuse = residual, fuse
+        self.residual = residual
 
     def forward(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
-        if self.fuse and torch.compiler.is_compiling():
-            return self.forward_tokens(x, grid, num_prefix)
         prefix, maps = to_map(x, grid, num_prefix)
         # tokens (B, N, C) already are a channels-last map, unless prefix tokens were sliced off;
         # keep that layout so the convolution runs channels-last without transposing copies
@@ -113,31 +108,6 @@ class GridConv(nn.Module):
         if self.residual:
             out = out + maps
         return from_map(prefix, out)
-
-    def forward_tokens(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
-        """The same result through ``depthwise_conv_tokens``, without leaving the token layout."""
-        prefix, _ = to_map(x, grid, num_prefix)  # checks the token count
-        patches = x[:, num_prefix:].unflatten(1, grid)  # (B, H, W, C), a view
-        out = depthwise_conv_tokens(patches, self.proj.weight, self.proj.bias)
-        if self.residual:
-            out = out + patches
-        out = out.flatten(1, 2)
-        return torch.cat([prefix, out], dim=1) if num_prefix else out
-
-
-def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A zero-padded depthwise convolution of ``x`` ``(B, H, W, C)`` with ``weight`` ``(C, 1, k, k)``,
-    as ``k*k`` shifted products: pointwise work that a compiler fuses into one kernel (with the
-    bias, the activation after it and, in the backward, the input gradient). Returns ``x``'s dtype."""
-    k = weight.shape[-1]
-    h, w = x.shape[1:3]
-    padded = F.pad(x, (0, 0, k // 2, k // 2, k // 2, k // 2))
-    taps = weight.reshape(weight.shape[0], k * k).t()  # (k*k, C)
-    out = bias.float() if bias is not None else 0.0
-    for i in range(k):
-        for j in range(k):
-            out = out + padded[:, i:i + h, j:j + w] * taps[i * k + j]
-    return out.to(x.dtype)
 
 
 def rope_tables(angles: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
