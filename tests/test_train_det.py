@@ -12,6 +12,8 @@ import pytest
 from det_data import CAT_IDS, make_dataset
 from script_modules import load_script
 
+from vitpe.engine.checkpoint import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--set", "model.frozen_bn=false", "--set", "model.dim=32",
         "--set", "model.num_heads=4", "--set", "model.enc_layers=1", "--set", "model.dec_layers=2",
@@ -65,6 +67,36 @@ def test_resume_continues_exactly(data, tmp_path) -> None:
     td.main(["--resume", str(tmp_path / "split" / "checkpoint.pt"), "--output", str(tmp_path / "split")])
     assert len(read("split")) == 2
     assert "AP" in json.loads((tmp_path / "split" / "results.json").read_text())["coco"]
+
+
+def test_non_finite_loss_stops_at_the_next_read_naming_its_step_and_keeps_the_checkpoint(data, tmp_path, monkeypatch,
+                                                                                          capsys) -> None:
+    """The loss is read on the host only every ``run.log_interval`` steps and at the end of an
+    epoch (no wait for the device per step); a NaN between reads still ends the run before the
+    epoch's checkpoint, naming the step it appeared at."""
+    td = train_det()
+    real = td.build_criterion
+
+    def poisoned(cfg, num_classes):
+        crit, calls = real(cfg, num_classes), [0]
+        total = crit.total
+
+        def nan_at_fourth(losses):  # 2 steps an epoch: epoch 2, step 2
+            calls[0] += 1
+            return total(losses) * float("nan") if calls[0] == 4 else total(losses)
+        crit.total = nan_at_fourth
+        return crit
+
+    monkeypatch.setattr(td, "build_criterion", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exc:
+        td.run_cli(td.main, ["--data", str(data), *TINY, "--epochs", "3", "--output", str(out),
+                             "--set", "run.log_interval=1000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "non-finite loss (nan) at epoch 2, step 2" in err[-1]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the last good one, intact
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -70,7 +70,7 @@ class RunConfig:
     resume: str | None = None  # checkpoint to continue from (model, optimizer, schedule, EMA, epoch, RNG)
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU, where it is slower)
     compile: bool = False  # torch.compile the model on GPU (slower start, faster steps)
-    log_interval: int = 50  # steps between progress-bar postfix updates
+    log_interval: int = 50  # steps between reads of the loss on the host (progress bar, non-finite check)
 
 
 @dataclass

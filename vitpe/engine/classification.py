@@ -20,7 +20,7 @@ from ..data.folder import Batch, Skipped, collate_skipping
 from ..data.gpu_decode import DeviceAugment, DeviceDecodeLoader, collate_encoded
 from ..errors import UserError
 from . import distributed as dist
-from .loop import autocast, check_finite, make_loader, optimizer_step, progress
+from .loop import LossMeter, autocast, make_loader, optimizer_step, progress
 
 _logger = logging.getLogger(__name__)
 
@@ -121,14 +121,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     """One pass over ``loader``; returns ``train_loss`` (mean over all processes), ``lr``, ``skipped``
     (unreadable files, summed over processes) and ``time``."""
     model.train()
-    start, seen = time.time(), set()
-    totals = {"loss": 0.0, "n": 0.0, "skipped": 0.0}
-    loss_sum = torch.zeros((), device=device)
+    start, seen, skipped = time.time(), set(), 0
+    meter = LossMeter(("loss",), device, epoch)  # sums on the device: no wait for the device every step
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
     for step, item in enumerate(bar):
         batch = as_batch(item)
         _report_skips(batch.skipped, seen)
-        totals["skipped"] += len(batch.skipped)
+        skipped += len(batch.skipped)
         if _empty_anywhere(batch, device):
             continue
         x = batch.images.to(device, non_blocking=True)
@@ -139,16 +138,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             x, y = mixup(x, y)
         with autocast(device, cfg.run.amp):
             loss = criterion(model(x), y)
-        check_finite(loss, epoch, step)
+        meter.update(step, loss, weight=len(x))
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
         if ema is not None:
             ema.update(dist.unwrap_model(model))
-        loss_sum = loss_sum + loss.detach().float() * len(x)  # on the device: no sync per step
-        totals["n"] += len(x)
-        if step % cfg.run.log_interval == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    totals["loss"] = float(loss_sum)
-    totals = dist.reduce_sums(totals, device)
+        if step % cfg.run.log_interval == 0:  # the only read on the host: the non-finite check, the bar
+            bar.set_postfix(loss=f"{meter.means()['loss']:.4f}")
+    totals = dist.reduce_sums({**meter.sums(), "skipped": skipped}, device)  # raises on a non-finite loss
     if totals["skipped"] and dist.is_main():
         _logger.warning("epoch %d: skipped %d unreadable image(s)", epoch + 1, int(totals["skipped"]))
     return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],

@@ -19,7 +19,7 @@ from ..models.detr_criterion import SetCriterion
 from ..models.detr_matcher import HungarianMatcher
 from . import distributed as dist
 from .coco_eval import coco_evaluate, to_coco_results
-from .loop import autocast, check_finite, optimizer_step, progress
+from .loop import LossMeter, autocast, optimizer_step, progress
 from .optim import param_groups
 
 _logger = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ def build_optimizer(model: DETR, cfg: DetOptimConfig) -> torch.optim.AdamW:
 
 
 def to_device(targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:
-    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    """What the criterion reads (``labels``, ``boxes``) on ``device``; ids and sizes stay behind."""
+    return [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
 
 
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -164,7 +165,7 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoade
     criterion.train()
     start = time.time()
     keys = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
-    totals = dict.fromkeys(keys, 0.0) | {"n": 0.0}
+    meter = LossMeter(keys, device, epoch)  # sums on the device: no wait for the device every step
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
     for step, (images, mask, targets) in enumerate(bar):
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
@@ -173,15 +174,11 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoade
             out = model(images, mask)
         losses = criterion(out, targets)  # in float32: the matcher and GIoU are precision-sensitive
         loss = criterion.total(losses)
-        check_finite(loss, epoch, step)
+        meter.update(step, loss, [losses[k] for k in keys[1:]])
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
-        totals["loss"] += loss.item()
-        for k in keys[1:]:
-            totals[k] += losses[k].item()
-        totals["n"] += 1
-        if step % cfg.run.log_interval == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    totals = dist.reduce_sums(totals, device)
+        if step % cfg.run.log_interval == 0:  # the only read on the host: the non-finite check, the bar
+            bar.set_postfix(loss=f"{meter.means()['loss']:.3f}")
+    totals = dist.reduce_sums(meter.sums(), device)  # raises if a loss since the last read was not finite
     n = max(totals.pop("n"), 1.0)
     lr = max(g["lr"] for g in optimizer.param_groups)
     return {**{k: v / n for k, v in totals.items()}, "lr": lr, "time": time.time() - start}

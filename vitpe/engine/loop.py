@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +97,48 @@ def check_finite(loss: Tensor, epoch: int, step: int) -> None:
                                  f"the last checkpoint is intact (try a lower optim.lr or optim.clip_grad)")
 
 
+class LossMeter:
+    """Sums of each step's loss terms, kept on the device, and the first step whose loss was not finite.
+
+    Reading a loss on the host (``.item()``, ``if`` on a tensor) makes the host wait until the
+    device has finished the step, so it cannot queue the next one meanwhile. ``update`` only queues
+    a few tiny kernels; ``sums`` and ``means`` copy everything to the host in one read and raise
+    ``NonFiniteLossError`` naming the epoch and the first bad step. Read every ``log_interval``
+    steps and at the end of the epoch: a diverged run stops within that many steps, always before
+    the epoch's checkpoint is written (the weights it trained on NaNs are never saved).
+    """
+
+    def __init__(self, keys: Sequence[str], device: torch.device | str, epoch: int) -> None:
+        self.keys, self.epoch, self.n = tuple(keys), epoch, 0.0
+        self._sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
+        self._first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)  # step index, -1: none
+        self._bad_value = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, step: int, loss: Tensor, parts: Sequence[Tensor] = (), weight: float = 1.0) -> None:
+        """Add ``weight * (loss, *parts)`` (scalars, in ``keys`` order); remember ``step`` if
+        ``loss`` is the first non-finite one. Nothing is read on the host."""
+        values = torch.stack([t.detach() for t in (loss, *parts)]).double()
+        first = ~torch.isfinite(values[0]) & (self._first_bad < 0)
+        self._first_bad = torch.where(first, float(step), self._first_bad)
+        self._bad_value = torch.where(first, values[0], self._bad_value)
+        self._sums += values * weight
+        self.n += weight
+
+    def sums(self) -> dict[str, float]:
+        """``{key: weighted sum}`` and ``n`` (the summed weights) on the host; raises on a non-finite loss."""
+        *sums, first, value = torch.cat([self._sums, self._first_bad[None], self._bad_value[None]]).tolist()
+        if first >= 0:
+            raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {self.epoch + 1}, step {int(first) + 1}; "
+                                     f"the last checkpoint is intact (try a lower optim.lr or optim.clip_grad)")
+        return {**dict(zip(self.keys, sums)), "n": self.n}
+
+    def means(self) -> dict[str, float]:
+        """The weighted mean of every key so far; raises on a non-finite loss."""
+        sums = self.sums()
+        n = max(sums.pop("n"), 1e-12)
+        return {k: v / n for k, v in sums.items()}
+
+
 def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: Any | None = None, clip: float | None = None) -> Tensor | None:
     """backward, clip, step, schedule; returns the gradient norm before clipping (or None)."""
@@ -141,5 +183,5 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
     return int(state["epoch"])
 
 
-__all__ = ["NonFiniteLossError", "ShardSampler", "autocast", "check_finite", "make_loader", "optimizer_step", "progress",
-           "restore_training_state", "seed_epoch", "seed_everything", "training_state"]
+__all__ = ["LossMeter", "NonFiniteLossError", "ShardSampler", "autocast", "check_finite", "make_loader",
+           "optimizer_step", "progress", "restore_training_state", "seed_epoch", "seed_everything", "training_state"]

@@ -1,0 +1,41 @@
+"""The training loops' loss sums stay on the device and still stop a diverged run, naming the first bad step."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vitpe.engine.loop import LossMeter, NonFiniteLossError
+
+
+def test_weighted_sums_and_means_of_every_term() -> None:
+    meter = LossMeter(("loss", "part"), "cpu", epoch=0)
+    for step, (loss, part, w) in enumerate([(1.0, 0.5, 2), (3.0, 1.5, 1), (2.0, 0.0, 1)]):
+        meter.update(step, torch.tensor(loss), [torch.tensor(part)], weight=w)
+    assert meter.sums() == pytest.approx({"loss": 2 * 1.0 + 3.0 + 2.0, "part": 2 * 0.5 + 1.5, "n": 4})
+    assert meter.means() == pytest.approx({"loss": 7.0 / 4, "part": 2.5 / 4})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_first_non_finite_step_is_named_at_the_next_read(bad: float) -> None:
+    """Steps 0..9, the loss non-finite from step 4 (index) on, read only at the end: the error names
+    step 5 (1-based) and the value, not the later bad steps."""
+    meter = LossMeter(("loss",), "cpu", epoch=2)
+    for step in range(10):
+        loss = torch.tensor(bad if step >= 4 else 1.0)
+        meter.update(step, loss * (step + 1), weight=1.0)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 5;") as e:
+        meter.sums()
+    assert ("nan" if math.isnan(bad) else "inf") in str(e.value)
+    with pytest.raises(NonFiniteLossError):  # every later read raises too
+        meter.means()
+
+
+def test_a_finite_run_never_raises_and_gradients_are_untouched() -> None:
+    w = torch.ones(3, requires_grad=True)
+    meter = LossMeter(("loss",), "cpu", epoch=0)
+    loss = (w * 2).sum()
+    meter.update(0, loss)
+    loss.backward()  # the meter kept a detached copy: the graph is intact
+    assert w.grad.tolist() == [2.0, 2.0, 2.0] and meter.means() == {"loss": 6.0}
