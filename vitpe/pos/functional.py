@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .. import kernels
+
 Grid = tuple[int, int]
 
 
@@ -72,12 +74,17 @@ def resample_map(maps: Tensor, size: Grid, mode: str = "bicubic") -> Tensor:
 
 def to_map(x: Tensor, grid: Grid, num_prefix: int) -> tuple[Tensor, Tensor]:
     """``(B, P + H*W, C)`` -> prefix ``(B, P, C)`` and map ``(B, C, H, W)``."""
+    check_tokens(x, grid, num_prefix)
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    return prefix, rearrange(patches, "b (h w) c -> b c h w", h=grid[0])
+
+
+def check_tokens(x: Tensor, grid: Grid, num_prefix: int) -> None:
+    """Raise unless ``x`` ``(B, T, C)`` holds ``num_prefix`` tokens and then the grid's."""
     n = grid[0] * grid[1]
     if x.shape[1] != num_prefix + n:
         raise ValueError(f"got {x.shape[1]} tokens, grid {grid[0]}x{grid[1]} with {num_prefix} prefix "
                          f"tokens needs {num_prefix + n}")
-    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-    return prefix, rearrange(patches, "b (h w) c -> b c h w", h=grid[0])
 
 
 def from_map(prefix: Tensor, maps: Tensor) -> Tensor:
@@ -90,6 +97,7 @@ class GridConv(nn.Module):
     """A depthwise convolution over the patch tokens' grid, zero-padded; prefix tokens pass through.
 
     With ``residual`` it is CPVT's PEG (``x + conv(x)``); without, SegFormer's Mix-FFN mixer.
+    On a GPU it runs as ``vitpe.kernels.depthwise_conv_tokens``, in the tokens' own layout.
     """
 
     def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
@@ -100,6 +108,9 @@ class GridConv(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
+        if kernels.available(x):
+            check_tokens(x, grid, num_prefix)
+            return kernels.depthwise_conv_tokens(x, self.proj.weight, self.proj.bias, grid, num_prefix, self.residual)
         prefix, maps = to_map(x, grid, num_prefix)
         # tokens (B, N, C) already are a channels-last map, unless prefix tokens were sliced off;
         # keep that layout so the convolution runs channels-last without transposing copies

@@ -1,0 +1,70 @@
+"""The Triton depthwise convolution on tokens gives cuDNN's results: forward, input, weight and bias
+gradients, with and without prefix tokens and residual. On CPU the kernels run in Triton's
+interpreter (a subprocess, since the interpreter is chosen when the kernels are defined)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitpe.pos.functional import GridConv
+
+ROOT = Path(__file__).resolve().parents[1]
+triton = pytest.importorskip("triton")
+
+
+def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
+    """Kernel path against the convolution path of the same ``GridConv``, over several cases."""
+    from vitpe import kernels
+
+    torch.manual_seed(0)
+    cases = [(2, 5, 7, 8, 0, False, 3), (3, 4, 4, 70, 1, True, 3), (1, 6, 3, 5, 2, False, 5), (2, 1, 9, 3, 1, True, 3)]
+    for B, H, W, C, P, residual, k in cases:
+        conv = GridConv(C, k, residual=residual).to(device)
+        x = torch.randn(B, P + H * W, C, device=device, dtype=dtype, requires_grad=True)
+        params = [x, conv.proj.weight, conv.proj.bias]
+        ours = kernels.depthwise_conv_tokens(x, conv.proj.weight, conv.proj.bias, (H, W), P, residual)
+        kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
+        try:
+            ref = conv(x, (H, W), P)  # the cuDNN / CPU convolution
+        finally:
+            kernels.depthwise.ENABLED = saved
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(ours, ref, **tol)
+        w = torch.randn_like(ref)
+        got = torch.autograd.grad((ours.float() * w).sum(), params)
+        want = torch.autograd.grad((ref.float() * w).sum(), params)
+        for name, a, b in zip(("x", "weight", "bias"), got, want):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{(B, H, W, C, P, residual, k)} {name}: {m}")
+
+
+def test_kernels_match_the_convolution_in_the_interpreter():
+    code = "import sys; sys.path.insert(0, 'tests'); from test_kernels import compare; compare('cpu'); print('ok')"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_match_the_convolution_on_gpu(dtype):
+    torch.backends.cudnn.allow_tf32 = False
+    compare("cuda", dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks():
+    import timm
+    import torch._dynamo as dynamo
+
+    model = timm.create_model("vitpe_vit_tiny_patch16_224", pos="mixffn+peg", depth=2, num_classes=3).cuda()
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    explained = dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    dynamo.reset()
+    loss_c = torch.compile(model)(x).square().mean()
+    loss_e = model(x).square().mean()
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
