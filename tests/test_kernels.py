@@ -38,6 +38,11 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
         want = torch.autograd.grad((ref.float() * w).sum(), params)
         for name, a, b in zip(("x", "weight", "bias"), got, want):
             torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{(B, H, W, C, P, residual, k)} {name}: {m}")
+    # the fake (shape-only) implementations and the autograd registration agree with the kernels,
+    # as torch.compile relies on
+    x = torch.randn(2, 1 + 12, 8, device=device, dtype=dtype, requires_grad=True)
+    conv = GridConv(8).to(device)
+    torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens, (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, True))
 
 
 def test_kernels_match_the_convolution_in_the_interpreter():

@@ -68,7 +68,7 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _weight_grad_kernel(x_ptr, g_ptr, part_ptr, n_pos, H, W, C, sxb, sgb, n_tiles, K: tl.constexpr,
+    def _weight_grad_kernel(x_ptr, g_ptr, part_ptr, n_pos, H, W, C, sxb, sgb, tiles_per_prog, K: tl.constexpr,
                             TAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """``part[prog, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]``
         over its tiles of positions; row ``K*K`` holds ``sum_p g[p, c]`` (the bias gradient)."""
@@ -78,8 +78,8 @@ if triton is not None:
         hw = H * W
         rows = tl.arange(0, TAPS)
         acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
-        for tile in range(prog, n_tiles, tl.num_programs(0)):
-            offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        for t in range(0, tiles_per_prog):
+            offs_p = (prog + t * tl.num_programs(0)) * BLOCK_P + tl.arange(0, BLOCK_P)
             pmask = offs_p < n_pos
             b = (offs_p // hw).to(tl.int64)
             r = offs_p % hw
@@ -145,10 +145,10 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefi
     taps = triton.next_power_of_2(k * k + 1)
     part = torch.empty(progs, taps, C, device=x.device, dtype=torch.float32)
     _weight_grad_kernel[(progs, c_blocks)](x[:, num_prefix:], grad[:, num_prefix:], part, n_pos, H, W, C,
-                                           x.stride(0), grad.stride(0), n_tiles, K=k, TAPS=taps,
+                                           x.stride(0), grad.stride(0), triton.cdiv(n_tiles, progs), K=k, TAPS=taps,
                                            BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     sums = part.sum(0)  # (taps, C)
-    grad_w = sums[:k * k].t().reshape(weight.shape).to(weight.dtype)
+    grad_w = sums[:k * k].t().reshape(weight.shape).to(weight.dtype).contiguous()
     return grad_x, grad_w, sums[k * k].clone()
 
 
