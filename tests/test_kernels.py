@@ -20,7 +20,7 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
     from vitpe import kernels
 
     torch.manual_seed(0)
-    cases = [(2, 5, 7, 8, 0, False, 3), (3, 4, 4, 70, 1, True, 3), (1, 6, 3, 5, 2, False, 5), (2, 1, 9, 3, 1, True, 3)]
+    cases = [(2, 5, 7, 8, 0, False, 3), (3, 4, 4, 70, 1, True, 3), (1, 6, 3, 5, 2, False, 3), (2, 1, 9, 3, 1, True, 3)]
     for B, H, W, C, P, residual, k in cases:
         conv = GridConv(C, k, residual=residual).to(device)
         x = torch.randn(B, P + H * W, C, device=device, dtype=dtype, requires_grad=True)
@@ -73,3 +73,12 @@ def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks():
     loss_c = torch.compile(model)(x).square().mean()
     loss_e = model(x).square().mean()
     torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
+
+
+def test_other_kernel_sizes_keep_the_convolution():
+    from vitpe import kernels
+
+    x = torch.randn(1, 4, 8)
+    assert not kernels.available(x, 5)
+    with pytest.raises(ValueError, match=r"3x3; got a \(5, 5\) weight"):
+        kernels.depthwise_conv_tokens(x, torch.randn(8, 1, 5, 5), None, (2, 2))

@@ -1,4 +1,4 @@
-"""A depthwise ``k x k`` convolution read and written in the tokens' own layout, in Triton.
+"""A depthwise 3x3 convolution read and written in the tokens' own layout, in Triton.
 
 Mix-FFN and PEG convolve the patch tokens ``(B, P + H*W, C)`` of a grid. cuDNN's depthwise kernels
 take 10-20 memory passes for what needs about one (forward 0.35 ms where a pass over the tensor is
@@ -25,13 +25,14 @@ except ImportError:  # torch builds without Triton keep cuDNN's convolution
     triton = None
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
-BLOCK_P, BLOCK_C = 64, 64
+BLOCK_P, BLOCK_C = 64, 64  # convolution tiles: positions x channels
+WG_BLOCK_P, WG_BLOCK_C, WG_WAVES = 32, 64, 4  # weight-gradient tiles, and programs per multiprocessor
 
 
-def available(x: Tensor) -> bool:
-    """Whether the Triton kernels can run on ``x``."""
+def available(x: Tensor, kernel_size: int = 3) -> bool:
+    """Whether the Triton kernels can run on ``x`` with this kernel size (3x3 only)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return ENABLED and triton is not None and (x.is_cuda or interpret)
+    return ENABLED and triton is not None and kernel_size == 3 and (x.is_cuda or interpret)
 
 
 if triton is not None:
@@ -68,34 +69,53 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _weight_grad_kernel(x_ptr, g_ptr, part_ptr, n_pos, H, W, C, sxb, sgb, tiles_per_prog, K: tl.constexpr,
-                            TAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``part[prog, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]``
-        over its tiles of positions; row ``K*K`` holds ``sum_p g[p, c]`` (the bias gradient)."""
-        prog = tl.program_id(0)
+    def _shifted(ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sb, DI: tl.constexpr, DJ: tl.constexpr):
+        """The ``(BLOCK_P, BLOCK_C)`` tile at positions ``(h + DI, w + DJ)``, zero outside the grid."""
+        hh, ww = h + DI, w + DJ
+        ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        ptrs = ptr + b[:, None] * sb + (hh * W + ww)[:, None] * C + offs_c[None, :]
+        return tl.load(ptrs, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, n_pos, H, W, C, sxb, sgb, tiles_per_prog,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``part[prog, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]`` for
+        the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient). Products
+        are accumulated elementwise over the program's tiles and reduced over positions once."""
+        prog, nprog = tl.program_id(0), tl.num_programs(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = offs_c < C
         hw = H * W
-        rows = tl.arange(0, TAPS)
-        acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+        zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
         for t in range(0, tiles_per_prog):
-            offs_p = (prog + t * tl.num_programs(0)) * BLOCK_P + tl.arange(0, BLOCK_P)
+            offs_p = (prog + t * nprog) * BLOCK_P + tl.arange(0, BLOCK_P)
             pmask = offs_p < n_pos
             b = (offs_p // hw).to(tl.int64)
             r = offs_p % hw
             h, w = r // W, r % W
-            g = tl.load(g_ptr + b[:, None] * sgb + r[:, None] * C + offs_c[None, :],
-                        mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.where(rows[:, None] == K * K, tl.sum(g, axis=0)[None, :], 0.0)
-            for i in tl.static_range(K):
-                for j in tl.static_range(K):
-                    hh, ww = h + (i - K // 2), w + (j - K // 2)
-                    ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                    xv = tl.load(x_ptr + b[:, None] * sxb + (hh * W + ww)[:, None] * C + offs_c[None, :],
-                                 mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                    acc += tl.where(rows[:, None] == i * K + j, tl.sum(g * xv, axis=0)[None, :], 0.0)
-        out = part_ptr + prog * TAPS * C + rows[:, None] * C + offs_c[None, :]
-        tl.store(out, acc, mask=(rows[:, None] <= K * K) & cmask[None, :])
+            g = _shifted(g_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sgb, 0, 0)
+            ab += g
+            a0 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, -1, -1)
+            a1 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, -1, 0)
+            a2 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, -1, 1)
+            a3 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 0, -1)
+            a4 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 0, 0)
+            a5 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 0, 1)
+            a6 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 1, -1)
+            a7 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 1, 0)
+            a8 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 1, 1)
+        out = part_ptr + prog * 10 * C + offs_c
+        tl.store(out, tl.sum(a0, axis=0), mask=cmask)
+        tl.store(out + C, tl.sum(a1, axis=0), mask=cmask)
+        tl.store(out + 2 * C, tl.sum(a2, axis=0), mask=cmask)
+        tl.store(out + 3 * C, tl.sum(a3, axis=0), mask=cmask)
+        tl.store(out + 4 * C, tl.sum(a4, axis=0), mask=cmask)
+        tl.store(out + 5 * C, tl.sum(a5, axis=0), mask=cmask)
+        tl.store(out + 6 * C, tl.sum(a6, axis=0), mask=cmask)
+        tl.store(out + 7 * C, tl.sum(a7, axis=0), mask=cmask)
+        tl.store(out + 8 * C, tl.sum(a8, axis=0), mask=cmask)
+        tl.store(out + 9 * C, tl.sum(ab, axis=0), mask=cmask)
 
 
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
@@ -136,20 +156,19 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefi
     # the input gradient: the same convolution of the output gradient with the kernel flipped
     _launch_conv(grad, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
     B, _, C = x.shape
-    k = weight.shape[-1]
     n_pos = B * H * W
-    n_tiles = triton.cdiv(n_pos, BLOCK_P)
-    c_blocks = triton.cdiv(C, BLOCK_C)
-    progs = max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // c_blocks
-                       if x.is_cuda else 4))
-    taps = triton.next_power_of_2(k * k + 1)
-    part = torch.empty(progs, taps, C, device=x.device, dtype=torch.float32)
-    _weight_grad_kernel[(progs, c_blocks)](x[:, num_prefix:], grad[:, num_prefix:], part, n_pos, H, W, C,
-                                           x.stride(0), grad.stride(0), triton.cdiv(n_tiles, progs), K=k, TAPS=taps,
-                                           BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    sums = part.sum(0)  # (taps, C)
-    grad_w = sums[:k * k].t().reshape(weight.shape).to(weight.dtype).contiguous()
-    return grad_x, grad_w, sums[k * k].clone()
+    n_tiles = triton.cdiv(n_pos, WG_BLOCK_P)
+    c_blocks = triton.cdiv(C, WG_BLOCK_C)
+    # enough programs to fill the GPU a few times over; each sums its share of the position tiles
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    progs = max(1, min(n_tiles, WG_WAVES * sms // c_blocks))
+    part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
+    _weight_grad3_kernel[(progs, c_blocks)](x[:, num_prefix:], grad[:, num_prefix:], part, n_pos, H, W, C,
+                                            x.stride(0), grad.stride(0), triton.cdiv(n_tiles, progs),
+                                            BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C)
+    sums = part.sum(0)  # (10, C)
+    grad_w = sums[:9].t().reshape(weight.shape).to(weight.dtype).contiguous()
+    return grad_x, grad_w, sums[9].clone()
 
 
 @_backward.register_fake
@@ -181,6 +200,8 @@ def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], gri
     """``x`` ``(B, P + H*W, C)`` -> same shape: the patch rows convolved depthwise (``weight``
     ``(C, 1, k, k)``, zero padding ``k // 2``), plus themselves with ``residual``; prefix rows
     unchanged. Computed in float32, returned in ``x``'s dtype."""
+    if weight.shape[-2:] != (3, 3):
+        raise ValueError(f"the token depthwise kernels are 3x3; got a {tuple(weight.shape[-2:])} weight")
     if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
         x = x.contiguous()
     return _forward(x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual))

@@ -108,7 +108,7 @@ class GridConv(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
-        if kernels.available(x):
+        if kernels.available(x, self.proj.kernel_size[0]):
             check_tokens(x, grid, num_prefix)
             return kernels.depthwise_conv_tokens(x, self.proj.weight, self.proj.bias, grid, num_prefix, self.residual)
         prefix, maps = to_map(x, grid, num_prefix)
