@@ -34,7 +34,17 @@ class _Proj(nn.Module):
 
 
 class AllMLPHead(nn.Module):
-    """SegFormer's All-MLP decoder: stage maps ``[(B, C_i, H_i, W_i)]`` -> logits ``(B, K, H_1, W_1)``."""
+    """SegFormer's All-MLP decoder: stage maps ``[(B, C_i, H_i, W_i)]`` -> logits ``(B, K, H_1, W_1)``.
+
+    SegFormer projects every map to ``embed_dim``, upsamples it to the first map's size,
+    concatenates the four and fuses them with a 1x1 convolution. Projection, upsampling and fusion
+    are all linear, and bilinear upsampling commutes with a map over channels (its weights sum to
+    one, so it keeps constants too). So the same function is computed here with each stage's
+    projection and its slice of ``fuse`` composed into one ``C_i -> embed_dim`` map applied at the
+    stage's own resolution, and the upsampled results summed: no ``4 * embed_dim``-wide map at a
+    quarter of the input is made, multiplied or kept for the backward. The parameters (and keys)
+    are SegFormer's, so checkpoints load and train as before.
+    """
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
@@ -45,11 +55,27 @@ class AllMLPHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
 
+    def composed(self) -> tuple[list[Tensor], Tensor]:
+        """Per stage ``fuse_i @ proj_i`` ``(embed_dim, C_i)``, and the one bias ``sum_i fuse_i @ b_i``
+        ``(embed_dim,)``. In float32 even under autocast: a few small products, made once per step."""
+        fuse = self.fuse.weight.flatten(1)  # (D, n * D), deepest stage first as in SegFormer's checkpoints
+        slices = fuse.chunk(len(self.linear_c), dim=1)[::-1]  # slices[i] belongs to stage i
+        with torch.autocast(fuse.device.type, enabled=False):
+            weights = [w @ lin.proj.weight for w, lin in zip(slices, self.linear_c)]
+            bias = sum(w @ lin.proj.bias for w, lin in zip(slices, self.linear_c))
+        return weights, bias
+
     def forward(self, feats: list[Tensor]) -> Tensor:
         size = feats[0].shape[-2:]
-        maps = [F.interpolate(proj(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size
-                else proj(f) for proj, f in zip(self.linear_c, feats)]
-        x = self.fuse(torch.cat(maps[::-1], dim=1))  # deepest first, the order of SegFormer's checkpoints
+        weights, bias = self.composed()
+        x = None
+        for i, (f, w) in enumerate(zip(feats, weights)):
+            # channels-last (B, h, w, D): the stage maps are channels-last views, so nothing is copied
+            y = rearrange(F.linear(rearrange(f, "b c h w -> b h w c"), w, bias if i == 0 else None),
+                          "b h w c -> b c h w")
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            x = y if x is None else x + y  # not in place: on a view, that costs a copy per map in the backward
         return self.classifier(self.dropout(self.act(self.norm(x))))
 
 
