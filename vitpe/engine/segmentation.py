@@ -130,7 +130,10 @@ def build_optimizer(model: Segmentor, cfg: SegOptimConfig) -> torch.optim.AdamW:
 def pixel_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """Mean cross-entropy over the labelled pixels; 0 (not NaN) for a batch with none, which
     random crops of sparsely labelled images can produce."""
-    loss = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="sum")
+    # the softmax reads bf16 logits and writes float32 itself (and its backward hands bf16 back):
+    # cross_entropy(logits.float()) would first copy the full-size logits to float32, both ways
+    logp = F.log_softmax(logits, dim=1, dtype=torch.float32)
+    loss = F.nll_loss(logp, target.long(), ignore_index=ignore_index, reduction="sum")
     return loss / (target != ignore_index).sum().clamp(min=1)
 
 
