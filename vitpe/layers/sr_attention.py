@@ -51,6 +51,8 @@ class SRAttention(nn.Module):
         h = self.num_heads
         q = rearrange(self.q(x), "b t (h d) -> b h t d", h=h)
         kv = self.kv(self.reduce(x, pos.grid, pos.num_prefix))
-        k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=h)
+        # split at the (two) axis of (B, S, 2, heads, D): its backward stacks the key and value
+        # gradients straight into kv's layout, one copy instead of a stack and a reshape copy
+        k, v = (t.transpose(1, 2) for t in kv.unflatten(-1, (2, h, -1)).unbind(2))  # each (B, heads, S, D)
         out = attend(q, k, v, pos, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(rearrange(out, "b h t d -> b t (h d)")))
