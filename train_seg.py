@@ -71,7 +71,7 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     best = resumed.get("best_miou", -1.0) if resumed else -1.0
     net = dist.wrap_model(model, device)
     if cfg.run.compile and device.type == "cuda":
-        net = torch.compile(net, dynamic=True)
+        net = compile_model(net)
     metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
     log.info("%d training / %d validation images, %d classes, %d skipped", len(train_set), len(val_set),
              train_set.num_classes, len(train_set.skipped) + len(val_set.skipped))
@@ -90,6 +90,14 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     finish(cfg, out, model, train_set, val_set, device)
     dist.barrier()
     return 0
+
+
+def compile_model(net: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile`` for training, with static shapes: every step sees one crop size and a full
+    batch (the loader drops the last), so symbolic sizes buy nothing; and with height and width
+    both symbolic (``dynamic=True``) Inductor fails on the MiT's channels-last maps, unable to order
+    strides such as ``C*ceil(H/4)*ceil(W/4)`` against ``C``. A changed shape compiles once more."""
+    return torch.compile(net, dynamic=False, backend=backend)
 
 
 def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, record, best) -> float:
