@@ -18,7 +18,8 @@ from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.coco_eval import plot_detections
 from vitpe.engine.detection import (DetConfig, build_criterion, build_datasets, build_model, build_optimizer,
-                                    eval_loader, evaluate, figure_samples, metrics_table, train_one_epoch)
+                                    compile_model, eval_loader, evaluate, figure_samples, metrics_table,
+                                    train_collate, train_one_epoch)
 from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
@@ -53,14 +54,16 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     model = build_model(cfg.model, len(classes)).to(device)
     criterion = build_criterion(cfg.loss, len(classes)).to(device)
     optimizer = build_optimizer(model, cfg.optim)
-    collate = PadCollate(model.size_divisibility)
-    train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, collate,
-                               source=cfg.data.path)
-    val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate)
+    train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,
+                               train_collate(model, cfg.data), source=cfg.data.path)
+    val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers,
+                             PadCollate(model.size_divisibility))
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)
     start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
     best = resumed.get("best_ap", -1.0) if resumed else -1.0
     net = dist.wrap_model(model, device)
+    if cfg.run.compile and device.type == "cuda":
+        net = compile_model(net)  # the model only: the criterion's matching runs on the host
     metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
     val: dict[str, Any] = {}
     for epoch in range(start, cfg.run.epochs):
