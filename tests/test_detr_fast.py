@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FrozenBatchNorm2d, box_convert, generalized_box_iou_loss
 
 from vitpe.models.detr_backbone import FusedFrozenBatchNorm2d, ResNetBackbone
@@ -111,3 +112,70 @@ def test_matching_all_layers_at_once_equals_one_layer_at_a_time() -> None:
     for o, pairs in zip(layers, together):
         for (a_src, a_dst), (b_src, b_dst) in zip(pairs, matcher(o, tgt)):
             assert torch.equal(a_src, b_src) and torch.equal(a_dst, b_dst)
+
+
+class OpCounter(TorchDispatchMode):
+    """The aten operators run inside the context (each a kernel launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_bn_affine_is_made_once_and_follows_its_buffers() -> None:
+    ref, bn = random_frozen_bn(FrozenBatchNorm2d, 6), FusedFrozenBatchNorm2d(6)
+    bn.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 4, 5)
+    bn(x)
+    with OpCounter() as count:
+        out = bn(x)
+    assert count.ops == ["addcmul"]  # scale and shift come from the cache
+    torch.testing.assert_close(out, ref(x), rtol=1e-6, atol=1e-6)
+    ref.running_mean.add_(1.0)  # a loaded or edited buffer replaces the cached affine
+    bn.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(bn(x), ref(x), rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():  # made under inference mode, kept apart from what training saves
+        bn(x)
+    w = torch.randn(2, 6, 4, 5, requires_grad=True)
+    bn(w).sum().backward()
+    torch.testing.assert_close(w.grad, ref(torch.ones_like(w)) - ref(torch.zeros_like(w)))
+
+
+def test_a_diverged_model_is_still_matched_one_to_one() -> None:
+    """NaN predictions (weights gone bad between two reads of the loss) still give an assignment,
+    so the step ends in a NaN loss that the training loop reports, not in scipy's error."""
+    out, tgt = layer_outputs(2, 2, 5, 3), targets([2, 3], 3)
+    logits = torch.stack([o["pred_logits"].detach() for o in [*out["aux_outputs"], out]])
+    logits[0, 0, 1] = float("nan")
+    logits[1] = float("inf")
+    boxes = torch.stack([o["pred_boxes"].detach() for o in [*out["aux_outputs"], out]])
+    for layer in HungarianMatcher().match_layers(logits, boxes, tgt):
+        for (src, dst), t in zip(layer, tgt):
+            assert len(src) == len(t["labels"]) and len(set(src.tolist())) == len(src)
+            assert sorted(dst.tolist()) == list(range(len(t["labels"])))
+
+
+VIEWS = {"select", "view", "unsqueeze", "expand", "detach", "_unsafe_view", "alias", "slice", "transpose", "t",
+         "permute", "squeeze", "unbind", "as_strided", "split", "lift_fresh"}  # no kernel of their own
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_criterion_kernels_do_not_grow_with_the_decoder_depth(phase: str) -> None:
+    """Every decoder layer is matched and scored in one batch, its terms come from one tensor and
+    the total is one weighted product: 2 and 6 decoder layers launch the same kernels (the
+    layer-by-layer sum of weighted terms added a few per layer, forward and backward)."""
+    K, counts = 4, []
+    crit = SetCriterion(K, HungarianMatcher(), eos_coef=0.1)
+    for L in (2, 6):
+        out, tgt = layer_outputs(L, 2, 8, K), targets([3, 2], K)
+        with OpCounter() as count:
+            total = crit.total(crit(out, tgt))
+        if phase == "backward":
+            with OpCounter() as count:
+                total.backward()
+        counts.append([op for op in count.ops if op not in VIEWS])
+    assert counts[0] == counts[1], (len(counts[0]), len(counts[1]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
+        self._total_weights: dict[tuple, Tensor] = {}  # per loss keys, device and dtype: made once
 
     def loss_labels(self, logits: Tensor, classes: Tensor) -> Tensor:
         """Cross-entropy per layer over all queries: ``logits`` ``(L, B, Q, K+1)``, ``classes``
@@ -54,56 +56,58 @@ class SetCriterion(nn.Module):
                                         box_convert(tgt, "cxcywh", "xyxy").flatten(0, 1), reduction="none")
         return l1, giou.view(pred.shape[:2]).sum(1) / num_boxes
 
-    @staticmethod
-    def _pairs(indices: list[list[tuple[Tensor, Tensor]]], sizes: list[int], device: torch.device) -> Tensor:
-        """Matches of every layer -> ``(4, L * P)`` long on ``device``: layer, image, prediction and
-        target index into the batch's concatenated targets; each layer holds the same ``P`` pairs
-        (the same targets are matched at every layer), layer-major. One copy to the device."""
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        cols = [torch.stack([torch.full_like(src, layer), torch.full_like(src, b), src, dst + offsets[b]])
-                for layer, pairs in enumerate(indices) for b, (src, dst) in enumerate(pairs)]
-        return torch.cat(cols, 1).to(device, non_blocking=True)
-
-    @torch.no_grad()
-    def cardinality_error(self, logits: Tensor, targets: Targets) -> Tensor:
-        """Mean absolute difference between the number of non-"no object" predictions and of boxes."""
-        pred = (logits.argmax(-1) != self.num_classes).sum(1).float()
-        true = torch.tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float)
-        return (pred - true).abs().mean()
-
     def forward(self, outputs: dict, targets: Targets) -> dict[str, Tensor]:
         """``targets``: per image ``labels`` ``(M,)`` and normalised ``cxcywh`` ``boxes`` ``(M, 4)``.
 
         Every decoder layer is matched and scored in one batch (stacked ``(L, B, Q, .)``): one
-        copy to the host for the matching, a few kernels for the losses, whatever the depth."""
+        copy to the host for the matching, one back with everything the host knows (the pairs,
+        the box counts), and a few kernels for the losses, whatever the depth; nothing after the
+        matching waits for the device."""
         layers = [*outputs.get("aux_outputs", []), outputs]  # decoder order; the last is the output
-        logits = torch.stack([o["pred_logits"] for o in layers])  # (L, B, Q, K+1)
-        boxes = torch.stack([o["pred_boxes"] for o in layers])  # (L, B, Q, 4)
-        device, L = logits.device, len(layers)
+        logits = torch.stack([o["pred_logits"] for o in layers]).float()  # (L, B, Q, K+1)
+        boxes = torch.stack([o["pred_boxes"] for o in layers]).float()  # (L, B, Q, 4)
+        (L, B), device = logits.shape[:2], logits.device
         sizes = [len(t["labels"]) for t in targets]
-        num_boxes = torch.tensor(float(sum(sizes)), device=device)
+        labels = torch.cat([t["labels"] for t in targets]).to(device)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
+        pairs = self.matcher.assign(logits, boxes, labels, tgt_boxes, sizes)  # (4, L * P) on the host
+        host = torch.from_numpy(np.concatenate([pairs.ravel(), np.asarray(sizes, dtype=np.int64)]))
+        host = host.to(device, non_blocking=True)
+        layer, b, src, dst = host[:-B].view(4, -1)
+        counts = host[-B:].float()  # (B,) boxes per image
+        num_boxes = counts.sum()
         if self.num_boxes_reduce is not None:
             num_boxes = self.num_boxes_reduce(num_boxes)
-        num_boxes = num_boxes.clamp(min=1.0)  # a tensor: reading it on the host would wait for the device
-        layer, b, src, dst = self._pairs(self.matcher.match_layers(logits, boxes, targets), sizes, device)
+        num_boxes = num_boxes.clamp(min=1.0)
         classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.long, device=device)
-        if len(dst):
-            classes[layer, b, src] = torch.cat([t["labels"] for t in targets]).to(device)[dst]
-        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        classes[layer, b, src] = labels[dst]
         ce = self.loss_labels(logits, classes)
-        l1, giou = self.loss_boxes(boxes[layer, b, src].view(L, -1, 4), all_boxes[dst].view(L, -1, 4), num_boxes)
-        suffixes = ["", *(f"_{i}" for i in range(L - 1))]  # the output first, then auxiliary layer i
-        order = [L - 1, *range(L - 1)]
-        losses = {}
-        for suffix, i in zip(suffixes, order):
-            losses.update({f"loss_ce{suffix}": ce[i], f"loss_bbox{suffix}": l1[i], f"loss_giou{suffix}": giou[i]})
-        losses["cardinality_error"] = self.cardinality_error(outputs["pred_logits"], targets)
+        l1, giou = self.loss_boxes(boxes[layer, b, src].view(L, -1, 4), tgt_boxes[dst].view(L, -1, 4), num_boxes)
+        # the output first, then auxiliary layer i; one tensor unbound, so backward gathers one gradient
+        terms = torch.stack([ce, l1, giou], 1).roll(1, 0).flatten().unbind()
+        suffixes = ["", *(f"_{i}" for i in range(L - 1))]
+        names = [f"{k}{suffix}" for suffix in suffixes for k in ("loss_ce", "loss_bbox", "loss_giou")]
+        losses = dict(zip(names, terms))
+        losses["cardinality_error"] = self.cardinality_error(logits[-1], counts)
         return losses
 
+    @torch.no_grad()
+    def cardinality_error(self, logits: Tensor, counts: Tensor) -> Tensor:
+        """Mean absolute difference between the number of non-"no object" predictions (``logits``
+        ``(B, Q, K+1)``) and of boxes (``counts`` ``(B,)``)."""
+        pred = (logits.argmax(-1) != self.num_classes).sum(1).float()
+        return (pred - counts).abs().mean()
+
     def total(self, losses: dict[str, Tensor]) -> Tensor:
-        """The weighted sum of every loss term (auxiliary ones with their base weight)."""
-        return sum(v * self.weights[k.rsplit("_", 1)[0] if k[-1].isdigit() else k]
-                   for k, v in losses.items() if k.startswith("loss_"))
+        """The weighted sum of every loss term (auxiliary ones with their base weight), as one
+        product of the stacked terms with their weights (two kernels, not two per term)."""
+        keys = tuple(k for k in losses if k.startswith("loss_"))
+        values = torch.stack([losses[k] for k in keys])
+        key = (keys, values.device, values.dtype)
+        if key not in self._total_weights:
+            w = [self.weights[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] for k in keys]
+            self._total_weights[key] = torch.tensor(w, dtype=values.dtype, device=values.device)
+        return values @ self._total_weights[key]
 
 
 __all__ = ["SetCriterion"]
