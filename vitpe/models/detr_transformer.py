@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..layers import Mlp
 from ..layers.attention import attend
-from ..pos.base import BlockPos
+from ..pos.base import BlockPos, PosStrategy
 from ..pos.detr import build_detr_pos, point_embed, qk_embed, valid_sizes
 
 _NO_POS = BlockPos(grid=(0, 0), num_prefix=0)  # no position: cross-attention, the decoder's FFNs
@@ -35,22 +35,27 @@ class MultiheadAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
                 pos: BlockPos | None = None) -> Tensor:
-        """``q`` ``(B, T, C)``, ``k``/``v`` ``(B, S, C)``, ``key_padding_mask`` ``(B, S)`` True on
-        padding; ``pos`` may carry rotary tables (self-attention) and an additive bias."""
+        """``q`` ``(B, T, C)``, ``k``/``v`` ``(B, S, C)``; ``bias`` an additive float bias on the
+        logits, ``(B, 1, 1, S)`` (-inf on padded keys, ``key_padding_bias``) or ``(B, heads, T, S)``,
+        made once per forward by the caller; ``pos`` may carry rotary tables (self-attention) and
+        the strategy's own bias."""
         q, k, v = (rearrange(proj(t), "b t (h d) -> b h t d", h=self.num_heads)
                    for proj, t in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
         pos = pos or _NO_POS
-        if key_padding_mask is not None:  # padded keys get -inf on top of the strategy's bias
-            pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-            pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
-            bias = pos.bias
-            if bias is not None:  # (heads, T, S) shared by the batch, or (B, heads, T, S) per image
-                bias = bias.to(q.dtype) if bias.dim() == 4 else bias.to(q.dtype)[None]
-            pos = replace(pos, bias=pad if bias is None else bias + pad)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+            if pos.bias is not None:  # the strategy's (heads, T, S) shared by the batch, or (B, heads, T, S)
+                bias = bias + (pos.bias if pos.bias.dim() == 4 else pos.bias[None]).to(q.dtype)
+            pos = replace(pos, bias=bias)
         out = attend(q, k, v, pos, self.dropout if self.training else 0.0)
         return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+def key_padding_bias(pad: Tensor) -> Tensor:
+    """``pad`` ``(B, S)`` True on padded keys -> ``(B, 1, 1, S)`` float32, -inf there, else 0."""
+    return torch.zeros(pad.shape, device=pad.device).masked_fill(pad, float("-inf"))[:, None, None, :]
 
 
 def _with(x: Tensor, pos: Tensor | None) -> Tensor:
@@ -65,10 +70,11 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, pos: Tensor | None, block: BlockPos, key_padding_mask: Tensor) -> Tensor:
-        """``x`` ``(B, N, C)``; ``pos`` the additive q/k encoding ``(B, N, C)`` or None."""
+    def forward(self, x: Tensor, pos: Tensor | None, block: BlockPos, key_bias: Tensor) -> Tensor:
+        """``x`` ``(B, N, C)``; ``pos`` the additive q/k encoding ``(B, N, C)`` or None; ``key_bias``
+        ``(B, 1, 1, N)`` (``key_padding_bias``)."""
         qk = _with(x, pos)
-        x = self.norm1(x + self.drop(self.attn(qk, qk, x, key_padding_mask, block)))
+        x = self.norm1(x + self.drop(self.attn(qk, qk, x, key_bias, block)))
         return self.norm2(x + self.drop(self.mlp(x, block)))
 
 
@@ -81,17 +87,17 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor | None,
-                key_padding_mask: Tensor, point_pos: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
-        """``tgt`` ``(B, Q, C)``, ``memory`` ``(B, N, C)``; keys of the memory get ``pos`` if any;
-        ``point_pos`` ``(Q, C)``, the encoding at each query's reference point, joins the
-        cross-attention's queries, so that they meet the keys' encoding near that point; ``prior``
-        ``(B, heads, Q, N)`` is added to the cross-attention's logits (``SpatialPrior``)."""
+    def forward(self, tgt: Tensor, memory: Tensor, memory_k: Tensor, query_pos: Tensor, cross_bias: Tensor,
+                point_pos: Tensor | None = None) -> Tensor:
+        """``tgt`` ``(B, Q, C)``, ``memory`` ``(B, N, C)`` (the values) and ``memory_k`` (the keys:
+        the memory plus its encoding, if any); ``point_pos`` ``(Q, C)``, the encoding at each
+        query's reference point, joins the cross-attention's queries, so that they meet the keys'
+        encoding near that point; ``cross_bias`` ``(B, 1 or heads, 1 or Q, N)`` on the
+        cross-attention's logits: padded keys, and the ``SpatialPrior`` if any."""
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.drop(self.self_attn(q, q, tgt)))
-        cross = None if prior is None else BlockPos(grid=(0, 0), num_prefix=0, bias=prior)
-        tgt = self.norm2(tgt + self.drop(self.cross_attn(_with(tgt + query_pos, point_pos), _with(memory, pos),
-                                                         memory, key_padding_mask, cross)))
+        tgt = self.norm2(tgt + self.drop(self.cross_attn(_with(tgt + query_pos, point_pos), memory_k, memory,
+                                                         cross_bias)))
         return self.norm3(tgt + self.drop(self.mlp(tgt, _NO_POS)))
 
 
@@ -140,24 +146,30 @@ class DetrTransformer(nn.Module):
                                       for _ in range(enc_layers)])
         self.decoder = nn.ModuleList([DecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(dec_layers)])
         self.dec_norm = nn.LayerNorm(dim)
+        # padded tokens are zeroed between encoder layers only for hooks that read neighbouring tokens
+        # (a convolution after a block or in the FFN); attention never reads them (masked keys)
+        self.zero_padding = any(layer.mlp.mixer is not None for layer in self.encoder) or any(
+            type(p).after_block is not PosStrategy.after_block for p in self.pos.parts())
         for layer in [*self.encoder, *self.decoder]:  # DETR's init; the strategy keeps its own
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
 
-    def encode(self, src: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``src`` ``(B, C, H, W)``, ``mask`` ``(B, H, W)`` True on padding -> memory ``(B, H*W, C)``
-        and the additive encoding ``(B, H*W, C)`` (or None) for the decoder's keys."""
+    def encode(self, src: Tensor, mask: Tensor, key_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``src`` ``(B, C, H, W)``, ``mask`` ``(B, H, W)`` True on padding, ``key_bias`` its
+        ``key_padding_bias`` (made here if not given) -> memory ``(B, H*W, C)`` and the additive
+        encoding ``(B, H*W, C)`` (or None) for the decoder's keys."""
         grid = (src.shape[-2], src.shape[-1])
         x = rearrange(src, "b c h w -> b (h w) c")
         pad = mask.flatten(1)  # (B, N)
+        key_bias = key_padding_bias(pad) if key_bias is None else key_bias
         pos = qk_embed(self.pos, mask)
         pos = None if pos is None else pos.to(x.dtype)
         x = self.pos.embed(x, grid, 0)
         ctx = self.pos.context(grid, 0)
         for i, layer in enumerate(self.encoder):
-            x = layer(x, pos, ctx.block(i), pad)
-            x = self.pos.after_block(x.masked_fill(pad[..., None], 0.0), i, grid, 0)
+            x = layer(x, pos, ctx.block(i), key_bias)
+            x = self.pos.after_block(x.masked_fill(pad[..., None], 0.0) if self.zero_padding else x, i, grid, 0)
         return x, pos
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, ref_points: Tensor | None = None,
@@ -165,19 +177,21 @@ class DetrTransformer(nn.Module):
         """-> decoder outputs after every layer, normalised: ``(L, B, Q, C)``. ``ref_points``
         ``(Q, 2)`` (x, y in ``[0, 1]``): each query's place, read in the encoder's own additive
         encoding for the cross-attention (Conditional DETR's spatial query, without its scaling)."""
-        memory, pos = self.encode(src, mask)
-        pad = mask.flatten(1)
+        key_bias = key_padding_bias(mask.flatten(1))  # (B, 1, 1, N), shared by every attention over the grid
+        memory, pos = self.encode(src, mask, key_bias)
         query_pos = query_embed[None].expand(src.shape[0], -1, -1).to(memory.dtype)
         point_pos = None
         if ref_points is not None and pos is not None:  # a strategy with no additive part has no point encoding
             point_pos = point_embed(self.pos, ref_points).to(memory.dtype)
-        bias = None if prior is None or ref_points is None else prior(ref_points, mask)
+        cross_bias = key_bias if prior is None or ref_points is None else prior(ref_points, mask) + key_bias
+        memory_k = _with(memory, pos)  # the same keys for every decoder layer
         tgt = torch.zeros_like(query_pos)
         outs = []
         for layer in self.decoder:
-            tgt = layer(tgt, memory, query_pos, pos, pad, point_pos, bias)
+            tgt = layer(tgt, memory, memory_k, query_pos, cross_bias, point_pos)
             outs.append(self.dec_norm(tgt))
         return torch.stack(outs)
 
 
-__all__ = ["DecoderLayer", "DetrTransformer", "EncoderLayer", "MultiheadAttention", "SpatialPrior"]
+__all__ = ["DecoderLayer", "DetrTransformer", "EncoderLayer", "MultiheadAttention", "SpatialPrior",
+           "key_padding_bias"]
