@@ -37,48 +37,48 @@ def available(x: Tensor, kernel_size: int = 3) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_pos, H, W, C, sxb, syb, K: tl.constexpr,
-                     FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+    def _shifted(base, h, w, pmask, cmask, H, W, C, DI: tl.constexpr, DJ: tl.constexpr, EVEN_C: tl.constexpr):
+        """The ``(BLOCK_P, BLOCK_C)`` tile at positions ``(h + DI, w + DJ)`` in float32, zero outside
+        the grid; ``base`` points at the unshifted tile, so a shift is one scalar offset."""
+        ok = pmask & (h + DI >= 0) & (h + DI < H) & (w + DJ >= 0) & (w + DJ < W)
+        mask = ok[:, None] if EVEN_C else ok[:, None] & cmask[None, :]
+        return tl.load(base + (DI * W + DJ) * C, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _tile(offs_p, hw, W):
+        """Image index (int64), position within the image, row and column of each position."""
+        b = (offs_p // hw).to(tl.int64)
+        r = offs_p % hw
+        return b, r, r // W, r % W
+
+    @triton.jit
+    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, n_pos, H, W, C, sxb, syb, K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``y[b, p, c] = sum_taps x[b, p + offset, c] * w[c, tap] (+ bias) (+ x)``, zero outside the
-        grid; positions ``p`` are row-major within an image, channels contiguous."""
+        """``y[b, p, c] = sum_taps x[b, p + offset, c] * taps[tap, c] (+ bias) (+ x)``, zero outside
+        the grid; positions ``p`` are row-major within an image, channels contiguous."""
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         pmask, cmask = offs_p < n_pos, offs_c < C
-        hw = H * W
-        b = (offs_p // hw).to(tl.int64)
-        r = offs_p % hw
-        h, w = r // W, r % W
+        b, r, h, w = _tile(offs_p, H * W, W)
+        base = x_ptr + (b * sxb + r * C)[:, None] + offs_c[None, :]
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(K):
             for j in tl.static_range(K):
-                hh, ww = h + (i - K // 2), w + (j - K // 2)
-                ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                ptrs = x_ptr + b[:, None] * sxb + (hh * W + ww)[:, None] * C + offs_c[None, :]
-                xv = tl.load(ptrs, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                tap = (K - 1 - i) * K + (K - 1 - j) if FLIP else i * K + j
-                wv = tl.load(w_ptr + offs_c * (K * K) + tap, mask=cmask, other=0.0).to(tl.float32)
+                xv = _shifted(base, h, w, pmask, cmask, H, W, C, i - K // 2, j - K // 2, EVEN_C)
+                wv = tl.load(taps_ptr + (i * K + j) * C + offs_c, mask=cmask, other=0.0).to(tl.float32)
                 acc += xv * wv[None, :]
         mask = pmask[:, None] & cmask[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if RESIDUAL:
-            acc += tl.load(x_ptr + b[:, None] * sxb + r[:, None] * C + offs_c[None, :], mask=mask,
-                           other=0.0).to(tl.float32)
-        tl.store(y_ptr + b[:, None] * syb + r[:, None] * C + offs_c[None, :], acc.to(y_ptr.dtype.element_ty),
+            acc += tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + (b * syb + r * C)[:, None] + offs_c[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mask)
 
     @triton.jit
-    def _shifted(ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sb, DI: tl.constexpr, DJ: tl.constexpr):
-        """The ``(BLOCK_P, BLOCK_C)`` tile at positions ``(h + DI, w + DJ)``, zero outside the grid."""
-        hh, ww = h + DI, w + DJ
-        ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        ptrs = ptr + b[:, None] * sb + (hh * W + ww)[:, None] * C + offs_c[None, :]
-        return tl.load(ptrs, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-
-    @triton.jit
     def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, n_pos, H, W, C, sxb, sgb, tiles_per_prog,
-                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                             EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """``part[prog, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]`` for
         the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient). Products
         are accumulated elementwise over the program's tiles and reduced over positions once."""
@@ -91,20 +91,20 @@ if triton is not None:
         for t in range(0, tiles_per_prog):
             offs_p = (prog + t * nprog) * BLOCK_P + tl.arange(0, BLOCK_P)
             pmask = offs_p < n_pos
-            b = (offs_p // hw).to(tl.int64)
-            r = offs_p % hw
-            h, w = r // W, r % W
-            g = _shifted(g_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sgb, 0, 0)
+            b, r, h, w = _tile(offs_p, hw, W)
+            g = _shifted(g_ptr + (b * sgb + r * C)[:, None] + offs_c[None, :], h, w, pmask, cmask, H, W, C, 0, 0,
+                         EVEN_C)
+            xb = x_ptr + (b * sxb + r * C)[:, None] + offs_c[None, :]
             ab += g
-            a0 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, -1, -1)
-            a1 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, -1, 0)
-            a2 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, -1, 1)
-            a3 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 0, -1)
-            a4 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 0, 0)
-            a5 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 0, 1)
-            a6 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 1, -1)
-            a7 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 1, 0)
-            a8 += g * _shifted(x_ptr, b, h, w, offs_c, pmask, cmask, H, W, C, sxb, 1, 1)
+            a0 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, -1, EVEN_C)
+            a1 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 0, EVEN_C)
+            a2 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 1, EVEN_C)
+            a3 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 0, -1, EVEN_C)
+            a4 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 0, EVEN_C)
+            a5 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 1, EVEN_C)
+            a6 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, -1, EVEN_C)
+            a7 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 0, EVEN_C)
+            a8 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 1, EVEN_C)
         out = part_ptr + prog * 10 * C + offs_c
         tl.store(out, tl.sum(a0, axis=0), mask=cmask)
         tl.store(out + C, tl.sum(a1, axis=0), mask=cmask)
@@ -120,15 +120,20 @@ if triton is not None:
 
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
                  num_prefix: int, flip: bool, residual: bool) -> None:
-    """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape)."""
+    """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape);
+    ``flip`` turns the kernel by 180 degrees (the input gradient)."""
     B, _, C = src.shape
     H, W = grid_hw
     n_pos = B * H * W
     k = weight.shape[-1]
+    if flip:
+        weight = weight.flip(-1, -2)
+    taps = weight.reshape(C, k * k).t().contiguous()  # (k*k, C): each tap's channels side by side
     launch = (triton.cdiv(n_pos, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    _conv_kernel[launch](src[:, num_prefix:], weight, bias if bias is not None else weight,
-                         out[:, num_prefix:], n_pos, H, W, C, src.stride(0), out.stride(0), K=k, FLIP=flip,
-                         HAS_BIAS=bias is not None, RESIDUAL=residual, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    _conv_kernel[launch](src[:, num_prefix:], taps, bias if bias is not None else taps,
+                         out[:, num_prefix:], n_pos, H, W, C, src.stride(0), out.stride(0), K=k,
+                         HAS_BIAS=bias is not None, RESIDUAL=residual, EVEN_C=C % BLOCK_C == 0,
+                         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
 
 
 @torch.library.custom_op("vitpe::depthwise_conv_tokens", mutates_args=())
@@ -165,7 +170,7 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefi
     part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
     _weight_grad3_kernel[(progs, c_blocks)](x[:, num_prefix:], grad[:, num_prefix:], part, n_pos, H, W, C,
                                             x.stride(0), grad.stride(0), triton.cdiv(n_tiles, progs),
-                                            BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C)
+                                            EVEN_C=C % WG_BLOCK_C == 0, BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C)
     sums = part.sum(0)  # (10, C)
     grad_w = sums[:9].t().reshape(weight.shape).to(weight.dtype).contiguous()
     return grad_x, grad_w, sums[9].clone()
