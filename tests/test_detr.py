@@ -292,3 +292,16 @@ def test_box_refs_start_every_query_on_its_own_centre() -> None:
         torch.testing.assert_close(boxes[..., :2], centres.expand(2, -1, -1))
         torch.testing.assert_close(boxes[..., 2:], torch.full((2, 7, 2), torch.tensor(-2.0).sigmoid().item()))
     assert len(set(centres[:, 0].tolist())) == 7  # spread: no two queries share a centre
+
+
+def test_dropout_is_applied_where_detr_applies_it_once_each() -> None:
+    """DETR drops out each residual branch once and the FFN's hidden layer once: 3 times per
+    encoder layer, 4 per decoder layer (attention probabilities apart, inside the kernel)."""
+    tr = DetrTransformer(dim=32, num_heads=4, enc_layers=1, dec_layers=1, ffn_dim=64, dropout=0.1).train()
+    calls = {"encoder": 0, "decoder": 0}
+    for part in calls:
+        for m in getattr(tr, part).modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.register_forward_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
+    tr(torch.randn(2, 32, 3, 4), torch.zeros(2, 3, 4, dtype=torch.bool), torch.randn(5, 32))
+    assert calls == {"encoder": 3, "decoder": 4}

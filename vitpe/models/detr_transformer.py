@@ -75,7 +75,7 @@ class EncoderLayer(nn.Module):
         ``(B, 1, 1, N)`` (``key_padding_bias``)."""
         qk = _with(x, pos)
         x = self.norm1(x + self.drop(self.attn(qk, qk, x, key_bias, block)))
-        return self.norm2(x + self.drop(self.mlp(x, block)))
+        return self.norm2(x + self.mlp(x, block))  # the Mlp's last dropout is the residual's (DETR: one)
 
 
 class DecoderLayer(nn.Module):
@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.drop(self.self_attn(q, q, tgt)))
         tgt = self.norm2(tgt + self.drop(self.cross_attn(_with(tgt + query_pos, point_pos), memory_k, memory,
                                                          cross_bias)))
-        return self.norm3(tgt + self.drop(self.mlp(tgt, _NO_POS)))
+        return self.norm3(tgt + self.mlp(tgt, _NO_POS))  # the Mlp's last dropout is the residual's
 
 
 class SpatialPrior(nn.Module):
