@@ -24,8 +24,8 @@ from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
 from vitpe.engine.seg_metrics import json_safe
 from vitpe.engine.seg_plot import plot_segmentation
-from vitpe.engine.segmentation import (SegConfig, build_datasets, build_model, build_optimizer, evaluate,
-                                       figure_samples, results_table, summarize, train_one_epoch)
+from vitpe.engine.segmentation import (SegConfig, build_datasets, build_model, build_optimizer, compile_model,
+                                       evaluate, figure_samples, results_table, summarize, train_one_epoch)
 
 log = logging.getLogger("train_seg")
 KEYS = {k: v for k, v in CLI_KEYS.items() if k != "eval_sizes"}
@@ -90,14 +90,6 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     finish(cfg, out, model, train_set, val_set, device)
     dist.barrier()
     return 0
-
-
-def compile_model(net: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """``torch.compile`` for training, with static shapes: every step sees one crop size and a full
-    batch (the loader drops the last), so symbolic sizes buy nothing; and with height and width
-    both symbolic (``dynamic=True``) Inductor fails on the MiT's channels-last maps, unable to order
-    strides such as ``C*ceil(H/4)*ceil(W/4)`` against ``C``. A changed shape compiles once more."""
-    return torch.compile(net, dynamic=False, backend=backend)
 
 
 def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, record, best) -> float:

@@ -102,15 +102,15 @@ def test_bf16_loss_equals_cross_entropy_on_float32_logits():
 
 
 def test_compiled_training_step_equals_eager():
-    """train_seg.py's compile call (``train_seg.compile_model``) on a tiny MiT, with a CPU backend."""
-    import train_seg
+    """train_seg.py's compile call (``segmentation.compile_model``) on a tiny MiT, with a CPU backend."""
+    from vitpe.engine.segmentation import compile_model
 
     model = build_segmentor("vitpe_mit_b0", CLASSES, img_size=32, head_dim=WIDTH, dropout=0.0, embed_dims=DIMS,
                             depths=(1, 1, 1, 1)).train()
     x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, CLASSES, (2, 32, 32))
     eager = pixel_loss(model(x), labels, 255)
     eager_grads = torch.autograd.grad(eager, list(model.parameters()))
-    net = train_seg.compile_model(model, backend="aot_eager")
+    net = compile_model(model, backend="aot_eager")
     loss = pixel_loss(net(x), labels, 255)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
