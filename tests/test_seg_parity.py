@@ -116,3 +116,20 @@ def test_compiled_training_step_equals_eager():
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, eager_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_saved_tensor_report_runs_and_shows_the_composed_head():
+    """benchmarks/saved_tensors.py on a tiny MiT: vitpe keeps less for the backward than SegFormer
+    and makes no concatenated map in the forward."""
+    pytest.importorskip("transformers")
+    from script_modules import load_script
+
+    bench = load_script("benchmarks/saved_tensors.py")
+    args = bench.parse(["--variant", "b0", "--size", "64"])
+    ours, theirs = (bench.analyse(side["model"], side["step"], side["names"]) for side in bench.build(args))
+    assert sum(ours["saved"].values()) < sum(theirs["saved"].values())
+    assert ours["ops"]["forward"]["cat"] == 0 and theirs["ops"]["forward"]["cat"] == 1
+    assert ours["gflop"] < theirs["gflop"]
+    assert theirs["saved"][("head", "cat")] > 0  # the names of both models meet in one vocabulary
+    assert "| **total** |" in bench.saved_table(ours["saved"], theirs["saved"], 0.1)
+    assert "| forward | cat | 0 | 1 |" in bench.ops_table(ours, theirs)
