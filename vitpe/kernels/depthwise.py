@@ -12,6 +12,7 @@ Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -136,28 +137,23 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
                          BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
 
 
-@torch.library.custom_op("vitpe::depthwise_conv_tokens", mutates_args=())
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
-             residual: bool) -> Tensor:
+def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
+                residual: bool) -> Tensor:
+    """The forward: a new contiguous ``(B, P + H*W, C)`` tensor."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    out[:, :num_prefix] = x[:, :num_prefix]
+    if num_prefix:
+        out[:, :num_prefix] = x[:, :num_prefix]
     _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual)
     return out
 
 
-@_forward.register_fake
-def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
-      residual: bool) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("vitpe::depthwise_conv_tokens_backward", mutates_args=())
-def _backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefix: int,
-              residual: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for ``x``, ``weight`` and the bias (``(C,)``, also when there is none)."""
+def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefix: int,
+                         residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for ``x``, ``weight`` and the bias (float32 ``(C,)``, also when there is none)."""
     grad = grad.contiguous()
     grad_x = torch.empty_like(grad)
-    grad_x[:, :num_prefix] = grad[:, :num_prefix]
+    if num_prefix:
+        grad_x[:, :num_prefix] = grad[:, :num_prefix]
     # the input gradient: the same convolution of the output gradient with the kernel flipped
     _launch_conv(grad, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
     B, _, C = x.shape
@@ -165,8 +161,7 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefi
     n_tiles = triton.cdiv(n_pos, WG_BLOCK_P)
     c_blocks = triton.cdiv(C, WG_BLOCK_C)
     # enough programs to fill the GPU a few times over; each sums its share of the position tiles
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    progs = max(1, min(n_tiles, WG_WAVES * sms // c_blocks))
+    progs = max(1, min(n_tiles, WG_WAVES * _multiprocessors(x.device) // c_blocks))
     part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
     _weight_grad3_kernel[(progs, c_blocks)](x[:, num_prefix:], grad[:, num_prefix:], part, n_pos, H, W, C,
                                             x.stride(0), grad.stride(0), triton.cdiv(n_tiles, progs),
@@ -176,7 +171,23 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefi
     return grad_x, grad_w, sums[9].clone()
 
 
-@_backward.register_fake
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+# For torch.compile: the kernels as custom operators, with shape-only versions for tracing.
+_op = torch.library.custom_op("vitpe::depthwise_conv_tokens", mutates_args=())(conv_tokens)
+_op_backward = torch.library.custom_op("vitpe::depthwise_conv_tokens_backward", mutates_args=())(conv_tokens_backward)
+
+
+@_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
+      residual: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_op_backward.register_fake
 def _(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefix: int,
       residual: bool) -> tuple[Tensor, Tensor, Tensor]:
     return (torch.empty_like(grad, memory_format=torch.contiguous_format), torch.empty_like(weight),
@@ -190,14 +201,31 @@ def _setup(ctx, inputs, output) -> None:
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _grad(ctx, grad: Tensor):
+def _grads(ctx, grad: Tensor, backward) -> tuple:
     x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _backward(grad, x, weight, *ctx.args)
+    grad_x, grad_w, grad_b = backward(grad, x, weight, *ctx.args)
     grad_b = None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b, None, None, None, None
 
 
-_forward.register_autograd(_grad, setup_context=_setup)
+_op.register_autograd(lambda ctx, grad: _grads(ctx, grad, _op_backward), setup_context=_setup)
+
+
+class _Eager(torch.autograd.Function):
+    """The same kernels outside compilation, without the operator dispatch's overhead per call
+    (which is larger than the kernels at small batches)."""
+
+    @staticmethod
+    def forward(x, weight, bias, H, W, num_prefix, residual):
+        return conv_tokens(x, weight, bias, H, W, num_prefix, residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grads(ctx, grad, conv_tokens_backward)
 
 
 def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid: tuple[int, int],
@@ -209,4 +237,5 @@ def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], gri
         raise ValueError(f"the token depthwise kernels are 3x3; got a {tuple(weight.shape[-2:])} weight")
     if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
         x = x.contiguous()
-    return _forward(x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual))
+    args = (x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual))
+    return _op(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
