@@ -10,6 +10,7 @@ Keys of ``Segmentor`` are ``backbone.*`` and ``decode_head.*``, the layout that
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import timm
@@ -60,7 +61,8 @@ class AllMLPHead(nn.Module):
         ``(embed_dim,)``. In float32 even under autocast: a few small products, made once per step."""
         fuse = self.fuse.weight.flatten(1)  # (D, n * D), deepest stage first as in SegFormer's checkpoints
         slices = fuse.chunk(len(self.linear_c), dim=1)[::-1]  # slices[i] belongs to stage i
-        with torch.autocast(fuse.device.type, enabled=False):
+        device = fuse.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             weights = [w @ lin.proj.weight for w, lin in zip(slices, self.linear_c)]
             bias = sum(w @ lin.proj.bias for w, lin in zip(slices, self.linear_c))
         return weights, bias
