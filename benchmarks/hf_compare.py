@@ -99,7 +99,9 @@ def vitpe_detr(args: argparse.Namespace, batch: Batch, amp: Any, compiled: bool,
     optimizer = detection.build_optimizer(model, cfg.optim)
     images, mask = pad_to(batch["images"], model.size_divisibility)
     model.train()
-    net = torch.compile(model) if compiled else model  # the criterion (host-side matching) stays eager
+    # compiled as train_det.py compiles it (the criterion's host-side matching stays eager), but with
+    # static shapes: the benchmark's input never changes size
+    net = detection.compile_model(model, dynamic=False) if compiled else model
 
     def step() -> None:
         with amp:
