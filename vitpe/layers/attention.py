@@ -41,4 +41,36 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pos: BlockPos, dropout_p: float = 0.
                              f"reduced grid need a context built with the attention's kv_stride")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos_k, sin_k)
     mask = None if pos.bias is None else pos.bias.to(q.dtype)  # (heads, T, S), broadcast over B
+    chunks = query_chunks(q.shape[-2], k.shape[-2]) if q.is_cuda and (mask is None or mask.dim() == 3) else 1
+    if chunks > 1:
+        return chunked_sdpa(q, k, v, mask, dropout_p, chunks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def query_chunks(queries: int, keys: int, max_chunks: int = 16) -> int:
+    """How many pieces to cut the queries into (on a GPU) when they far outnumber the keys.
+
+    The fused kernels' backward passes run one block of threads per block of keys (per image and
+    head). With spatial-reduction attention (MiT's first stage: 16384 queries, 256 keys, one head)
+    that is a few dozen blocks for the whole GPU, and the backward takes 30 % of a training step.
+    Cut into pieces of at least 4x the key count, the queries become more heads over the same keys.
+    """
+    n = 1
+    while 2 * n <= max_chunks and queries % (2 * n) == 0 and queries // (2 * n) >= 4 * keys:
+        n *= 2
+    return n
+
+
+def chunked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, n: int) -> Tensor:
+    """``scaled_dot_product_attention`` with the ``T`` queries cut into ``n`` consecutive pieces, each
+    attending, as its own head, to every key: ``(B, heads, T, D)`` in and out, the same result."""
+    B, h, T, D = q.shape
+
+    def per_piece(t: Tensor) -> Tensor:  # keys and values repeated for every piece (they are few)
+        return t[:, :, None].expand(B, h, n, *t.shape[-2:]).reshape(B, h * n, *t.shape[-2:])
+
+    q = q.reshape(B, h * n, T // n, D)
+    if mask is not None:  # (heads, T, S) -> (heads * n, T / n, S)
+        mask = mask.reshape(h * n, T // n, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, per_piece(k), per_piece(v), attn_mask=mask, dropout_p=dropout_p)
+    return out.reshape(B, h, T, out.shape[-1])
