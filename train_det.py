@@ -61,9 +61,9 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)
     start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
     best = resumed.get("best_ap", -1.0) if resumed else -1.0
-    net = dist.wrap_model(model, device)
     if cfg.run.compile and device.type == "cuda":
-        net = compile_model(net)  # the model only: the criterion's matching runs on the host
+        compile_model(model)  # the transformer, in place, for every batch size
+    net = dist.wrap_model(model, device)
     metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
     val: dict[str, Any] = {}
     for epoch in range(start, cfg.run.epochs):

@@ -99,9 +99,9 @@ def vitpe_detr(args: argparse.Namespace, batch: Batch, amp: Any, compiled: bool,
     optimizer = detection.build_optimizer(model, cfg.optim)
     images, mask = pad_to(batch["images"], model.size_divisibility)
     model.train()
-    # compiled as train_det.py compiles it (the criterion's host-side matching stays eager), but with
-    # static shapes: the benchmark's input never changes size
-    net = detection.compile_model(model, dynamic=False) if compiled else model
+    # compiled as train_det.py compiles it (the transformer; the criterion's matching stays eager), or
+    # the whole forward; static shapes either way: the benchmark's input never changes size
+    net = detection.compile_model(model, dynamic=False, whole=args.det_compile == "model") if compiled else model
 
     def step() -> None:
         with amp:
@@ -293,6 +293,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time vitpe's model under torch.compile "
                    "(Hugging Face's stays eager; the ratio is to its eager figure)")
+    p.add_argument("--det-compile", choices=["transformer", "model"], default="transformer",
+                   help="what --compile compiles of DETR: the transformer, as train_det.py does (default), or "
+                   "the whole model (backbone too, static shapes only)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="write the N busiest operators of every measurement to hf_compare_profile.txt")
     p.add_argument("--tiny", action="store_true", help="small models for a quick CPU check: ResNet-18 / ViT-Ti, "

@@ -141,12 +141,25 @@ def train_collate(model: DETR, cfg: DetDataConfig) -> PadCollate:
     return PadCollate(math.lcm(model.size_divisibility, cfg.pad_multiple or 1))
 
 
-def compile_model(model: nn.Module, dynamic: bool = True, backend: str = "inductor") -> nn.Module:
-    """``torch.compile`` of DETR's forward, never of the criterion, whose Hungarian matching runs
-    on the host. Training batches come padded to many sizes: ``dynamic`` compiles one graph with
-    symbolic batch, height and width instead of one per size; a fixed input (the benchmark's)
-    takes ``dynamic=False``, kernels specialised to its shape."""
-    return torch.compile(model, dynamic=dynamic, backend=backend)
+def compile_model(model: DETR, dynamic: bool | None = None, whole: bool = False,
+                  backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` for training; the criterion never (its Hungarian matching runs on the host).
+
+    By default the transformer is compiled, in place (state-dict keys unchanged): it is where eager
+    mode loses most, in hundreds of small kernels. Training batches come padded to many sizes:
+    with ``dynamic=None`` the first batch compiles with its sizes fixed, the first batch of another
+    size once more with the sizes that changed symbolic, and that graph serves every later size.
+    (``dynamic=True`` would make every size symbolic from the start, the 2 of the reference points
+    ``(Q, 2)`` too, and dynamo, which gives equal sizes one symbol, then fixes a batch of 2.)
+    The backbone stays eager: Inductor fixes a convolution's backward to its input's strides, so
+    it would compile once per batch shape until dynamo's recompile limit, then run eager for good.
+    For an input of one fixed size (a benchmark) ``whole=True`` with ``dynamic=False`` compiles
+    the whole forward, fusing the backbone's batch-norm affine, ReLU and residual sums too.
+    Returns what to call: ``model`` itself, or its compiled wrapper when ``whole``."""
+    if whole:
+        return torch.compile(model, dynamic=dynamic, backend=backend)
+    model.transformer.compile(dynamic=dynamic, backend=backend)
+    return model
 
 
 def build_criterion(cfg: LossConfig, num_classes: int) -> SetCriterion:
