@@ -66,3 +66,33 @@ def test_no_recompilation_per_batch_and_the_losses_of_eager(pos: str, backend: s
         graphs.append(counters["stats"]["unique_graphs"])
     # the first size, then symbolic height and width for every later size, then the batch size too
     assert graphs == [1, 2, 2, 3], graphs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's GPU code: a CUDA device")
+def test_inductor_on_cuda_keeps_few_graphs_and_the_losses_of_eager() -> None:
+    """train_det.py's compilation on the GPU (Inductor), about a minute of compiling: float32 losses
+    as eager's; under bf16 autocast (a guard of its own) one more graph, symbolic from the start."""
+    eager = tiny_detr().cuda()
+    criterion = build_criterion(LossConfig(), 3).cuda()
+    dynamo.reset()
+    counters.clear()
+    model = compile_model(copy.deepcopy(eager))
+    graphs = []
+    for shape, seed, bf16 in [((2, 96, 128), 0, False), ((2, 160, 192), 1, False), ((2, 128, 160), 2, False),
+                              ((2, 224, 256), 3, True), ((2, 192, 128), 4, True)]:
+        images, mask, targets = batch(*shape, seed)
+        images, mask = images.cuda(), mask.cuda()
+        targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+        losses = []
+        for net in (eager, model):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out = net(images, mask)
+            losses.append(criterion.total(criterion(out, targets)))
+            losses[-1].backward()
+        if bf16:  # rounding may change the matching: only finite
+            assert torch.isfinite(losses[1]), shape
+        else:
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-4, msg=str(shape))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 2, 2, 3, 3], graphs
