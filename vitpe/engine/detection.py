@@ -42,7 +42,7 @@ class DetDataConfig:
     cache: bool = False  # decode every image once into memory (small datasets, many epochs)
     pad_multiple: int = 0  # training batches padded to a multiple of this and of the backbone's stride (0: the
     # stride alone, the least padding); a coarser one (64, 128) leaves fewer distinct batch shapes for shape-
-    # specialised kernels (cuDNN autotuning); torch.compile needs none: it compiles one graph for every size
+    # specialised kernels (cuDNN autotuning); run.compile needs none (compile_model: one graph for all sizes)
 
 
 @dataclass
