@@ -138,3 +138,22 @@ def test_two_gloo_processes_match_one_at_the_same_global_batch(tmp_path) -> None
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["val_stats"] == pytest.approx(a["val_stats"], abs=1e-6)
+
+
+def test_pad_multiple_pads_training_batches_to_coarser_sizes() -> None:
+    """``data.pad_multiple`` joins the backbone's stride (0: the stride alone); images stay top-left."""
+    import torch
+
+    from vitpe.engine.detection import DetDataConfig, train_collate
+    from vitpe.errors import UserError
+
+    class Strided:
+        size_divisibility = 32
+
+    items = [(torch.ones(3, 50, 70), {}), (torch.ones(3, 90, 40), {})]
+    for multiple, size in [(0, (96, 96)), (64, (128, 128)), (48, (96, 96)), (128, (128, 128))]:
+        images, mask, _ = train_collate(Strided(), DetDataConfig(pad_multiple=multiple))(items)
+        assert images.shape[-2:] == size and mask.shape[-2:] == size, multiple
+        assert not mask[0, :50, :70].any() and mask[0, 50:].all() and mask[0, :, 70:].all()
+    with pytest.raises(UserError, match="data.pad_multiple"):
+        train_collate(Strided(), DetDataConfig(pad_multiple=-32))
