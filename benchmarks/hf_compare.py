@@ -174,8 +174,11 @@ SPECS: dict[str, tuple[str, Callable[..., Batch], Builder, Builder | None]] = {
 
 def measure(build: Builder, args: argparse.Namespace, batch: Batch, bf16: bool, compiled: bool = False,
             label: str = "") -> dict[str, float]:
-    """Images/s of the training step and peak memory (GiB, model and optimizer state included);
-    with ``--profile`` the busiest kernels of a few more steps go to the profile file."""
+    """Images/s of the training step and peak memory (GiB, model and optimizer state included) of
+    the timed steps; the warm-up's peak is kept apart, since it includes cuDNN's benchmark mode
+    trying convolution algorithms with large workspaces (once per shape in the process, so
+    whichever side runs first pays for shapes both share). With ``--profile`` the busiest kernels
+    of a few more steps go to the profile file."""
     device = torch.device(args.device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if device.type == "cuda":
@@ -183,13 +186,21 @@ def measure(build: Builder, args: argparse.Namespace, batch: Batch, bf16: bool, 
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     step, model = build(args, batch, amp, compiled)
-    seconds = timed(step, args.steps, args.warmup, device)
+    for _ in range(args.warmup):
+        step()
+    warm_mem = float("nan")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        warm_mem = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, args.steps, 0, device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if args.profile:
         profile(step, args, device, label)
     del step, model
     gc.collect()
-    return {"img_s": len(batch["images"]) / seconds, "step_ms": 1000 * seconds, "peak_gib": mem}
+    return {"img_s": len(batch["images"]) / seconds, "step_ms": 1000 * seconds, "peak_gib": mem,
+            "warmup_peak_gib": warm_mem}
 
 
 def profile(step: Step, args: argparse.Namespace, device: torch.device, label: str) -> None:
