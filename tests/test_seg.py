@@ -250,3 +250,28 @@ def test_pixel_loss_is_the_labelled_mean_and_zero_without_labels():
     assert empty.item() == 0.0
     empty.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_train_seg_non_finite_loss_stops_naming_its_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """The loss is read on the host every ``run.log_interval`` steps and at the end of an epoch; a
+    NaN in between still ends the run before that epoch's checkpoint, naming its step."""
+    import train_seg
+    from vitpe.cli import run_cli
+    from vitpe.engine import segmentation
+    from vitpe.engine.checkpoint import load_checkpoint
+
+    real, calls = segmentation.pixel_loss, [0]
+
+    def nan_at_third(*args):  # 2 steps an epoch: epoch 2, step 1
+        calls[0] += 1
+        return real(*args) * float("nan") if calls[0] == 3 else real(*args)
+
+    monkeypatch.setattr(segmentation, "pixel_loss", nan_at_third)
+    root, out = make_dataset(tmp_path / "data"), tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_seg.main, ["--data", str(root), "--crop-size", "32", "--batch-size", "2", "--epochs", "3",
+                                 "--device", "cpu", "--output", str(out), "--set", "run.log_interval=1000",
+                                 "--set", "model.kwargs={embed_dims: [8, 16, 40, 64]}", "--set", "model.head_dim=16"])
+    assert e.value.code == 2
+    assert "non-finite loss (nan) at epoch 2, step 1" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the last good one, intact

@@ -90,13 +90,6 @@ def autocast(device: torch.device, enabled: bool = True) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def check_finite(loss: Tensor, epoch: int, step: int) -> None:
-    """Stop with a message naming the epoch and step instead of training on NaNs."""
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
-                                 f"the last checkpoint is intact (try a lower optim.lr or optim.clip_grad)")
-
-
 class LossMeter:
     """Sums of each step's loss terms, kept on the device, and the first step whose loss was not finite.
 
@@ -183,5 +176,5 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
     return int(state["epoch"])
 
 
-__all__ = ["LossMeter", "NonFiniteLossError", "ShardSampler", "autocast", "check_finite", "make_loader",
+__all__ = ["LossMeter", "NonFiniteLossError", "ShardSampler", "autocast", "make_loader",
            "optimizer_step", "progress", "restore_training_state", "seed_epoch", "seed_everything", "training_state"]

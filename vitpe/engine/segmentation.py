@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
 from .checkpoint import load_checkpoint
-from .loop import ShardSampler, autocast, check_finite, optimizer_step, progress
+from .loop import LossMeter, ShardSampler, autocast, optimizer_step, progress
 from .optim import param_groups
 from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
 
@@ -153,7 +153,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     """One pass; returns ``train_loss`` (mean of the batch losses over processes), ``lr`` and ``time``."""
     model.train()
     start, d = time.time(), cfg.data
-    totals = {"loss": 0.0, "n": 0.0}
+    meter = LossMeter(("loss",), device, epoch)  # sums on the device: no wait for the device every step
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
     for step, samples in enumerate(bar):
         x, y = augment_batch(samples, d.crop_size, d.scale_range, d.flip, IMAGENET_MEAN, IMAGENET_STD,
@@ -161,14 +161,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with autocast(device, cfg.run.amp):
             logits = model(x)
         loss = pixel_loss(logits, y, d.ignore_index)
-        check_finite(loss, epoch, step)
+        meter.update(step, loss, weight=len(x))
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
-        value = loss.item()
-        totals["loss"] += value * len(x)
-        totals["n"] += len(x)
-        if step % cfg.run.log_interval == 0:
-            bar.set_postfix(loss=f"{value:.4f}")
-    totals = dist.reduce_sums(totals, device)
+        if step % cfg.run.log_interval == 0:  # the only read on the host: the non-finite check, the bar
+            bar.set_postfix(loss=f"{meter.means()['loss']:.4f}")
+    totals = dist.reduce_sums(meter.sums(), device)  # raises on a non-finite loss
     return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],
             "time": time.time() - start}
 
