@@ -4,6 +4,7 @@ error on one rank, and a collective whose peer never arrives (the process-group 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -46,9 +47,12 @@ def test_a_rank_killed_mid_training_ends_the_job_within_seconds_naming_it(check,
         check.finish(proc, 1)
     assert got["exit_code"] not in (0, -9), got  # -9: the test had to kill a hung job itself
     assert got["exit_after_kill_s"] < 60
-    text = log.read_text()
-    cause = text[text.index("Root Cause"):]
-    assert "rank      : 1" in cause and "Signal 9 (SIGKILL)" in cause
+    # torchrun's summary lists every failed rank as a "[n]:" block. Rank 1's SIGKILL is usually the
+    # root cause, but under load rank 0's own error (its peer vanished mid-collective) can be
+    # recorded first; either way the killed rank must be named with its signal.
+    summary = log.read_text().split("Failures:")[-1]
+    blocks = re.split(r"\n\[\d+\]:\n", summary)
+    assert any("rank      : 1" in b and "Signal 9 (SIGKILL)" in b for b in blocks), summary[-3000:]
 
 
 def test_an_error_on_one_rank_ends_every_rank_with_one_clear_line(check, tmp_path):
