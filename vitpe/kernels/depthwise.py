@@ -26,14 +26,15 @@ except ImportError:  # torch builds without Triton keep cuDNN's convolution
     triton = None
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
+# Triton's interpreter (CPU tests) is chosen when the kernels are defined, at import: read it once
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_P, BLOCK_C = 64, 64  # convolution tiles: positions x channels
 WG_BLOCK_P, WG_BLOCK_C, WG_WAVES = 32, 64, 4  # weight-gradient tiles, and programs per multiprocessor
 
 
 def available(x: Tensor, kernel_size: int = 3) -> bool:
     """Whether the Triton kernels can run on ``x`` with this kernel size (3x3 only)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return ENABLED and triton is not None and kernel_size == 3 and (x.is_cuda or interpret)
+    return ENABLED and triton is not None and kernel_size == 3 and (x.is_cuda or _INTERPRET)
 
 
 if triton is not None:
