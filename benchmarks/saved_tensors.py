@@ -22,7 +22,6 @@ import argparse
 import re
 import sys
 from collections import Counter, defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,40 +184,25 @@ def ops_table(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
 
 
 def peaks(args: argparse.Namespace) -> str:
-    """On the GPU: each side's training step as ``hf_compare.py`` times it, in ``--order``, with peak
-    memory over the warm-up (cuDNN's benchmark mode tries its algorithms there, with their
-    workspaces, once per convolution shape in the process) and over the steps after it."""
+    """On the GPU: each side's training step as ``hf_compare.py`` times it (``hf_compare.measure``),
+    in ``--order``, with peak memory over the warm-up (cuDNN's benchmark mode tries its algorithms
+    there, with their workspaces, once per convolution shape in the process) and over the steps after it."""
     import hf_compare
 
-    from throughput import timed
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
     bench = hf_compare.parse(["--seg-size", str(args.size), "--seg-batch", str(args.batch), "--seg-classes",
-                              str(args.classes), "--device", args.device] + (["--tiny"] if args.variant == "b0" else []))
+                              str(args.classes), "--device", args.device, "--warmup", str(args.warmup),
+                              "--steps", str(args.steps)] + (["--tiny"] if args.variant == "b0" else []))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = not args.no_benchmark
-    peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: float("nan"))
-    reset = torch.cuda.reset_peak_memory_stats if cuda else (lambda: None)
     batch = hf_compare.seg_batch(bench, device)
     lines = ["| side | precision | warm-up peak GiB | steady peak GiB | img/s |", "|---|---|---|---|---|"]
     for precision in args.precisions:
-        amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
         for side in args.order:
-            if cuda:
-                torch.cuda.empty_cache()
-            reset()
-            torch.manual_seed(0)
-            step, model = (hf_compare.vitpe_mit if side == "vitpe" else hf_compare.hf_mit)(bench, batch, amp, False)
-            for _ in range(args.warmup):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-            first = peak()
-            reset()
-            seconds = timed(step, args.steps, 0, device)
-            lines.append(f"| {side} | {precision} | {first:.2f} | {peak():.2f} | {args.batch / seconds:.1f} |")
+            build = hf_compare.vitpe_mit if side == "vitpe" else hf_compare.hf_mit
+            r = hf_compare.measure(build, bench, batch, precision == "bf16")
+            lines.append(f"| {side} | {precision} | {r['warmup_peak_gib']:.2f} | {r['peak_gib']:.2f} | {r['img_s']:.1f} |")
             print(lines[-1], flush=True)
-            del step, model
     return "\n".join(lines)
 
 
