@@ -35,7 +35,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import timed, write_rows  # noqa: E402
+from throughput import add_common, compile_fn, profile, timed, write_rows  # noqa: E402
 
 from vitpe.engine import detection, segmentation  # noqa: E402
 
@@ -137,7 +137,7 @@ def vitpe_mit(args: argparse.Namespace, batch: Batch, amp: Any, compiled: bool) 
     model = segmentation.build_model(cfg.model, args.seg_classes, args.seg_size).to(device).train()
     optimizer = segmentation.build_optimizer(model, cfg.optim)
     ignore = cfg.data.ignore_index
-    net = torch.compile(model) if compiled else model  # static: the benchmark's shapes never change
+    net = compile_fn(model, args) if compiled else model  # static: the benchmark's shapes never change
 
     def step() -> None:
         with amp:
@@ -196,28 +196,11 @@ def measure(build: Builder, args: argparse.Namespace, batch: Batch, bf16: bool, 
     seconds = timed(step, args.steps, 0, device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if args.profile:
-        profile(step, args, device, label)
+        profile(step, args, device, label, "hf_compare")
     del step, model
     gc.collect()
     return {"img_s": len(batch["images"]) / seconds, "step_ms": 1000 * seconds, "peak_gib": mem,
             "warmup_peak_gib": warm_mem}
-
-
-def profile(step: Step, args: argparse.Namespace, device: torch.device, label: str) -> None:
-    """Append the ``--profile`` busiest operators of 3 steps (device time on CUDA) to the profile file."""
-    from torch.profiler import ProfilerActivity, profile as profiler
-
-    cuda = device.type == "cuda"
-    with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for _ in range(3):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=args.profile, max_name_column_width=70)
-    args.output.mkdir(parents=True, exist_ok=True)
-    with open(args.output / "hf_compare_profile.txt", "a") as f:
-        f.write(f"## {label} (3 steps)\n{table}\n\n")
 
 
 def hf_available() -> bool:
@@ -307,8 +290,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--det-compile", choices=["transformer", "model"], default="transformer",
                    help="what --compile compiles of DETR: the transformer, as train_det.py does (default), or "
                    "the whole model (backbone too, static shapes only)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="write the N busiest operators of every measurement to hf_compare_profile.txt")
+    add_common(p)
     p.add_argument("--tiny", action="store_true", help="small models for a quick CPU check: ResNet-18 / ViT-Ti, "
                    "one encoder and one decoder layer, MiT-B0; the rows keep their names")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

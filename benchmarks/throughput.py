@@ -50,19 +50,45 @@ def timed(step: Callable[[], Any], steps: int, warmup: int, device: torch.device
     return (time.perf_counter() - start) / steps
 
 
-def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool) -> dict[str, float]:
+def profile(step: Callable[[], Any], args: argparse.Namespace, device: torch.device, label: str, name: str) -> None:
+    """Append the ``--profile`` busiest operators of 3 calls of ``step`` (device time on CUDA) to
+    ``<output>/<name>_profile.txt``."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    cuda = device.type == "cuda"
+    with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=args.profile, max_name_column_width=70)
+    args.output.mkdir(parents=True, exist_ok=True)
+    with open(args.output / f"{name}_profile.txt", "a") as f:
+        f.write(f"## {label} (3 steps)\n{table}\n\n")
+
+
+def compile_fn(model: torch.nn.Module, args: argparse.Namespace) -> Callable[..., Any]:
+    """``torch.compile`` with ``--compile-mode`` (``default``, ``reduce-overhead`` for CUDA graphs,
+    ``max-autotune``...)."""
+    return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+
+
+def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool,
+            label: str = "") -> dict[str, float]:
     with sdpa_preference(args.sdpa) if args.sdpa else nullcontext():
-        return _measure(model, args, res, compiled)
+        return _measure(model, args, res, compiled, label)
 
 
-def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool) -> dict[str, float]:
+def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool,
+             label: str) -> dict[str, float]:
     device = torch.device(args.device)
     model = model.to(device)
     x = torch.randn(args.batch_size, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if compiled else model
+    fwd = compile_fn(model, args) if compiled else model
 
     def train_step() -> None:
         with amp:
@@ -87,6 +113,8 @@ def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compile
     model.train()
     t_train = timed(train_step, args.steps, args.warmup, device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if args.profile:
+        profile(train_step, args, device, f"{label} train", "throughput")
     model.eval()
     t_infer = timed(infer_step, args.steps, args.warmup, device)
     return dict(train_img_s=args.batch_size / t_train, infer_img_s=args.batch_size / t_infer,
@@ -111,6 +139,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure every combination; the files are rewritten after each row, so a run cut short keeps
     what it measured."""
     rows: list[dict[str, Any]] = []
+    (args.output / "throughput_profile.txt").unlink(missing_ok=True)  # appended to by every measurement
     learned: dict[tuple, dict[str, float]] = {}  # vitpe's own `learned` per (size, res, mode): list it first
     for size in args.sizes:
         for res in args.resolutions:
@@ -122,10 +151,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         ref_name = REFERENCE["learned"].format(size=size)
                     if ref_name not in refs_done and args.reference:
                         torch.manual_seed(0)
-                        refs_done[ref_name] = measure(build(ref_name, res, args.depth), args, res, mode == "compiled")
+                        refs_done[ref_name] = measure(build(ref_name, res, args.depth), args, res,
+                                                      mode == "compiled", f"{ref_name} {res} {mode}")
                     torch.manual_seed(0)
                     ours = measure(build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=strategy),
-                                   args, res, mode == "compiled")
+                                   args, res, mode == "compiled", f"vitpe {size} {strategy} {res} {mode}")
                     ref = refs_done.get(ref_name)
                     own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else \
                         learned.get((size, res, mode))
@@ -198,8 +228,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "models: cudnn, flash, efficient, math (default: torch's own choice)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip timm's models (only the ratios to vitpe's own learned)")
+    add_common(p)
     p.add_argument("--output", type=Path, default=Path("runs/throughput"))
     return p.parse_args(argv)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Options shared with hf_compare.py."""
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode for the compiled models: default, reduce-overhead (CUDA graphs), "
+                   "max-autotune, max-autotune-no-cudagraphs")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="write the N busiest operators of every training measurement to <output>/*_profile.txt")
 
 
 def main(argv: list[str] | None = None) -> None:
