@@ -27,7 +27,9 @@ def _compare(device: str, dtype: torch.dtype) -> None:
 
     torch.manual_seed(0)
     cases = [(2, 5, 7, 8, 0, False, 3), (3, 4, 4, 70, 1, True, 3), (1, 6, 3, 5, 2, False, 3), (2, 1, 9, 3, 1, True, 3),
-             (2, 3, 5, 128, 1, False, 3)]  # whole channel blocks: no channel mask
+             (2, 3, 5, 128, 1, False, 3),  # whole channel blocks: no channel mask
+             (1, 20, 40, 8, 1, True, 3),  # more rows than one program walks, more columns than one tile
+             (5, 18, 3, 4, 0, False, 3)]  # weight gradient: several (image, rows) items per program, some empty
     for B, H, W, C, P, residual, k in cases:
         conv = GridConv(C, k, residual=residual).to(device)
         x = torch.randn(B, P + H * W, C, device=device, dtype=dtype, requires_grad=True)

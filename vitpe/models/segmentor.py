@@ -62,7 +62,8 @@ class AllMLPHead(nn.Module):
         fuse = self.fuse.weight.flatten(1)  # (D, n * D), deepest stage first as in SegFormer's checkpoints
         slices = fuse.chunk(len(self.linear_c), dim=1)[::-1]  # slices[i] belongs to stage i
         device = fuse.device.type
-        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        # (not torch.amp.is_autocast_available: dynamo cannot trace it, and the graph would break here)
+        with torch.autocast(device, enabled=False) if device in ("cuda", "cpu") else nullcontext():
             weights = [w @ lin.proj.weight for w, lin in zip(slices, self.linear_c)]
             bias = sum(w @ lin.proj.bias for w, lin in zip(slices, self.linear_c))
         return weights, bias
