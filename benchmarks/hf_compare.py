@@ -35,7 +35,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import add_common, compile_fn, profile, timed, write_rows  # noqa: E402
+from throughput import add_common, profile, timed, write_rows  # noqa: E402
 
 from vitpe.engine import detection, segmentation  # noqa: E402
 
@@ -101,7 +101,8 @@ def vitpe_detr(args: argparse.Namespace, batch: Batch, amp: Any, compiled: bool,
     model.train()
     # compiled as train_det.py compiles it (the transformer; the criterion's matching stays eager), or
     # the whole forward; static shapes either way: the benchmark's input never changes size
-    net = detection.compile_model(model, dynamic=False, whole=args.det_compile == "model") if compiled else model
+    net = detection.compile_model(model, dynamic=False, whole=args.det_compile == "model",
+                                  mode=args.compile_mode) if compiled else model
 
     def step() -> None:
         with amp:
@@ -137,7 +138,8 @@ def vitpe_mit(args: argparse.Namespace, batch: Batch, amp: Any, compiled: bool) 
     model = segmentation.build_model(cfg.model, args.seg_classes, args.seg_size).to(device).train()
     optimizer = segmentation.build_optimizer(model, cfg.optim)
     ignore = cfg.data.ignore_index
-    net = compile_fn(model, args) if compiled else model  # static: the benchmark's shapes never change
+    # as train_seg.py compiles it (static shapes)
+    net = segmentation.compile_model(model, mode=args.compile_mode) if compiled else model
 
     def step() -> None:
         with amp:

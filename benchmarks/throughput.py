@@ -87,7 +87,7 @@ def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compile
     x = torch.randn(args.batch_size, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused_adamw or None)
     fwd = compile_fn(model, args) if compiled else model
 
     def train_step() -> None:
@@ -226,6 +226,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--sdpa", type=csv, default=[], help="attention backends to try first, in order, for both "
                    "models: cudnn, flash, efficient, math (default: torch's own choice)")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW as one fused kernel (as vitpe's training "
+                   "scripts run it) for both models, instead of torch's default multi-tensor AdamW")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip timm's models (only the ratios to vitpe's own learned)")
     add_common(p)

@@ -70,6 +70,8 @@ class RunConfig:
     resume: str | None = None  # checkpoint to continue from (model, optimizer, schedule, EMA, epoch, RNG)
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU, where it is slower)
     compile: bool = False  # torch.compile the model on GPU (slower start, faster steps)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # reduce-overhead replays each step as CUDA graphs: for small batches, where launching kernels is the limit
     log_interval: int = 50  # steps between reads of the loss on the host (progress bar, non-finite check)
 
 

@@ -21,7 +21,7 @@ from ..models.detr_matcher import HungarianMatcher
 from . import distributed as dist
 from .coco_eval import coco_evaluate, to_coco_results
 from .loop import LossMeter, autocast, optimizer_step, progress
-from .optim import param_groups
+from .optim import adamw, param_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def train_collate(model: DETR, cfg: DetDataConfig) -> PadCollate:
 
 
 def compile_model(model: DETR, dynamic: bool | None = None, whole: bool = False,
-                  backend: str = "inductor") -> nn.Module:
+                  backend: str = "inductor", mode: str = "default") -> nn.Module:
     """``torch.compile`` for training; the criterion never (its Hungarian matching runs on the host).
 
     By default the transformer is compiled, in place (state-dict keys unchanged): it is where eager
@@ -155,10 +155,13 @@ def compile_model(model: DETR, dynamic: bool | None = None, whole: bool = False,
     it would compile once per batch shape until dynamo's recompile limit, then run eager for good.
     For an input of one fixed size (a benchmark) ``whole=True`` with ``dynamic=False`` compiles
     the whole forward, fusing the backbone's batch-norm affine, ReLU and residual sums too.
+    With ``mode="reduce-overhead"`` (CUDA graphs) a graph is recorded per padded batch shape;
+    ``data.pad_multiple`` keeps their number down.
     Returns what to call: ``model`` itself, or its compiled wrapper when ``whole``."""
+    options = dict(dynamic=dynamic, backend=backend, mode=None if mode == "default" else mode)
     if whole:
-        return torch.compile(model, dynamic=dynamic, backend=backend)
-    model.transformer.compile(dynamic=dynamic, backend=backend)
+        return torch.compile(model, **options)
+    model.transformer.compile(**options)
     return model
 
 
@@ -181,9 +184,7 @@ def build_optimizer(model: DETR, cfg: DetOptimConfig) -> torch.optim.AdamW:
             elif ps:
                 for p in ps:
                     p.requires_grad_(False)
-    # on the GPU one fused kernel updates every tensor of a group: fewer launches than the foreach path
-    fused = True if all(p.is_cuda for g in groups for p in g["params"]) else None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+    return adamw(groups, cfg.lr, cfg.betas)
 
 
 def to_device(targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,14 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model, cfg.weight_decay)`` at the peak rate ``cfg.lr``."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    return adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas)
+
+
+def adamw(groups: list[dict[str, Any]], lr: float, betas: Sequence[float]) -> torch.optim.AdamW:
+    """AdamW over parameter groups; on the GPU as one fused kernel per group, fewer launches than
+    torch's default multi-tensor path (the same update)."""
+    fused = True if all(p.is_cuda for g in groups for p in g["params"]) else None
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
@@ -76,4 +83,4 @@ def clip_gradients(parameters: Iterable[Tensor] | nn.Module, max_norm: float | N
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-__all__ = ["build_optimizer", "build_scheduler", "clip_gradients", "lr_factor", "param_groups"]
+__all__ = ["adamw", "build_optimizer", "build_scheduler", "clip_gradients", "lr_factor", "param_groups"]

@@ -20,7 +20,7 @@ from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
 from .checkpoint import load_checkpoint
 from .loop import LossMeter, ShardSampler, autocast, optimizer_step, progress
-from .optim import param_groups
+from .optim import adamw, param_groups
 from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
 
 
@@ -125,17 +125,16 @@ def build_optimizer(model: Segmentor, cfg: SegOptimConfig) -> torch.optim.AdamW:
     for g in param_groups(model.decode_head, cfg.weight_decay):
         groups.append(dict(g, lr=cfg.lr * cfg.head_lr_mult))
     groups = [g for g in groups if g["params"]]
-    # on the GPU one fused kernel updates every tensor of a group: fewer launches than the foreach path
-    fused = True if all(p.is_cuda for g in groups for p in g["params"]) else None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+    return adamw(groups, cfg.lr, cfg.betas)
 
 
-def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+def compile_model(model: nn.Module, backend: str = "inductor", mode: str = "default") -> nn.Module:
     """``torch.compile`` for training, with static shapes: every step sees one crop size and a full
     batch (the loader drops the last), so symbolic sizes buy nothing; and with height and width
     both symbolic (``dynamic=True``) Inductor fails on the MiT's channels-last maps, unable to order
-    strides such as ``C*ceil(H/4)*ceil(W/4)`` against ``C``. A changed shape compiles once more."""
-    return torch.compile(model, dynamic=False, backend=backend)
+    strides such as ``C*ceil(H/4)*ceil(W/4)`` against ``C``. A changed shape compiles once more.
+    Static shapes also suit ``mode="reduce-overhead"`` (CUDA graphs): one graph serves every step."""
+    return torch.compile(model, dynamic=False, backend=backend, mode=None if mode == "default" else mode)
 
 
 def pixel_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
