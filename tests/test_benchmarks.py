@@ -36,3 +36,31 @@ def test_throughput_without_reference_times_only_vitpe(tmp_path):
     assert all(r["timm"] is None and r["train_ratio"] is None and r["reference"] is None for r in rows.values())
     assert rows["rpb"]["train_vs_learned"] == rows["rpb"]["vitpe"]["train_img_s"] / rows["learned"]["vitpe"]["train_img_s"]
     assert "| rpb | 32 | eager | - |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_throughput_profile_lists_each_measurement(tmp_path):
+    bench = load("throughput")
+    bench.main(["--sizes", "small", "--strategies", "learned", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--depth", "1", "--device", "cpu",
+                "--no-bf16", "--no-reference", "--profile", "5", "--output", str(tmp_path)])
+    text = (tmp_path / "throughput_profile.txt").read_text()
+    assert text.count("## ") == 1 and "## vitpe small learned 32 eager train (3 steps)" in text
+    assert "aten::" in text  # the operators' table
+
+
+def test_attention_kernels_bias_gradient_matches_float32_math(tmp_path):
+    bench = load("attention_kernels")
+    rows = bench.run(bench.parse(["--shape", "2,2,9,8", "--kernels", "sdpa:math,vitpe", "--steps", "1",
+                                  "--warmup", "0", "--device", "cpu", "--output", str(tmp_path)]))
+    assert [(r["kernel"], r["bias"]) for r in rows] == [("sdpa:math", False), ("sdpa:math", True),
+                                                        ("vitpe", False), ("vitpe", True)]
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["bias_grad_rel_err"] < 1e-5 for r in rows if r["bias"])  # float32 on CPU
+    assert (tmp_path / "attention_kernels.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_attention_kernels_reports_a_backend_that_refuses(tmp_path):
+    bench = load("attention_kernels")
+    rows = bench.run(bench.parse(["--shape", "1,1,4,8", "--kernels", "sdpa:efficient", "--steps", "1", "--warmup", "0",
+                                  "--device", "cpu", "--output", str(tmp_path)]))
+    assert all(r["ms"] is None and r["error"] for r in rows)  # no efficient-attention kernel on CPU: reported, not timed
