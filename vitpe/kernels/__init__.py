@@ -1,10 +1,14 @@
 """Hand-written GPU kernels for the layers where the library kernels leave speed behind.
 
 Each kernel has a reference path in plain torch; the model takes the kernel only where it applies
-(CUDA tensors, Triton installed) and ``depthwise.ENABLED`` is true (``VITPE_TRITON=0`` at start-up,
-or set ``vitpe.kernels.depthwise.ENABLED = False``, where the flag lives, not a copy of it).
+(CUDA tensors, Triton installed) and the module's ``ENABLED`` is true (``VITPE_TRITON=0`` at start-up
+turns both off; or set ``vitpe.kernels.depthwise.ENABLED`` / ``vitpe.kernels.attention.ENABLED`` to
+False, where the flags live, not copies of them).
+
+- ``depthwise``: the 3x3 depthwise convolution on tokens (Mix-FFN, PEG);
+- ``attention``: attention with a learned bias shared by the batch (``rpb``).
 """
-from . import depthwise
+from . import attention, depthwise
 from .depthwise import available, depthwise_conv_tokens
 
-__all__ = ["available", "depthwise", "depthwise_conv_tokens"]
+__all__ = ["attention", "available", "depthwise", "depthwise_conv_tokens"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import attention as bias_kernel
 from ..pos.base import BlockPos
 from ..pos.functional import apply_rope
 
@@ -40,10 +41,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pos: BlockPos, dropout_p: float = 0.
             raise ValueError(f"rotary tables for {cos_k.shape[-2]} keys, attention has {k.shape[-2]}: keys on a "
                              f"reduced grid need a context built with the attention's kv_stride")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos_k, sin_k)
-    mask = None if pos.bias is None else pos.bias.to(q.dtype)  # (heads, T, S), broadcast over B
+    mask = pos.bias  # (heads, T, S), broadcast over B
     chunks = query_chunks(q.shape[-2], k.shape[-2]) if q.is_cuda and (mask is None or mask.dim() == 3) else 1
     if chunks > 1:
         return chunked_sdpa(q, k, v, mask, dropout_p, chunks)
+    return sdpa(q, k, v, mask, dropout_p)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+    """``scaled_dot_product_attention``, or, for a ``(heads, T, S)`` bias shared by the batch,
+    vitpe's fused kernel (torch's fused kernels refuse such a bias or take it at about three times
+    the cost of attention without one)."""
+    if bias_kernel.available(q, mask, dropout_p):
+        return bias_kernel.attention_with_bias(q, k, v, mask)  # the bias in its own dtype, gradient too
+    mask = None if mask is None else mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -72,5 +83,5 @@ def chunked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p
     q = q.reshape(B, h * n, T // n, D)
     if mask is not None:  # (heads, T, S) -> (heads * n, T / n, S)
         mask = mask.reshape(h * n, T // n, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, per_piece(k), per_piece(v), attn_mask=mask, dropout_p=dropout_p)
+    out = sdpa(q, per_piece(k), per_piece(v), mask, dropout_p)
     return out.reshape(B, h, T, out.shape[-1])

@@ -1,0 +1,101 @@
+"""vitpe's fused attention with a batch-shared bias (``rpb``) gives the results of plain softmax
+attention: output and the gradients of queries, keys, values and bias, for strided inputs (as the
+attention layer makes them), key counts other than the query count and sizes that leave blocks
+partly empty. On CPU the kernels run in Triton's interpreter (a subprocess, since the interpreter
+is chosen when the kernels are defined)."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+triton = pytest.importorskip("triton")
+
+
+def reference(q, k, v, bias):
+    logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias.float()
+    return logits.softmax(-1) @ v.float()
+
+
+def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
+    """float32 on CPU (the interpreter); half precision on the GPU, where float32 stays with torch."""
+    from vitpe.kernels import attention
+
+    torch.manual_seed(0)
+    tol = dict(atol=2e-5, rtol=1e-4) if device == "cpu" else dict(atol=3e-2, rtol=3e-2)
+    for B, H, T, S, D in [(2, 3, 37, 37, 16), (1, 2, 70, 20, 32), (2, 1, 5, 9, 16), (1, 2, 130, 130, 64)]:
+        qkv = torch.randn(B, T, 3, H, D, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)  # strided, as Attention
+        q = qkv[0].detach().requires_grad_()
+        k = torch.randn(B, S, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+        v = torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=True)
+        bias = torch.randn(H, T, S, device=device, requires_grad=True)  # float32, as the strategy's tables
+        out = attention.attention_with_bias(q, k, v, bias)
+        ref = reference(q, k, v, bias)
+        torch.testing.assert_close(out.float(), ref, **tol)
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad((out.float() * g).sum(), (q, k, v, bias))
+        want = torch.autograd.grad((ref * g).sum(), (q, k, v, bias))
+        for name, a, b in zip("qkvb", got, want):
+            scale = b.abs().max().item()  # gradients summed over the batch grow with it: compare relative
+            torch.testing.assert_close(a.float() / scale, b.float() / scale, **tol,
+                                       msg=lambda m: f"{(B, H, T, S, D)} d{name}: {m}")
+    q = torch.randn(1, 20, 2, 16, device=device, dtype=dtype).transpose(1, 2).requires_grad_()  # strided
+    kv = torch.randn(1, 2, 20, 16, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2, 20, 20, device=device, requires_grad=True)
+    # the fake (shape-only) implementations and the autograd registration agree with the kernels
+    torch.library.opcheck(torch.ops.vitpe.attention_bias, (q, kv, kv, bias),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
+def test_bias_attention_matches_softmax_attention_in_the_interpreter():
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_attention_kernel import compare; compare('cpu'); "
+            "print('ok')")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_attend_keeps_torch_attention_where_the_kernel_does_not_apply():
+    from vitpe.kernels import attention
+
+    q = torch.randn(1, 2, 4, 16)
+    bias = torch.zeros(2, 4, 4)
+    assert not attention.available(q, bias)  # a CPU tensor outside the interpreter
+    if torch.cuda.is_available():
+        qc, bc = q.cuda(), bias.cuda()
+        assert not attention.available(qc, bc)  # float32: torch's exact kernels
+        qc = qc.bfloat16()
+        assert attention.available(qc, bc)
+        assert not attention.available(qc, bc, dropout_p=0.1)  # no dropout in the kernel
+        assert not attention.available(qc, bc[None])  # a per-image bias
+        assert not attention.available(torch.randn(1, 2, 4, 24, device="cuda").bfloat16(), bc)  # head width 24
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_attention_matches_softmax_attention_on_gpu(dtype):
+    compare("cuda", dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_rpb_vit_uses_the_kernel_without_graph_breaks():
+    import timm
+    import torch._dynamo as dynamo
+
+    model = timm.create_model("vitpe_vit_tiny_patch16_224", pos="rpb", depth=2, num_classes=3).cuda()
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # half precision: the kernel's case
+        explained = dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert "vitpe.attention_bias" in str(explained.graphs[0].code)
+    dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled(x).float().sum().backward()
+    assert model.pos.tables.grad is not None and model.pos.tables.grad.abs().sum() > 0
