@@ -10,7 +10,8 @@ computing it:
 - ``sdpa:<backend>``: ``scaled_dot_product_attention`` restricted to one backend (``flash``,
   ``efficient``, ``cudnn``, ``math``); a backend that refuses the inputs is reported, not timed;
 - ``explicit``: softmax(q k^T / sqrt(d) + bias) v written out, under ``torch.compile``;
-- ``vitpe``: ``vitpe.layers.attention.attend``, what the models call.
+- ``vitpe``: ``vitpe.layers.attention.attend``, what the models call (with a bias, in half
+  precision, ``vitpe.kernels.attention``).
 
 Writes ``attention_kernels.json`` and ``.md`` (milliseconds per call, forward + backward).
 """
@@ -44,7 +45,7 @@ def sdpa_with(backend: str) -> Attn:
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         with sdpa_kernel([kind]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     return call
 
 
@@ -52,7 +53,7 @@ def sdpa_with(backend: str) -> Attn:
 def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias.to(q.dtype)
     return logits.float().softmax(-1).to(q.dtype) @ v
 
 
@@ -74,9 +75,8 @@ def time_one(fn: Attn, args: argparse.Namespace, with_bias: bool) -> dict[str, A
     table = (0.5 * torch.randn(h, T, T, generator=g)).to(device).requires_grad_() if with_bias else None
     grad = torch.randn(B, h, T, D, generator=g).to(device, dtype)
 
-    def step() -> None:
-        bias = None if table is None else table.to(dtype)  # as the models cast their float32 tables
-        fn(q, k, v, bias).backward(grad)
+    def step() -> None:  # the float32 bias, as the models hand it over (torch's kernels need it cast)
+        fn(q, k, v, table).backward(grad)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
