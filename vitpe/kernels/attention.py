@@ -45,6 +45,7 @@ def available(q: Tensor, bias: Tensor | None, dropout_p: float = 0.0) -> bool:
     return (ENABLED and triton is not None and (q.is_cuda or _INTERPRET) and bias is not None and bias.dim() == 3
             and dropout_p == 0.0 and q.shape[-1] in (16, 32, 64, 128) and q.dtype in dtypes)
 
+
 if triton is not None:
     @triton.jit
     def _fwd_kernel(Q, K, V, Bias, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbh, sbm, n_heads, T, S, qk_scale,
