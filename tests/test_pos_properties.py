@@ -1,6 +1,7 @@
 """Closed forms and invariances of the individual strategies, checked on the strategy objects."""
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,6 +117,39 @@ def test_learned_resampling_to_same_grid_is_identity():
     other = build("learned", grid=(3, 7))
     other.load_state_dict(s.state_dict())
     assert torch.equal(other.pos_embed, s.pos_embed)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("src,dst", [((5, 4), (3, 1)), ((6, 1), (9, 1)), ((32, 1), (13, 1)), ((1, 1), (4, 1))])
+def test_resampling_to_one_column_matches_resampling_one_axis_at_a_time(mode, src, dst):
+    """Antialiased resampling is separable: rows first, then columns, gives the same map. (torch's
+    own kernels return every row equal to the first when the output is one column wide.)"""
+    import torch.nn.functional as F
+
+    from vitpe.pos.functional import resample_map
+
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, *src)
+    wide = maps.expand(2, 3, src[0], max(src[1], 2))  # one column repeated: still the same map, row by row
+    rows_first = F.interpolate(wide, size=(dst[0], wide.shape[-1]), mode=mode, align_corners=False, antialias=True)
+    want = F.interpolate(rows_first.transpose(-1, -2), size=(dst[1], dst[0]), mode=mode, align_corners=False,
+                         antialias=True).transpose(-1, -2)  # then the columns, as an output one row high
+    got = resample_map(maps, dst, mode)
+    assert got.shape == (2, 3, *dst) and got.is_contiguous()
+    torch.testing.assert_close(got, want)
+    if dst[0] > 1 and src[0] > 1:
+        assert got[..., 0].std(-1).min() > 0  # the rows differ
+
+
+def test_detr_learned_encoding_follows_rows_and_columns_at_any_size():
+    """DETR's ``learned`` tables resampled to an image's own rows: a table rising with the row
+    index still rises after resampling (it came out constant before the one-column fix)."""
+    from vitpe.pos.detr import LearnedRowCol
+
+    table = torch.arange(8.0)[:, None].expand(8, 4)
+    for length in (5, 8, 13):
+        out = LearnedRowCol._resampled(table, length, length + 2)[:, 0]
+        assert torch.all(out[1:length] > out[: length - 1]) and torch.all(out[length:] == 0)
 
 
 def test_learned_resampling_keeps_prefix_and_is_smooth():

@@ -67,8 +67,12 @@ def resample_map(maps: Tensor, size: Grid, mode: str = "bicubic") -> Tensor:
     """``(B, C, H, W)`` -> ``(B, C, *size)``, antialiased when shrinking, computed in float32."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    out = F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False,
-                        antialias=mode in ("bilinear", "bicubic"))
+    antialias = mode in ("bilinear", "bicubic")
+    if antialias and size[1] == 1 and size[0] > 1:
+        # torch's antialiased kernels get an output one column wide wrong (every row comes out as
+        # the first); one row high they get right, so resample the transposed map
+        return resample_map(maps.transpose(-1, -2), (size[1], size[0]), mode).transpose(-1, -2).contiguous()
+    out = F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False, antialias=antialias)
     return out.to(maps.dtype)
 
 
