@@ -144,12 +144,40 @@ def test_resampling_to_one_column_matches_resampling_one_axis_at_a_time(mode, sr
 def test_detr_learned_encoding_follows_rows_and_columns_at_any_size():
     """DETR's ``learned`` tables resampled to an image's own rows: a table rising with the row
     index still rises after resampling (it came out constant before the one-column fix)."""
-    from vitpe.pos.detr import LearnedRowCol
+    from vitpe.pos.detr import _resample
 
     table = torch.arange(8.0)[:, None].expand(8, 4)
-    for length in (5, 8, 13):
-        out = LearnedRowCol._resampled(table, length, length + 2)[:, 0]
-        assert torch.all(out[1:length] > out[: length - 1]) and torch.all(out[length:] == 0)
+    out = _resample(table, torch.tensor([5, 8, 13]), 15)[..., 0]  # (3, 15)
+    for row, length in zip(out, (5, 8, 13)):
+        assert torch.all(row[1:length] > row[: length - 1]) and torch.all(row[length:] == 0)
+    torch.testing.assert_close(out[1, :8], table[:, 0])  # the native length is the table itself
+
+
+def test_detr_learned_encoding_resamples_each_image_as_resample_map_does():
+    """Per image, the table resampled (``resample_map``) to its unpadded rows and columns, zeros on
+    padding; computed for the whole batch on the device, with no host sync and no graph break."""
+    import torch._dynamo as dynamo
+
+    from vitpe.pos.detr import build_detr_pos
+    from vitpe.pos.functional import resample_map
+
+    s = build_detr_pos("learned", dim=16, num_heads=2, depth=1, grid=(6, 6))
+    s.row_embed.data.normal_(), s.col_embed.data.normal_()
+    H, W = 14, 11
+    sizes = [(14, 11), (3, 9), (6, 6), (1, 2), (10, 1)]
+    mask = torch.ones(len(sizes), H, W, dtype=torch.bool)
+    for i, (h, w) in enumerate(sizes):
+        mask[i, :h, :w] = False
+    got = s.qk_embed(mask).reshape(len(sizes), H, W, 16)
+    for i, (h, w) in enumerate(sizes):
+        rows = resample_map(s.row_embed.detach().t()[None, :, :, None], (h, 1))[0, :, :, 0].t()  # (h, 8)
+        cols = resample_map(s.col_embed.detach().t()[None, :, :, None], (w, 1))[0, :, :, 0].t()  # (w, 8)
+        want = torch.zeros(H, W, 16)
+        want[:h, :w, :8], want[:h, :w, 8:] = rows[:, None], cols[None, :]
+        torch.testing.assert_close(got[i], want, atol=2e-5, rtol=1e-4)
+    explained = dynamo.explain(s.qk_embed)(mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    dynamo.reset()
 
 
 def test_learned_resampling_keeps_prefix_and_is_smooth():

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..registry import Registry
 from . import STRATEGIES, build
 from .base import Grid, PosStrategy
-from .functional import resample_map, sincos_1d
+from .functional import sincos_1d
 
 
 class AdditiveQK(PosStrategy):
@@ -45,6 +45,35 @@ def valid_sizes(mask: Tensor) -> Tensor:
     """``(B, H, W)`` padding mask (True on padding, valid region top-left) -> ``(B, 2)`` rows, cols."""
     valid = ~mask
     return torch.stack([valid.any(2).sum(1), valid.any(1).sum(1)], dim=1)
+
+
+def resampling_weights(lengths: Tensor, size: int, padded: int) -> Tensor:
+    """``(B,)`` lengths -> ``(B, padded, size)``: per row of the output, the weights that resample
+    a ``size``-long table to that length as ``resample_map`` does (antialiased bicubic, PIL's
+    filter), zero rows past the length. Computed on the device from the lengths as tensors."""
+    length = lengths.to(torch.float32).clamp(min=1)[:, None, None]
+    scale = size / length
+    stretch = torch.where(scale > 1, 1 / scale, torch.ones_like(scale))  # the filter widens when shrinking
+    out = torch.arange(padded, device=lengths.device, dtype=torch.float32)[None, :, None]
+    src = torch.arange(size, device=lengths.device, dtype=torch.float32)[None, None, :]
+    w = _cubic((src + 0.5 - scale * (out + 0.5)) * stretch)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+    return torch.where(out < length, w, 0.0)
+
+
+def _resample(table: Tensor, lengths: Tensor, padded: int) -> Tensor:
+    """``(L, C)`` table -> ``(B, padded, C)`` float32, resampled to each length (a weighted sum
+    written out, not a product, which autocast would run in bf16)."""
+    weights = resampling_weights(lengths, table.shape[0], padded)  # (B, padded, L)
+    return (weights[..., None] * table.float()).sum(-2)
+
+
+def _cubic(x: Tensor, a: float = -0.5) -> Tensor:
+    """The cubic convolution filter with ``a = -0.5``, as antialiased bicubic resampling uses it."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
 class SineMasked(AdditiveQK):
@@ -93,23 +122,13 @@ class LearnedRowCol(AdditiveQK):
         nn.init.uniform_(self.row_embed)  # as DETR
         nn.init.uniform_(self.col_embed)
 
-    @staticmethod
-    def _resampled(table: Tensor, length: int, padded: int) -> Tensor:
-        """``(L, C)`` -> ``(padded, C)``: resampled to ``length`` rows, then zero rows."""
-        maps = rearrange(table, "l c -> 1 c l 1")
-        out = rearrange(resample_map(maps, (length, 1)), "1 c l 1 -> l c")
-        return torch.cat([out, out.new_zeros(padded - length, out.shape[1])])
-
     def qk_embed(self, mask: Tensor) -> Tensor:
-        B, H, W = mask.shape
-        out = []
-        for h, w in valid_sizes(mask).tolist():
-            rows = self._resampled(self.row_embed, h, H)  # (H, C/2)
-            cols = self._resampled(self.col_embed, w, W)  # (W, C/2)
-            out.append(torch.cat([repeat(rows, "h c -> h w c", w=W), repeat(cols, "w c -> h w c", h=H)], -1))
-        emb = torch.stack(out).float().masked_fill(mask[..., None], 0.0)  # (B, H, W, C)
-        return rearrange(emb, "b h w c -> b (h w) c")
-
+        _, H, W = mask.shape
+        sizes = valid_sizes(mask)  # (B, 2), on the device: no wait for it, and no graph break
+        rows = _resample(self.row_embed, sizes[:, 0], H)  # (B, H, C/2)
+        cols = _resample(self.col_embed, sizes[:, 1], W)  # (B, W, C/2)
+        emb = torch.cat([repeat(rows, "b h c -> b h w c", w=W), repeat(cols, "b w c -> b h w c", h=H)], -1)
+        return rearrange(emb.masked_fill(mask[..., None], 0.0), "b h w c -> b (h w) c")
 
     def point_embed(self, points: Tensor) -> Tensor:
         flat = points.reshape(-1, 2).float()
@@ -160,4 +179,4 @@ def build_detr_pos(spec: str, *, dim: int, num_heads: int, depth: int, grid: Gri
 
 
 __all__ = ["AdditiveQK", "DETR_STRATEGIES", "LearnedRowCol", "SineMasked", "build_detr_pos", "qk_embed",
-           "valid_sizes"]
+           "resampling_weights", "valid_sizes"]
