@@ -48,42 +48,56 @@ def available(q: Tensor, bias: Tensor | None, dropout_p: float = 0.0) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _fwd_kernel(Q, K, V, Bias, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbh, sbm, n_heads, T, S, qk_scale,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _rows(base, offs, stride, offs_d, ok):
+        """The ``(len(offs), D)`` tile of rows ``offs`` (``stride`` apart) from ``base``, zero where not ``ok``."""
+        return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _program(n_heads, length, BLOCK: tl.constexpr):
+        """This program's (image * heads + head), image and head (int64: offsets into large
+        tensors), and its block of ``BLOCK`` positions out of ``length``, with their mask."""
+        bh = tl.program_id(1).to(tl.int64)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        return bh, bh // n_heads, bh % n_heads, offs, offs < length
+
+    @triton.jit
+    def _logits(q, k, bias_ptrs, mask, qk_scale):
+        """``q k^T * scale + bias`` in log2 units (the softmax runs on ``exp2``), float32."""
+        bias = tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+        return tl.dot(q, tl.trans(k)) * qk_scale + bias * 1.4426950408889634
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, Bias, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbh, sbm,
+                    n_heads, T, S, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One block of queries of one (image, head): ``O = softmax(Q K^T * scale + bias) V`` by
         blocks of keys, with the running max and sum; ``LSE`` in log2 units. ``sqb, sqh, sqn`` etc.
         are the (image, head, position) strides; the last dimension is contiguous."""
-        bh = tl.program_id(1)
-        b, h = bh // n_heads, bh % n_heads
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh, b, h, offs_m, m_ok = _program(n_heads, T, BLOCK_M)
         offs_d = tl.arange(0, D)
-        m_ok = offs_m < T
-        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                    mask=m_ok[:, None], other=0.0)
+        q = _rows(Q + b * sqb + h * sqh, offs_m, sqn, offs_d, m_ok)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        kb = K + b.to(tl.int64) * skb + h * skh
-        vb = V + b.to(tl.int64) * svb + h * svh
+        kb = K + b * skb + h * skh
+        vb = V + b * svb + h * svh
         bb = Bias + h * sbh + offs_m[:, None] * sbm
         for start in range(0, S, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
-            k = tl.load(kb + offs_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s += tl.load(bb + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+            k = _rows(kb, offs_n, skn, offs_d, n_ok)
+            s = _logits(q, k, bb + offs_n[None, :], m_ok[:, None] & n_ok[None, :], qk_scale)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vb + offs_n[:, None] * svn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            v = _rows(vb, offs_n, svn, offs_d, n_ok)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=m_ok[:, None])
-        tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+        tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
     @triton.jit
     def _bwd_kernel(Q, K, V, Bias, O, DO, LSE, DS, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -93,64 +107,52 @@ if triton is not None:
         ``dV = P^T dO`` and ``dK = dS^T Q * scale``, and write ``dS = P * (dO V^T - delta)`` with
         ``delta = rowsum(dO * O)`` (``DS``: ``(B, heads, T, ds_row)``, rows padded to an aligned
         length). ``DK``, ``DV`` are ``(B, heads, S, D)`` contiguous."""
-        bh = tl.program_id(1)
-        b, h = bh // n_heads, bh % n_heads
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        bh, b, h, offs_n, n_ok = _program(n_heads, S, BLOCK_N)
         offs_d = tl.arange(0, D)
-        n_ok = offs_n < S
-        k = tl.load(K + b.to(tl.int64) * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                    mask=n_ok[:, None], other=0.0)
-        v = tl.load(V + b.to(tl.int64) * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :],
-                    mask=n_ok[:, None], other=0.0)
+        k = _rows(K + b * skb + h * skh, offs_n, skn, offs_d, n_ok)
+        v = _rows(V + b * svb + h * svh, offs_n, svn, offs_d, n_ok)
         dk = tl.zeros((BLOCK_N, D), tl.float32)
         dv = tl.zeros((BLOCK_N, D), tl.float32)
-        qb = Q + b.to(tl.int64) * sqb + h * sqh
-        dob = DO + b.to(tl.int64) * sdob + h * sdoh
-        ob = O + b.to(tl.int64) * sob + h * soh
-        dsb = DS + bh.to(tl.int64) * T * ds_row
+        qb = Q + b * sqb + h * sqh
+        dob = DO + b * sdob + h * sdoh
+        ob = O + b * sob + h * soh
+        dsb = DS + bh * T * ds_row
         for start in range(0, T, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
             both = m_ok[:, None] & n_ok[None, :]
-            q = tl.load(qb + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-            do = tl.load(dob + offs_m[:, None] * sdon + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-            o = tl.load(ob + offs_m[:, None] * son + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            q = _rows(qb, offs_m, sqn, offs_d, m_ok)
+            do = _rows(dob, offs_m, sdon, offs_d, m_ok)
+            o = _rows(ob, offs_m, son, offs_d, m_ok)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s += tl.load(Bias + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], mask=both,
-                         other=0.0).to(tl.float32) * 1.4426950408889634
+            lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+            s = _logits(q, k, Bias + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], both, qk_scale)
             p = tl.where(both, tl.exp2(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dp = tl.dot(do, tl.trans(v))
             ds = (p * (dp - delta[:, None])).to(q.dtype)
             tl.store(dsb + offs_m[:, None] * ds_row + offs_n[None, :], ds, mask=both)
             dk += tl.dot(tl.trans(ds), q)
-        out = bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
+        out = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
-
 
     @triton.jit
     def _dq_kernel(DS, K, DQ, skb, skh, skn, n_heads, T, S, ds_row, scale, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """``dQ = dS K * scale`` for one block of queries of one (image, head); ``DQ`` is
         ``(B, heads, T, D)`` contiguous."""
-        bh = tl.program_id(1)
-        b, h = bh // n_heads, bh % n_heads
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh, b, h, offs_m, m_ok = _program(n_heads, T, BLOCK_M)
         offs_d = tl.arange(0, D)
-        m_ok = offs_m < T
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        dsb = DS + bh.to(tl.int64) * T * ds_row + offs_m[:, None] * ds_row
-        kb = K + b.to(tl.int64) * skb + h * skh
+        dsb = DS + bh * T * ds_row + offs_m[:, None] * ds_row
+        kb = K + b * skb + h * skh
         for start in range(0, S, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
             ds = tl.load(dsb + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            k = tl.load(kb + offs_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            acc += tl.dot(ds, k)
-        tl.store(DQ + bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
+            acc += tl.dot(ds, _rows(kb, offs_n, skn, offs_d, n_ok))
+        tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :],
                  (acc * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
