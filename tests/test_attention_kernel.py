@@ -4,15 +4,11 @@ attention layer makes them), key counts other than the query count and sizes tha
 partly empty. On CPU the kernels run in Triton's interpreter (a subprocess, since the interpreter
 is chosen when the kernels are defined)."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_compare_in_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
 triton = pytest.importorskip("triton")
 
 
@@ -53,12 +49,7 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
 def test_bias_attention_matches_softmax_attention_in_the_interpreter():
-    code = ("import sys; sys.path.insert(0, 'tests'); from test_attention_kernel import compare; compare('cpu'); "
-            "print('ok')")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_compare_in_interpreter('test_attention_kernel')
 
 
 def test_attend_keeps_torch_attention_where_the_kernel_does_not_apply():

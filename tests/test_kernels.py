@@ -1,17 +1,13 @@
 """The Triton depthwise convolution on tokens gives cuDNN's results: forward, input, weight and bias
 gradients, with and without prefix tokens and residual. On CPU the kernels run in Triton's
 interpreter (a subprocess, since the interpreter is chosen when the kernels are defined)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_compare_in_interpreter
 
 from vitpe.pos.functional import GridConv
 
-ROOT = Path(__file__).resolve().parents[1]
 triton = pytest.importorskip("triton")
 
 
@@ -56,11 +52,7 @@ def _compare(device: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
 def test_kernels_match_the_convolution_in_the_interpreter():
-    code = "import sys; sys.path.insert(0, 'tests'); from test_kernels import compare; compare('cpu'); print('ok')"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_compare_in_interpreter('test_kernels')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,20 @@
+"""Run a test module's ``compare('cpu')`` in Triton's interpreter, in a subprocess: the interpreter
+is chosen when the kernels are defined (at import), so it cannot be switched on in this process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_compare_in_interpreter(test_module: str) -> None:
+    """Import ``tests/<test_module>.py`` with ``TRITON_INTERPRET=1`` and call its ``compare('cpu')``;
+    fail with the subprocess's error output unless it finishes."""
+    code = f"import sys; sys.path.insert(0, 'tests'); from {test_module} import compare; compare('cpu'); print('ok')"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
