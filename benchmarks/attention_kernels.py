@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import timed, write_rows  # noqa: E402
+from throughput import sdpa_backends, timed, write_rows  # noqa: E402
 
 from vitpe.layers.attention import attend  # noqa: E402
 from vitpe.pos.base import BlockPos  # noqa: E402
@@ -38,10 +38,9 @@ Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
 
 
 def sdpa_with(backend: str) -> Attn:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+    kind = sdpa_backends()[backend]
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         with sdpa_kernel([kind]):

@@ -121,13 +121,20 @@ def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compile
                 train_tflops=train_flops / t_train / 1e12, peak_mem_gib=mem)
 
 
+def sdpa_backends() -> dict[str, Any]:
+    """``scaled_dot_product_attention``'s backends by the names the benchmarks take."""
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
 def sdpa_preference(names: list[str]) -> Any:
     """A context that makes scaled_dot_product_attention try these backends first, in this order
     (``cudnn``, ``flash``, ``efficient``, ``math``); the others stay as fallbacks."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    table = sdpa_backends()
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"--sdpa: unknown backend(s) {unknown}; choose from {sorted(table)}")
