@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import attention as bias_kernel
+from ..kernels import rope as rope_kernel
 from ..pos.base import BlockPos
 from ..pos.functional import apply_rope
 
@@ -24,17 +25,23 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, pos: BlockPos) -> Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, T, D)
-        x = attend(q, k, v, pos, self.attn_drop if self.training else 0.0)
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
+        rotate = pos.rope is not None and pos.rope_k is None and rope_kernel.available(qkv, pos.rope[0])
+        if rotate:  # rotated q, k (and v) straight from the projection, in one pass each way
+            q, k, v = rope_kernel.rope_qkv(qkv, *pos.rope)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, D)
+        x = attend(q, k, v, pos, self.attn_drop if self.training else 0.0, rotated=rotate)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, pos: BlockPos, dropout_p: float = 0.0) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, pos: BlockPos, dropout_p: float = 0.0,
+           rotated: bool = False) -> Tensor:
     """Attention of ``q`` ``(B, heads, T, D)`` over ``k``, ``v`` ``(B, heads, S, D)`` with the
-    strategy's rotation and bias; ``S`` differs from ``T`` when keys come from a reduced grid."""
-    if pos.rope is not None:
+    strategy's rotation (unless the caller has ``rotated`` q and k) and bias; ``S`` differs from
+    ``T`` when keys come from a reduced grid."""
+    if pos.rope is not None and not rotated:
         cos, sin = pos.rope  # (heads or 1, T, D)
         cos_k, sin_k = pos.rope_k if pos.rope_k is not None else pos.rope
         if cos_k.shape[-2] != k.shape[-2]:
