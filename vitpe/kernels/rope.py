@@ -171,10 +171,11 @@ def rope_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, cos: Tens
     if not table_grad:
         empty = cos.new_empty(0, dtype=torch.float32)
         return dqkv, empty, empty.clone()
-    sums = part.sum(0)  # (2, H, T, D)
+    # two separate tensors (an operator's outputs may not be views of one another)
+    dcos, dsin = part[:, 0].sum(0), part[:, 1].sum(0)  # (H, T, D) each
     if cos.shape[0] == 1:
-        sums = sums.sum(1, keepdim=True)
-    return dqkv, sums[0], sums[1]
+        dcos, dsin = dcos.sum(0, keepdim=True), dsin.sum(0, keepdim=True)
+    return dqkv, dcos, dsin
 
 
 @functools.lru_cache(maxsize=None)
