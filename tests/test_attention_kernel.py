@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from triton_interpreter import run_compare_in_interpreter
+from triton_interpreter import opcheck_utils, run_compare_in_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -42,9 +42,9 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
     q = torch.randn(1, 20, 2, 16, device=device, dtype=dtype).transpose(1, 2).requires_grad_()  # strided
     kv = torch.randn(1, 2, 20, 16, device=device, dtype=dtype, requires_grad=True)
     bias = torch.randn(2, 20, 20, device=device, requires_grad=True)
-    # the fake (shape-only) implementations and the autograd registration agree with the kernels
+    # the schema, the autograd registration and (on a GPU) the shape-only version agree with the kernels
     torch.library.opcheck(torch.ops.vitpe.attention_bias, (q, kv, kv, bias),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=opcheck_utils(device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")

@@ -4,7 +4,7 @@ interpreter (a subprocess, since the interpreter is chosen when the kernels are 
 
 import pytest
 import torch
-from triton_interpreter import run_compare_in_interpreter
+from triton_interpreter import opcheck_utils, run_compare_in_interpreter
 
 from vitpe.pos.functional import GridConv
 
@@ -43,11 +43,12 @@ def _compare(device: str, dtype: torch.dtype) -> None:
         want = torch.autograd.grad((ref.float() * w).sum(), params)
         for name, a, b in zip(("x", "weight", "bias"), got, want):
             torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{(B, H, W, C, P, residual, k)} {name}: {m}")
-    # the fake (shape-only) implementations and the autograd registration agree with the kernels,
-    # as torch.compile relies on
+    # the schema, the autograd registration and (on a GPU) the shape-only version agree with the
+    # kernels, as torch.compile relies on
     x = torch.randn(2, 1 + 12, 8, device=device, dtype=dtype, requires_grad=True)
     conv = GridConv(8).to(device)
-    torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens, (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, True))
+    torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens, (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, True),
+                          test_utils=opcheck_utils(device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")

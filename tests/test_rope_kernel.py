@@ -5,7 +5,7 @@ power of two and batches the backward's programs share unevenly. On CPU the kern
 Triton's interpreter (a subprocess, since the interpreter is chosen when the kernels are defined)."""
 import pytest
 import torch
-from triton_interpreter import run_compare_in_interpreter
+from triton_interpreter import opcheck_utils, run_compare_in_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -44,7 +44,7 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
     qkv = torch.randn(2, 5, 3, 2, 8, device=device, dtype=dtype, requires_grad=True)
     cos, sin = torch.randn(2, 2, 5, 8, device=device, requires_grad=True).unbind(0)
     torch.library.opcheck(torch.ops.vitpe.rope_qkv, (qkv, cos, sin),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=opcheck_utils(device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")

@@ -18,3 +18,10 @@ def run_compare_in_interpreter(test_module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def opcheck_utils(device: str) -> tuple[str, ...]:
+    """What ``torch.library.opcheck`` checks of a ``triton_op``: its schema and autograd
+    registration everywhere; on a GPU also its shape-only (fake) version, which runs the operator's
+    body with the launches skipped (the interpreter's kernels cannot be skipped, so not on CPU)."""
+    return ("test_schema", "test_autograd_registration") + (("test_faketensor",) if device != "cpu" else ())

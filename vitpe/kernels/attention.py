@@ -24,6 +24,8 @@ import os
 import torch
 from torch import Tensor
 
+from ._triton import INTERPRET, traceable
+
 try:
     import triton
     import triton.language as tl
@@ -31,7 +33,6 @@ except ImportError:  # torch builds without Triton keep scaled_dot_product_atten
     triton = None
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 32, 4, 2  # forward: queries x keys per step
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_NUM_WARPS = 16, 128, 4  # backward: queries per step x keys per program
 _LOG2E = 1.4426950408889634
@@ -41,8 +42,8 @@ def available(q: Tensor, bias: Tensor | None, dropout_p: float = 0.0) -> bool:
     """Whether the kernels take this call: a ``(heads, T, S)`` bias, no dropout, a supported width."""
     # float32 stays with torch: on the GPU the kernels' products would round to TF32 (the
     # interpreter, which computes exactly, takes it for the CPU tests)
-    dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if _INTERPRET else ())
-    return (ENABLED and triton is not None and (q.is_cuda or _INTERPRET) and bias is not None and bias.dim() == 3
+    dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if INTERPRET else ())
+    return (ENABLED and triton is not None and (q.is_cuda or INTERPRET) and bias is not None and bias.dim() == 3
             and dropout_p == 0.0 and q.shape[-1] in (16, 32, 64, 128) and q.dtype in dtypes)
 
 
@@ -171,14 +172,15 @@ def attention_bias_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tup
     q, k, v, bias = (_last_contiguous(t) for t in (q, k, v, bias))
     B, H, T, D = q.shape
     S = k.shape[2]
-    out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    # kernels write whole tensors (not views of them), as compiled code traces their launches
+    out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D)
-    _fwd_kernel[(triton.cdiv(T, BLOCK_M), B * H)](
-        q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), bias.stride(0),
-        bias.stride(1), H, T, S, scale * _LOG2E, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES)
-    return out, lse
+    traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
+        q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), out.stride(0), out.stride(2),
+        out.stride(1), bias.stride(0), bias.stride(1), H, T, S, scale * _LOG2E, D=D, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return out.transpose(1, 2), lse
 
 
 def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor,
@@ -188,38 +190,25 @@ def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias:
     B, H, T, D = q.shape
     S = k.shape[2]
     # rows of dS padded to a multiple of 16 elements: aligned, so its tiles are written whole
-    ds = torch.empty(B, H, T, triton.cdiv(S, 16) * 16, device=q.device, dtype=q.dtype)[..., :S]
+    ds = torch.empty(B, H, T, triton.cdiv(S, 16) * 16, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, S, D, device=q.device, dtype=v.dtype)
     scale = 1.0 / math.sqrt(D)
-    _bwd_kernel[(triton.cdiv(S, BWD_BLOCK_N), B * H)](
+    traceable(_bwd_kernel)[(triton.cdiv(S, BWD_BLOCK_N), B * H)](
         q, k, v, bias, out, grad, lse, ds, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *_strides(grad), bias.stride(0), bias.stride(1), ds.stride(2), H, T, S, scale * _LOG2E, scale, D=D,
         BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=NUM_STAGES)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](ds, k, dq, *_strides(k), H, T, S, ds.stride(2), scale, D=D,
-                                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-                                                  num_stages=NUM_STAGES)
-    dbias = ds.sum(0, dtype=torch.float32).to(bias.dtype)
+    traceable(_dq_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](ds, k, dq, *_strides(k), H, T, S, ds.stride(2), scale,
+                                                             D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                                             num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    dbias = ds[..., :S].sum(0, dtype=torch.float32).to(bias.dtype)
     return dq, dk, dv, dbias
 
 
-# For torch.compile: the kernels as custom operators, with shape-only versions for tracing.
-_op = torch.library.custom_op("vitpe::attention_bias", mutates_args=())(attention_bias_forward)
-_op_backward = torch.library.custom_op("vitpe::attention_bias_backward", mutates_args=())(attention_bias_backward)
-
-
-@_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    B, H, T, D = q.shape
-    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B * H, T, dtype=torch.float32)
-
-
-@_op_backward.register_fake
-def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor,
-      lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # contiguous, as the kernels and the product make them, whatever the inputs' strides
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), bias.new_empty(bias.shape)
+# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
+_op = torch.library.triton_op("vitpe::attention_bias", mutates_args=())(attention_bias_forward)
+_op_backward = torch.library.triton_op("vitpe::attention_bias_backward", mutates_args=())(attention_bias_backward)
 
 
 def _setup(ctx, inputs, output) -> None:

@@ -17,11 +17,12 @@ bias's dtype.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 from torch import Tensor
+
+from ._triton import INTERPRET, multiprocessors, traceable
 
 try:
     import triton
@@ -30,8 +31,6 @@ except ImportError:  # torch builds without Triton keep torch's bias add and GEL
     triton = None
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
-# Triton's interpreter (CPU tests) is chosen when the kernels are defined, at import: read it once
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FWD_BLOCK_M, FWD_BLOCK_N, FWD_WARPS = 16, 256, 4  # forward tiles: rows x columns
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS = 32, 128, 8  # backward tiles
 BWD_WAVES = 4  # backward programs per multiprocessor: each sums the bias gradient over its share of the rows
@@ -42,7 +41,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def available(x: Tensor, bias: Tensor | None) -> bool:
     """Whether the kernels run for tensors on ``x``'s device (CUDA, or Triton's interpreter) and
     a 1-D ``bias`` there; ``h`` may have any strides (copied where its rows are not contiguous)."""
-    return (ENABLED and triton is not None and (x.is_cuda or _INTERPRET) and x.dtype in _DTYPES
+    return (ENABLED and triton is not None and (x.is_cuda or INTERPRET) and x.dtype in _DTYPES
             and bias is not None and bias.dtype in _DTYPES and bias.dim() == 1 and bias.device == x.device)
 
 
@@ -104,7 +103,7 @@ def bias_gelu_forward(h: Tensor, bias: Tensor) -> Tensor:
         return g
     h2 = _rows(h, N)
     M = h2.shape[0]
-    _fwd_kernel[(triton.cdiv(M, FWD_BLOCK_M), triton.cdiv(N, FWD_BLOCK_N))](
+    traceable(_fwd_kernel)[(triton.cdiv(M, FWD_BLOCK_M), triton.cdiv(N, FWD_BLOCK_N))](
         h2, bias.contiguous(), g, M, N, h2.stride(0), BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
         num_warps=FWD_WARPS)
     return g
@@ -122,34 +121,20 @@ def bias_gelu_backward(dg: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Ten
     m_tiles = triton.cdiv(M, BWD_BLOCK_M)
     n_blocks = triton.cdiv(N, BWD_BLOCK_N)
     # each program sums a share of the rows: enough programs to fill the GPU a few times over
-    chunks = max(1, min(m_tiles, BWD_WAVES * _multiprocessors(h.device) // n_blocks))
+    chunks = max(1, min(m_tiles, BWD_WAVES * multiprocessors(h.device) // n_blocks))
     per_prog = triton.cdiv(m_tiles, chunks)
     chunks = triton.cdiv(m_tiles, per_prog)  # none left without rows
     part = torch.empty(chunks, N, device=h.device, dtype=torch.float32)
-    _bwd_kernel[(chunks, n_blocks)](
+    traceable(_bwd_kernel)[(chunks, n_blocks)](
         dg2, h2, bias.contiguous(), dh, part, M, N, dg2.stride(0), h2.stride(0), per_prog,
         BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS)
     return dh, part.sum(0).to(bias.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
-
-# For torch.compile: the kernels as custom operators, with shape-only versions for tracing.
-_op = torch.library.custom_op("vitpe::bias_gelu", mutates_args=())(bias_gelu_forward)
-_op_backward = torch.library.custom_op("vitpe::bias_gelu_backward", mutates_args=())(bias_gelu_backward)
-
-
-@_op.register_fake
-def _(h: Tensor, bias: Tensor) -> Tensor:
-    return h.new_empty(h.shape)
-
-
-@_op_backward.register_fake
-def _(dg: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    return h.new_empty(h.shape), bias.new_empty(bias.shape)
+# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
+_op = torch.library.triton_op("vitpe::bias_gelu", mutates_args=())(bias_gelu_forward)
+_op_backward = torch.library.triton_op("vitpe::bias_gelu_backward", mutates_args=())(bias_gelu_backward)
 
 
 def _setup(ctx, inputs, output) -> None:

@@ -12,12 +12,13 @@ Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._triton import INTERPRET, multiprocessors, traceable
 
 try:
     import triton
@@ -26,15 +27,13 @@ except ImportError:  # torch builds without Triton keep cuDNN's convolution
     triton = None
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
-# Triton's interpreter (CPU tests) is chosen when the kernels are defined, at import: read it once
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_P, BLOCK_C = 64, 64  # convolution tiles: positions x channels
 WG_BLOCK_P, WG_BLOCK_C, WG_WAVES = 32, 64, 4  # weight-gradient tiles, and programs per multiprocessor
 
 
 def available(x: Tensor, kernel_size: int = 3) -> bool:
     """Whether the Triton kernels can run on ``x`` with this kernel size (3x3 only)."""
-    return ENABLED and triton is not None and kernel_size == 3 and (x.is_cuda or _INTERPRET)
+    return ENABLED and triton is not None and kernel_size == 3 and (x.is_cuda or INTERPRET)
 
 
 if triton is not None:
@@ -54,16 +53,17 @@ if triton is not None:
         return b, r, r // W, r % W
 
     @triton.jit
-    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, n_pos, H, W, C, sxb, syb, K: tl.constexpr,
+    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, n_pos, H, W, C, sxb, syb, K: tl.constexpr,
                      HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """``y[b, p, c] = sum_taps x[b, p + offset, c] * taps[tap, c] (+ bias) (+ x)``, zero outside
-        the grid; positions ``p`` are row-major within an image, channels contiguous."""
+        the grid; positions ``p`` are row-major within an image, channels contiguous, and start
+        ``skip`` elements into each image (after the prefix tokens)."""
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         pmask, cmask = offs_p < n_pos, offs_c < C
         b, r, h, w = _tile(offs_p, H * W, W)
-        base = x_ptr + (b * sxb + r * C)[:, None] + offs_c[None, :]
+        base = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(K):
             for j in tl.static_range(K):
@@ -75,11 +75,11 @@ if triton is not None:
             acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if RESIDUAL:
             acc += tl.load(base, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + (b * syb + r * C)[:, None] + offs_c[None, :], acc.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + skip + (b * syb + r * C)[:, None] + offs_c[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mask)
 
     @triton.jit
-    def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, n_pos, H, W, C, sxb, sgb, tiles_per_prog,
+    def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, skip, n_pos, H, W, C, sxb, sgb, tiles_per_prog,
                              EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """``part[prog, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]`` for
         the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient). Products
@@ -94,9 +94,9 @@ if triton is not None:
             offs_p = (prog + t * nprog) * BLOCK_P + tl.arange(0, BLOCK_P)
             pmask = offs_p < n_pos
             b, r, h, w = _tile(offs_p, hw, W)
-            g = _shifted(g_ptr + (b * sgb + r * C)[:, None] + offs_c[None, :], h, w, pmask, cmask, H, W, C, 0, 0,
+            g = _shifted(g_ptr + skip + (b * sgb + r * C)[:, None] + offs_c[None, :], h, w, pmask, cmask, H, W, C, 0, 0,
                          EVEN_C)
-            xb = x_ptr + (b * sxb + r * C)[:, None] + offs_c[None, :]
+            xb = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
             ab += g
             a0 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, -1, EVEN_C)
             a1 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 0, EVEN_C)
@@ -132,10 +132,11 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
         weight = weight.flip(-1, -2)
     taps = weight.reshape(C, k * k).t().contiguous()  # (k*k, C): each tap's channels side by side
     launch = (triton.cdiv(n_pos, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    _conv_kernel[launch](src[:, num_prefix:], taps, bias if bias is not None else taps,
-                         out[:, num_prefix:], n_pos, H, W, C, src.stride(0), out.stride(0), K=k,
-                         HAS_BIAS=bias is not None, RESIDUAL=residual, EVEN_C=C % BLOCK_C == 0,
-                         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
+    # traced as a mutation of a view
+    traceable(_conv_kernel)[launch](src, taps, bias if bias is not None else taps, out, num_prefix * C, n_pos, H, W,
+                                    C, src.stride(0), out.stride(0), K=k, HAS_BIAS=bias is not None,
+                                    RESIDUAL=residual, EVEN_C=C % BLOCK_C == 0, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
 
 
 def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
@@ -162,37 +163,21 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int
     n_tiles = triton.cdiv(n_pos, WG_BLOCK_P)
     c_blocks = triton.cdiv(C, WG_BLOCK_C)
     # enough programs to fill the GPU a few times over; each sums its share of the position tiles
-    progs = max(1, min(n_tiles, WG_WAVES * _multiprocessors(x.device) // c_blocks))
+    progs = max(1, min(n_tiles, WG_WAVES * multiprocessors(x.device) // c_blocks))
     part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
-    _weight_grad3_kernel[(progs, c_blocks)](x[:, num_prefix:], grad[:, num_prefix:], part, n_pos, H, W, C,
-                                            x.stride(0), grad.stride(0), triton.cdiv(n_tiles, progs),
-                                            EVEN_C=C % WG_BLOCK_C == 0, BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C)
+    traceable(_weight_grad3_kernel)[(progs, c_blocks)](x, grad, part, num_prefix * C, n_pos, H, W, C, x.stride(0),
+                                                       grad.stride(0), triton.cdiv(n_tiles, progs),
+                                                       EVEN_C=C % WG_BLOCK_C == 0, BLOCK_P=WG_BLOCK_P,
+                                                       BLOCK_C=WG_BLOCK_C)
     sums = part.sum(0)  # (10, C)
     grad_w = sums[:9].t().reshape(weight.shape).to(weight.dtype).contiguous()
     return grad_x, grad_w, sums[9].clone()
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
-
-# For torch.compile: the kernels as custom operators, with shape-only versions for tracing.
-_op = torch.library.custom_op("vitpe::depthwise_conv_tokens", mutates_args=())(conv_tokens)
-_op_backward = torch.library.custom_op("vitpe::depthwise_conv_tokens_backward", mutates_args=())(conv_tokens_backward)
-
-
-@_op.register_fake
-def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
-      residual: bool) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@_op_backward.register_fake
-def _(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefix: int,
-      residual: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return (torch.empty_like(grad, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            weight.new_empty(weight.shape[0], dtype=torch.float32))
+# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
+_op = torch.library.triton_op("vitpe::depthwise_conv_tokens", mutates_args=())(conv_tokens)
+_op_backward = torch.library.triton_op("vitpe::depthwise_conv_tokens_backward", mutates_args=())(conv_tokens_backward)
 
 
 def _setup(ctx, inputs, output) -> None:

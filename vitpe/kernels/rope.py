@@ -17,11 +17,12 @@ in the projection's dtype.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 from torch import Tensor
+
+from ._triton import INTERPRET, multiprocessors, traceable
 
 try:
     import triton
@@ -30,14 +31,13 @@ except ImportError:  # torch builds without Triton keep the torch rotation
     triton = None
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T, NUM_WARPS = 32, 4  # positions per program; each program takes one head of one image
 BWD_WAVES = 4  # backward programs per multiprocessor, when the tables' gradient is summed
 
 
 def available(qkv: Tensor, cos: Tensor) -> bool:
     """Whether the kernels take ``qkv`` ``(B, T, 3, heads, D)`` and tables ``(heads or 1, T, D)``."""
-    return (ENABLED and triton is not None and (qkv.is_cuda or _INTERPRET) and qkv.dim() == 5
+    return (ENABLED and triton is not None and (qkv.is_cuda or INTERPRET) and qkv.dim() == 5
             and qkv.shape[2] == 3 and qkv.shape[-1] % 2 == 0 and cos.dim() == 3
             and cos.shape[-2:] == (qkv.shape[1], qkv.shape[-1]) and cos.shape[0] in (1, qkv.shape[3])
             and qkv.dtype in (torch.float16, torch.bfloat16, torch.float32))
@@ -138,7 +138,7 @@ def rope_qkv_forward(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
     cos, sin = cos.contiguous(), sin.contiguous()
     B, T, _, H, D = qkv.shape
     q, k, v = (torch.empty(B, T, H, D, device=qkv.device, dtype=qkv.dtype) for _ in range(3))
-    _fwd_kernel[(triton.cdiv(T, BLOCK_T), B * H)](
+    traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_T), B * H)](
         qkv, cos, sin, q, k, v, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *_table_strides(cos),
         q.stride(0), q.stride(1), q.stride(2), H, T, D // 2, BLOCK_T=BLOCK_T, BLOCK_D=_block_d(D),
         num_warps=NUM_WARPS)
@@ -159,11 +159,11 @@ def rope_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, cos: Tens
     t_blocks = triton.cdiv(T, BLOCK_T)
     # with the tables' gradient, each program sums a share of the images: enough programs to fill
     # the GPU a few times over; without it, one image each
-    chunks = max(1, min(B, BWD_WAVES * _multiprocessors(qkv.device) // (t_blocks * H))) if table_grad else B
+    chunks = max(1, min(B, BWD_WAVES * multiprocessors(qkv.device) // (t_blocks * H))) if table_grad else B
     per_prog = triton.cdiv(B, chunks)
     chunks = triton.cdiv(B, per_prog)
     part = torch.empty((chunks, 2, H, T, D) if table_grad else (1,), device=qkv.device, dtype=torch.float32)
-    _bwd_kernel[(t_blocks, H, chunks)](
+    traceable(_bwd_kernel)[(t_blocks, H, chunks)](
         qkv, cos, sin, dq, dk, dv, dqkv, part, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
         *_table_strides(cos), dq.stride(0), dq.stride(2), dq.stride(1), dk.stride(0), dk.stride(2), dk.stride(1),
         dv.stride(0), dv.stride(2), dv.stride(1), H, B, T, D // 2, per_prog, TABLE_GRAD=table_grad,
@@ -178,31 +178,10 @@ def rope_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, cos: Tens
     return dqkv, dcos, dsin
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
-
-# For torch.compile: the kernels as custom operators, with shape-only versions for tracing.
-_op = torch.library.custom_op("vitpe::rope_qkv", mutates_args=())(rope_qkv_forward)
-_op_backward = torch.library.custom_op("vitpe::rope_qkv_backward", mutates_args=())(rope_qkv_backward)
-
-
-@_op.register_fake
-def _(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    B, T, _, H, D = qkv.shape
-    return tuple(qkv.new_empty(B, T, H, D).transpose(1, 2) for _ in range(3))
-
-
-@_op_backward.register_fake
-def _(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, cos: Tensor, sin: Tensor,
-      table_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dqkv = qkv.new_empty(qkv.shape)
-    if not table_grad:
-        empty = cos.new_empty(0, dtype=torch.float32)
-        return dqkv, empty, empty.clone()
-    shape = (1 if cos.shape[0] == 1 else qkv.shape[3], *cos.shape[1:])
-    return dqkv, cos.new_empty(shape, dtype=torch.float32), sin.new_empty(shape, dtype=torch.float32)
+# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
+_op = torch.library.triton_op("vitpe::rope_qkv", mutates_args=())(rope_qkv_forward)
+_op_backward = torch.library.triton_op("vitpe::rope_qkv_backward", mutates_args=())(rope_qkv_backward)
 
 
 def _setup(ctx, inputs, output) -> None:
