@@ -93,4 +93,6 @@ def test_compiled_rope_vit_uses_the_kernel_and_matches_eager():
         rope.ENABLED = True
     scale = freqs.grad.abs().max()
     assert scale > 0
-    torch.testing.assert_close(got / scale, freqs.grad / scale, atol=1e-4, rtol=1e-3)
+    # the kernel's own error is tested above; compiled and eager models differ in float32 by more
+    # (fused layer norms, attention), summed over the batch
+    torch.testing.assert_close(got / scale, freqs.grad / scale, atol=2e-3, rtol=1e-2)

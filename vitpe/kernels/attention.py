@@ -63,13 +63,16 @@ if triton is not None:
 
     @triton.jit
     def _logits(q, k, bias_ptrs, mask, qk_scale):
-        """``q k^T * scale + bias`` in log2 units (the softmax runs on ``exp2``), float32."""
+        """``q k^T * scale + bias`` in log2 units (the softmax runs on ``exp2``), float32. The
+        scales are compile-time constants (of the head width): as runtime floats, compiled code
+        passes them in float64."""
         bias = tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
         return tl.dot(q, tl.trans(k)) * qk_scale + bias * 1.4426950408889634
 
     @triton.jit
     def _fwd_kernel(Q, K, V, Bias, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbh, sbm,
-                    n_heads, T, S, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    n_heads, T, S, QK_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """One block of queries of one (image, head): ``O = softmax(Q K^T * scale + bias) V`` by
         blocks of keys, with the running max and sum; ``LSE`` in log2 units. ``sqb, sqh, sqn`` etc.
         are the (image, head, position) strides; the last dimension is contiguous."""
@@ -86,7 +89,7 @@ if triton is not None:
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
             k = _rows(kb, offs_n, skn, offs_d, n_ok)
-            s = _logits(q, k, bb + offs_n[None, :], m_ok[:, None] & n_ok[None, :], qk_scale)
+            s = _logits(q, k, bb + offs_n[None, :], m_ok[:, None] & n_ok[None, :], QK_SCALE)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -103,7 +106,8 @@ if triton is not None:
     @triton.jit
     def _bwd_kernel(Q, K, V, Bias, O, DO, LSE, DS, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     sob, soh, son, sdob, sdoh, sdon, sbh, sbm, ds_row, n_heads, T, S,
-                    qk_scale, scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    QK_SCALE: tl.constexpr, SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """One block of keys of one (image, head): over all query blocks, recompute ``P``, add up
         ``dV = P^T dO`` and ``dK = dS^T Q * scale``, and write ``dS = P * (dO V^T - delta)`` with
         ``delta = rowsum(dO * O)`` (``DS``: ``(B, heads, T, ds_row)``, rows padded to an aligned
@@ -127,7 +131,7 @@ if triton is not None:
             o = _rows(ob, offs_m, son, offs_d, m_ok)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
-            s = _logits(q, k, Bias + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], both, qk_scale)
+            s = _logits(q, k, Bias + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], both, QK_SCALE)
             p = tl.where(both, tl.exp2(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dp = tl.dot(do, tl.trans(v))
@@ -135,11 +139,11 @@ if triton is not None:
             tl.store(dsb + offs_m[:, None] * ds_row + offs_n[None, :], ds, mask=both)
             dk += tl.dot(tl.trans(ds), q)
         out = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
-        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
+        tl.store(DK + out, (dk * SCALE).to(DK.dtype.element_ty), mask=n_ok[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
 
     @triton.jit
-    def _dq_kernel(DS, K, DQ, skb, skh, skn, n_heads, T, S, ds_row, scale, D: tl.constexpr,
+    def _dq_kernel(DS, K, DQ, skb, skh, skn, n_heads, T, S, ds_row, SCALE: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """``dQ = dS K * scale`` for one block of queries of one (image, head); ``DQ`` is
         ``(B, heads, T, D)`` contiguous."""
@@ -154,7 +158,7 @@ if triton is not None:
             ds = tl.load(dsb + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             acc += tl.dot(ds, _rows(kb, offs_n, skn, offs_d, n_ok))
         tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :],
-                 (acc * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+                 (acc * SCALE).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -178,8 +182,8 @@ def attention_bias_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tup
     scale = 1.0 / math.sqrt(D)
     traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
         q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), out.stride(0), out.stride(2),
-        out.stride(1), bias.stride(0), bias.stride(1), H, T, S, scale * _LOG2E, D=D, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        out.stride(1), bias.stride(0), bias.stride(1), H, T, S, QK_SCALE=scale * _LOG2E, D=D,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out.transpose(1, 2), lse
 
 
@@ -196,12 +200,12 @@ def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias:
     scale = 1.0 / math.sqrt(D)
     traceable(_bwd_kernel)[(triton.cdiv(S, BWD_BLOCK_N), B * H)](
         q, k, v, bias, out, grad, lse, ds, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        *_strides(grad), bias.stride(0), bias.stride(1), ds.stride(2), H, T, S, scale * _LOG2E, scale, D=D,
-        BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=NUM_STAGES)
+        *_strides(grad), bias.stride(0), bias.stride(1), ds.stride(2), H, T, S, QK_SCALE=scale * _LOG2E,
+        SCALE=scale, D=D, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=NUM_STAGES)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    traceable(_dq_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](ds, k, dq, *_strides(k), H, T, S, ds.stride(2), scale,
-                                                             D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                                             num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    traceable(_dq_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
+        ds, k, dq, *_strides(k), H, T, S, ds.stride(2), SCALE=scale, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     dbias = ds[..., :S].sum(0, dtype=torch.float32).to(bias.dtype)
     return dq, dk, dv, dbias
 
