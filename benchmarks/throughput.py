@@ -70,7 +70,10 @@ def profile(step: Callable[[], Any], args: argparse.Namespace, device: torch.dev
 
 def compile_fn(model: torch.nn.Module, args: argparse.Namespace) -> Callable[..., Any]:
     """``torch.compile`` with ``--compile-mode`` (``default``, ``reduce-overhead`` for CUDA graphs,
-    ``max-autotune``...)."""
+    ``max-autotune``...). Every model is compiled afresh: the models of one run share code (blocks,
+    attention), and after 8 compiled versions of one function dynamo runs it uncompiled, which
+    would time the later models of a long list in eager mode."""
+    torch._dynamo.reset()
     return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
 
 
