@@ -174,7 +174,6 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int
     return grad_x, grad_w, sums[9].clone()
 
 
-
 # For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
 _op = torch.library.triton_op("vitpe::depthwise_conv_tokens", mutates_args=())(conv_tokens)
 _op_backward = torch.library.triton_op("vitpe::depthwise_conv_tokens_backward", mutates_args=())(conv_tokens_backward)

@@ -178,7 +178,6 @@ def rope_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, cos: Tens
     return dqkv, dcos, dsin
 
 
-
 # For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
 _op = torch.library.triton_op("vitpe::rope_qkv", mutates_args=())(rope_qkv_forward)
 _op_backward = torch.library.triton_op("vitpe::rope_qkv_backward", mutates_args=())(rope_qkv_backward)
