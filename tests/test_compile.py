@@ -23,3 +23,26 @@ def test_no_graph_breaks_and_no_recompiles_across_two_resolutions(pos):
         graphs.append(counters["stats"]["unique_graphs"])
     # one graph for the first size, one (dynamic) for the second, none after
     assert graphs[1:] == [graphs[1]] * 5 and graphs[1] <= 2, graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
+@pytest.mark.parametrize("pos", ["rope_mixed", "rpb", "mixffn"])
+def test_kernels_compile_once_per_size_on_the_gpu(pos):
+    """With inductor and the Triton kernels in the graph (rotary, biased attention, depthwise
+    convolution), alternating resolutions in training still compiles one graph per size, and the
+    dynamic one trains: a finite loss and gradients at every step."""
+    model = timm.create_model("vitpe_vit_tiny_patch16_224", pos=pos, depth=1, num_classes=3).cuda()
+    dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model)
+    graphs = []
+    for size in (64, 96, 64, 96, 64, 96):
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # half precision: every kernel's case
+            loss = compiled(torch.randn(2, 3, size, size, device="cuda")).float().square().mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        model.zero_grad()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[1]] * 5 and graphs[1] <= 2, graphs
