@@ -1,9 +1,11 @@
 """The Triton depthwise convolution on tokens gives cuDNN's results: forward, input, weight and bias
-gradients, with and without prefix tokens and residual. On CPU the kernels run in Triton's
-interpreter (a subprocess, since the interpreter is chosen when the kernels are defined)."""
+gradients, with and without prefix tokens and residual, and with the GELU applied by the kernel.
+On CPU the kernels run in Triton's interpreter (a subprocess, since the interpreter is chosen when
+the kernels are defined)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from triton_interpreter import opcheck_utils, run_compare_in_interpreter
 
 from vitpe.pos.functional import GridConv
@@ -24,31 +26,47 @@ def _compare(device: str, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     cases = [(2, 5, 7, 8, 0, False, 3), (3, 4, 4, 70, 1, True, 3), (1, 6, 3, 5, 2, False, 3), (2, 1, 9, 3, 1, True, 3),
              (2, 3, 5, 128, 1, False, 3),  # whole channel blocks: no channel mask
-             (1, 20, 40, 8, 1, True, 3),  # more rows than one program walks, more columns than one tile
+             (1, 20, 40, 8, 1, True, 3),  # more rows than one program walks, more columns than one tile; weight
+             # gradients: several tiles per program, some programs' last one empty
              (5, 18, 3, 4, 0, False, 3)]  # weight gradient: several (image, rows) items per program, some empty
-    for B, H, W, C, P, residual, k in cases:
-        conv = GridConv(C, k, residual=residual).to(device)
-        x = torch.randn(B, P + H * W, C, device=device, dtype=dtype, requires_grad=True)
-        params = [x, conv.proj.weight, conv.proj.bias]
-        ours = kernels.depthwise_conv_tokens(x, conv.proj.weight, conv.proj.bias, (H, W), P, residual)
-        kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
-        try:
-            ref = conv(x, (H, W), P)  # the cuDNN / CPU convolution
-        finally:
-            kernels.depthwise.ENABLED = saved
-        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(ours, ref, **tol)
-        w = torch.randn_like(ref)
-        got = torch.autograd.grad((ours.float() * w).sum(), params)
-        want = torch.autograd.grad((ref.float() * w).sum(), params)
-        for name, a, b in zip(("x", "weight", "bias"), got, want):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{(B, H, W, C, P, residual, k)} {name}: {m}")
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for B, H, W, C, P, with_residual, k in cases:
+        # every case also without residual and with the GELU: the kernel's against torch's after the convolution
+        for residual, gelu in ((with_residual, False), (False, True)):
+            conv = GridConv(C, k, residual=residual).to(device)
+            x = torch.randn(B, P + H * W, C, device=device, dtype=dtype, requires_grad=True)
+            params = [x, conv.proj.weight, conv.proj.bias]
+            ours = kernels.depthwise_conv_tokens(x, conv.proj.weight, conv.proj.bias, (H, W), P, residual, gelu)
+            kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
+            try:
+                ref = conv(x, (H, W), P)  # the cuDNN / CPU convolution
+            finally:
+                kernels.depthwise.ENABLED = saved
+            if gelu:
+                ref = F.gelu(ref)
+            case = (B, H, W, C, P, residual, k, gelu)
+            torch.testing.assert_close(ours, ref, **tol, msg=lambda m: f"{case} output: {m}")
+            w = torch.randn_like(ref)
+            got = torch.autograd.grad((ours.float() * w).sum(), params)
+            want = torch.autograd.grad((ref.float() * w).sum(), params)
+            for name, a, b in zip(("x", "weight", "bias"), got, want):
+                torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{case} {name}: {m}")
+    # without a bias, the GELU's pre-activation is recomputed without one
+    conv = GridConv(8).to(device)
+    x = torch.randn(2, 1 + 12, 8, device=device, dtype=dtype, requires_grad=True)
+    ours = kernels.depthwise_conv_tokens(x, conv.proj.weight, None, (3, 4), 1, gelu=True)
+    ref = F.gelu(torch.cat([x[:, :1], F.conv2d(x[:, 1:].transpose(1, 2).reshape(2, 8, 3, 4), conv.proj.weight,
+                                               padding=1, groups=8).flatten(2).transpose(1, 2)], dim=1))
+    w = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((ours.float() * w).sum(), [x, conv.proj.weight]),
+                    torch.autograd.grad((ref.float() * w).sum(), [x, conv.proj.weight])):
+        torch.testing.assert_close(a, b, **tol)
     # the schema, the autograd registration and (on a GPU) the shape-only version agree with the
     # kernels, as torch.compile relies on
-    x = torch.randn(2, 1 + 12, 8, device=device, dtype=dtype, requires_grad=True)
-    conv = GridConv(8).to(device)
-    torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens, (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, True),
-                          test_utils=opcheck_utils(device))
+    for residual, gelu in ((True, False), (False, True)):
+        torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens,
+                              (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, residual, gelu),
+                              test_utils=opcheck_utils(device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
@@ -76,6 +94,14 @@ def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks():
     loss_c = torch.compile(model)(x).square().mean()
     loss_e = model(x).square().mean()
     torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
+
+
+def test_the_gelu_is_refused_with_the_residual():
+    from vitpe import kernels
+
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="GELU only without the residual"):
+        kernels.depthwise_conv_tokens(x, torch.randn(8, 1, 3, 3), None, (2, 2), residual=True, gelu=True)
 
 
 def test_other_kernel_sizes_keep_the_convolution():

@@ -9,6 +9,18 @@ convolution with the kernel flipped; the weight and bias gradients are per-progr
 over tiles of positions, added up afterwards.
 
 Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x + 0``).
+
+With ``gelu`` the convolution also applies Mix-FFN's activation (the exact, erf GELU), which
+otherwise costs its own passes over the FFN's hidden layer, the largest activation of the block:
+the forward stores ``gelu(conv(x) + bias)`` and keeps only ``x`` for the backward, not the
+pre-activation. The backward's first kernel recomputes the pre-activation from the 9 shifted ``x``
+tiles it reads anyway for the weight gradient, multiplies the output gradient by GELU's
+derivative, writes that gradient of the pre-activation for the input-gradient convolution and sums
+the weight and bias gradients from it. That is 7 passes over the hidden layer where the
+convolution followed by torch's GELU takes 11: the forward no longer writes the pre-activation and
+reads it back, the backward no longer reads it (the GELU backward) nor reads its gradient a second
+time (the weight gradient); and autograd keeps one tensor of that size less for the backward
+(``benchmarks/depthwise_kernels.py`` times both ways). Prefix rows come out as ``gelu(x)``.
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import INTERPRET, multiprocessors, traceable
@@ -29,6 +42,9 @@ except ImportError:  # torch builds without Triton keep cuDNN's convolution
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 BLOCK_P, BLOCK_C = 64, 64  # convolution tiles: positions x channels
 WG_BLOCK_P, WG_BLOCK_C, WG_WAVES = 32, 64, 4  # weight-gradient tiles, and programs per multiprocessor
+# the GELU backward's tiles, warps and programs per multiprocessor: it holds 9 shifted input tiles
+# and 10 partial sums at once, 152 float32 registers a thread at these sizes (8 warps)
+GB_BLOCK_P, GB_BLOCK_C, GB_WARPS, GB_WAVES = 32, 64, 8, 4
 
 
 def available(x: Tensor, kernel_size: int = 3) -> bool:
@@ -46,6 +62,16 @@ if triton is not None:
         return tl.load(base + (DI * W + DJ) * C, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _gelu(z):
+        """The exact GELU, ``z * Phi(z)``."""
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_grad(z):
+        """GELU's derivative ``Phi(z) + z * phi(z)``."""
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+
+    @triton.jit
     def _tile(offs_p, hw, W):
         """Image index (int64), position within the image, row and column of each position."""
         b = (offs_p // hw).to(tl.int64)
@@ -53,12 +79,33 @@ if triton is not None:
         return b, r, r // W, r % W
 
     @triton.jit
+    def _row(ptr, i: tl.constexpr, C, cmask):
+        """Row ``i`` of a ``(rows, C)`` float table (``ptr`` already at the channel block) as a
+        ``(1, BLOCK_C)`` float32 tile: a tap's weights, or the bias."""
+        return tl.load(ptr + i * C, mask=cmask, other=0.0).to(tl.float32)[None, :]
+
+    @triton.jit
+    def _store_sums(out, C, cmask, a0, a1, a2, a3, a4, a5, a6, a7, a8, ab):
+        """The 9 taps' and the bias's partial sums, reduced over positions, into rows 0-9 of ``out``
+        (already at the program's row block and channel block)."""
+        tl.store(out, tl.sum(a0, axis=0), mask=cmask)
+        tl.store(out + C, tl.sum(a1, axis=0), mask=cmask)
+        tl.store(out + 2 * C, tl.sum(a2, axis=0), mask=cmask)
+        tl.store(out + 3 * C, tl.sum(a3, axis=0), mask=cmask)
+        tl.store(out + 4 * C, tl.sum(a4, axis=0), mask=cmask)
+        tl.store(out + 5 * C, tl.sum(a5, axis=0), mask=cmask)
+        tl.store(out + 6 * C, tl.sum(a6, axis=0), mask=cmask)
+        tl.store(out + 7 * C, tl.sum(a7, axis=0), mask=cmask)
+        tl.store(out + 8 * C, tl.sum(a8, axis=0), mask=cmask)
+        tl.store(out + 9 * C, tl.sum(ab, axis=0), mask=cmask)
+
+    @triton.jit
     def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, n_pos, H, W, C, sxb, syb, K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GELU: tl.constexpr, EVEN_C: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """``y[b, p, c] = sum_taps x[b, p + offset, c] * taps[tap, c] (+ bias) (+ x)``, zero outside
-        the grid; positions ``p`` are row-major within an image, channels contiguous, and start
-        ``skip`` elements into each image (after the prefix tokens)."""
+        the grid, then with ``GELU`` the activation; positions ``p`` are row-major within an image,
+        channels contiguous, and start ``skip`` elements into each image (after the prefix tokens)."""
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         pmask, cmask = offs_p < n_pos, offs_c < C
@@ -75,6 +122,8 @@ if triton is not None:
             acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if RESIDUAL:
             acc += tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            acc = _gelu(acc)
         tl.store(y_ptr + skip + (b * syb + r * C)[:, None] + offs_c[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -107,68 +156,134 @@ if triton is not None:
             a6 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, -1, EVEN_C)
             a7 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 0, EVEN_C)
             a8 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 1, EVEN_C)
-        out = part_ptr + prog * 10 * C + offs_c
-        tl.store(out, tl.sum(a0, axis=0), mask=cmask)
-        tl.store(out + C, tl.sum(a1, axis=0), mask=cmask)
-        tl.store(out + 2 * C, tl.sum(a2, axis=0), mask=cmask)
-        tl.store(out + 3 * C, tl.sum(a3, axis=0), mask=cmask)
-        tl.store(out + 4 * C, tl.sum(a4, axis=0), mask=cmask)
-        tl.store(out + 5 * C, tl.sum(a5, axis=0), mask=cmask)
-        tl.store(out + 6 * C, tl.sum(a6, axis=0), mask=cmask)
-        tl.store(out + 7 * C, tl.sum(a7, axis=0), mask=cmask)
-        tl.store(out + 8 * C, tl.sum(a8, axis=0), mask=cmask)
-        tl.store(out + 9 * C, tl.sum(ab, axis=0), mask=cmask)
+        _store_sums(part_ptr + prog * 10 * C + offs_c, C, cmask, a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
+
+    @triton.jit
+    def _gelu_grad3_kernel(x_ptr, taps_ptr, b_ptr, ga_ptr, gp_ptr, part_ptr, skip, n_pos, H, W, C, sxb, sgb,
+                           tiles_per_prog, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        """The GELU's backward joined to the weight gradient's kernel: the pre-activation
+        ``z = sum_taps x[p + offset] * taps[tap] (+ bias)`` is recomputed from the 9 shifted ``x``
+        tiles, ``g = ga * gelu'(z)`` is stored in ``gp`` (laid out as ``ga``) for the input
+        gradient, and ``part`` gets the sums of ``_weight_grad3_kernel``, of ``g``."""
+        prog, nprog = tl.program_id(0), tl.num_programs(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        hw = H * W
+        tp = taps_ptr + offs_c
+        zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for t in range(0, tiles_per_prog):
+            offs_p = (prog + t * nprog) * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = offs_p < n_pos
+            b, r, h, w = _tile(offs_p, hw, W)
+            xb = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
+            x0 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, -1, EVEN_C)
+            x1 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 0, EVEN_C)
+            x2 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 1, EVEN_C)
+            x3 = _shifted(xb, h, w, pmask, cmask, H, W, C, 0, -1, EVEN_C)
+            x4 = _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 0, EVEN_C)
+            x5 = _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 1, EVEN_C)
+            x6 = _shifted(xb, h, w, pmask, cmask, H, W, C, 1, -1, EVEN_C)
+            x7 = _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 0, EVEN_C)
+            x8 = _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 1, EVEN_C)
+            z = x0 * _row(tp, 0, C, cmask) + x1 * _row(tp, 1, C, cmask) + x2 * _row(tp, 2, C, cmask)
+            z += x3 * _row(tp, 3, C, cmask) + x4 * _row(tp, 4, C, cmask) + x5 * _row(tp, 5, C, cmask)
+            z += x6 * _row(tp, 6, C, cmask) + x7 * _row(tp, 7, C, cmask) + x8 * _row(tp, 8, C, cmask)
+            if HAS_BIAS:
+                z += _row(b_ptr + offs_c, 0, C, cmask)
+            # rows past the last position load as 0, so their g is 0 and adds nothing
+            g = _shifted(ga_ptr + skip + (b * sgb + r * C)[:, None] + offs_c[None, :], h, w, pmask, cmask, H, W, C,
+                         0, 0, EVEN_C) * _gelu_grad(z)
+            tl.store(gp_ptr + skip + (b * sgb + r * C)[:, None] + offs_c[None, :], g.to(gp_ptr.dtype.element_ty),
+                     mask=pmask[:, None] & cmask[None, :])
+            ab += g
+            a0 += g * x0
+            a1 += g * x1
+            a2 += g * x2
+            a3 += g * x3
+            a4 += g * x4
+            a5 += g * x5
+            a6 += g * x6
+            a7 += g * x7
+            a8 += g * x8
+        _store_sums(part_ptr + prog * 10 * C + offs_c, C, cmask, a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
+
+
+def _taps(weight: Tensor) -> Tensor:
+    """``(C, 1, k, k)`` -> ``(k*k, C)``: each tap's channels side by side."""
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
 
 
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
-                 num_prefix: int, flip: bool, residual: bool) -> None:
-    """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape);
-    ``flip`` turns the kernel by 180 degrees (the input gradient)."""
+                 num_prefix: int, flip: bool, residual: bool, gelu: bool = False) -> None:
+    """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape),
+    with ``gelu`` then the activation; ``flip`` turns the kernel by 180 degrees (the input gradient)."""
     B, _, C = src.shape
     H, W = grid_hw
     n_pos = B * H * W
     k = weight.shape[-1]
-    if flip:
-        weight = weight.flip(-1, -2)
-    taps = weight.reshape(C, k * k).t().contiguous()  # (k*k, C): each tap's channels side by side
+    taps = _taps(weight.flip(-1, -2) if flip else weight)
     launch = (triton.cdiv(n_pos, BLOCK_P), triton.cdiv(C, BLOCK_C))
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
     traceable(_conv_kernel)[launch](src, taps, bias if bias is not None else taps, out, num_prefix * C, n_pos, H, W,
                                     C, src.stride(0), out.stride(0), K=k, HAS_BIAS=bias is not None,
-                                    RESIDUAL=residual, EVEN_C=C % BLOCK_C == 0, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                                    RESIDUAL=residual, GELU=gelu, EVEN_C=C % BLOCK_C == 0, BLOCK_P=BLOCK_P,
+                                    BLOCK_C=BLOCK_C)
+
+
+def _programs(n_pos: int, block_p: int, c_blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
+    """Programs along the positions, and position tiles per program, for the kernels that sum
+    gradients: enough programs to fill the GPU ``waves`` times over, each summing its share."""
+    n_tiles = triton.cdiv(n_pos, block_p)
+    progs = max(1, min(n_tiles, waves * multiprocessors(device) // c_blocks))
+    return progs, triton.cdiv(n_tiles, progs)
 
 
 def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
-                residual: bool) -> Tensor:
+                residual: bool, gelu: bool) -> Tensor:
     """The forward: a new contiguous ``(B, P + H*W, C)`` tensor."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_prefix:
-        out[:, :num_prefix] = x[:, :num_prefix]
-    _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual)
+        out[:, :num_prefix] = F.gelu(x[:, :num_prefix]) if gelu else x[:, :num_prefix]
+    _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, gelu=gelu)
     return out
 
 
-def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, H: int, W: int, num_prefix: int,
-                         residual: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for ``x``, ``weight`` and the bias (float32 ``(C,)``, also when there is none)."""
+def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int,
+                         num_prefix: int, residual: bool, gelu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for ``x``, ``weight`` and the bias (float32 ``(C,)``, also when there is none);
+    ``bias`` is read only with ``gelu``, to recompute the pre-activation."""
     grad = grad.contiguous()
-    grad_x = torch.empty_like(grad)
-    if num_prefix:
-        grad_x[:, :num_prefix] = grad[:, :num_prefix]
-    # the input gradient: the same convolution of the output gradient with the kernel flipped
-    _launch_conv(grad, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
     B, _, C = x.shape
     n_pos = B * H * W
-    n_tiles = triton.cdiv(n_pos, WG_BLOCK_P)
-    c_blocks = triton.cdiv(C, WG_BLOCK_C)
-    # enough programs to fill the GPU a few times over; each sums its share of the position tiles
-    progs = max(1, min(n_tiles, WG_WAVES * multiprocessors(x.device) // c_blocks))
-    part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
-    traceable(_weight_grad3_kernel)[(progs, c_blocks)](x, grad, part, num_prefix * C, n_pos, H, W, C, x.stride(0),
-                                                       grad.stride(0), triton.cdiv(n_tiles, progs),
-                                                       EVEN_C=C % WG_BLOCK_C == 0, BLOCK_P=WG_BLOCK_P,
-                                                       BLOCK_C=WG_BLOCK_C)
+    if gelu:
+        # the pre-activation's gradient, written whole (its prefix rows are left unset and unread)
+        grad_pre = torch.empty_like(grad)
+        c_blocks = triton.cdiv(C, GB_BLOCK_C)
+        progs, per_prog = _programs(n_pos, GB_BLOCK_P, c_blocks, GB_WAVES, x.device)
+        part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
+        taps = _taps(weight)
+        traceable(_gelu_grad3_kernel)[(progs, c_blocks)](
+            x, taps, bias if bias is not None else taps, grad, grad_pre, part, num_prefix * C, n_pos, H, W, C,
+            x.stride(0), grad.stride(0), per_prog, HAS_BIAS=bias is not None, EVEN_C=C % GB_BLOCK_C == 0,
+            BLOCK_P=GB_BLOCK_P, BLOCK_C=GB_BLOCK_C, num_warps=GB_WARPS)
+    else:
+        grad_pre = grad
+        c_blocks = triton.cdiv(C, WG_BLOCK_C)
+        progs, per_prog = _programs(n_pos, WG_BLOCK_P, c_blocks, WG_WAVES, x.device)
+        part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
+        traceable(_weight_grad3_kernel)[(progs, c_blocks)](x, grad, part, num_prefix * C, n_pos, H, W, C, x.stride(0),
+                                                           grad.stride(0), per_prog, EVEN_C=C % WG_BLOCK_C == 0,
+                                                           BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C)
+    grad_x = torch.empty_like(grad)
+    if num_prefix:
+        prefix = grad[:, :num_prefix]
+        grad_x[:, :num_prefix] = torch.ops.aten.gelu_backward(prefix, x[:, :num_prefix]) if gelu else prefix
+    # the input gradient: the same convolution of the output's (with gelu, the pre-activation's)
+    # gradient with the kernel flipped
+    _launch_conv(grad_pre, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
     sums = part.sum(0)  # (10, C)
     grad_w = sums[:9].t().reshape(weight.shape).to(weight.dtype).contiguous()
     return grad_x, grad_w, sums[9].clone()
@@ -180,17 +295,17 @@ _op_backward = torch.library.triton_op("vitpe::depthwise_conv_tokens_backward", 
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, weight, bias, H, W, num_prefix, residual = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.args = (H, W, num_prefix, residual)
+    x, weight, bias, H, W, num_prefix, residual, gelu = inputs
+    ctx.save_for_backward(x, weight, bias if gelu else None)
+    ctx.args = (H, W, num_prefix, residual, gelu)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _grads(ctx, grad: Tensor, backward) -> tuple:
-    x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = backward(grad, x, weight, *ctx.args)
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_w, grad_b = backward(grad, x, weight, bias, *ctx.args)
     grad_b = None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 _op.register_autograd(lambda ctx, grad: _grads(ctx, grad, _op_backward), setup_context=_setup)
@@ -201,8 +316,8 @@ class _Eager(torch.autograd.Function):
     (which is larger than the kernels at small batches)."""
 
     @staticmethod
-    def forward(x, weight, bias, H, W, num_prefix, residual):
-        return conv_tokens(x, weight, bias, H, W, num_prefix, residual)
+    def forward(x, weight, bias, H, W, num_prefix, residual, gelu):
+        return conv_tokens(x, weight, bias, H, W, num_prefix, residual, gelu)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -214,13 +329,17 @@ class _Eager(torch.autograd.Function):
 
 
 def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid: tuple[int, int],
-                          num_prefix: int = 0, residual: bool = False) -> Tensor:
+                          num_prefix: int = 0, residual: bool = False, gelu: bool = False) -> Tensor:
     """``x`` ``(B, P + H*W, C)`` -> same shape: the patch rows convolved depthwise (``weight``
     ``(C, 1, k, k)``, zero padding ``k // 2``), plus themselves with ``residual``; prefix rows
-    unchanged. Computed in float32, returned in ``x``'s dtype."""
+    unchanged. With ``gelu``, the exact (erf) GELU of all that, prefix rows included: Mix-FFN's
+    ``gelu(conv(x))`` in one kernel (not with ``residual``). Computed in float32, returned in
+    ``x``'s dtype."""
     if weight.shape[-2:] != (3, 3):
         raise ValueError(f"the token depthwise kernels are 3x3; got a {tuple(weight.shape[-2:])} weight")
+    if gelu and residual:
+        raise ValueError("the token depthwise kernels apply GELU only without the residual (Mix-FFN, not PEG)")
     if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
         x = x.contiguous()
-    args = (x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual))
+    args = (x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual), bool(gelu))
     return _op(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
