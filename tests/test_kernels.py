@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from triton_interpreter import opcheck_utils, run_compare_in_interpreter
 
+from vitpe.layers import Mlp
+from vitpe.pos.base import BlockPos
 from vitpe.pos.functional import GridConv
 
 triton = pytest.importorskip("triton")
@@ -61,6 +63,16 @@ def _compare(device: str, dtype: torch.dtype) -> None:
     for a, b in zip(torch.autograd.grad((ours.float() * w).sum(), [x, conv.proj.weight]),
                     torch.autograd.grad((ref.float() * w).sum(), [x, conv.proj.weight])):
         torch.testing.assert_close(a, b, **tol)
+    # a Mix-FFN Mlp hands its GELU to the kernel: fc1 -> convolution -> GELU -> fc2 as before
+    mlp = Mlp(6, 16, GridConv(16)).to(device)
+    pos = BlockPos((3, 4), 1)
+    ours = mlp(x[..., :6], pos)
+    kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
+    try:
+        ref = mlp.fc2(F.gelu(mlp.mixer(mlp.fc1(x[..., :6]), pos.grid, pos.num_prefix)))
+    finally:
+        kernels.depthwise.ENABLED = saved
+    torch.testing.assert_close(ours, ref, **tol)
     # the schema, the autograd registration and (on a GPU) the shape-only version agree with the
     # kernels, as torch.compile relies on
     for residual, gelu in ((True, False), (False, True)):
@@ -96,10 +108,37 @@ def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks():
     torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
 
 
+def test_mixffn_mlp_with_the_gelu_in_the_mixer_computes_fc1_conv_gelu_fc2():
+    torch.manual_seed(0)
+    mlp = Mlp(6, 16, GridConv(16), drop=0.0)
+    x, pos = torch.randn(2, 1 + 12, 6), BlockPos((3, 4), 1)
+    calls = []
+
+    def hook(module, args, out) -> None:
+        calls.append(type(module).__name__)
+
+    mlp.act.register_forward_hook(hook)
+    mlp.mixer.register_forward_hook(hook)
+    out = mlp(x, pos)
+    assert calls == ["GridConv"]  # the mixer applied the GELU, the Mlp's own was not called
+    hidden = mlp.mixer(mlp.fc1(x), pos.grid, pos.num_prefix)
+    assert torch.equal(out, mlp.fc2(F.gelu(hidden)))
+    assert list(mlp.state_dict()) == ["fc1.weight", "fc1.bias", "mixer.proj.weight", "mixer.proj.bias", "fc2.weight",
+                                      "fc2.bias"]
+    mlp.act = torch.nn.GELU(approximate="tanh")  # another activation stays the Mlp's
+    mlp.act.register_forward_hook(hook)
+    calls.clear()
+    assert torch.equal(mlp(x, pos), mlp.fc2(F.gelu(hidden, approximate="tanh")))
+    assert calls == ["GridConv", "GELU"]
+
+
 def test_the_gelu_is_refused_with_the_residual():
     from vitpe import kernels
 
     x = torch.randn(1, 4, 8)
+    assert not GridConv(8, residual=True).fuses_gelu and GridConv(8).fuses_gelu
+    with pytest.raises(ValueError, match="GELU only without the residual"):
+        GridConv(8, residual=True)(x, (2, 2), 0, gelu=True)
     with pytest.raises(ValueError, match="GELU only without the residual"):
         kernels.depthwise_conv_tokens(x, torch.randn(8, 1, 3, 3), None, (2, 2), residual=True, gelu=True)
 

@@ -1,4 +1,5 @@
-"""The transformer FFN, with an optional token mixer between fc1 and the activation (Mix-FFN)."""
+"""The transformer FFN, with an optional token mixer between fc1 and the activation (Mix-FFN); a
+mixer that can apply the activation itself is asked to."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -18,6 +19,17 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor, pos: BlockPos) -> Tensor:
         x = self.fc1(x)
-        if self.mixer is not None:
-            x = self.mixer(x, pos.grid, pos.num_prefix)
-        return self.drop2(self.fc2(self.drop1(self.act(x))))
+        if self._mixer_applies_act():
+            x = self.mixer(x, pos.grid, pos.num_prefix, gelu=True)
+        else:
+            if self.mixer is not None:
+                x = self.mixer(x, pos.grid, pos.num_prefix)
+            x = self.act(x)
+        return self.drop2(self.fc2(self.drop1(x)))
+
+    def _mixer_applies_act(self) -> bool:
+        """Whether the mixer applies the activation itself: one that can (``fuses_gelu``, as
+        ``GridConv`` without residual, whose kernel then saves the GELU's passes over the hidden
+        layer), with the activation the exact GELU."""
+        return (getattr(self.mixer, "fuses_gelu", False) and isinstance(self.act, nn.GELU)
+                and self.act.approximate == "none")

@@ -102,6 +102,9 @@ class GridConv(nn.Module):
 
     With ``residual`` it is CPVT's PEG (``x + conv(x)``); without, SegFormer's Mix-FFN mixer.
     On a GPU it runs as ``vitpe.kernels.depthwise_conv_tokens``, in the tokens' own layout.
+    Without ``residual``, ``forward(..., gelu=True)`` returns the exact GELU of the result, prefix
+    tokens included; the kernel applies it as it writes (``Mlp`` asks for it when its activation is
+    that GELU).
     """
 
     def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
@@ -111,10 +114,18 @@ class GridConv(nn.Module):
         self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.residual = residual
 
-    def forward(self, x: Tensor, grid: Grid, num_prefix: int) -> Tensor:
+    @property
+    def fuses_gelu(self) -> bool:
+        """Whether ``forward`` takes ``gelu``: without the residual (as Mix-FFN's mixer)."""
+        return not self.residual
+
+    def forward(self, x: Tensor, grid: Grid, num_prefix: int, gelu: bool = False) -> Tensor:
+        if gelu and self.residual:
+            raise ValueError("GridConv applies GELU only without the residual (Mix-FFN, not PEG)")
         if kernels.available(x, self.proj.kernel_size[0]):
             check_tokens(x, grid, num_prefix)
-            return kernels.depthwise_conv_tokens(x, self.proj.weight, self.proj.bias, grid, num_prefix, self.residual)
+            return kernels.depthwise_conv_tokens(x, self.proj.weight, self.proj.bias, grid, num_prefix, self.residual,
+                                                 gelu)
         prefix, maps = to_map(x, grid, num_prefix)
         # tokens (B, N, C) already are a channels-last map, unless prefix tokens were sliced off;
         # keep that layout so the convolution runs channels-last without transposing copies
@@ -122,7 +133,8 @@ class GridConv(nn.Module):
         out = self.proj(maps)
         if self.residual:
             out = out + maps
-        return from_map(prefix, out)
+        out = from_map(prefix, out)
+        return F.gelu(out) if gelu else out
 
 
 def rope_tables(angles: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
