@@ -141,6 +141,26 @@ def test_resampling_to_one_column_matches_resampling_one_axis_at_a_time(mode, sr
         assert got[..., 0].std(-1).min() > 0  # the rows differ
 
 
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("src,dst", [((27, 27), (7, 11)), ((14, 14), (24, 24)), ((5, 4), (13, 2)), ((1, 5), (3, 3)),
+                                     ((13, 29), (29, 13))])
+def test_resampling_gives_torchs_antialiased_interpolation(mode, src, dst):
+    """``resample_map``'s per-axis weights reproduce ``F.interpolate(..., antialias=True)``,
+    shrinking and growing, and the gradient is that of the same linear map."""
+    import torch.nn.functional as F
+
+    from vitpe.pos.functional import resample_map
+
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, *src, requires_grad=True)
+    got = resample_map(maps, dst, mode)
+    want = F.interpolate(maps, size=dst, mode=mode, align_corners=False, antialias=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, maps, g)[0], torch.autograd.grad(want, maps, g)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_detr_learned_encoding_follows_rows_and_columns_at_any_size():
     """DETR's ``learned`` tables resampled to an image's own rows: a table rising with the row
     index still rises after resampling (it came out constant before the one-column fix)."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..registry import Registry
 from . import STRATEGIES, build
 from .base import Grid, PosStrategy
-from .functional import sincos_1d
+from .functional import cubic_filter, sincos_1d
 
 
 class AdditiveQK(PosStrategy):
@@ -56,7 +56,7 @@ def resampling_weights(lengths: Tensor, size: int, padded: int) -> Tensor:
     stretch = torch.where(scale > 1, 1 / scale, torch.ones_like(scale))  # the filter widens when shrinking
     out = torch.arange(padded, device=lengths.device, dtype=torch.float32)[None, :, None]
     src = torch.arange(size, device=lengths.device, dtype=torch.float32)[None, None, :]
-    w = _cubic((src + 0.5 - scale * (out + 0.5)) * stretch)
+    w = cubic_filter((src + 0.5 - scale * (out + 0.5)) * stretch)
     w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
     return torch.where(out < length, w, 0.0)
 
@@ -66,14 +66,6 @@ def _resample(table: Tensor, lengths: Tensor, padded: int) -> Tensor:
     written out, not a product, which autocast would run in bf16)."""
     weights = resampling_weights(lengths, table.shape[0], padded)  # (B, padded, L)
     return (weights[..., None] * table.float()).sum(-2)
-
-
-def _cubic(x: Tensor, a: float = -0.5) -> Tensor:
-    """The cubic convolution filter with ``a = -0.5``, as antialiased bicubic resampling uses it."""
-    x = x.abs()
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
 class SineMasked(AdditiveQK):

@@ -64,16 +64,52 @@ def resample_table(table: Tensor, old_grid: Grid, new_grid: Grid, mode: str = "b
 
 
 def resample_map(maps: Tensor, size: Grid, mode: str = "bicubic") -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, C, *size)``, antialiased when shrinking, computed in float32."""
+    """``(B, C, H, W)`` -> ``(B, C, *size)``, antialiased when shrinking, computed in float32.
+
+    ``bicubic`` and ``bilinear`` are torch's (and PIL's) antialiased resampling, done as two small
+    products with per-axis weights (``resampling_matrix``): the same numbers as ``F.interpolate``
+    with ``antialias=True``, also for outputs one column wide (where torch's kernels repeat the
+    first row), and a backward that ``torch.compile`` can trace with symbolic sizes (torch's
+    antialiased backward fails on them). Other modes go to ``F.interpolate``."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    antialias = mode in ("bilinear", "bicubic")
-    if antialias and size[1] == 1 and size[0] > 1:
-        # torch's antialiased kernels get an output one column wide wrong (every row comes out as
-        # the first); one row high they get right, so resample the transposed map
-        return resample_map(maps.transpose(-1, -2), (size[1], size[0]), mode).transpose(-1, -2).contiguous()
-    out = F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False, antialias=antialias)
+    if mode not in _FILTERS:
+        return F.interpolate(maps.float(), size=tuple(size), mode=mode).to(maps.dtype)
+    rows = resampling_matrix(maps.shape[-2], size[0], mode, maps.device)
+    cols = resampling_matrix(maps.shape[-1], size[1], mode, maps.device)
+    with torch.autocast(maps.device.type, enabled=False):  # float32 products, also under autocast
+        out = rows @ maps.float() @ cols.t()
     return out.to(maps.dtype)
+
+
+def resampling_matrix(size: int, new_size: int, mode: str = "bicubic",
+                      device: torch.device | None = None) -> Tensor:
+    """``(new_size, size)`` float32: row ``i`` holds the weights that make output ``i`` of an
+    antialiased resampling of a ``size``-long axis (half-pixel centres, the filter widened by the
+    scale when shrinking, weights normalised over the input), as ``F.interpolate(...,
+    antialias=True)`` and PIL compute them."""
+    scale = size / new_size
+    stretch = 1.0 / scale if scale > 1 else 1.0  # the filter widens when shrinking
+    out = torch.arange(new_size, device=device, dtype=torch.float32)[:, None]
+    src = torch.arange(size, device=device, dtype=torch.float32)[None, :]
+    w = _FILTERS[mode]((src + 0.5 - scale * (out + 0.5)) * stretch)
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def cubic_filter(x: Tensor, a: float = -0.5) -> Tensor:
+    """The cubic convolution filter with ``a = -0.5``, as antialiased bicubic resampling uses it."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def triangle_filter(x: Tensor) -> Tensor:
+    """The linear filter of antialiased bilinear resampling."""
+    return (1 - x.abs()).clamp(min=0)
+
+
+_FILTERS = {"bicubic": cubic_filter, "bilinear": triangle_filter}
 
 
 def to_map(x: Tensor, grid: Grid, num_prefix: int) -> tuple[Tensor, Tensor]:
