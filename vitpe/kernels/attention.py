@@ -7,10 +7,11 @@ backward at batch 256 on an H200). Here:
 
 - the forward is flash attention (online softmax, nothing of size ``T x S`` kept), reading the
   bias tile by tile, and keeps each row's log-sum-exp;
-- the backward is one kernel per block of keys that recomputes the probabilities, accumulates the
-  key and value gradients, and writes the logits' gradient ``dS = P * (dP - delta)`` once, in the
-  inputs' dtype; a third kernel makes the query gradient ``dS K`` from it, and the bias gradient
-  is ``dS`` summed over the batch.
+- the backward first sums ``delta = rowsum(dO * O)`` per query, then runs one kernel per block of
+  keys that recomputes the probabilities (transposed, keys by queries), accumulates the key and
+  value gradients, and writes the logits' gradient ``dS = P * (dP - delta)`` once, in the inputs'
+  dtype; a last kernel makes the query gradient ``dS K`` from it, and the bias gradient is ``dS``
+  summed over the batch.
 
 Half-precision inputs (bf16 autocast), head widths 16, 32, 64 and 128, no dropout; otherwise
 callers keep ``scaled_dot_product_attention``. The backward holds ``dS`` for one layer at a time
@@ -34,7 +35,7 @@ except ImportError:  # torch builds without Triton keep scaled_dot_product_atten
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 32, 4, 2  # forward: queries x keys per step
-BWD_BLOCK_M, BWD_BLOCK_N, BWD_NUM_WARPS = 16, 128, 4  # backward: queries per step x keys per program
+BWD_BLOCK_M, BWD_BLOCK_N, BWD_NUM_WARPS, BWD_NUM_STAGES = 32, 128, 4, 3  # backward: queries per step x keys per program
 _LOG2E = 1.4426950408889634
 
 
@@ -104,14 +105,26 @@ if triton is not None:
         tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, Bias, O, DO, LSE, DS, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                    sob, soh, son, sdob, sdoh, sdon, sbh, sbm, ds_row, n_heads, T, S,
-                    QK_SCALE: tl.constexpr, SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+    def _delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, n_heads, T, D: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+        """``delta = rowsum(dO * O)`` (float32, ``(B * heads, T)``) for one block of queries of one
+        (image, head): the softmax's share of every logit's gradient, read once per row."""
+        bh, b, h, offs_m, m_ok = _program(n_heads, T, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        o = _rows(O + b * sob + h * soh, offs_m, son, offs_d, m_ok).to(tl.float32)
+        do = _rows(DO + b * sdob + h * sdoh, offs_m, sdon, offs_d, m_ok).to(tl.float32)
+        tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=m_ok)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, Bias, DO, LSE, DELTA, DS, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                    sdob, sdoh, sdon, sbh, sbm, ds_row, n_heads, T, S, QK_SCALE: tl.constexpr,
+                    SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One block of keys of one (image, head): over all query blocks, recompute ``P``, add up
-        ``dV = P^T dO`` and ``dK = dS^T Q * scale``, and write ``dS = P * (dO V^T - delta)`` with
-        ``delta = rowsum(dO * O)`` (``DS``: ``(B, heads, T, ds_row)``, rows padded to an aligned
-        length). ``DK``, ``DV`` are ``(B, heads, S, D)`` contiguous."""
+        ``dV = P^T dO`` and ``dK = dS^T Q * scale``, and write ``dS = P * (dO V^T - delta)``
+        (``DS``: ``(B, heads, T, ds_row)``, rows padded to an aligned length). Everything is
+        computed transposed, keys by queries, so that every product has the block of keys as its
+        long side (Hopper's warp-group products want 64 rows or more). ``DK``, ``DV`` are
+        ``(B, heads, S, D)`` contiguous."""
         bh, b, h, offs_n, n_ok = _program(n_heads, S, BLOCK_N)
         offs_d = tl.arange(0, D)
         k = _rows(K + b * skb + h * skh, offs_n, skn, offs_d, n_ok)
@@ -120,24 +133,24 @@ if triton is not None:
         dv = tl.zeros((BLOCK_N, D), tl.float32)
         qb = Q + b * sqb + h * sqh
         dob = DO + b * sdob + h * sdoh
-        ob = O + b * sob + h * soh
-        dsb = DS + bh * T * ds_row
+        dsb = DS + bh * T * ds_row + offs_n[:, None]
+        biasb = Bias + h * sbh + offs_n[:, None]
         for start in range(0, T, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
-            both = m_ok[:, None] & n_ok[None, :]
-            q = _rows(qb, offs_m, sqn, offs_d, m_ok)
+            both = n_ok[:, None] & m_ok[None, :]
+            qT = tl.load(qb + offs_m[None, :] * sqn + offs_d[:, None], mask=m_ok[None, :], other=0.0)
             do = _rows(dob, offs_m, sdon, offs_d, m_ok)
-            o = _rows(ob, offs_m, son, offs_d, m_ok)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
-            s = _logits(q, k, Bias + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], both, QK_SCALE)
-            p = tl.where(both, tl.exp2(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = (p * (dp - delta[:, None])).to(q.dtype)
-            tl.store(dsb + offs_m[:, None] * ds_row + offs_n[None, :], ds, mask=both)
-            dk += tl.dot(tl.trans(ds), q)
+            delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
+            bias = tl.load(biasb + offs_m[None, :] * sbm, mask=both, other=0.0).to(tl.float32)
+            sT = tl.dot(k, qT) * QK_SCALE + bias * 1.4426950408889634
+            pT = tl.where(both, tl.exp2(sT - lse[None, :]), 0.0)
+            dv += tl.dot(pT.to(do.dtype), do)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = (pT * (dpT - delta[None, :])).to(do.dtype)
+            tl.store(dsb + offs_m[None, :] * ds_row, dsT, mask=both)
+            dk += tl.dot(dsT, tl.trans(qT))
         out = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DK + out, (dk * SCALE).to(DK.dtype.element_ty), mask=n_ok[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
@@ -198,10 +211,13 @@ def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias:
     dk = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, S, D, device=q.device, dtype=v.dtype)
     scale = 1.0 / math.sqrt(D)
+    delta = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
+    traceable(_delta_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
+        out, grad, delta, *_strides(out), *_strides(grad), H, T, D=D, BLOCK_M=BLOCK_M)
     traceable(_bwd_kernel)[(triton.cdiv(S, BWD_BLOCK_N), B * H)](
-        q, k, v, bias, out, grad, lse, ds, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        *_strides(grad), bias.stride(0), bias.stride(1), ds.stride(2), H, T, S, QK_SCALE=scale * _LOG2E,
-        SCALE=scale, D=D, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=NUM_STAGES)
+        q, k, v, bias, grad, lse, delta, ds, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
+        bias.stride(0), bias.stride(1), ds.stride(2), H, T, S, QK_SCALE=scale * _LOG2E, SCALE=scale, D=D,
+        BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     traceable(_dq_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
         ds, k, dq, *_strides(k), H, T, S, ds.stride(2), SCALE=scale, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
