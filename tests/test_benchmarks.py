@@ -64,3 +64,16 @@ def test_attention_kernels_reports_a_backend_that_refuses(tmp_path):
     rows = bench.run(bench.parse(["--shape", "1,1,4,8", "--kernels", "sdpa:efficient", "--steps", "1", "--warmup", "0",
                                   "--device", "cpu", "--output", str(tmp_path)]))
     assert all(r["ms"] is None and r["error"] for r in rows)  # no efficient-attention kernel on CPU: reported, not timed
+
+
+def test_depthwise_kernels_smoke_writes_a_row_per_shape_and_variant(tmp_path):
+    bench = load("depthwise_kernels")
+    rows = bench.run(bench.parse(["--smoke", "--device", "cpu", "--output", str(tmp_path)]))
+    assert [(tuple(r["shape"]), r["variant"]) for r in rows] == [
+        (s, v) for s in bench.SMOKE_SHAPES for v in ("copy", "unfused", "fused", "cudnn")]
+    assert all(r["fwd_ms"] > 0 and r["passes"] > 0 for r in rows)
+    assert all(not r["kernel"] for r in rows)  # on CPU: GridConv's torch path
+    assert all(r["max_err"] < 1e-5 for r in rows if r["variant"] != "copy")
+    data = json.loads((tmp_path / "depthwise_kernels.json").read_text())
+    assert data["rows"] == json.loads(json.dumps(rows))
+    assert (tmp_path / "depthwise_kernels.md").read_text().count("\n") == 2 + len(rows)

@@ -1,0 +1,169 @@
+"""Forward and forward + backward time of Mix-FFN's token convolution and GELU, per way of computing it.
+
+    python benchmarks/depthwise_kernels.py --output runs/depthwise          # on a GPU, bf16
+    python benchmarks/depthwise_kernels.py --smoke --output runs/smoke      # tiny, on CPU too
+
+Shapes ``B,H,W,C,P`` (batch, grid, channels, prefix tokens): Mix-FFN's hidden layer of ViT-S/16 at
+224 px (256,14,14,1536,1) and at 384 px with batch 64 (64,24,24,1536,1), and of MiT-B2's first two
+stages at 512 px, batch 8 (8,128,128,256,0 and 8,64,64,512,0). Each row is one way of computing
+``gelu(conv(x))`` on ``(B, P + H*W, C)`` tokens, with the gradients of ``x``, the weight and the bias:
+
+- ``unfused``: ``vitpe.kernels.depthwise_conv_tokens``, then torch's GELU;
+- ``fused``: the same kernel with ``gelu=True`` (the activation inside the convolution's kernels);
+- ``cudnn``: the tokens as a channels-last map through ``nn.Conv2d`` (cuDNN), then torch's GELU;
+- ``copy``: a copy of the tokens (one read and one write), the scale for the column ``passes``:
+  a row's time in units of one pass over the tensor (half the copy's).
+
+Tokens in bf16 and the convolution's parameters in float32 under autocast, as in mixed-precision
+training (float32 throughout on CPU). Without the Triton kernels (CPU) ``unfused`` and ``fused``
+run ``GridConv``'s torch path, and the column ``kernel`` says so. Times are medians over
+``--steps`` calls after ``--warmup`` (CUDA events on a GPU). ``max_err`` is the largest difference
+of the output and of ``x``'s gradient from ``cudnn``'s. Writes ``depthwise_kernels.json`` and
+``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import write_rows  # noqa: E402
+
+from vitpe import kernels  # noqa: E402
+from vitpe.pos.functional import GridConv  # noqa: E402
+
+SHAPES = [(256, 14, 14, 1536, 1), (64, 24, 24, 1536, 1), (8, 128, 128, 256, 0), (8, 64, 64, 512, 0)]
+SMOKE_SHAPES = [(2, 3, 4, 8, 1), (1, 4, 4, 16, 0)]
+VARIANTS = ("unfused", "fused", "cudnn", "copy")
+Shape = tuple[int, int, int, int, int]
+
+
+def median_ms(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of one call of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def forward_of(variant: str, conv: GridConv, grid: tuple[int, int], num_prefix: int) -> Callable:
+    """``x -> gelu(conv(x))`` computed as ``variant`` says."""
+    def unfused(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(conv(x, grid, num_prefix))
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        return conv(x, grid, num_prefix, gelu=True)
+
+    def cudnn(x: torch.Tensor) -> torch.Tensor:
+        kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
+        try:
+            return F.gelu(conv(x, grid, num_prefix))
+        finally:
+            kernels.depthwise.ENABLED = saved
+
+    return {"unfused": unfused, "fused": fused, "cudnn": cudnn}[variant]
+
+
+def time_shape(shape: Shape, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows of one shape, one per variant."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    B, H, W, C, P = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, P + H * W, C, generator=g).to(device, torch.bfloat16 if cuda else torch.float32)
+    x.requires_grad_()
+    grad = torch.randn(x.shape, generator=g).to(device, x.dtype)
+    conv = GridConv(C).to(device)
+    params = [x, conv.proj.weight, conv.proj.bias]
+    src, out = x.detach(), x.detach().clone()
+    copy_ms = median_ms(lambda: out.copy_(src), args.steps, args.warmup, device)
+    pass_ms = copy_ms / 2
+    rows = [dict(shape=list(shape), variant="copy", kernel=False, fwd_ms=copy_ms, fwd_bwd_ms=None, passes=2.0,
+                 max_err=None)]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        fns = {v: forward_of(v, conv, (H, W), P) for v in VARIANTS[:3]}
+        ref = fns["cudnn"](x)
+        ref_grad = torch.autograd.grad(ref, x, grad)[0]
+        for variant, fn in fns.items():
+            def forward() -> None:
+                with torch.no_grad():
+                    fn(x)
+
+            def step() -> None:
+                torch.autograd.grad(fn(x), params, grad)
+
+            y = fn(x)
+            err = max((y - ref).abs().max().item(), (torch.autograd.grad(y, x, grad)[0] - ref_grad).abs().max().item())
+            fwd_bwd = median_ms(step, args.steps, args.warmup, device)
+            rows.append(dict(shape=list(shape), variant=variant, kernel=variant != "cudnn" and kernels.available(x),
+                             fwd_ms=median_ms(forward, args.steps, args.warmup, device), fwd_bwd_ms=fwd_bwd,
+                             passes=fwd_bwd / pass_ms, max_err=err))
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every shape; the files are rewritten after each, so a run cut short keeps what it measured."""
+    rows: list[dict[str, Any]] = []
+    for shape in args.shapes:
+        new = time_shape(shape, args)
+        print(markdown(new, header=not rows), flush=True)
+        rows += new
+        write_rows(args, "depthwise_kernels", rows, markdown(rows))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
+    lines = ["| B,H,W,C,P | variant | kernel | fwd ms | fwd+bwd ms | fwd+bwd passes | max err |",
+             "|---|---|---|---|---|---|---|"] if header else []
+    for r in rows:
+        shape = ",".join(map(str, r["shape"]))
+        fwd_bwd = "-" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:.3f}"
+        err = "-" if r["max_err"] is None else f"{r['max_err']:.1e}"
+        lines.append(f"| {shape} | {r['variant']} | {'yes' if r['kernel'] else 'no'} | {r['fwd_ms']:.3f} | "
+                     f"{fwd_bwd} | {r['passes']:.1f} | {err} |")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in t.split(",")) for t in s.split(";")],
+                   default=None, metavar="B,H,W,C,P;...", help="default: the four above")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps after 1 warm-up: checks the script runs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", type=Path, default=Path("runs/depthwise"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shapes, args.steps, args.warmup = args.shapes or SMOKE_SHAPES, 2, 1
+    args.shapes = args.shapes or SHAPES
+    bad = [s for s in args.shapes if len(s) != 5]
+    if bad:
+        p.error(f"a shape is B,H,W,C,P; got {bad[0]}")
+    return args
+
+
+if __name__ == "__main__":
+    run(parse())
