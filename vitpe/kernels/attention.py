@@ -25,7 +25,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, traceable
+from ._triton import INTERPRET, multiprocessors, traceable
 
 try:
     import triton
@@ -36,6 +36,9 @@ except ImportError:  # torch builds without Triton keep scaled_dot_product_atten
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 32, 4, 2  # forward: queries x keys per step
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_NUM_WARPS, BWD_NUM_STAGES = 32, 128, 4, 3  # backward: queries per step x keys per program
+# query and bias gradients together while all keys fit one tile: up to DQ_MAX_KEYS keys, tiles of
+# DQ_TILE elements, DQ_WAVES programs per multiprocessor (each sums its share of the batch)
+DQ_MAX_KEYS, DQ_TILE, DQ_WAVES = 512, 8192, 4
 _LOG2E = 1.4426950408889634
 
 
@@ -173,6 +176,32 @@ if triton is not None:
         tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :],
                  (acc * SCALE).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
+    @triton.jit
+    def _dq_dbias_kernel(DS, K, DQ, PART, skb, skh, skn, n_heads, B, T, S, ds_row, per_prog, SCALE: tl.constexpr,
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+        """For one block of queries of one head and a share of the batch, with all ``S`` keys in
+        one tile: ``dQ = dS K * scale`` for each image, and this program's part of the bias
+        gradient, ``dS`` summed over its images (``PART``: ``(chunks, heads, T, S)`` float32,
+        added up afterwards). ``dS`` is read once for both."""
+        h, chunk = tl.program_id(1), tl.program_id(2)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, D)
+        m_ok, s_ok = offs_m < T, offs_s < S
+        both = m_ok[:, None] & s_ok[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_S), tl.float32)
+        first = chunk.to(tl.int64) * per_prog  # int64: offsets into large tensors
+        for i in range(0, tl.minimum(per_prog, B - chunk * per_prog)):
+            b = first + i
+            bh = b * n_heads + h
+            ds = tl.load(DS + bh * T * ds_row + offs_m[:, None] * ds_row + offs_s[None, :], mask=both, other=0.0)
+            k = _rows(K + b * skb + h * skh, offs_s, skn, offs_d, s_ok)
+            dq = tl.dot(ds, k) * SCALE
+            tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=m_ok[:, None])
+            acc += ds.to(tl.float32)
+        tl.store(PART + ((chunk * n_heads + h) * T + offs_m[:, None]).to(tl.int64) * S + offs_s[None, :], acc,
+                 mask=both)
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
@@ -219,10 +248,24 @@ def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias:
         bias.stride(0), bias.stride(1), ds.stride(2), H, T, S, QK_SCALE=scale * _LOG2E, SCALE=scale, D=D,
         BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    traceable(_dq_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
-        ds, k, dq, *_strides(k), H, T, S, ds.stride(2), SCALE=scale, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    dbias = ds[..., :S].sum(0, dtype=torch.float32).to(bias.dtype)
+    keys = triton.next_power_of_2(S)
+    if keys <= DQ_MAX_KEYS:
+        # all keys in one tile: the query gradient and the bias gradient's batch sum in one read of dS
+        block_m = min(64, max(16, DQ_TILE // keys))
+        m_blocks = triton.cdiv(T, block_m)
+        chunks = max(1, min(B, DQ_WAVES * multiprocessors(q.device) // (m_blocks * H)))
+        per_prog = triton.cdiv(B, chunks)
+        chunks = triton.cdiv(B, per_prog)
+        part = torch.empty(chunks, H, T, S, device=q.device, dtype=torch.float32)
+        traceable(_dq_dbias_kernel)[(m_blocks, H, chunks)](
+            ds, k, dq, part, *_strides(k), H, B, T, S, ds.stride(2), per_prog, SCALE=scale, D=D, BLOCK_M=block_m,
+            BLOCK_S=keys, num_warps=NUM_WARPS)
+        dbias = part.sum(0).to(bias.dtype)
+    else:
+        traceable(_dq_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
+            ds, k, dq, *_strides(k), H, T, S, ds.stride(2), SCALE=scale, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        dbias = ds[..., :S].sum(0, dtype=torch.float32).to(bias.dtype)
     return dq, dk, dv, dbias
 
 
