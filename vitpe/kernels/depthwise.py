@@ -28,7 +28,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import INTERPRET, multiprocessors, traceable
@@ -212,9 +211,33 @@ if triton is not None:
         _store_sums(part_ptr + prog * 10 * C + offs_c, C, cmask, a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
 
+    @triton.jit
+    def _prefix_kernel(src_ptr, x_ptr, dst_ptr, n, ssb, sxb, sdb, MODE: tl.constexpr, BLOCK: tl.constexpr):
+        """The first ``n`` elements (the prefix rows) of each image: ``dst = src`` (``MODE`` 0),
+        ``gelu(src)`` (1), or ``src * gelu'(x)`` (2, the GELU's backward), in the tensors
+        themselves (a slice assignment in the operator would be traced as a copy of the whole)."""
+        b = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        v = tl.load(src_ptr + b * ssb + offs, mask=ok, other=0.0).to(tl.float32)
+        if MODE == 1:
+            v = _gelu(v)
+        if MODE == 2:
+            v = v * _gelu_grad(tl.load(x_ptr + b * sxb + offs, mask=ok, other=0.0).to(tl.float32))
+        tl.store(dst_ptr + b * sdb + offs, v.to(dst_ptr.dtype.element_ty), mask=ok)
+
 def _taps(weight: Tensor) -> Tensor:
     """``(C, 1, k, k)`` -> ``(k*k, C)``: each tap's channels side by side."""
     return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
+def _launch_prefix(src: Tensor, x: Tensor, dst: Tensor, num_prefix: int, mode: int) -> None:
+    """Write the prefix rows of ``dst`` from those of ``src`` (and ``x``); see ``_prefix_kernel``."""
+    B, _, C = src.shape
+    n = num_prefix * C
+    block = min(1024, triton.next_power_of_2(n))
+    traceable(_prefix_kernel)[(B, triton.cdiv(n, block))](src, x, dst, n, src.stride(0), x.stride(0), dst.stride(0),
+                                                        MODE=mode, BLOCK=block)
 
 
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
@@ -248,7 +271,7 @@ def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: in
     """The forward: a new contiguous ``(B, P + H*W, C)`` tensor."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_prefix:
-        out[:, :num_prefix] = F.gelu(x[:, :num_prefix]) if gelu else x[:, :num_prefix]
+        _launch_prefix(x, x, out, num_prefix, mode=1 if gelu else 0)
     _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, gelu=gelu)
     return out
 
@@ -281,8 +304,7 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
                                                            BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C)
     grad_x = torch.empty_like(grad)
     if num_prefix:
-        prefix = grad[:, :num_prefix]
-        grad_x[:, :num_prefix] = torch.ops.aten.gelu_backward(prefix, x[:, :num_prefix]) if gelu else prefix
+        _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)
     # the input gradient: the same convolution of the output's (with gelu, the pre-activation's)
     # gradient with the kernel flipped
     _launch_conv(grad_pre, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
