@@ -65,6 +65,7 @@ def _compare(device: str, dtype: torch.dtype) -> None:
         torch.testing.assert_close(a, b, **tol)
     # a Mix-FFN Mlp hands its GELU to the kernel: fc1 -> convolution -> GELU -> fc2 as before
     mlp = Mlp(6, 16, GridConv(16)).to(device)
+    mlp.mixer.gelu_with_grad = True
     pos = BlockPos((3, 4), 1)
     ours = mlp(x[..., :6], pos)
     kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
@@ -119,10 +120,18 @@ def test_mixffn_mlp_with_the_gelu_in_the_mixer_computes_fc1_conv_gelu_fc2():
 
     mlp.act.register_forward_hook(hook)
     mlp.mixer.register_forward_hook(hook)
-    out = mlp(x, pos)
-    assert calls == ["GridConv"]  # the mixer applied the GELU, the Mlp's own was not called
     hidden = mlp.mixer(mlp.fc1(x), pos.grid, pos.num_prefix)
+    calls.clear()
+    with torch.no_grad():  # inference: the mixer applies the GELU, the Mlp's own is not called
+        out = mlp(x, pos)
+    assert calls == ["GridConv"]
     assert torch.equal(out, mlp.fc2(F.gelu(hidden)))
+    calls.clear()
+    out = mlp(x, pos)  # with gradients the GELU stays the Mlp's, unless the mixer is told otherwise
+    assert calls == ["GridConv", "GELU"] and torch.equal(out, mlp.fc2(F.gelu(hidden)))
+    mlp.mixer.gelu_with_grad = True
+    calls.clear()
+    assert torch.equal(mlp(x, pos), mlp.fc2(F.gelu(hidden))) and calls == ["GridConv"]
     assert list(mlp.state_dict()) == ["fc1.weight", "fc1.bias", "mixer.proj.weight", "mixer.proj.bias", "fc2.weight",
                                       "fc2.bias"]
     mlp.act = torch.nn.GELU(approximate="tanh")  # another activation stays the Mlp's
@@ -136,7 +145,8 @@ def test_the_gelu_is_refused_with_the_residual():
     from vitpe import kernels
 
     x = torch.randn(1, 4, 8)
-    assert not GridConv(8, residual=True).fuses_gelu and GridConv(8).fuses_gelu
+    with torch.no_grad():
+        assert not GridConv(8, residual=True).fuses_gelu and GridConv(8).fuses_gelu
     with pytest.raises(ValueError, match="GELU only without the residual"):
         GridConv(8, residual=True)(x, (2, 2), 0, gelu=True)
     with pytest.raises(ValueError, match="GELU only without the residual"):

@@ -28,8 +28,8 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(x)))
 
     def _mixer_applies_act(self) -> bool:
-        """Whether the mixer applies the activation itself: one that can (``fuses_gelu``, as
-        ``GridConv`` without residual, whose kernel then saves the GELU's passes over the hidden
-        layer), with the activation the exact GELU."""
+        """Whether the mixer applies the activation itself: one that says so (``fuses_gelu``, as
+        ``GridConv`` without residual in inference, whose kernel then saves the GELU's passes over
+        the hidden layer), with the activation the exact GELU."""
         return (getattr(self.mixer, "fuses_gelu", False) and isinstance(self.act, nn.GELU)
                 and self.act.approximate == "none")

@@ -140,8 +140,14 @@ class GridConv(nn.Module):
     On a GPU it runs as ``vitpe.kernels.depthwise_conv_tokens``, in the tokens' own layout.
     Without ``residual``, ``forward(..., gelu=True)`` returns the exact GELU of the result, prefix
     tokens included; the kernel applies it as it writes (``Mlp`` asks for it when its activation is
-    that GELU).
+    that GELU and ``fuses_gelu`` says so).
     """
+
+    # With gradients, the GELU stays outside the kernel unless this is set: the fused backward keeps
+    # no pre-activation (1.9 GiB less at the peak for ViT-S at batch 256) but measured slower than
+    # torch's GELU backward plus the weight-gradient kernel (ViT-S training 0.76 of `learned`,
+    # against 0.78; docs/performance.md, fifth round)
+    gelu_with_grad = False
 
     def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
         super().__init__()
@@ -152,8 +158,9 @@ class GridConv(nn.Module):
 
     @property
     def fuses_gelu(self) -> bool:
-        """Whether ``forward`` takes ``gelu``: without the residual (as Mix-FFN's mixer)."""
-        return not self.residual
+        """Whether ``Mlp`` should hand its GELU to ``forward``: without the residual (as Mix-FFN's
+        mixer), when no gradient is recorded (inference) or ``gelu_with_grad`` is set."""
+        return not self.residual and (self.gelu_with_grad or not torch.is_grad_enabled())
 
     def forward(self, x: Tensor, grid: Grid, num_prefix: int, gelu: bool = False) -> Tensor:
         if gelu and self.residual:
