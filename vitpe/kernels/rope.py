@@ -32,7 +32,7 @@ except ImportError:  # torch builds without Triton keep the torch rotation
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 BLOCK_T, NUM_WARPS = 32, 4  # positions per program; each program takes one head of one image
-BWD_WAVES = 4  # backward programs per multiprocessor, when the tables' gradient is summed
+BWD_WAVES = 8  # backward programs per multiprocessor, when the tables' gradient is summed (swept: 4-64)
 
 
 def available(qkv: Tensor, cos: Tensor) -> bool:
