@@ -16,10 +16,11 @@ stages at 512 px, batch 8 (8,128,128,256,0 and 8,64,64,512,0). Each row is one w
 
 Tokens in bf16 and the convolution's parameters in float32 under autocast, as in mixed-precision
 training (float32 throughout on CPU). Without the Triton kernels (CPU) ``unfused`` and ``fused``
-run ``GridConv``'s torch path, and the column ``kernel`` says so. Times are medians over
-``--steps`` calls after ``--warmup`` (CUDA events on a GPU). ``max_err`` is the largest difference
-of the output and of ``x``'s gradient from ``cudnn``'s. Writes ``depthwise_kernels.json`` and
-``.md``.
+run ``GridConv``'s torch path, and the column ``kernel`` says so. Times are per call over
+``--steps`` calls after ``--warmup``: on a GPU the kernels' own time under the profiler (the
+host's launches would otherwise be what is timed), on CPU the median wall-clock time.
+``max_err`` is the largest difference of the output and of ``x``'s gradient from ``cudnn``'s.
+Writes ``depthwise_kernels.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -47,24 +48,28 @@ Shape = tuple[int, int, int, int, int]
 
 
 def median_ms(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
-    """Median milliseconds of one call of ``fn``."""
+    """Milliseconds of one call of ``fn``. On a GPU, the time of its kernels, summed under the
+    profiler over ``steps`` calls: one call's launches take the host longer than its kernels take
+    the GPU, so timing the call itself (events or the clock) measures the host. On CPU, the
+    median of the calls' wall-clock times."""
     for _ in range(warmup):
         fn()
-    times = []
     if device.type == "cuda":
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
         torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn()
+            torch.cuda.synchronize(device)
+        busy_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+        return busy_us / steps / 1000
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
