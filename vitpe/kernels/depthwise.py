@@ -106,6 +106,19 @@ if triton is not None:
         tl.store(out + 9 * C, tl.sum(ab, axis=0), mask=cmask)
 
     @triton.jit
+    def _channels(C, BLOCK_C: tl.constexpr):
+        """This program's block of channels (along the launch grid's second axis) and its mask."""
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return offs_c, offs_c < C
+
+    @triton.jit
+    def _nth_tile(i, n_pos, H, W, BLOCK_P: tl.constexpr):
+        """Tile ``i`` of ``BLOCK_P`` positions: their mask, and ``_tile``'s image, position, row, column."""
+        offs_p = i * BLOCK_P + tl.arange(0, BLOCK_P)
+        b, r, h, w = _tile(offs_p, H * W, W)
+        return offs_p < n_pos, b, r, h, w
+
+    @triton.jit
     def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, n_pos, H, W, C, sxb, syb, K: tl.constexpr,
                      HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GELU: tl.constexpr, EVEN_C: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -140,15 +153,11 @@ if triton is not None:
         the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient). Products
         are accumulated elementwise over the program's tiles and reduced over positions once."""
         prog, nprog = tl.program_id(0), tl.num_programs(0)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
-        hw = H * W
+        offs_c, cmask = _channels(C, BLOCK_C)
         zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
         for t in range(0, tiles_per_prog):
-            offs_p = (prog + t * nprog) * BLOCK_P + tl.arange(0, BLOCK_P)
-            pmask = offs_p < n_pos
-            b, r, h, w = _tile(offs_p, hw, W)
+            pmask, b, r, h, w = _nth_tile(prog + t * nprog, n_pos, H, W, BLOCK_P)
             g = _shifted(g_ptr + skip + (b * sgb + r * C)[:, None] + offs_c[None, :], h, w, pmask, cmask, H, W, C, 0, 0,
                          EVEN_C)
             xb = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
@@ -173,16 +182,12 @@ if triton is not None:
         tiles, ``g = ga * gelu'(z)`` is stored in ``gp`` (laid out as ``ga``) for the input
         gradient, and ``part`` gets the sums of ``_weight_grad3_kernel``, of ``g``."""
         prog, nprog = tl.program_id(0), tl.num_programs(0)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
-        hw = H * W
+        offs_c, cmask = _channels(C, BLOCK_C)
         tp = taps_ptr + offs_c
         zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
         for t in range(0, tiles_per_prog):
-            offs_p = (prog + t * nprog) * BLOCK_P + tl.arange(0, BLOCK_P)
-            pmask = offs_p < n_pos
-            b, r, h, w = _tile(offs_p, hw, W)
+            pmask, b, r, h, w = _nth_tile(prog + t * nprog, n_pos, H, W, BLOCK_P)
             xb = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
             x0 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, -1, EVEN_C)
             x1 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 0, EVEN_C)
