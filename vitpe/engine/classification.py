@@ -128,7 +128,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         batch = as_batch(item)
         _report_skips(batch.skipped, seen)
         skipped += len(batch.skipped)
-        if _empty_anywhere(batch, device):
+        if _empty_anywhere(batch):
             continue
         x = batch.images.to(device, non_blocking=True)
         y = batch.targets.to(device, non_blocking=True)
@@ -151,14 +151,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             "skipped": int(totals["skipped"]), "time": time.time() - start}
 
 
-def _empty_anywhere(batch: Batch, device: torch.device) -> bool:
+def _empty_anywhere(batch: Batch) -> bool:
     """True when this process's batch is empty (every file in it unreadable) or, under DDP, any
     process's is: all processes must skip the step together, or the others would wait forever in
-    the gradient all-reduce."""
-    empty = float(batch.images.numel() == 0)
-    if dist.is_distributed():
-        empty = dist.all_reduce_sum(torch.tensor(empty, device=device)).item()
-    return empty > 0
+    the gradient all-reduce. The processes vote on the hosts, without waiting for the GPU."""
+    return dist.any_process(batch.images.numel() == 0)
 
 
 @torch.no_grad()

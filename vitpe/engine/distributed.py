@@ -121,6 +121,24 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+_host_votes: tuple[Any, Any] | None = None  # (the default group it was made for, a gloo group)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process, decided on the hosts: a CPU all-reduce over a gloo
+    group. (Reading back a GPU all-reduce would make the host wait, every step, for all the work
+    it has queued on the device, and the next step could not be queued while the last one runs.)"""
+    global _host_votes
+    if not is_distributed():
+        return bool(flag)
+    world = dist.group.WORLD
+    if _host_votes is None or _host_votes[0] is not world:  # made once per process group
+        _host_votes = (world, dist.new_group(backend="gloo", timeout=collective_timeout()))
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_host_votes[1])
+    return t.item() > 0
+
+
 def all_reduce_mean(t: Tensor) -> Tensor:
     """Mean of ``t`` over processes."""
     return all_reduce_sum(t) / world_size()
@@ -174,7 +192,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "cleanup",
+__all__ = ["DEFAULT_TIMEOUT_S", "all_reduce_mean", "all_reduce_sum", "any_process", "barrier", "broadcast_object", "cleanup",
            "collective_timeout", "gather_objects", "init_distributed", "is_distributed", "is_main", "local_rank",
            "process_label", "rank", "reduce_sums", "report_failure", "resolve_device", "unwrap_model", "world_size",
            "wrap_model"]
