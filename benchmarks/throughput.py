@@ -9,7 +9,9 @@ TFLOP/s (FLOPs from torch.utils.flop_counter), for vitpe and for timm's referenc
 ``vit_{size}_patch16_224`` for ``learned`` (and for strategies timm lacks, as the plain baseline),
 ``vit_{size}_patch16_rope_224`` for ``rope_axial``, ``vit_{size}_patch16_rope_mixed_224`` for
 ``rope_mixed``. Writes ``throughput.json`` and ``throughput.md`` (with the ratio vitpe / timm, and
-each strategy's ratio to vitpe's own ``learned`` when ``learned`` is measured first).
+each strategy's ratio to vitpe's own ``learned`` when ``learned`` is measured first). Each rate is
+the median of ``--repeats`` timed windows of ``--steps`` steps; the JSON keeps the windows' spread
+(``train_spread``, ``infer_spread``: slowest minus fastest, over the median).
 """
 from __future__ import annotations
 
@@ -35,6 +37,16 @@ REFERENCE = {"learned": "vit_{size}_patch16_224", "rope_axial": "vit_{size}_patc
 def build(name: str, res: int, depth: int | None, **kw: Any) -> torch.nn.Module:
     extra = {"depth": depth} if depth else {}
     return timm.create_model(name, img_size=res, num_classes=1000, **extra, **kw)
+
+
+def timed_windows(step: Callable[[], Any], steps: int, warmup: int, device: torch.device,
+                  repeats: int) -> tuple[float, float]:
+    """Seconds per call of ``step`` over ``repeats`` windows of ``steps`` calls each (after
+    ``warmup`` untimed calls): the median window, and the spread (slowest minus fastest, over
+    the median), which tells how far one window could be trusted."""
+    times = [timed(step, steps, warmup if i == 0 else 0, device) for i in range(max(1, repeats))]
+    median = sorted(times)[len(times) // 2]
+    return median, (max(times) - min(times)) / median
 
 
 def timed(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
@@ -114,14 +126,15 @@ def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compile
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    t_train = timed(train_step, args.steps, args.warmup, device)
+    t_train, train_spread = timed_windows(train_step, args.steps, args.warmup, device, args.repeats)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if args.profile:
         profile(train_step, args, device, f"{label} train", "throughput")
     model.eval()
-    t_infer = timed(infer_step, args.steps, args.warmup, device)
+    t_infer, infer_spread = timed_windows(infer_step, args.steps, args.warmup, device, args.repeats)
     return dict(train_img_s=args.batch_size / t_train, infer_img_s=args.batch_size / t_infer,
-                train_tflops=train_flops / t_train / 1e12, peak_mem_gib=mem)
+                train_tflops=train_flops / t_train / 1e12, peak_mem_gib=mem, train_spread=train_spread,
+                infer_spread=infer_spread)
 
 
 def sdpa_backends() -> dict[str, Any]:
@@ -231,6 +244,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="timed windows of --steps steps per measurement; "
+                   "the median is reported, and the spread between windows in the JSON")
     p.add_argument("--depth", type=int, default=None, help="override the block count (quick checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")

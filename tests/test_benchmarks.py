@@ -30,12 +30,21 @@ def test_throughput_benchmark_writes_side_by_side_rows(tmp_path):
 def test_throughput_without_reference_times_only_vitpe(tmp_path):
     bench = load("throughput")
     bench.main(["--sizes", "small", "--strategies", "learned,rpb", "--resolutions", "32", "--modes", "eager",
-                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--depth", "1", "--device", "cpu",
-                "--no-bf16", "--no-reference", "--output", str(tmp_path)])
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--no-reference", "--output", str(tmp_path)])
     rows = {r["strategy"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["rows"]}
+    assert all(r["vitpe"]["train_spread"] >= 0 and r["vitpe"]["infer_spread"] >= 0 for r in rows.values())
     assert all(r["timm"] is None and r["train_ratio"] is None and r["reference"] is None for r in rows.values())
     assert rows["rpb"]["train_vs_learned"] == rows["rpb"]["vitpe"]["train_img_s"] / rows["learned"]["vitpe"]["train_img_s"]
     assert "| rpb | 32 | eager | - |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_timed_windows_reports_the_median_window_and_the_spread(monkeypatch):
+    bench = load("throughput")
+    clock = iter([0.3, 0.1, 0.2])
+    monkeypatch.setattr(bench, "timed", lambda step, steps, warmup, device: next(clock))  # windows of known length
+    median, spread = bench.timed_windows(lambda: None, 5, 1, None, repeats=3)
+    assert median == 0.2 and abs(spread - (0.3 - 0.1) / 0.2) < 1e-12
 
 
 def test_throughput_profile_lists_each_measurement(tmp_path):
