@@ -13,7 +13,8 @@ computing it:
 - ``vitpe``: ``vitpe.layers.attention.attend``, what the models call (with a bias, in half
   precision, ``vitpe.kernels.attention``).
 
-Writes ``attention_kernels.json`` and ``.md`` (milliseconds per call, forward + backward).
+``--tiles`` times the kernels again with other values of ``vitpe.kernels.attention``'s tile
+constants. Writes ``attention_kernels.json`` and ``.md`` (milliseconds per call, forward + backward).
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import sdpa_backends, timed, write_rows  # noqa: E402
+from throughput import parse_tiles, sdpa_backends, tile_settings, timed, write_rows  # noqa: E402
 
+from vitpe import kernels  # noqa: E402
 from vitpe.layers.attention import attend  # noqa: E402
 from vitpe.pos.base import BlockPos  # noqa: E402
 
@@ -96,22 +98,28 @@ def time_one(fn: Attn, args: argparse.Namespace, with_bias: bool) -> dict[str, A
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every tile setting, kernel and bias choice; the files are rewritten after each row."""
     rows = []
-    for name in args.kernels:
-        for with_bias in (False, True):
-            r = dict(kernel=name, bias=with_bias, **time_one(KERNELS[name], args, with_bias))
-            rows.append(r)
-            print(markdown([r], header=len(rows) == 1), flush=True)
-            write_rows(args, "attention_kernels", rows, markdown(rows))
+    for spec in args.tiles:
+        with tile_settings(kernels.attention, spec):
+            for name in args.kernels:
+                for with_bias in (False, True):
+                    r = dict(kernel=name, tiles=spec or "default", bias=with_bias,
+                             **time_one(KERNELS[name], args, with_bias))
+                    rows.append(r)
+                    print(markdown([r], header=len(rows) == 1), flush=True)
+                    write_rows(args, "attention_kernels", rows, markdown(rows))
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
-    lines = ["| kernel | bias | fwd+bwd ms | bias grad rel. error | note |", "|---|---|---|---|---|"] if header else []
+    lines = ["| kernel | tiles | bias | fwd+bwd ms | bias grad rel. error | note |",
+             "|---|---|---|---|---|---|"] if header else []
     for r in rows:
         ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
         err = f"{r['bias_grad_rel_err']:.1e}" if "bias_grad_rel_err" in r else "-"
-        lines.append(f"| {r['kernel']} | {'yes' if r['bias'] else 'no'} | {ms} | {err} | {r.get('error', '')} |")
+        lines.append(f"| {r['kernel']} | {r['tiles']} | {'yes' if r['bias'] else 'no'} | {ms} | {err} | "
+                     f"{r.get('error', '')} |")
     return "\n".join(lines)
 
 
@@ -123,11 +131,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiles", nargs="*", default=[""], metavar="NAME=V,...",
+                   help="tile settings of vitpe.kernels.attention to time one after another, each a comma-"
+                   "separated list of its constants (e.g. 'BWD_BLOCK_M=64,BWD_NUM_WARPS=8'); '' is its own")
     p.add_argument("--output", type=Path, default=Path("runs/attention"))
     args = p.parse_args(argv)
     bad = [k for k in args.kernels if k not in KERNELS]
     if bad:
         p.error(f"unknown kernel {bad[0]!r}; choose from {', '.join(KERNELS)}")
+    for spec in args.tiles:
+        try:
+            parse_tiles(kernels.attention, spec)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 

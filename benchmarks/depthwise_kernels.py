@@ -2,6 +2,7 @@
 
     python benchmarks/depthwise_kernels.py --output runs/depthwise          # on a GPU, bf16
     python benchmarks/depthwise_kernels.py --smoke --output runs/smoke      # tiny, on CPU too
+    python benchmarks/depthwise_kernels.py --tiles '' 'CONV_WARPS=8' 'WG_BLOCK_P=16,WG_WARPS=8'  # a sweep
 
 Shapes ``B,H,W,C,P`` (batch, grid, channels, prefix tokens): Mix-FFN's hidden layer of ViT-S/16 at
 224 px (256,14,14,1536,1) and at 384 px with batch 64 (64,24,24,1536,1), and of MiT-B2's first two
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import write_rows  # noqa: E402
+from throughput import parse_tiles, tile_settings, write_rows  # noqa: E402
 
 from vitpe import kernels  # noqa: E402
 from vitpe.pos.functional import GridConv  # noqa: E402
@@ -91,8 +92,8 @@ def forward_of(variant: str, conv: GridConv, grid: tuple[int, int], num_prefix: 
     return {"unfused": unfused, "fused": fused, "cudnn": cudnn}[variant]
 
 
-def time_shape(shape: Shape, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The rows of one shape, one per variant."""
+def time_shape(shape: Shape, args: argparse.Namespace, tiles: str = "default") -> list[dict[str, Any]]:
+    """The rows of one shape, one per variant; ``tiles`` labels them."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     B, H, W, C, P = shape
@@ -105,8 +106,8 @@ def time_shape(shape: Shape, args: argparse.Namespace) -> list[dict[str, Any]]:
     src, out = x.detach(), x.detach().clone()
     copy_ms = median_ms(lambda: out.copy_(src), args.steps, args.warmup, device)
     pass_ms = copy_ms / 2
-    rows = [dict(shape=list(shape), variant="copy", kernel=False, fwd_ms=copy_ms, fwd_bwd_ms=None, passes=2.0,
-                 max_err=None)]
+    rows = [dict(shape=list(shape), tiles=tiles, variant="copy", kernel=False, fwd_ms=copy_ms, fwd_bwd_ms=None,
+                 passes=2.0, max_err=None)]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         fns = {v: forward_of(v, conv, (H, W), P) for v in VARIANTS[:3]}
         ref = fns["cudnn"](x)
@@ -122,31 +123,35 @@ def time_shape(shape: Shape, args: argparse.Namespace) -> list[dict[str, Any]]:
             y = fn(x)
             err = max((y - ref).abs().max().item(), (torch.autograd.grad(y, x, grad)[0] - ref_grad).abs().max().item())
             fwd_bwd = median_ms(step, args.steps, args.warmup, device)
-            rows.append(dict(shape=list(shape), variant=variant, kernel=variant != "cudnn" and kernels.available(x),
+            rows.append(dict(shape=list(shape), tiles=tiles, variant=variant,
+                             kernel=variant != "cudnn" and kernels.available(x),
                              fwd_ms=median_ms(forward, args.steps, args.warmup, device), fwd_bwd_ms=fwd_bwd,
                              passes=fwd_bwd / pass_ms, max_err=err))
     return rows
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every shape; the files are rewritten after each, so a run cut short keeps what it measured."""
+    """Every tile setting and shape; the files are rewritten after each, so a run cut short keeps
+    what it measured."""
     rows: list[dict[str, Any]] = []
-    for shape in args.shapes:
-        new = time_shape(shape, args)
-        print(markdown(new, header=not rows), flush=True)
-        rows += new
-        write_rows(args, "depthwise_kernels", rows, markdown(rows))
+    for spec in args.tiles:
+        with tile_settings(kernels.depthwise, spec):
+            for shape in args.shapes:
+                new = time_shape(shape, args, spec or "default")
+                print(markdown(new, header=not rows), flush=True)
+                rows += new
+                write_rows(args, "depthwise_kernels", rows, markdown(rows))
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
-    lines = ["| B,H,W,C,P | variant | kernel | fwd ms | fwd+bwd ms | fwd+bwd passes | max err |",
-             "|---|---|---|---|---|---|---|"] if header else []
+    lines = ["| B,H,W,C,P | tiles | variant | kernel | fwd ms | fwd+bwd ms | fwd+bwd passes | max err |",
+             "|---|---|---|---|---|---|---|---|"] if header else []
     for r in rows:
         shape = ",".join(map(str, r["shape"]))
         fwd_bwd = "-" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:.3f}"
         err = "-" if r["max_err"] is None else f"{r['max_err']:.1e}"
-        lines.append(f"| {shape} | {r['variant']} | {'yes' if r['kernel'] else 'no'} | {r['fwd_ms']:.3f} | "
+        lines.append(f"| {shape} | {r['tiles']} | {r['variant']} | {'yes' if r['kernel'] else 'no'} | {r['fwd_ms']:.3f} | "
                      f"{fwd_bwd} | {r['passes']:.1f} | {err} |")
     return "\n".join(lines)
 
@@ -159,8 +164,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps after 1 warm-up: checks the script runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiles", nargs="*", default=[""], metavar="NAME=V,...",
+                   help="tile settings to time one after another, each a comma-separated list of "
+                   "vitpe.kernels.depthwise's constants (e.g. 'GB_WARPS=16' 'BLOCK_P=32,CONV_WARPS=8'); "
+                   "'' is the module's own (the default)")
     p.add_argument("--output", type=Path, default=Path("runs/depthwise"))
     args = p.parse_args(argv)
+    for spec in args.tiles:
+        try:
+            parse_tiles(kernels.depthwise, spec)
+        except ValueError as e:
+            p.error(str(e))
     if args.smoke:
         args.shapes, args.steps, args.warmup = args.shapes or SMOKE_SHAPES, 2, 1
     args.shapes = args.shapes or SHAPES

@@ -19,9 +19,10 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any, Callable, Iterator
 
 import timm
 import torch
@@ -196,6 +197,33 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     write_rows(args, "throughput", rows, markdown(rows), timm=timm.__version__)
+
+
+def parse_tiles(module: ModuleType, spec: str) -> dict[str, int]:
+    """``"BLOCK_P=32,GB_WARPS=16"`` -> the kernel module's integer constants to set; each must exist."""
+    settings = {}
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        name, _, value = item.partition("=")
+        known = sorted(k for k, v in vars(module).items() if k.isupper() and type(v) is int)
+        if name not in known or not value.lstrip("-").isdigit():
+            raise ValueError(f"--tiles {spec!r}: {item!r} is not NAME=INTEGER for a tile constant of "
+                             f"{module.__name__} ({', '.join(known)})")
+        settings[name] = int(value)
+    return settings
+
+
+@contextmanager
+def tile_settings(module: ModuleType, spec: str) -> Iterator[None]:
+    """A kernel module's tile constants set as ``spec`` says (``parse_tiles``), restored afterwards."""
+    settings = parse_tiles(module, spec)
+    saved = {k: getattr(module, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
 
 
 def write_rows(args: argparse.Namespace, name: str, rows: list[dict[str, Any]], table: str,

@@ -1,6 +1,8 @@
 """The throughput benchmark runs end to end on CPU with a tiny setting, so it does not rot."""
 import json
 
+import pytest
+
 from script_modules import load_script
 
 
@@ -71,8 +73,11 @@ def test_attention_kernels_bias_gradient_matches_float32_math(tmp_path):
 def test_attention_kernels_reports_a_backend_that_refuses(tmp_path):
     bench = load("attention_kernels")
     rows = bench.run(bench.parse(["--shape", "1,1,4,8", "--kernels", "sdpa:efficient", "--steps", "1", "--warmup", "0",
-                                  "--device", "cpu", "--output", str(tmp_path)]))
+                                  "--device", "cpu", "--tiles", "", "BWD_BLOCK_M=16", "--output", str(tmp_path)]))
     assert all(r["ms"] is None and r["error"] for r in rows)  # no efficient-attention kernel on CPU: reported, not timed
+    assert [r["tiles"] for r in rows] == ["default", "default", "BWD_BLOCK_M=16", "BWD_BLOCK_M=16"]
+    with pytest.raises(SystemExit):
+        bench.parse(["--tiles", "BWD_BLOCK_M=big"])
 
 
 def test_depthwise_kernels_smoke_writes_a_row_per_shape_and_variant(tmp_path):
@@ -86,3 +91,20 @@ def test_depthwise_kernels_smoke_writes_a_row_per_shape_and_variant(tmp_path):
     data = json.loads((tmp_path / "depthwise_kernels.json").read_text())
     assert data["rows"] == json.loads(json.dumps(rows))
     assert (tmp_path / "depthwise_kernels.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_depthwise_kernels_times_each_tile_setting_and_restores_the_module(tmp_path, capsys, monkeypatch):
+    from vitpe.kernels import depthwise
+
+    bench = load("depthwise_kernels")
+    before = depthwise.BLOCK_P, depthwise.GB_WARPS
+    seen = []  # what each shape's timing sees of the module
+    monkeypatch.setattr(bench, "time_shape",
+                        lambda shape, args, tiles: seen.append((tiles, depthwise.BLOCK_P, depthwise.GB_WARPS)) or [])
+    bench.run(bench.parse(["--smoke", "--shapes", "1,2,3,4,1", "--tiles", "", "BLOCK_P=16,GB_WARPS=2",
+                           "--device", "cpu", "--output", str(tmp_path)]))
+    assert seen == [("default", *before), ("BLOCK_P=16,GB_WARPS=2", 16, 2)]
+    assert (depthwise.BLOCK_P, depthwise.GB_WARPS) == before
+    with pytest.raises(SystemExit):
+        bench.parse(["--tiles", "BLOCK_Q=16"])
+    assert "'BLOCK_Q=16' is not NAME=INTEGER for a tile constant" in capsys.readouterr().err

@@ -43,8 +43,9 @@ except ImportError:  # torch builds without Triton keep cuDNN's convolution
     triton = None
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
-BLOCK_P, BLOCK_C = 64, 64  # convolution tiles: positions x channels
-WG_BLOCK_P, WG_BLOCK_C, WG_WAVES = 32, 64, 4  # weight-gradient tiles, and programs per multiprocessor
+# (benchmarks/depthwise_kernels.py --tiles times other values of these)
+BLOCK_P, BLOCK_C, CONV_WARPS = 64, 64, 4  # convolution tiles: positions x channels, and warps
+WG_BLOCK_P, WG_BLOCK_C, WG_WARPS, WG_WAVES = 32, 64, 4, 4  # weight-gradient tiles, warps, programs per multiprocessor
 # the GELU backward's tiles, warps and programs per multiprocessor: it holds 9 shifted input tiles
 # and 10 partial sums at once; at these sizes ptxas (sm_90a) gives it 238 registers a thread and no
 # spills, one program resident per multiprocessor (64 x 64 tiles, or 32 x 64 in 4 warps, spill).
@@ -265,7 +266,7 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     traceable(_conv_kernel)[launch](src, taps, bias if bias is not None else taps, out, num_prefix * C, n_pos, H, W,
                                     C, src.stride(0), out.stride(0), K=k, HAS_BIAS=bias is not None,
                                     RESIDUAL=residual, GELU=gelu, EVEN_C=C % BLOCK_C == 0, BLOCK_P=BLOCK_P,
-                                    BLOCK_C=BLOCK_C)
+                                    BLOCK_C=BLOCK_C, num_warps=CONV_WARPS)
 
 
 def _programs(n_pos: int, block_p: int, c_blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -311,7 +312,7 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
         part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
         traceable(_weight_grad3_kernel)[(progs, c_blocks)](x, grad, part, num_prefix * C, n_pos, H, W, C, x.stride(0),
                                                            grad.stride(0), per_prog, EVEN_C=C % WG_BLOCK_C == 0,
-                                                           BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C)
+                                                           BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C, num_warps=WG_WARPS)
     grad_x = torch.empty_like(grad)
     if num_prefix:
         _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)
