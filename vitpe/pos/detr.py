@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..registry import Registry
 from . import STRATEGIES, build
 from .base import Grid, PosStrategy
-from .functional import cubic_filter, sincos_1d
+from .functional import filter_weights, sincos_1d
 
 
 class AdditiveQK(PosStrategy):
@@ -54,11 +54,9 @@ def resampling_weights(lengths: Tensor, size: int, padded: int) -> Tensor:
     length = lengths.to(torch.float32).clamp(min=1)[:, None, None]
     scale = size / length
     stretch = torch.where(scale > 1, 1 / scale, torch.ones_like(scale))  # the filter widens when shrinking
-    out = torch.arange(padded, device=lengths.device, dtype=torch.float32)[None, :, None]
-    src = torch.arange(size, device=lengths.device, dtype=torch.float32)[None, None, :]
-    w = cubic_filter((src + 0.5 - scale * (out + 0.5)) * stretch)
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-    return torch.where(out < length, w, 0.0)
+    w = filter_weights(scale, stretch, padded, size, "bicubic", lengths.device)
+    rows = torch.arange(padded, device=lengths.device, dtype=torch.float32)[:, None]
+    return torch.where(rows < length, w, 0.0)
 
 
 def _resample(table: Tensor, lengths: Tensor, padded: int) -> Tensor:

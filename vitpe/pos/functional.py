@@ -90,7 +90,15 @@ def resampling_matrix(size: int, new_size: int, mode: str = "bicubic",
     antialias=True)`` and PIL compute them."""
     scale = size / new_size
     stretch = 1.0 / scale if scale > 1 else 1.0  # the filter widens when shrinking
-    out = torch.arange(new_size, device=device, dtype=torch.float32)[:, None]
+    return filter_weights(scale, stretch, new_size, size, mode, device)
+
+
+def filter_weights(scale: float | Tensor, stretch: float | Tensor, rows: int, size: int, mode: str = "bicubic",
+                   device: torch.device | None = None) -> Tensor:
+    """``(..., rows, size)``: output row ``i`` centred at input ``scale * (i + 0.5)``, the filter
+    of ``mode`` widened by ``1 / stretch``, weights normalised over the input. ``scale`` and
+    ``stretch`` are numbers, or tensors ``(..., 1, 1)`` for one length per leading index."""
+    out = torch.arange(rows, device=device, dtype=torch.float32)[:, None]
     src = torch.arange(size, device=device, dtype=torch.float32)[None, :]
     w = _FILTERS[mode]((src + 0.5 - scale * (out + 0.5)) * stretch)
     return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
