@@ -63,6 +63,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     best = resumed.get("best_top1", -1.0) if resumed else -1.0
     net = dist.wrap_model(model, device)
     if cfg.run.compile and device.type == "cuda":
+        dist.compile_under_ddp(cfg.run.compile_ddp)
         net = torch.compile(net, mode=None if cfg.run.compile_mode == "default" else cfg.run.compile_mode)
     mixup = build_mixup(cfg.aug, len(classes), cfg.data.path == "synthetic", cfg.data.batch_size // dist.world_size())
     criterion = build_criterion(cfg.aug, mixup)

@@ -62,6 +62,7 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
     best = resumed.get("best_ap", -1.0) if resumed else -1.0
     if cfg.run.compile and device.type == "cuda":
+        dist.compile_under_ddp(cfg.run.compile_ddp)
         compile_model(model, mode=cfg.run.compile_mode)  # the transformer, in place, for every batch size
     net = dist.wrap_model(model, device)
     metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)

@@ -71,6 +71,7 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     best = resumed.get("best_miou", -1.0) if resumed else -1.0
     net = dist.wrap_model(model, device)
     if cfg.run.compile and device.type == "cuda":
+        dist.compile_under_ddp(cfg.run.compile_ddp)
         net = compile_model(net, mode=cfg.run.compile_mode)
     metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
     log.info("%d training / %d validation images, %d classes, %d skipped", len(train_set), len(val_set),

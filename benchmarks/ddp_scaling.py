@@ -56,7 +56,9 @@ def time_steps(args: argparse.Namespace, model: torch.nn.Module, device: torch.d
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device, generator=gen)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
     net = dist.wrap_model(model, device)
-    net = torch.compile(net) if args.compile else net
+    if args.compile:
+        dist.compile_under_ddp(args.compile_ddp)
+        net = torch.compile(net)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -113,8 +115,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def update_json(path: Path, args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     """Add ``result`` under its process count; a file measured with other settings is started afresh."""
-    settings = {k: getattr(args, k) for k in ("model", "pos", "img_size", "batch_size", "amp", "compile", "steps",
-                                               "warmup", "depth", "embed_dim", "num_heads")}
+    settings = {k: getattr(args, k) for k in ("model", "pos", "img_size", "batch_size", "amp", "compile",
+                                               "compile_ddp", "steps", "warmup", "depth", "embed_dim",
+                                               "num_heads")}
     data = json.loads(path.read_text()) if path.is_file() else {}
     if data.get("settings") != settings:
         data = {"settings": settings, "runs": {}}
@@ -125,13 +128,20 @@ def update_json(path: Path, args: argparse.Namespace, result: dict[str, Any]) ->
     return data
 
 
+def compiled(settings: dict[str, Any]) -> str:
+    """``eager``, or ``compiled`` and how under DDP."""
+    if not settings["compile"]:
+        return "eager"
+    return f"compiled ({settings.get('compile_ddp', 'buckets').replace('_', ' ')} under DDP)"
+
+
 def markdown(data: dict[str, Any]) -> str:
     """One row per process count with the ratio of images/s to one process's."""
     runs = {int(k): v for k, v in data["runs"].items()}
     base = runs.get(1, {}).get("img_s")
     s = data["settings"]
     lines = [f"{s['model']} pos={s['pos']} {s['img_size']}px, batch {s['batch_size']} per process, "
-             f"{'bf16' if s['amp'] else 'fp32'}, {'compiled' if s['compile'] else 'eager'}", "",
+             f"{'bf16' if s['amp'] else 'fp32'}, {compiled(s)}", "",
              "| processes | global batch | img/s | img/s per process | step ms | scaling | efficiency | in sync |",
              "|---|---|---|---|---|---|---|---|"]
     for n, r in sorted(runs.items()):
@@ -173,6 +183,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the DDP-wrapped model")
+    p.add_argument("--compile-ddp", choices=("one_graph", "buckets"), default="one_graph",
+                   help="compiled under DDP: one graph (as the training scripts by default), or one per "
+                   "gradient bucket (torch's default); see vitpe.engine.distributed.compile_under_ddp")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu (gloo)")
     p.add_argument("--output", type=Path, default=Path("runs/ddp/scaling.json"))
     p.add_argument("--driver", type=lambda s: [int(v) for v in s.split(",") if v], metavar="N1,N2,...",

@@ -66,3 +66,29 @@ def test_the_driver_launches_each_count_and_prints_the_ratio(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert set(json.loads(out.read_text())["runs"]) == {"1", "2"}
     assert "| 2 | 8 |" in proc.stdout and (tmp_path / "scaling.md").read_text().strip() in proc.stdout
+
+
+def test_compile_under_ddp_picks_dynamos_graph_split_and_the_config_checks_the_name():
+    import torch._dynamo
+
+    from vitpe.config import ConfigError, RunConfig, from_dict
+    from vitpe.engine.distributed import compile_under_ddp
+
+    saved = torch._dynamo.config.optimize_ddp
+    try:
+        compile_under_ddp("buckets")
+        assert torch._dynamo.config.optimize_ddp is True
+        compile_under_ddp("one_graph")
+        assert torch._dynamo.config.optimize_ddp is False
+        with pytest.raises(ValueError, match="run.compile_ddp.*'graph'"):
+            compile_under_ddp("graph")
+    finally:
+        torch._dynamo.config.optimize_ddp = saved
+    assert RunConfig().compile_ddp == "one_graph"
+    assert from_dict(RunConfig, {"compile_ddp": "buckets"}).compile_ddp == "buckets"
+    with pytest.raises(ConfigError, match="compile_ddp"):
+        from_dict(RunConfig, {"compile_ddp": "one"})
+    bench = scaling_module()
+    settings = vars(bench.parse([*TINY, "--compile", "--compile-ddp", "buckets"]))
+    assert bench.compiled(settings) == "compiled (buckets under DDP)"
+    assert bench.compiled(vars(bench.parse(TINY))) == "eager"

@@ -72,6 +72,8 @@ class RunConfig:
     compile: bool = False  # torch.compile the model on GPU (slower start, faster steps)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # reduce-overhead replays each step as CUDA graphs: for small batches, where launching kernels is the limit
+    compile_ddp: Literal["one_graph", "buckets"] = "one_graph"  # compiled under DDP: one graph, all-reducing
+    # after the backward, or one graph per gradient bucket (torch's DDPOptimizer; overlaps the all-reduces)
     log_interval: int = 50  # steps between reads of the loss on the host (progress bar, non-finite check)
 
 
