@@ -20,7 +20,10 @@ training (float32 throughout on CPU). Without the Triton kernels (CPU) ``unfused
 run ``GridConv``'s torch path, and the column ``kernel`` says so. Times are per call over
 ``--steps`` calls after ``--warmup``: on a GPU the kernels' own time under the profiler (the
 host's launches would otherwise be what is timed), on CPU the median wall-clock time.
-``max_err`` is the largest difference of the output and of ``x``'s gradient from ``cudnn``'s.
+``max_err`` is the largest difference of the output and of ``x``'s gradient from ``cudnn``'s. On a
+GPU each row also gets its kernels' times per forward + backward (``kernels_us``; the three
+longest in the table), which says which of the convolution, weight-gradient and GELU kernels a
+tile setting changed.
 Writes ``depthwise_kernels.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -48,7 +51,8 @@ VARIANTS = ("unfused", "fused", "cudnn", "copy")
 Shape = tuple[int, int, int, int, int]
 
 
-def median_ms(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
+def median_ms(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device,
+              by_kernel: dict[str, float] | None = None) -> float:
     """Milliseconds of one call of ``fn``. On a GPU, the time of its kernels, summed under the
     profiler over ``steps`` calls: one call's launches take the host longer than its kernels take
     the GPU, so timing the call itself (events or the clock) measures the host. On CPU, the
@@ -64,8 +68,11 @@ def median_ms(fn: Callable[[], Any], steps: int, warmup: int, device: torch.devi
             for _ in range(steps):
                 fn()
             torch.cuda.synchronize(device)
-        busy_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
-        return busy_us / steps / 1000
+        kernels_us = {e.key: e.self_device_time_total / steps for e in prof.key_averages()
+                      if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0}
+        if by_kernel is not None:
+            by_kernel.update(kernels_us)
+        return sum(kernels_us.values()) / 1000
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -122,11 +129,13 @@ def time_shape(shape: Shape, args: argparse.Namespace, tiles: str = "default") -
 
             y = fn(x)
             err = max((y - ref).abs().max().item(), (torch.autograd.grad(y, x, grad)[0] - ref_grad).abs().max().item())
-            fwd_bwd = median_ms(step, args.steps, args.warmup, device)
+            by_kernel: dict[str, float] = {}
+            fwd_bwd = median_ms(step, args.steps, args.warmup, device, by_kernel)
             rows.append(dict(shape=list(shape), tiles=tiles, variant=variant,
                              kernel=variant != "cudnn" and kernels.available(x),
                              fwd_ms=median_ms(forward, args.steps, args.warmup, device), fwd_bwd_ms=fwd_bwd,
-                             passes=fwd_bwd / pass_ms, max_err=err))
+                             passes=fwd_bwd / pass_ms, max_err=err,
+                             kernels_us=dict(sorted(by_kernel.items(), key=lambda kv: -kv[1]))))
     return rows
 
 
@@ -144,15 +153,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def largest(kernels_us: dict[str, float], n: int = 3) -> str:
+    """The ``n`` longest kernels as ``name time``, names cut to the function (GPU runs only)."""
+    return ", ".join(f"{name.split('(')[0].split('<')[0].split('::')[-1][-32:]} {us:.0f}"
+                     for name, us in list(kernels_us.items())[:n]) or "-"
+
+
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
-    lines = ["| B,H,W,C,P | tiles | variant | kernel | fwd ms | fwd+bwd ms | fwd+bwd passes | max err |",
-             "|---|---|---|---|---|---|---|---|"] if header else []
+    lines = ["| B,H,W,C,P | tiles | variant | kernel | fwd ms | fwd+bwd ms | fwd+bwd passes | max err | "
+             "largest kernels, µs per fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"] if header else []
     for r in rows:
         shape = ",".join(map(str, r["shape"]))
         fwd_bwd = "-" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:.3f}"
         err = "-" if r["max_err"] is None else f"{r['max_err']:.1e}"
         lines.append(f"| {shape} | {r['tiles']} | {r['variant']} | {'yes' if r['kernel'] else 'no'} | {r['fwd_ms']:.3f} | "
-                     f"{fwd_bwd} | {r['passes']:.1f} | {err} |")
+                     f"{fwd_bwd} | {r['passes']:.1f} | {err} | {largest(r.get('kernels_us') or {})} |")
     return "\n".join(lines)
 
 

@@ -93,6 +93,16 @@ def test_depthwise_kernels_smoke_writes_a_row_per_shape_and_variant(tmp_path):
     assert (tmp_path / "depthwise_kernels.md").read_text().count("\n") == 2 + len(rows)
 
 
+def test_depthwise_kernels_names_the_longest_kernels_of_a_row():
+    bench = load("depthwise_kernels")
+    row = {"_conv_kernel": 411.2, "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float> >(float*)": 6.4,
+           "_prefix_kernel": 4.1, "_weight_grad3_kernel": 205.7}
+    ordered = dict(sorted(row.items(), key=lambda kv: -kv[1]))
+    assert bench.largest(ordered) == "_conv_kernel 411, _weight_grad3_kernel 206, reduce_kernel 6"
+    assert bench.largest(ordered, n=1) == "_conv_kernel 411"
+    assert bench.largest({}) == "-"
+
+
 def test_depthwise_kernels_times_each_tile_setting_and_restores_the_module(tmp_path, capsys, monkeypatch):
     from vitpe.kernels import depthwise
 
