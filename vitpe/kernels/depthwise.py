@@ -47,7 +47,7 @@ ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 BLOCK_P, BLOCK_C, CONV_WARPS = 64, 64, 4  # convolution tiles: positions x channels, and warps
 WG_BLOCK_P, WG_BLOCK_C, WG_WARPS, WG_WAVES = 32, 64, 4, 4  # weight-gradient tiles, warps, programs per multiprocessor
 # the GELU backward's tiles, warps and programs per multiprocessor: it holds 9 shifted input tiles
-# and 10 partial sums at once; at these sizes ptxas (sm_90a) gives it 238 registers a thread and no
+# and 10 partial sums at once; at these sizes ptxas (sm_90a) gives it 244 registers a thread and no
 # spills, one program resident per multiprocessor (64 x 64 tiles, or 32 x 64 in 4 warps, spill).
 # On an H200, 16 warps measured the same, and re-reading the tiles for the sums instead of holding
 # them (4 or 8 warps) was slower (ViT-S training 0.70 of `learned`, against 0.76)
