@@ -2,6 +2,8 @@
 synthetic positional task."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,51 @@ def test_epoch_seeds_depend_on_epoch_and_process_only():
 
     assert torch.equal(draw(2), draw(2))
     assert not torch.equal(draw(2), draw(3))
+
+
+def test_16_bit_greyscale_keeps_its_contrast(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values at 255: a 16-bit PNG (or PGM, mode "I") came out white
+    ramp = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(4, 4)  # 0 .. 61440
+    Image.fromarray(ramp).save(tmp_path / "a.png")  # opens as "I;16"
+    Image.fromarray(ramp).save(tmp_path / "a.pgm")  # opens as "I"
+    for name in ("a.png", "a.pgm"):
+        out = np.asarray(load_rgb(tmp_path / name))
+        assert out.shape == (4, 4, 3) and (out == (ramp >> 8)[..., None]).all(), name
+
+
+def test_images_in_subfolders_of_a_class_belong_to_it(tmp_path):
+    # As torchvision's and timm's ImageFolder find them (Tiny-ImageNet: train/<wnid>/images/*.JPEG);
+    # hidden folders and files stay out, and a broken link is a counted skip, not silently dropped.
+    root = make_folder(tmp_path, per_class=1, val_per_class=1)
+    nested = root / "train" / "red" / "images"
+    nested.mkdir()
+    Image.new("RGB", (5, 5)).save(nested / "n.JPEG")
+    (root / "train" / "red" / "red_boxes.txt").write_text("0 0 4 4\n")
+    (root / "train" / "blue" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (5, 5)).save(root / "train" / "blue" / ".ipynb_checkpoints" / "c.png")
+    (root / "train" / "blue" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (nested / "loop").symlink_to(root / "train" / "red", target_is_directory=True)  # read once, not forever
+    ds = ImageFolder(root, "train", eval_transform(8, (0.5,) * 3, (0.5,) * 3))
+    assert ds.classes == ["blue", "red"]
+    names = {Path(p).relative_to(root / "train").as_posix(): t for p, t in ds.samples}
+    assert names == {"blue/000.png": 0, "blue/gone.jpg": 0, "red/000.png": 1, "red/images/n.JPEG": 1,
+                     "red/red_boxes.txt": 1}
+    items = {Path(ds.samples[i][0]).name: ds[i] for i in range(len(ds))}
+    assert isinstance(items["gone.jpg"], Skipped) and isinstance(items["red_boxes.txt"], Skipped)
+    assert items["n.JPEG"][1] == 1 and items["n.JPEG"][0].shape == (3, 8, 8)
+
+
+def test_truncated_jpeg_is_skipped_and_cmyk_jpeg_keeps_its_colour(tmp_path):
+    # The decode must be complete in load(): PIL opens lazily, and a truncated file would otherwise
+    # fail inside the transform, outside the skip handling, mid-epoch.
+    root = make_folder(tmp_path, per_class=1, val_per_class=1)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    noise.save(root / "train" / "red" / "full.JPEG", quality=90)
+    data = (root / "train" / "red" / "full.JPEG").read_bytes()
+    (root / "train" / "red" / "cut.JPEG").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (8, 8), (200, 40, 40)).convert("CMYK").save(root / "train" / "blue" / "cmyk.JPEG", quality=95)
+    ds = ImageFolder(root, "train", eval_transform(16, (0.0,) * 3, (1 / 255,) * 3))  # pixel values back
+    items = {Path(ds.samples[i][0]).name: ds[i] for i in range(len(ds))}
+    assert isinstance(items["cut.JPEG"], Skipped) and items["full.JPEG"][1] == 1
+    cmyk, target = items["cmyk.JPEG"]
+    assert target == 0 and torch.allclose(cmyk.mean((1, 2)), torch.tensor([200.0, 40.0, 40.0]), atol=3)

@@ -1,14 +1,21 @@
 """ImageNet-layout folders (``root/<split>/<class>/<image>``), robust to bad files.
 
-Any image PIL opens is read and converted to RGB (grayscale, palette, RGBA, CMYK). A corrupt,
-truncated or empty file does not stop an epoch: ``__getitem__`` returns ``None`` for it, and
-``collate_skipping`` drops it from the batch while recording its path, so the training loop can
-warn once per file and count the skips at the end of the epoch.
+As in torchvision's ImageFolder, class indices follow the sorted class folder names and a class's
+images may also lie in sub-folders of its folder; hidden files and folders (``.DS_Store``,
+``.ipynb_checkpoints``) are left out. Any other file is a sample: one that is not an image is
+skipped like a corrupt one. EXIF orientation is not applied (as torchvision, timm and the device
+decoder of ``gpu_decode``).
+
+Any image PIL opens is read and converted to RGB (grayscale, 16-bit grayscale scaled to 8 bits,
+palette, RGBA, CMYK). A corrupt, truncated or empty file does not stop an epoch: ``__getitem__``
+returns a ``Skipped`` for it, and ``collate_skipping`` drops it from the batch while recording its
+path, so the training loop can warn once per file and count the skips at the end of the epoch.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -40,6 +47,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     as a decoder without alpha support would show it."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
+    if img.mode.startswith("I"):  # 16-bit grey ("I;16*"; "I" from PGM): convert() would clip at 255
+        grey = np.clip(np.asarray(img), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -64,15 +74,30 @@ def scan_folder(root: str | Path, split: str) -> tuple[list[str], list[tuple[str
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<images>")
-    samples = [(str(f), i) for i, c in enumerate(classes)
-               for f in sorted((split_dir / c).iterdir()) if f.is_file() and not f.name.startswith(".")]
+    samples = [(f, i) for i, c in enumerate(classes) for f in _files(split_dir / c)]
     if not samples:
         raise DataError(f"{split_dir}: the class folders hold no files")
     return classes, samples
 
 
+def _files(folder: Path) -> list[str]:
+    """The files under ``folder`` at any depth, sorted, but for hidden ones and those in hidden
+    folders; linked folders are followed, each real folder once (a link to a parent ends there)."""
+    found, seen = [], {os.path.realpath(folder)}
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        keep = []
+        for d in dirs:
+            real = os.path.realpath(os.path.join(top, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        found += [os.path.join(top, f) for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
 class ImageFolder(Dataset):
-    """``root/split/<class>/*``; items are ``(image, class index)`` or ``None`` for an unreadable file."""
+    """``root/split/<class>/*``; items are ``(image, class index)`` or a ``Skipped`` for an unreadable file."""
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
                  classes: list[str] | None = None) -> None:
