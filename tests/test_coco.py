@@ -199,3 +199,141 @@ def test_annotation_ids_of_zero_or_repeated_do_not_lower_ap(tmp_path) -> None:
     preds, image_ids = perfect_predictions(ds)
     m = coco_evaluate(ds.index.gt, to_coco_results(preds, image_ids, ds.index.cat_ids))
     assert m["AP"] == pytest.approx(1.0)
+
+
+# -- audit against real COCO files --------------------------------------------------------------
+def test_image_without_boxes_is_counted_in_the_log(data, caplog) -> None:
+    with caplog.at_level(logging.INFO):
+        load_coco(data / "annotations" / "instances_train2017.json", data / "train2017")
+    assert "4 images (1 without boxes to learn, kept)" in caplog.text
+
+
+def test_box_clipped_to_nothing_is_dropped_and_perfect_ap_stays_one(tmp_path) -> None:
+    """A box within the one-pixel tolerance but wholly past the edge used to be kept with a negative
+    width: a target the matcher cannot use and a ground truth COCOeval can never match (AP < 1)."""
+    root = make_dataset(tmp_path, 1, 2, empty=None)
+    _rewrite(root, "val2017", lambda d: d["annotations"].extend([
+        dict(d["annotations"][0], id=98, bbox=[64.2, 10.0, 0.5, 5.0]),  # image 64 wide
+        dict(d["annotations"][0], id=99, bbox=[-0.9, 10.0, 0.5, 5.0])]))
+    ds = CocoDetection(root, "val2017")
+    assert ds.index.dropped["zero size"] == 1 + 2
+    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in ds.index.annotations)
+    preds, ids = perfect_predictions(ds)
+    assert coco_evaluate(ds.index.gt, to_coco_results(preds, ids, ds.index.cat_ids))["AP"] == pytest.approx(1.0)
+
+
+def test_nan_in_a_bbox_is_a_bad_box_not_a_nan_target(fresh) -> None:
+    """json.loads reads ``NaN``; every comparison with it is false, so it used to pass the checks."""
+    _rewrite(fresh, "train2017", lambda d: d["annotations"][0].update(bbox=[float("nan"), 10.0, 5.0, 5.0]))
+    with pytest.raises(CocoFormatError, match=r"bbox \[nan, 10.0, 5.0, 5.0\] is not \[x, y, width, height\]"):
+        _load(fresh)
+    assert _load(fresh, "skip").dropped["bad bbox"] == 1
+
+
+def test_image_modes_exif_subfolders_and_unreadable_files(tmp_path) -> None:
+    """Grayscale, CMYK and palette files come out RGB; EXIF orientation is not applied (COCO's json
+    sizes and boxes are of the stored pixels, as pycocotools and DETR read them), and a json that
+    gives the rotated size is named; an unreadable file is named."""
+    from PIL import Image
+
+    from vitpe.errors import DataError
+
+    root = make_dataset(tmp_path, 1, 1, empty=None)
+    (root / "train2017" / "sub" / "dir").mkdir(parents=True)
+    red = (255, 0, 0)
+    files = {"sub/dir/gray.jpg": Image.new("L", (64, 48), 200),
+             "cmyk.jpg": Image.new("CMYK", (64, 48), (0, 255, 255, 0)),
+             "pal.png": Image.new("RGB", (64, 48), red).convert("P"), "exif.jpg": Image.new("RGB", (64, 48), red)}
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to show upright"
+    for name, im in files.items():
+        im.save(root / "train2017" / name, **({"exif": exif} if name == "exif.jpg" else {}))
+    (root / "train2017" / "bad.jpg").write_bytes(b"not an image")
+    _rewrite(root, "train2017", lambda d: d["images"].extend(
+        dict(d["images"][0], id=200 + k, file_name=f) for k, f in enumerate([*files, "bad.jpg"])))
+    ds = CocoDetection(root, "train2017")
+    decoded = {ds.samples[i][0]["file_name"]: ds.decode(i) for i in range(1, 5)}
+    assert all(x.shape == (3, 48, 64) for x in decoded.values())
+    assert decoded["sub/dir/gray.jpg"][:, 0, 0].tolist() == [200] * 3
+    for name in ("cmyk.jpg", "pal.png", "exif.jpg"):
+        r, g, b = decoded[name][:, 24, 32].tolist()
+        assert r > 240 and g < 15 and b < 15, name
+    with pytest.raises(DataError, match="cannot decode image .*bad.jpg"):
+        ds[5]
+    _rewrite(root, "train2017", lambda d: d["images"][4].update(width=48, height=64))  # json of the upright image
+    with pytest.raises(DataError, match="exif.jpg is 64x48 but instances_train2017.json says 48x64"):
+        CocoDetection(root, "train2017")[4]
+
+
+class _Replay(torch.nn.Module):
+    """A stand-in for DETR that returns prepared outputs, batch after batch, in the loader's order."""
+
+    def __init__(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        self.outputs, self.step = outputs, 0
+
+    def forward(self, images, mask):
+        logits, boxes = zip(*self.outputs[self.step:self.step + len(images)])
+        self.step += len(images)
+        return {"pred_logits": torch.stack(logits), "pred_boxes": torch.stack(boxes)}
+
+
+def test_evaluation_path_matches_pycocotools_on_the_original_file(tmp_path) -> None:
+    """``predict`` + ``to_coco_results`` + ``coco_evaluate`` (via ``evaluate``) on a resized input
+    against pycocotools run directly on the json with the detections written in original pixels:
+    a perfect prediction scores AP 1, a shifted one with a detection on the crowd region (ignored)
+    and one on the image without boxes (a false positive) scores what pycocotools says."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from torch.utils.data import DataLoader
+
+    from vitpe.engine.detection import evaluate
+
+    root = make_dataset(tmp_path, 1, 4)
+    _rewrite(root, "val2017", lambda d: d.update(annotations=[a for a in d["annotations"] if a["bbox"][2] > 0]))
+    ann_file = root / "annotations" / "instances_val2017.json"
+    raw = json.loads(ann_file.read_text())
+    W, H = 64, 48
+    ds = CocoDetection(root, "val2017", eval_transform(96, 1000))  # inputs 2x the original size
+
+    def run(dets: dict[int, list[tuple[int, list[float], float]]]) -> tuple[dict, list[dict]]:
+        """``dets``: image id -> (category id, xywh in original pixels, score); returns our metrics
+        and the result entries for pycocotools."""
+        Q, C = 4, len(CAT_IDS)
+        outputs, expected = [], []
+        for img in ds.index.images:
+            logits, boxes = torch.full((Q, C + 1), -float("inf")), torch.tensor([[0.5, 0.5, 0.25, 0.25]] * Q)
+            logits[:, C] = 0.0  # unused queries: "no object", score 0 for every class
+            expected += [{"image_id": img["id"], "category_id": CAT_IDS[0], "bbox": [24.0, 18.0, 16.0, 12.0],
+                          "score": 0.0}] * (Q - len(dets.get(img["id"], [])))
+            for q, (cat, (x, y, w, h), score) in enumerate(dets.get(img["id"], [])):
+                probs = [score if c == cat else (1 - score) / C for c in [*CAT_IDS, None]]
+                logits[q] = torch.tensor(probs).log()
+                boxes[q] = torch.tensor([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H])
+                expected.append({"image_id": img["id"], "category_id": cat, "bbox": [x, y, w, h], "score": score})
+            outputs.append((logits, boxes))
+        loader = DataLoader(ds, batch_size=3, collate_fn=PadCollate(32))
+        return evaluate(_Replay(outputs), loader, ds, torch.device("cpu"), amp=False, gather=False), expected
+
+    def pycocotools_stats(results: list[dict]) -> list[float]:
+        gt = COCO(str(ann_file))
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        return list(ev.stats)
+
+    truth = [a for a in raw["annotations"] if not a["iscrowd"]]
+    perfect = {}
+    for k, a in enumerate(truth):
+        perfect.setdefault(a["image_id"], []).append((a["category_id"], a["bbox"], 0.9 - 0.05 * k))
+    ours, expected = run(perfect)
+    assert ours["AP"] == pytest.approx(1.0) and pycocotools_stats(expected)[0] == pytest.approx(1.0)
+
+    shifted = {i: [(c, [x + 3.0, y, w, h], s) for c, (x, y, w, h), s in v] for i, v in perfect.items()}
+    crowd = next(a for a in raw["annotations"] if a["iscrowd"])
+    shifted[crowd["image_id"]].append((crowd["category_id"], crowd["bbox"], 0.95))  # on the crowd: ignored
+    empty = next(img["id"] for img in raw["images"] if img["id"] not in {a["image_id"] for a in raw["annotations"]})
+    shifted[empty] = [(CAT_IDS[1], [10.0, 10.0, 20.0, 20.0], 0.93)]  # on the image without boxes: a miss-fire
+    ours, expected = run(shifted)
+    want = pycocotools_stats(expected)
+    assert 0.1 < want[0] < 0.9  # shifted by 3 px: hits at low IoU thresholds only
+    assert ours["stats"] == pytest.approx(want, abs=1e-6)

@@ -6,8 +6,8 @@ The json is checked once, up front, so that a bad file fails with one message na
 - a json that is not COCO (``images``, ``annotations``, ``categories`` missing) is always an error;
 - an annotation naming an unknown image or category, a box reaching outside its image by more
   than a pixel, or an image file that does not exist: error, or skip by option;
-- boxes of zero width or height are always dropped, with a count; ``iscrowd`` boxes are kept for
-  COCOeval (``CocoIndex.gt``) but never given to the matcher;
+- boxes of zero width or height (also once clipped to the image) are always dropped, with a
+  count; ``iscrowd`` boxes are kept for COCOeval (``CocoIndex.gt``) but never given to the matcher;
 - image files the json does not list are ignored; images without annotations are kept.
 
 Category ids need not be contiguous (COCO's run 1..90 with gaps): labels are the index of the id
@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -126,8 +127,10 @@ class _Checker:
 def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[float] | None:
     """The box clipped to the image, or None when it is dropped (zero size) or bad."""
     box = a["bbox"]
-    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-        check.bad("bad bbox", f"annotation {a.get('id')}: bbox {box!r} is not [x, y, width, height]")
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                            for v in box)):  # json.loads reads NaN, Infinity
+        check.bad("bad bbox", f"annotation {a.get('id')}: bbox {box!r} is not [x, y, width, height] "
+                              f"(four finite numbers)")
         return None
     x, y, w, h = (float(v) for v in box)
     W, H = float(img["width"]), float(img["height"])
@@ -142,7 +145,10 @@ def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[
         check.bad("outside image", f"annotation {a.get('id')}: bbox {box} reaches outside image {img['id']} "
                                    f"({img['file_name']}, {img['width']}x{img['height']})")
         return None
-    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
+    x0, y0, x1, y1 = min(max(x, 0.0), W), min(max(y, 0.0), H), max(min(x + w, W), 0.0), max(min(y + h, H), 0.0)
+    if x1 <= x0 or y1 <= y0:  # within the tolerance but wholly past the edge: nothing left in the image
+        check.dropped["zero size"] += 1
+        return None
     return [x0, y0, x1 - x0, y1 - y0]
 
 
@@ -203,7 +209,9 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "
     index = CocoIndex(path, images, anns, data["categories"], check.dropped, data.get("info") or {})
     listed = {img["file_name"] for img in images}
     unlisted = sum(1 for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.name not in listed)
-    _logger.info("%s: %d images, %d boxes (%d crowd), %d categories%s%s", path.name, len(images), len(anns),
+    boxed = {a["image_id"] for a in anns if not a["iscrowd"]}
+    _logger.info("%s: %d images (%d without boxes to learn, kept), %d boxes (%d crowd), %d categories%s%s", path.name,
+                 len(images), sum(img["id"] not in boxed for img in images), len(anns),
                  sum(a["iscrowd"] for a in anns), len(cats),
                  "".join(f"; dropped {n} ({r})" for r, n in sorted(check.dropped.items())),
                  f"; ignored {unlisted} image file(s) the json does not list" if unlisted else "")
