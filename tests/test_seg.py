@@ -15,6 +15,7 @@ from vitpe.data.segmentation import SegmentationDataset, augment_batch, normaliz
 from vitpe.engine.seg_metrics import (confusion_matrix, metrics_from_confusion, predict, slide_logits,
                                       slide_windows)
 from vitpe.errors import DataError
+from vitpe.engine.segmentation import IMAGENET_MEAN, IMAGENET_STD
 from vitpe.models.segmentor import build_segmentor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_seg.py lives at the repository root
@@ -142,6 +143,84 @@ def test_reduce_zero_label(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images" / "validation" / "img0.png")
     ds = SegmentationDataset(root, "validation", 3, reduce_zero_label=True)
     assert ds[0][1][0].tolist() == [255, 0, 1, 2]
+
+
+def save_pair(root: Path, rel: str, value: int, ext: str = ".jpg", size: tuple[int, int] = (6, 8)) -> None:
+    """An image ``images/training/<rel><ext>`` and its mask ``annotations/training/<rel>.png``, all ``value``."""
+    for path, array in [(root / "images" / "training" / f"{rel}{ext}", np.zeros((*size, 3), np.uint8)),
+                        (root / "annotations" / "training" / f"{rel}.png", np.full(size, value, np.uint8))]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
+
+
+def test_layout_reads_sub_folders_and_passes_over_hidden_files(tmp_path):
+    """mmseg lists the split recursively, masks at the same relative path, hidden files passed over:
+    an image in a sub-folder is not dropped silently, and macOS's ``._x.jpg`` does not stop the run."""
+    save_pair(tmp_path, "a", 0)
+    save_pair(tmp_path, "B", 1, ext=".PNG")
+    save_pair(tmp_path, "scene1/a", 2)  # same stem as a.jpg, other folder: its own mask
+    images = tmp_path / "images" / "training"
+    (images / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (images / "._a.jpg").write_bytes(b"\0\5\x16\7Mac OS X")  # AppleDouble, no mask
+    (images / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    (images / ".thumbnails").mkdir()
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(images / ".thumbnails" / "a.jpg")
+    ds = SegmentationDataset(tmp_path, "training", 3)
+    assert [str(p.relative_to(images)) for p in ds.images] == ["B.PNG", "a.jpg", "scene1/a.jpg"]
+    assert [int(m.unique()) for m in ds.masks] == [1, 0, 2] and not ds.skipped
+
+
+def test_two_images_sharing_a_mask_are_an_error(tmp_path):
+    save_pair(tmp_path, "a", 1)
+    save_pair(tmp_path, "a", 1, ext=".png")  # a.jpg and a.png: both would be scored against a.png
+    with pytest.raises(DataError, match=r"a\.png: its mask .*annotations/training/a\.png is also the mask of a\.jpg"):
+        SegmentationDataset(tmp_path, "training", 3)
+    ds = SegmentationDataset(tmp_path, "training", 3, on_error="skip")
+    assert [p.name for p in ds.images] == ["a.jpg"] and ds.skipped[0].path.endswith("a.png")
+
+
+def test_unreadable_mask_names_the_mask_not_the_image(tmp_path):
+    save_pair(tmp_path, "a", 1, size=(40, 56))
+    mask = tmp_path / "annotations" / "training" / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 3, (40, 56)).astype(np.uint8)).save(mask)
+    mask.write_bytes(mask.read_bytes()[:300])  # truncated: the header reads, the pixels do not
+    with pytest.raises(DataError, match="unreadable mask") as info:
+        SegmentationDataset(tmp_path, "training", 3)
+    assert str(info.value).startswith(f"{mask}: ")
+
+
+def test_palette_and_16_bit_masks_give_class_indices(tmp_path):
+    """A 'P' mask is read as its palette indices, not its colours; 16-bit masks keep their values."""
+    labels = np.array([[0, 1, 2, 255]] * 2, np.uint8)
+    save_pair(tmp_path / "p", "p", 0, size=(2, 4))
+    palette = Image.fromarray(labels, "L").convert("P")
+    palette.putpalette([200, 10, 10, 5, 5, 5, 90, 90, 90] + [7] * 759)  # colours unlike the indices
+    palette.save(tmp_path / "p" / "annotations" / "training" / "p.png")
+    save_pair(tmp_path / "w", "w", 0, size=(2, 4))
+    Image.fromarray(np.where(labels == 255, 255, labels + 1).astype(np.uint16)).save(
+        tmp_path / "w" / "annotations" / "training" / "w.png")  # mode I;16, ADE20K-style 1-based
+    assert SegmentationDataset(tmp_path / "p", "training", 3).masks[0].tolist() == labels.tolist()
+    wide = SegmentationDataset(tmp_path / "w", "training", 3, reduce_zero_label=True)
+    assert wide.masks[0].tolist() == labels.tolist()
+
+
+def test_evaluate_pools_the_dataset_at_label_resolution(tmp_path):
+    """Confusion matrices sum pixels over all images (mmseg's mIoU, not a mean of per-image IoUs), at
+    each label's own size (odd sizes, scales and windows that do not divide it), ignored pixels nowhere."""
+    from vitpe.engine.segmentation import evaluate
+
+    root = make_dataset(tmp_path, n_train=1, n_val=0)
+    save_pair(root, "odd", 1, size=(13, 17))
+    ds = SegmentationDataset(root, "training", 3)
+    model = torch.nn.Conv2d(3, 3, 1)  # pointwise: whole, slide and the scales all see the same pixels
+    conf = evaluate(model, ds, torch.device("cpu"), amp=False, modes=("whole", "slide"), scales=(0.7, 1.0),
+                    crop=12, stride=7)
+    expected = sum(confusion_matrix(predict(model, normalize(img, IMAGENET_MEAN, IMAGENET_STD)[None])[0].argmax(0),
+                                    mask.long(), 3) for img, mask in ds)
+    labelled = sum(int((m != 255).sum()) for m in ds.masks)
+    assert torch.equal(conf["whole"]["1.0"], expected) and torch.equal(conf["slide"]["1.0"], expected)
+    for per in conf.values():
+        assert {k: int(c.sum()) for k, c in per.items()} == {"0.7": labelled, "1.0": labelled, "ms": labelled}
 
 
 def test_augmentation_keeps_image_and_mask_aligned(tmp_path):

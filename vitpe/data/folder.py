@@ -74,13 +74,13 @@ def scan_folder(root: str | Path, split: str) -> tuple[list[str], list[tuple[str
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<images>")
-    samples = [(f, i) for i, c in enumerate(classes) for f in _files(split_dir / c)]
+    samples = [(f, i) for i, c in enumerate(classes) for f in walk_files(split_dir / c)]
     if not samples:
         raise DataError(f"{split_dir}: the class folders hold no files")
     return classes, samples
 
 
-def _files(folder: Path) -> list[str]:
+def walk_files(folder: Path) -> list[str]:
     """The files under ``folder`` at any depth, sorted, but for hidden ones and those in hidden
     folders; linked folders are followed, each real folder once (a link to a parent ends there)."""
     found, seen = [], {os.path.realpath(folder)}

@@ -1,12 +1,15 @@
 """Semantic-segmentation data in the ADE20K layout, checked up front, and its augmentation.
 
-``DIR/images/<split>/*.jpg|png`` with ``DIR/annotations/<split>/<stem>.png`` beside them, one class
-index per pixel (``ignore_index``, 255 by default, is not scored); ``DIR/classes.json`` (a list of
-names) is optional. Every mask is decoded and checked when the dataset is built, so that a bad
-pair stops the run with one message naming the file, or, with ``on_error='skip'``, is dropped,
-logged and counted (``dataset.skipped``); a wrong mIoU is never computed silently:
+``DIR/images/<split>/*.jpg|png`` with ``DIR/annotations/<split>/<stem>.png`` beside them (sub-folders
+too, mirrored under ``annotations``, as mmseg lists them; hidden files such as ``.DS_Store`` or
+macOS's ``._*`` are passed over), one class index per pixel (``ignore_index``, 255 by default, is
+not scored); ``DIR/classes.json`` (a list of names) is optional. Every mask is decoded and checked
+when the dataset is built, so that a bad pair stops the run with one message naming the file, or,
+with ``on_error='skip'``, is dropped, logged and counted (``dataset.skipped``); a wrong mIoU is
+never computed silently:
 
-- an image without a mask; a mask whose size differs from its image's;
+- an image without a mask; a mask whose size differs from its image's; two images sharing a mask
+  (``a.jpg`` and ``a.png``);
 - a mask with several channels (a colour rendering, not class indices);
 - a label value at or above ``num_classes`` that is not ``ignore_index``.
 
@@ -29,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError
-from .folder import Skipped, load_rgb
+from .folder import Skipped, load_rgb, walk_files
 
 _logger = logging.getLogger(__name__)
 OnError = Literal["error", "skip"]
@@ -94,7 +97,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         pairs = self._pairs()
         self.images: list[Path] = []
         self.masks: list[Tensor] = []
+        owner: dict[Path, Path] = {}
         for image, mask in pairs:
+            if mask in owner:  # img.jpg and img.png: which one the mask labels is unknown
+                self._bad(image, f"its mask {mask} is also the mask of {owner[mask].name}")
+                continue
+            owner[mask] = image
             checked = self._check(image, mask)
             if checked is not None:
                 self.images.append(image)
@@ -114,10 +122,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if not d.is_dir():
                 raise DataError(f"{d} not found: expected DIR/images/{self.split}/ and DIR/annotations/{self.split}/ "
                                 f"(ADE20K layout)")
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        # sub-folders too (mmseg lists recursively), hidden files and folders passed over
+        images = [Path(f) for f in walk_files(image_dir) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
         if not images:
             raise DataError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return [(p, mask_dir / f"{p.stem}.png") for p in images]
+        return [(p, mask_dir / p.relative_to(image_dir).with_suffix(".png")) for p in sorted(images)]
 
     def _bad(self, path: Path, reason: str) -> None:
         if self.on_error == "error":
@@ -131,10 +140,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return self._bad(image, f"no mask {mask_path}")
         try:
             mask = read_mask(mask_path, self.reduce_zero_label, self.ignore_index)
-            with Image.open(image) as im:
-                size = im.size  # (W, H) from the header; the pixels are decoded later
         except DataError as e:
             return self._bad(mask_path, str(e).removeprefix(f"{mask_path}: "))
+        except (OSError, ValueError, SyntaxError) as e:  # the mask's file is named, not its image's
+            return self._bad(mask_path, f"unreadable mask ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        try:
+            with Image.open(image) as im:
+                size = im.size  # (W, H) from the header; the pixels are decoded later
         except (OSError, ValueError, SyntaxError) as e:
             return self._bad(image, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
         if (mask.shape[1], mask.shape[0]) != size:
