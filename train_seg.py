@@ -81,7 +81,8 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
         seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(net, loader, optimizer, scheduler, device, epoch, cfg)}
         if (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == cfg.run.epochs:
-            val = summarize(evaluate(model, val_set, device, cfg.run.amp, crop=cfg.data.crop_size), val_set.classes)
+            val = summarize(evaluate(model, val_set, device, cfg.run.amp, crop=cfg.data.crop_size,
+                                     base_size=cfg.data.base_size), val_set.classes)
             record.update(val_mIoU=val["mIoU"], val_aAcc=val["aAcc"])
         metrics.log(json_safe(record))
         if dist.is_main():
@@ -110,15 +111,16 @@ def finish(cfg: SegConfig, out: Path, model, train_set, val_set, device: torch.d
     e = cfg.eval
     scales = tuple(sorted(set(e.scales) | {1.0}))
     crop = e.slide_crop or cfg.data.crop_size
-    conf = evaluate(model, val_set, device, cfg.run.amp, tuple(e.modes), scales, crop, e.slide_stride, "final eval")
+    conf = evaluate(model, val_set, device, cfg.run.amp, tuple(e.modes), scales, crop, e.slide_stride, "final eval",
+                    cfg.data.base_size)
     if not dist.is_main():
         return
     results = {**summarize(conf, val_set.classes), "pos": cfg.model.pos, "model": cfg.model.name,
-               "crop_size": cfg.data.crop_size, "slide": {"crop": crop, "stride": e.slide_stride or max(1, crop * 2 // 3)},
+               "crop_size": cfg.data.crop_size, "base_size": cfg.data.base_size, "slide": {"crop": crop, "stride": e.slide_stride or max(1, crop * 2 // 3)},
                "skipped": {"train": [s._asdict() for s in train_set.skipped],
                            "val": [s._asdict() for s in val_set.skipped]}}
     (out / "results.json").write_text(json.dumps(json_safe(results), indent=2))
-    samples = figure_samples(model, val_set, e.figure_images, device, cfg.run.amp)
+    samples = figure_samples(model, val_set, e.figure_images, device, cfg.run.amp, cfg.data.base_size)
     plot_segmentation(samples, val_set.classes, out / "predictions.png",
                       f"{cfg.model.name}, pos={cfg.model.pos}: whole-image predictions", val_set.ignore_index)
     print(results_table(results["scales"]))

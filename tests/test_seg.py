@@ -238,6 +238,41 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
     assert (same[1][0, 40:] == 255).all() and torch.equal(same[1][0, :40, :56], ds[0][1].long())
 
 
+def test_base_size_fits_each_image_as_mmseg_resizes_with_keep_ratio(tmp_path):
+    """``data.base_size`` (mmseg's img_scale (2048, 512)): the longer side at most 2048, the shorter
+    at most 512, one of them reached; training's random scale and evaluation's scales apply to the
+    fitted size; the config refuses sizes that are not positive."""
+    from vitpe.config import ConfigError, from_dict
+    from vitpe.data.segmentation import base_scale
+    from vitpe.engine.segmentation import SegDataConfig, evaluate
+
+    assert base_scale((512, 683), (2048, 512)) == 1.0
+    assert base_scale((256, 341), (2048, 512)) == 2.0  # small images grow
+    assert base_scale((1000, 3000), (512, 2048)) == 0.512  # the order of the two sizes does not matter
+    assert base_scale((100, 5000), (2048, 512)) == 2048 / 5000  # the longer side's limit binds
+    assert base_scale((7, 9), None) == 1.0
+    assert from_dict(SegDataConfig, {"base_size": [2048, 512]}).base_size == (2048, 512)
+    with pytest.raises(ConfigError, match="data.base_size"):
+        from_dict(SegDataConfig, {"base_size": [2048, 0]})
+
+    ds = SegmentationDataset(make_dataset(tmp_path, n_train=2, n_val=0), "training", 3, cache=True)  # 40 x 56
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    x, y = augment_batch([ds[0]], 64, (1.0, 1.0), 0.0, mean, std, 255, torch.device("cpu"), base_size=(80, 20))
+    assert (y[0] != 255).nonzero().amax(0).tolist() == [19, 27]  # fitted to 20 x 28: factor 0.5
+    torch.manual_seed(0)
+    a = augment_batch([ds[0]], 64, (0.5, 2.0), 0.0, mean, std, 255, torch.device("cpu"), base_size=(80, 20))[1]
+    torch.manual_seed(0)
+    b = augment_batch([ds[0]], 64, (0.25, 1.0), 0.0, mean, std, 255, torch.device("cpu"))[1]
+    assert torch.equal(a, b)  # a random scale r of the fitted size is r / 2 of the original one
+
+    model = torch.nn.Conv2d(3, 3, 3, padding=1)  # sees neighbours: the scale changes the prediction
+    fitted = evaluate(model, ds, torch.device("cpu"), amp=False, scales=(0.5, 1.0), base_size=(80, 20))
+    plain = evaluate(model, ds, torch.device("cpu"), amp=False, scales=(0.25, 0.5))
+    assert torch.equal(fitted["whole"]["1.0"], plain["whole"]["0.5"])
+    assert torch.equal(fitted["whole"]["0.5"], plain["whole"]["0.25"])
+    assert not torch.equal(fitted["whole"]["1.0"], evaluate(model, ds, torch.device("cpu"), amp=False)["whole"]["1.0"])
+
+
 # -- heads -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kw", [("vitpe_mit_b0", dict(pos="peg")),
                                      ("vitpe_vit_tiny_patch16_224", dict(pos="rope_axial", depth=2))])

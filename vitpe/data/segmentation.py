@@ -214,17 +214,33 @@ def scale_crop(image: Tensor, mask: Tensor, crop: int, scale: float, flip: bool,
     return img, lab, (oh, ow)
 
 
+def base_scale(size: Sequence[int], base_size: Sequence[int] | None) -> float:
+    """The factor that makes an image of ``size`` ``(H, W)`` fit ``base_size`` keeping its aspect
+    ratio, as mmseg's ``Resize(scale=(2048, 512), keep_ratio=True)``: its longer side at most the
+    larger value, its shorter side at most the smaller, one of them reached (so small images grow).
+    ``None``: 1, the image's own size."""
+    if base_size is None:
+        return 1.0
+    long_max, short_max = max(base_size), min(base_size)
+    if short_max <= 0:
+        raise ValueError(f"data.base_size must be two positive sizes; got {list(base_size)}")
+    return min(long_max / max(size), short_max / min(size))
+
+
 def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: tuple[float, float], flip_p: float,
                   mean: Sequence[float], std: Sequence[float], ignore_index: int, device: torch.device,
-                  gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Random scale in ``scale_range``, crop and horizontal flip of each sample, on ``device``;
-    windows smaller than the crop are padded (image 0 after normalising, mask ``ignore_index``).
-    Returns images ``(B, 3, crop, crop)`` float32 and masks ``(B, crop, crop)`` int64."""
+                  gen: torch.Generator | None = None,
+                  base_size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Random scale in ``scale_range`` (of the image's own size, or with ``base_size`` of its size
+    once fitted to it: ``base_scale``, mmseg's ``RandomResize`` with a ``ratio_range``), crop and
+    horizontal flip of each sample, on ``device``; windows smaller than the crop are padded (image 0
+    after normalising, mask ``ignore_index``). Returns images ``(B, 3, crop, crop)`` float32 and
+    masks ``(B, crop, crop)`` int64."""
     images = torch.zeros(len(samples), 3, crop, crop, device=device)
     masks = torch.full((len(samples), crop, crop), ignore_index, dtype=torch.long, device=device)
     lo, hi = scale_range
     for b, (image, mask) in enumerate(samples):
-        scale = lo + (hi - lo) * float(torch.rand((), generator=gen))
+        scale = (lo + (hi - lo) * float(torch.rand((), generator=gen))) * base_scale(image.shape[-2:], base_size)
         flip = float(torch.rand((), generator=gen)) < flip_p
         img, lab, (h, w) = scale_crop(image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
                                       crop, scale, flip, gen)
@@ -234,4 +250,4 @@ def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: 
 
 
 __all__ = ["SegmentationDataset", "Skipped", "augment_batch", "list_collate", "normalize", "read_classes",
-           "read_mask", "scale_crop"]
+           "read_mask", "scale_crop", "base_scale"]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from ..data.segmentation import SegmentationDataset, augment_batch, list_collate, normalize
+from ..config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
+from ..data.segmentation import SegmentationDataset, augment_batch, base_scale, list_collate, normalize
 from ..errors import UserError
 from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
@@ -31,6 +31,10 @@ class SegDataConfig(DataConfig):
     val_split: str = "validation"
     crop_size: int = 512  # square training crop (SegFormer: 512 on ADE20K, 1024 on Cityscapes)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale of the original image before cropping
+    # mmseg's img_scale: each image first fitted to (longer side, shorter side) keeping its aspect
+    # ratio, in training before the random rescale and in evaluation before the scales (SegFormer on
+    # ADE20K: [2048, 512]); None: the images' own sizes
+    base_size: tuple[int, int] | None = None
     flip: float = 0.5  # probability of a horizontal flip
     num_classes: int = 0  # 0: as many as classes.json lists
     ignore_index: int = 255  # label value that is never scored nor trained on
@@ -39,6 +43,11 @@ class SegDataConfig(DataConfig):
     cache: bool = True  # decode every image once into memory (fine for CamVid; ADE20K needs ~20 GB)
     batch_size: int = 16  # global batch (split over processes under torchrun)
     workers: int = 0  # loader processes; cached data needs none (augmentation runs on the device)
+
+
+    def __post_init__(self) -> None:
+        if self.base_size is not None and min(self.base_size) <= 0:
+            raise ConfigError(f"key 'data.base_size': expected two positive sizes, got {list(self.base_size)}")
 
 
 @dataclass
@@ -156,7 +165,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
     for step, samples in enumerate(bar):
         x, y = augment_batch(samples, d.crop_size, d.scale_range, d.flip, IMAGENET_MEAN, IMAGENET_STD,
-                             d.ignore_index, device)
+                             d.ignore_index, device, base_size=d.base_size)
         with autocast(device, cfg.run.amp):
             logits = model(x)
         loss = pixel_loss(logits, y, d.ignore_index)
@@ -178,9 +187,12 @@ def _shard(dataset: SegmentationDataset) -> DataLoader:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: SegmentationDataset, device: torch.device, amp: bool = True,
              modes: tuple[str, ...] = ("whole",), scales: tuple[float, ...] = (1.0,), crop: int = 512,
-             stride: int | None = None, desc: str = "eval") -> dict[str, dict[str, Tensor]]:
+             stride: int | None = None, desc: str = "eval",
+             base_size: tuple[int, int] | None = None) -> dict[str, dict[str, Tensor]]:
     """Confusion matrices ``{mode: {scale or 'ms': (K, K)}}`` summed over processes; ``'ms'`` fuses
-    the scales' softmax outputs (when there are several)."""
+    the scales' softmax outputs (when there are several). Scales are of each image's own size, or
+    with ``base_size`` of its size fitted to that (``base_scale``, mmseg's test resize); either way
+    the logits are resized back to the label's size and scored there."""
     model.eval()
     K, stride = dataset.num_classes, stride or max(1, crop * 2 // 3)
     keys = [str(s) for s in scales] + (["ms"] if len(scales) > 1 else [])
@@ -188,11 +200,12 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, device: torch.devic
     for [(image, mask)] in progress(_shard(dataset), desc):
         x = normalize(image.to(device), IMAGENET_MEAN, IMAGENET_STD)[None]
         target = mask.to(device).long()
+        base = base_scale(x.shape[-2:], base_size)
         for mode in modes:
             fused = 0
             for s in scales:
                 with autocast(device, amp):
-                    logits = predict(model, x, mode, s, crop, stride)
+                    logits = predict(model, x, mode, s * base, crop, stride)
                 conf[mode][str(s)] += confusion_matrix(logits[0].argmax(0), target, K, dataset.ignore_index)
                 fused = fused + logits.softmax(1)
             if "ms" in keys:
@@ -223,7 +236,7 @@ def results_table(scales: dict[str, dict[str, dict[str, float]]]) -> str:
 
 @torch.no_grad()
 def figure_samples(model: nn.Module, dataset: SegmentationDataset, count: int, device: torch.device,
-                   amp: bool = True) -> list[tuple[Tensor, Tensor, Tensor]]:
+                   amp: bool = True, base_size: tuple[int, int] | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
     """``(image uint8 (3, H, W), label (H, W), prediction (H, W))`` for ``count`` images spread over
     the set (neighbouring frames of a video look alike)."""
     model.eval()
@@ -231,7 +244,8 @@ def figure_samples(model: nn.Module, dataset: SegmentationDataset, count: int, d
     for i in sorted({round(j * len(dataset) / max(count, 1)) for j in range(min(count, len(dataset)))}):
         image, mask = dataset[i]
         with autocast(device, amp):
-            logits = predict(model, normalize(image.to(device), IMAGENET_MEAN, IMAGENET_STD)[None])
+            logits = predict(model, normalize(image.to(device), IMAGENET_MEAN, IMAGENET_STD)[None],
+                             scale=base_scale(image.shape[-2:], base_size))
         out.append((image, mask.long(), logits[0].argmax(0).cpu()))
     return out
 
