@@ -183,3 +183,24 @@ def test_truncated_jpeg_is_skipped_and_cmyk_jpeg_keeps_its_colour(tmp_path):
     assert isinstance(items["cut.JPEG"], Skipped) and items["full.JPEG"][1] == 1
     cmyk, target = items["cmyk.JPEG"]
     assert target == 0 and torch.allclose(cmyk.mean((1, 2)), torch.tensor([200.0, 40.0, 40.0]), atol=3)
+
+
+def test_crop_pct_evaluates_the_centre_of_the_shorter_side(tmp_path):
+    # timm's crop_pct: at size S the shorter side goes to S / crop_pct and the centre S x S is kept
+    from vitpe.config import ConfigError, from_dict
+    from vitpe.data.classification import ClsDataConfig, eval_dataset
+
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        img = np.zeros((40, 60, 3), np.uint8)
+        img[5:35, 15:45] = 255  # a white centre, 3/4 of the height: the central half lies well inside
+        Image.fromarray(img).save(root / split / "a" / "x.png")
+    stats = ((0.0,) * 3, (1 / 255,) * 3)  # pixel values back
+    whole = eval_dataset(ClsDataConfig(path=str(root)), 8, *stats)[0][0]
+    centre = eval_dataset(ClsDataConfig(path=str(root), crop_pct=0.5), 8, *stats)[0][0]
+    assert whole.shape == centre.shape == (3, 8, 8)
+    assert centre.min() > 250 and whole.min() < 5  # only the white centre, against the whole shorter side
+    assert from_dict(ClsDataConfig, {"crop_pct": 0.875}).crop_pct == 0.875
+    with pytest.raises(ConfigError, match="data.crop_pct"):
+        from_dict(ClsDataConfig, {"crop_pct": 1.5})
