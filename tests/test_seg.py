@@ -273,6 +273,30 @@ def test_base_size_fits_each_image_as_mmseg_resizes_with_keep_ratio(tmp_path):
     assert not torch.equal(fitted["whole"]["1.0"], evaluate(model, ds, torch.device("cpu"), amp=False)["whole"]["1.0"])
 
 
+def test_cat_max_ratio_redraws_crops_one_class_fills():
+    """mmseg's RandomCrop(cat_max_ratio=0.75): a crop one class covers is redrawn up to 10 times, so
+    the rare class reaches far more crops; the default draws once (the same crops as before)."""
+    from vitpe.data.segmentation import scale_crop
+
+    image = torch.zeros(3, 8, 64)
+    mask = torch.zeros(8, 64, dtype=torch.long)
+    mask[:, :6] = 1  # class 1 in the first 6 of 64 columns
+    mask[:, -4:] = 255  # ignored pixels count for no class
+
+    def mixed(ratio: float, seed: int) -> bool:
+        gen = torch.Generator().manual_seed(seed)
+        lab = scale_crop(image, mask, 8, 1.0, False, gen, cat_max_ratio=ratio)[1]
+        counts = torch.bincount(lab[lab != 255].flatten(), minlength=2)
+        return bool(counts.min() > 0 and counts.max() < 0.75 * counts.sum())
+
+    once = sum(mixed(1.0, s) for s in range(200))
+    redrawn = sum(mixed(0.75, s) for s in range(200))
+    assert once < 20 and redrawn > 3 * once  # about 4 of 57 windows qualify: 7 % once, about half redrawn
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(scale_crop(image, mask, 8, 1.0, False, gen_a)[1],
+                       scale_crop(image, mask, 8, 1.0, False, gen_b, cat_max_ratio=1.0)[1])
+
+
 # -- heads -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kw", [("vitpe_mit_b0", dict(pos="peg")),
                                      ("vitpe_vit_tiny_patch16_224", dict(pos="rope_axial", depth=2))])

@@ -195,17 +195,33 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 
 def scale_crop(image: Tensor, mask: Tensor, crop: int, scale: float, flip: bool,
-               gen: torch.Generator | None = None) -> tuple[Tensor, Tensor, tuple[int, int]]:
+               gen: torch.Generator | None = None, cat_max_ratio: float = 1.0,
+               ignore_index: int = 255) -> tuple[Tensor, Tensor, tuple[int, int]]:
     """Rescale by ``scale`` and take a random ``crop x crop`` window (smaller if the rescaled image
-    is): only the window's source region is resampled. Returns the float image ``(3, h, w)``
-    (0..255), the int64 mask ``(h, w)`` and ``(h, w)``."""
+    is): only the window's source region is resampled. With ``cat_max_ratio`` below 1, mmseg's
+    ``RandomCrop``: up to 10 more windows are drawn while the one drawn holds a single class or one
+    class covers ``cat_max_ratio`` or more of its labelled pixels (counted on the source region;
+    the last one drawn is kept). Returns the float image ``(3, h, w)`` (0..255), the int64 mask
+    ``(h, w)`` and ``(h, w)``."""
     H, W = image.shape[-2:]
     th, tw = max(1, round(H * scale)), max(1, round(W * scale))
     oh, ow = min(crop, th), min(crop, tw)
-    y0 = int(torch.randint(th - oh + 1, (1,), generator=gen))
-    x0 = int(torch.randint(tw - ow + 1, (1,), generator=gen))
-    ys, ye = math.floor(y0 * H / th), max(math.floor(y0 * H / th) + 1, math.ceil((y0 + oh) * H / th))
-    xs, xe = math.floor(x0 * W / tw), max(math.floor(x0 * W / tw) + 1, math.ceil((x0 + ow) * W / tw))
+
+    def window() -> tuple[int, int, int, int]:
+        y0 = int(torch.randint(th - oh + 1, (1,), generator=gen))
+        x0 = int(torch.randint(tw - ow + 1, (1,), generator=gen))
+        ys, ye = math.floor(y0 * H / th), max(math.floor(y0 * H / th) + 1, math.ceil((y0 + oh) * H / th))
+        xs, xe = math.floor(x0 * W / tw), max(math.floor(x0 * W / tw) + 1, math.ceil((x0 + ow) * W / tw))
+        return ys, ye, xs, xe
+
+    ys, ye, xs, xe = window()
+    for _ in range(10 if cat_max_ratio < 1.0 else 0):
+        labels = mask[ys:ye, xs:xe].flatten().long()
+        counts = torch.bincount(labels[labels != ignore_index])
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() < cat_max_ratio * counts.sum():
+            break
+        ys, ye, xs, xe = window()
     img = F.interpolate(image[None, :, ys:ye, xs:xe].float(), size=(oh, ow), mode="bilinear",
                         align_corners=False, antialias=scale < 1)[0]
     lab = F.interpolate(mask[None, None, ys:ye, xs:xe].float(), size=(oh, ow), mode="nearest")[0, 0].long()
@@ -229,12 +245,12 @@ def base_scale(size: Sequence[int], base_size: Sequence[int] | None) -> float:
 
 def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: tuple[float, float], flip_p: float,
                   mean: Sequence[float], std: Sequence[float], ignore_index: int, device: torch.device,
-                  gen: torch.Generator | None = None,
-                  base_size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+                  gen: torch.Generator | None = None, base_size: Sequence[int] | None = None,
+                  cat_max_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
     """Random scale in ``scale_range`` (of the image's own size, or with ``base_size`` of its size
     once fitted to it: ``base_scale``, mmseg's ``RandomResize`` with a ``ratio_range``), crop and
-    horizontal flip of each sample, on ``device``; windows smaller than the crop are padded (image 0
-    after normalising, mask ``ignore_index``). Returns images ``(B, 3, crop, crop)`` float32 and
+    horizontal flip of each sample, on ``device`` (``cat_max_ratio``: see ``scale_crop``); windows
+    smaller than the crop are padded (image 0 after normalising, mask ``ignore_index``). Returns images ``(B, 3, crop, crop)`` float32 and
     masks ``(B, crop, crop)`` int64."""
     images = torch.zeros(len(samples), 3, crop, crop, device=device)
     masks = torch.full((len(samples), crop, crop), ignore_index, dtype=torch.long, device=device)
@@ -243,7 +259,7 @@ def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: 
         scale = (lo + (hi - lo) * float(torch.rand((), generator=gen))) * base_scale(image.shape[-2:], base_size)
         flip = float(torch.rand((), generator=gen)) < flip_p
         img, lab, (h, w) = scale_crop(image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                                      crop, scale, flip, gen)
+                                      crop, scale, flip, gen, cat_max_ratio, ignore_index)
         images[b, :, :h, :w] = normalize(img, mean, std)
         masks[b, :h, :w] = lab
     return images, masks
