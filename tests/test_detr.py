@@ -118,11 +118,14 @@ def test_sine_matches_detr_reference_positions() -> None:
     """Normalised positions: the last unpadded row and column reach ``scale`` (2 pi)."""
     pos = build_detr_pos("sine", dim=8, num_heads=2, depth=1, grid=(4, 4))
     emb = qk_embed(pos, padded_mask(3, 4, 6, 6)).reshape(6, 6, 8)
-    # channel 0 is sin(row position * 1), channel 4 is sin(column position * 1)
+    # channel 0 is sin(row position * 1), channel 4 is sin(column position * 1) (DETR's layout: sin, cos
+    # interleaved per axis, so channel 1 is cos(row position * 1) and channel 2 sin(row position / 100))
     rows = torch.tensor([1, 2, 3]) / 3 * 2 * torch.pi
     cols = torch.tensor([1, 2, 3, 4]) / 4 * 2 * torch.pi
     torch.testing.assert_close(emb[:3, 0, 0], rows.sin(), atol=1e-4, rtol=0)
     torch.testing.assert_close(emb[0, :4, 4], cols.sin(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(emb[:3, 0, 1], rows.cos(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(emb[:3, 0, 2], (rows / 100).sin(), atol=1e-4, rtol=0)
 
 
 def test_learned_tables_are_exact_at_native_size_and_follow_any_grid() -> None:

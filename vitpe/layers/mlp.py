@@ -8,11 +8,12 @@ from ..pos.base import BlockPos
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, mixer: nn.Module | None = None, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, mixer: nn.Module | None = None, drop: float = 0.0,
+                 act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.mixer = mixer  # called with the grid; None keeps the plain FFN (and its state-dict keys)
-        self.act = nn.GELU()
+        self.act = act()  # the exact GELU (ViT, MiT); DETR's transformer: ReLU
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)

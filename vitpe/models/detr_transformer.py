@@ -66,7 +66,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, mixer: nn.Module | None) -> None:
         super().__init__()
         self.attn = MultiheadAttention(dim, num_heads, dropout)
-        self.mlp = Mlp(dim, ffn_dim, mixer, dropout)
+        self.mlp = Mlp(dim, ffn_dim, mixer, dropout, act=nn.ReLU)  # DETR's FFN: ReLU
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
@@ -83,7 +83,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(dim, num_heads, dropout)
         self.cross_attn = MultiheadAttention(dim, num_heads, dropout)
-        self.mlp = Mlp(dim, ffn_dim, None, dropout)
+        self.mlp = Mlp(dim, ffn_dim, None, dropout, act=nn.ReLU)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 

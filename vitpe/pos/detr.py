@@ -87,9 +87,11 @@ class SineMasked(AdditiveQK):
         return rearrange(self._encode(rows.flatten(), cols.flatten()), "(b n) c -> b n c", b=mask.shape[0])
 
     def _encode(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """``(N,)`` scaled row and column positions -> ``(N, C)``, the row in the first half."""
+        """``(N,)`` scaled row and column positions -> ``(N, C)``, the row in the first half, each half
+        with its sines and cosines interleaved as DETR lays them out (so DETR's weights load)."""
         half = self.dim // 2
-        return torch.cat([sincos_1d(rows, half, self.temperature), sincos_1d(cols, half, self.temperature)], dim=1)
+        return torch.cat([sincos_1d(rows, half, self.temperature, interleave=True),
+                          sincos_1d(cols, half, self.temperature, interleave=True)], dim=1)
 
     def point_embed(self, points: Tensor) -> Tensor:
         flat = points.reshape(-1, 2).float() * self.scale

@@ -31,13 +31,17 @@ def reduced_grid(grid: Grid, stride: int) -> Grid:
     return max(grid[0] // stride, 1), max(grid[1] // stride, 1)
 
 
-def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0, interleave: bool = False) -> Tensor:
     """``(N,)`` positions -> ``(N, dim)``: ``[sin(pos * w_k), cos(pos * w_k)]`` with
-    ``w_k = temperature ** (-k / (dim / 2))`` for ``k < dim / 2``."""
+    ``w_k = temperature ** (-k / (dim / 2))`` for ``k < dim / 2`` (all sines, then all cosines, as
+    MAE's and timm's tables), or with ``interleave`` ``sin w_0, cos w_0, sin w_1, ...`` (DETR's
+    ``PositionEmbeddingSine``)."""
     if dim % 2:
         raise ValueError(f"sine-cosine encoding needs an even width, got {dim}")
     omega = temperature ** (-torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim // 2))
     angles = pos[:, None] * omega[None, :]
+    if interleave:
+        return torch.stack([angles.sin(), angles.cos()], dim=2).flatten(1)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
