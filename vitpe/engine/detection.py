@@ -16,6 +16,7 @@ from ..data.coco import CocoDetection, PadCollate
 from ..data.det_transforms import eval_transform, train_transform
 from ..errors import DataError, UserError
 from ..models.detr import DETR, postprocess
+from ..models.detr_convert import load_detr_checkpoint, load_detr_file
 from ..models.detr_criterion import SetCriterion
 from ..models.detr_matcher import HungarianMatcher
 from . import distributed as dist
@@ -49,6 +50,10 @@ class DetDataConfig:
 class DetModelConfig:
     backbone: str = "resnet50"  # resnet18/34/50/101 (torchvision) or any timm model with features_only
     backbone_weights: str | None = None  # local file of backbone weights; nothing is ever downloaded
+    # local file of a whole DETR-R50/R101 (facebookresearch/detr's .pth, Hugging Face's model.safetensors
+    # or a vitpe checkpoint; model.pos=sine): every weight, but a classifier of another class count,
+    # which stays new (fine-tuning COCO's DETR on another dataset)
+    weights: str | None = None
     frozen_bn: bool = True  # FrozenBatchNorm2d (right with pretrained weights; set false from scratch)
     freeze_stem: bool = False  # keep stem and layer1 fixed, as DETR does when fine-tuning
     backbone_pos: str | None = None  # a vitpe ViT backbone's own positional strategy
@@ -123,7 +128,7 @@ def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
 
 def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
     try:
-        return DETR(num_classes=num_classes, backbone=cfg.backbone, backbone_weights=cfg.backbone_weights,
+        model = DETR(num_classes=num_classes, backbone=cfg.backbone, backbone_weights=cfg.backbone_weights,
                     frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem, backbone_pos=cfg.backbone_pos,
                     backbone_stages=cfg.backbone_stages, dim=cfg.dim,
                     num_heads=cfg.num_heads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
@@ -132,6 +137,15 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
                     box_refs=cfg.box_refs, spatial_prior=cfg.spatial_prior)
     except (KeyError, ValueError) as e:  # unknown strategy or backbone, widths that do not divide
         raise UserError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
+    if cfg.weights:
+        try:
+            new = load_detr_checkpoint(model, load_detr_file(cfg.weights), new_classifier=True)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise UserError(f"model.weights {cfg.weights}: {e.args[0] if isinstance(e, KeyError) and e.args else e}"
+                            ) from None
+        _logger.info("model.weights: loaded %s%s", cfg.weights,
+                     f" (its classifier has another class count: {', '.join(new)} left new)" if new else "")
+    return model
 
 
 def train_collate(model: DETR, cfg: DetDataConfig) -> PadCollate:
