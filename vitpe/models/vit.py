@@ -183,11 +183,14 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
 
     timm's ``pos_embed`` goes to the model's ``learned`` strategy (resampled to its grid on load);
     a model without one drops it with a warning. A patch-embedding kernel of another patch size is
-    resampled as timm does.
+    resampled as timm does. timm's RoPE ViTs (``vit_*_patch16_rope_224``, ``..._rope_mixed_224``)
+    go through ``_from_timm_rope``.
     """
     from timm.layers import resample_patch_embed
 
     sd = dict(_unwrap(state_dict))
+    if "rope.freqs" in sd or any(k.endswith((".gamma_1", ".gamma_2")) for k in sd):
+        sd = _from_timm_rope(sd, model)
     if "pos_embed" in sd:
         learned = model.pos.find("learned")
         table = sd.pop("pos_embed")
@@ -202,6 +205,43 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
     for k in ("dist_token", "head_dist.weight", "head_dist.bias"):  # DeiT distillation extras
         if k in sd:
             raise ValueError(f"checkpoint key {k!r}: distilled DeiT checkpoints are not supported")
+    return sd
+
+
+def _from_timm_rope(sd: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
+    """A timm RoPE ViT (eva.py's blocks) -> vitpe's keys, computing the same function.
+
+    - Layer scale (``blocks.i.gamma_1`` / ``gamma_2``) is folded into ``attn.proj`` / ``mlp.fc2``.
+    - ``rope.freqs`` (``rope_mixed``'s learned frequencies, same shape and order) goes to the model's
+      ``rope_mixed``; a model without one drops it with a warning.
+    - timm rotates channel pairs ``(2i, 2i+1)`` of a head, vitpe pairs ``(i, i + D/2)``, both by
+      frequency ``i``: each head's q and k rows of ``qkv`` are relabelled to match (a permutation of
+      q and k alike, which leaves attention without rotation unchanged too)."""
+    sd = dict(sd)
+    for key in [k for k in sd if k.endswith((".gamma_1", ".gamma_2"))]:
+        block, which = key.rsplit(".", 1)
+        gamma = sd.pop(key)
+        linear = f"{block}.attn.proj" if which == "gamma_1" else f"{block}.mlp.fc2"
+        if f"{linear}.weight" not in sd:
+            raise ValueError(f"checkpoint key {key!r}: layer scale without {linear}.weight to fold it into")
+        sd[f"{linear}.weight"] = sd[f"{linear}.weight"] * gamma[:, None]
+        sd[f"{linear}.bias"] = sd[f"{linear}.bias"] * gamma
+    if "rope.freqs" in sd:
+        freqs = sd.pop("rope.freqs")
+        mixed = model.pos.find("rope_mixed")
+        if mixed is None:
+            _logger.warning("checkpoint has rope_mixed's 'rope.freqs' but the model's strategy is %r; dropped",
+                            model.pos.name)
+        else:
+            sd[f"{_module_path(model, mixed)}.freqs"] = freqs
+    heads = model.blocks[0].attn.num_heads
+    for key in [k for k in sd if k.endswith(("attn.qkv.weight", "attn.qkv.bias"))]:
+        w = sd[key]
+        head_dim = w.shape[0] // (3 * heads)
+        half = head_dim // 2
+        order = torch.tensor([2 * (c % half) + c // half for c in range(head_dim)])  # vitpe c <- timm order[c]
+        w = w.reshape(3, heads, head_dim, *w.shape[1:])
+        sd[key] = torch.cat([w[:2, :, order], w[2:]]).reshape(sd[key].shape)
     return sd
 
 
