@@ -64,6 +64,14 @@ _ORIG_DEC = {"self_attn.out_proj": "self_attn.out_proj", "multihead_attn.out_pro
 _ORIG_PACKED = {"self_attn": "self_attn", "multihead_attn": "cross_attn"}  # decoder; the encoder's is attn
 
 
+def _layer(key: str, prefix: str, encoder: dict[str, str], decoder: dict[str, str]) -> str | None:
+    """``<prefix>.{encoder,decoder}.layers.<i>.<module>.{weight,bias}`` -> vitpe's key, the module
+    renamed by the part's table; None for any other key or a module the table does not know."""
+    m = re.fullmatch(rf"{prefix}\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    table = None if m is None else encoder if m[1] == "encoder" else decoder
+    return f"transformer.{m[1]}.{m[2]}.{table[m[3]]}.{m[4]}" if m and m[3] in table else None
+
+
 def _original(key: str) -> str | list[str] | None:
     """facebookresearch/detr -> vitpe; a packed ``in_proj`` becomes the list of its q, k, v keys."""
     m = re.fullmatch(r"backbone\.0\.body\.(.+)", key)
@@ -74,12 +82,9 @@ def _original(key: str) -> str | list[str] | None:
     if m:  # nn.MultiheadAttention's packed projections
         name = _ORIG_PACKED[m[3]] if m[1] == "decoder" else "attn" if m[3] == "self_attn" else None
         return None if name is None else [f"transformer.{m[1]}.{m[2]}.{name}.{p}_proj.{m[4]}" for p in "qkv"]
-    m = re.fullmatch(r"transformer\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if m:
-        return f"transformer.encoder.{m[1]}.{_ORIG_ENC[m[2]]}.{m[3]}" if m[2] in _ORIG_ENC else None
-    m = re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if m:
-        return f"transformer.decoder.{m[1]}.{_ORIG_DEC[m[2]]}.{m[3]}" if m[2] in _ORIG_DEC else None
+    new = _layer(key, "transformer", _ORIG_ENC, _ORIG_DEC)
+    if new:
+        return new
     m = re.fullmatch(r"transformer\.decoder\.norm\.(weight|bias)", key)
     if m:
         return f"transformer.dec_norm.{m[1]}"
@@ -103,12 +108,9 @@ def _hugging_face(key: str) -> str | None:
     m = re.fullmatch(r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)", key)
     if m:
         return _resnet(m[1])
-    m = re.fullmatch(r"model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if m:
-        return f"transformer.encoder.{m[1]}.{_HF_ENC[m[2]]}.{m[3]}" if m[2] in _HF_ENC else None
-    m = re.fullmatch(r"model\.decoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if m:
-        return f"transformer.decoder.{m[1]}.{_HF_DEC[m[2]]}.{m[3]}" if m[2] in _HF_DEC else None
+    new = _layer(key, "model", _HF_ENC, _HF_DEC)
+    if new:
+        return new
     for pattern, repl in [(r"model\.decoder\.layernorm\.(weight|bias)", "transformer.dec_norm.{}"),
                           (r"model\.input_projection\.(weight|bias)", "input_proj.{}"),
                           (r"model\.query_position_embeddings\.(weight)", "query_embed.{}"),
