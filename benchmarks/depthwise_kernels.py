@@ -2,7 +2,7 @@
 
     python benchmarks/depthwise_kernels.py --output runs/depthwise          # on a GPU, bf16
     python benchmarks/depthwise_kernels.py --smoke --output runs/smoke      # tiny, on CPU too
-    python benchmarks/depthwise_kernels.py --tiles '' 'CONV_WARPS=8' 'WG_BLOCK_P=16,WG_WARPS=8'  # a sweep
+    python benchmarks/depthwise_kernels.py --tiles '' 'CONV_WARPS=8' 'WG_TILE=1024,WG_WAVES=4'  # a sweep
 
 Shapes ``B,H,W,C,P`` (batch, grid, channels, prefix tokens): Mix-FFN's hidden layer of ViT-S/16 at
 224 px (256,14,14,1536,1) and at 384 px with batch 64 (64,24,24,1536,1), and of MiT-B2's first two
@@ -181,7 +181,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiles", nargs="*", default=[""], metavar="NAME=V,...",
                    help="tile settings to time one after another, each a comma-separated list of "
-                   "vitpe.kernels.depthwise's constants (e.g. 'GB_WARPS=16' 'BLOCK_P=32,CONV_WARPS=8'); "
+                   "vitpe.kernels.depthwise's constants (e.g. 'GB_WARPS=16' 'CONV_TILE=1024,CONV_WARPS=8'); "
                    "'' is the module's own (the default)")
     p.add_argument("--output", type=Path, default=Path("runs/depthwise"))
     args = p.parse_args(argv)

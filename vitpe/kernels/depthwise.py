@@ -3,10 +3,14 @@
 Mix-FFN and PEG convolve the patch tokens ``(B, P + H*W, C)`` of a grid. cuDNN's depthwise kernels
 take 10-20 memory passes for what needs about one (forward 0.35 ms where a pass over the tensor is
 0.03 ms, for ViT-S's Mix-FFN on an H200), and they need a ``(B, C, H, W)`` map. These kernels read
-the tokens in place: each program takes a tile of positions x channels, whose ``k*k`` shifted
-neighbours come from cache. The backward is two kernels: the input gradient is the same
-convolution with the kernel flipped; the weight and bias gradients are per-program partial sums
-over tiles of positions, added up afterwards.
+the tokens in place. The convolution and the weight gradient walk down the grid: each program
+takes a strip of columns x a block of channels and steps through an image's rows (or a chunk of
+them), loading each input row once, at three column shifts (two of them from cache), while the
+next row's loads are in flight; the rows above and below that a row still adds to stay in
+registers. That is 20 instructions per output where a tile of positions reading its 9 neighbours
+took 42 (sm_90a), and the two launches of ViT-S's convolution take 303 µs against 411. The
+backward is two kernels: the input gradient is the same convolution with the kernel flipped; the
+weight and bias gradients are per-program partial sums, added up afterwards.
 
 Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x + 0``).
 
@@ -44,8 +48,16 @@ except ImportError:  # torch builds without Triton keep cuDNN's convolution
 
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 # (benchmarks/depthwise_kernels.py --tiles times other values of these)
-BLOCK_P, BLOCK_C, CONV_WARPS = 64, 64, 4  # convolution tiles: positions x channels, and warps
-WG_BLOCK_P, WG_BLOCK_C, WG_WARPS, WG_WAVES = 32, 64, 4, 4  # weight-gradient tiles, warps, programs per multiprocessor
+# the convolution's and the weight gradient's row-walking programs: elements of a row tile
+# (columns x channels, ``_strip``), warps, and programs per multiprocessor that images are cut
+# into row chunks to fill. Measured on an H200 (ViT-S's and MiT-B2's shapes): 1024-element tiles,
+# 4096 in 8 warps and 2048 in 8 warps all slower for the convolution; the weight gradient at 1024
+# in 2 warps and 8 programs a multiprocessor 4 % faster on ViT-S's shape, 24 % slower on MiT's;
+# loading two rows ahead instead of one, no faster. At the default the convolution uses 236
+# registers (16 x 128 tile), the weight gradient 255 and spills 128 bytes, and is still the fastest
+CONV_TILE, CONV_WARPS, CONV_WAVES = 2048, 4, 4
+WG_TILE, WG_WARPS, WG_WAVES = 2048, 4, 2
+MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 # the GELU backward's tiles, warps and programs per multiprocessor: it holds 9 shifted input tiles
 # and 10 partial sums at once; at these sizes ptxas (sm_90a) gives it 244 registers a thread and no
 # spills, one program resident per multiprocessor (64 x 64 tiles, or 32 x 64 in 4 warps, spill).
@@ -120,59 +132,132 @@ if triton is not None:
         return offs_p < n_pos, b, r, h, w
 
     @triton.jit
-    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, n_pos, H, W, C, sxb, syb, K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GELU: tl.constexpr, EVEN_C: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``y[b, p, c] = sum_taps x[b, p + offset, c] * taps[tap, c] (+ bias) (+ x)``, zero outside
-        the grid, then with ``GELU`` the activation; positions ``p`` are row-major within an image,
-        channels contiguous, and start ``skip`` elements into each image (after the prefix tokens)."""
-        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        pmask, cmask = offs_p < n_pos, offs_c < C
-        b, r, h, w = _tile(offs_p, H * W, W)
-        base = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
-                xv = _shifted(base, h, w, pmask, cmask, H, W, C, i - K // 2, j - K // 2, EVEN_C)
-                wv = tl.load(taps_ptr + (i * K + j) * C + offs_c, mask=cmask, other=0.0).to(tl.float32)
-                acc += xv * wv[None, :]
-        mask = pmask[:, None] & cmask[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if RESIDUAL:
-            acc += tl.load(base, mask=mask, other=0.0).to(tl.float32)
-        if GELU:
-            acc = _gelu(acc)
-        tl.store(y_ptr + skip + (b * syb + r * C)[:, None] + offs_c[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=mask)
+    def _row_setup(pid_strip, pid_c, C, W, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+        """A program's column strip and channel block: each element's offset within a row
+        ``(BLOCK_W, BLOCK_C)``, the channels and their mask, and the masks of the strip's columns
+        shifted one left, unshifted and shifted one right (zero padding at the grid's sides)."""
+        offs_w = pid_strip * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        offs = (offs_w * C)[:, None] + offs_c[None, :]
+        ok_l, ok_m, ok_r = (offs_w >= 1) & (offs_w <= W), offs_w < W, offs_w + 1 < W
+        c_ok = (cmask | EVEN_C)[None, :]  # all true for whole channel blocks: masks constant along channels
+        return offs, offs_c, cmask, ok_l[:, None] & c_ok, ok_m[:, None] & c_ok, ok_r[:, None] & c_ok
 
     @triton.jit
-    def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, skip, n_pos, H, W, C, sxb, sgb, tiles_per_prog,
-                             EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``part[prog, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]`` for
-        the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient). Products
-        are accumulated elementwise over the program's tiles and reduced over positions once."""
-        prog, nprog = tl.program_id(0), tl.num_programs(0)
-        offs_c, cmask = _channels(C, BLOCK_C)
-        zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    def _row3(row_ptr, offs, C, m_l, m_m, m_r, ok):
+        """One grid row's tile at the columns one left, unshifted and one right, as stored; zero
+        outside the grid, and everywhere unless the scalar ``ok`` (the row is in the grid). The
+        walking kernels load a row one step before they use it, so the loads of the next row are in
+        flight while this one's products are computed."""
+        x_l = tl.load(row_ptr + offs - C, mask=m_l & ok, other=0.0)
+        x_m = tl.load(row_ptr + offs, mask=m_m & ok, other=0.0)
+        x_r = tl.load(row_ptr + offs + C, mask=m_r & ok, other=0.0)
+        return x_l, x_m, x_r
+
+    @triton.jit
+    def _f32(x_l, x_m, x_r):
+        return x_l.to(tl.float32), x_m.to(tl.float32), x_r.to(tl.float32)
+
+    @triton.jit
+    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, H, W, C, sxb, syb, rows, n_chunks, n_strips,
+                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GELU: tl.constexpr, EVEN_C: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``y[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * taps[3 i + j, c] (+ bias)
+        (+ x)``, zero outside the grid, then with ``GELU`` the activation; positions are row-major
+        within an image, channels contiguous, starting ``skip`` elements into each image (after the
+        prefix tokens). Each program walks down ``rows`` rows of one image within a strip of
+        ``BLOCK_W`` columns and ``BLOCK_C`` channels, reading each input row once (at three column
+        shifts, the two shifted ones from cache) and keeping the two output rows it still adds to:
+        a row's three kernel rows go to the output rows above, at and below it."""
+        pid = tl.program_id(0)
+        strip, unit = pid % n_strips, pid // n_strips
+        b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
+        r1 = tl.minimum(r0 + rows, H)
+        offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(1), C, W, BLOCK_W, BLOCK_C, EVEN_C)
+        t0, t1, t2 = _row(taps_ptr + offs_c, 0, C, cmask), _row(taps_ptr + offs_c, 1, C, cmask), \
+            _row(taps_ptr + offs_c, 2, C, cmask)
+        t3, t4, t5 = _row(taps_ptr + offs_c, 3, C, cmask), _row(taps_ptr + offs_c, 4, C, cmask), \
+            _row(taps_ptr + offs_c, 5, C, cmask)
+        t6, t7, t8 = _row(taps_ptr + offs_c, 6, C, cmask), _row(taps_ptr + offs_c, 7, C, cmask), \
+            _row(taps_ptr + offs_c, 8, C, cmask)
+        x_img = x_ptr + skip + b * sxb
+        y_img = y_ptr + skip + b * syb
+        row_len = W * C
+        # the row above the first: its kernel row 0 goes to output row r0 (zero at the grid's top)
+        x_l, x_m, x_r = _f32(*_row3(x_img + (r0 - 1) * row_len, offs, C, m_l, m_m, m_r, r0 > 0))
+        below = x_l * t0 + x_m * t1 + x_r * t2  # output row r0 so far
+        # the first row: kernel row 1 to itself, row 0 to the row below
+        x_l, x_m, x_r = _f32(*_row3(x_img + r0 * row_len, offs, C, m_l, m_m, m_r, r0 < H))
+        at = below + x_l * t3 + x_m * t4 + x_r * t5  # output row r0, wanting its row below
+        below = x_l * t0 + x_m * t1 + x_r * t2  # output row r0 + 1
+        if HAS_BIAS:
+            bias = _row(b_ptr + offs_c, 0, C, cmask)
+        else:
+            bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+        # the next row's loads are in flight while a row's products are computed
+        n_l, n_m, n_r = _row3(x_img + (r0 + 1) * row_len, offs, C, m_l, m_m, m_r, r0 + 1 < H)
+        for s in range(r0 + 1, r1 + 1):
+            # input row s completes output row s - 1 (zero below the grid's last row)
+            x_l, x_m, x_r = _f32(n_l, n_m, n_r)
+            n_l, n_m, n_r = _row3(x_img + (s + 1) * row_len, offs, C, m_l, m_m, m_r, (s + 1 <= r1) & (s + 1 < H))
+            out = at + x_l * t6 + x_m * t7 + x_r * t8
+            at = below + x_l * t3 + x_m * t4 + x_r * t5
+            below = x_l * t0 + x_m * t1 + x_r * t2
+            if HAS_BIAS:
+                out += bias
+            if RESIDUAL:
+                out += tl.load(x_img + (s - 1) * row_len + offs, mask=m_m, other=0.0).to(tl.float32)
+            if GELU:
+                out = _gelu(out)
+            tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m)
+
+    @triton.jit
+    def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, skip, H, W, C, sxb, sgb, rows, n_chunks, n_units,
+                             units_per_prog, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``part[prog, strip, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]``
+        for the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient), over
+        its (image, ``rows`` rows) units within one strip of columns and block of channels. Each
+        program walks down the rows reading each input row once (at three column shifts) and each
+        output-gradient row once, keeping the two gradient rows it still pairs with: input row
+        ``s`` meets kernel row ``i`` at the gradient of output row ``s + 1 - i``. Products are
+        accumulated elementwise and reduced over columns once."""
+        prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+        offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
+        row_len = W * C
+        zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-        for t in range(0, tiles_per_prog):
-            pmask, b, r, h, w = _nth_tile(prog + t * nprog, n_pos, H, W, BLOCK_P)
-            g = _shifted(g_ptr + skip + (b * sgb + r * C)[:, None] + offs_c[None, :], h, w, pmask, cmask, H, W, C, 0, 0,
-                         EVEN_C)
-            xb = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
-            ab += g
-            a0 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, -1, EVEN_C)
-            a1 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 0, EVEN_C)
-            a2 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 1, EVEN_C)
-            a3 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 0, -1, EVEN_C)
-            a4 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 0, EVEN_C)
-            a5 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 1, EVEN_C)
-            a6 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, -1, EVEN_C)
-            a7 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 0, EVEN_C)
-            a8 += g * _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 1, EVEN_C)
-        _store_sums(part_ptr + prog * 10 * C + offs_c, C, cmask, a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
+        for u in range(0, units_per_prog):
+            unit = prog + u * nprog
+            b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
+            r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
+            x_img = x_ptr + skip + b * sxb
+            g_img = g_ptr + skip + b * sgb
+            # the gradient rows of output rows s - 1 and s (zero outside the unit's rows); two zero
+            # tiles made apart, since a loop-carried name must not start as the tile it is later
+            # assigned from (Triton would not carry ``g_up``)
+            g_up = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            g_at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            n_g = tl.load(g_img + r0 * row_len + offs, mask=m_m & (r0 < r1), other=0.0)
+            n_l, n_m, n_r = _row3(x_img + (r0 - 1) * row_len, offs, C, m_l, m_m, m_r, (r0 > 0) & (r0 < r1))
+            for s in range(r0 - 1, r1 + 1):
+                g_dn = n_g.to(tl.float32)
+                x_l, x_m, x_r = _f32(n_l, n_m, n_r)
+                n_g = tl.load(g_img + (s + 2) * row_len + offs, mask=m_m & (s + 2 < r1), other=0.0)
+                n_l, n_m, n_r = _row3(x_img + (s + 1) * row_len, offs, C, m_l, m_m, m_r, (s + 1 < H) & (s + 1 <= r1))
+                ab += g_dn
+                a0 += g_dn * x_l
+                a1 += g_dn * x_m
+                a2 += g_dn * x_r
+                a3 += g_at * x_l
+                a4 += g_at * x_m
+                a5 += g_at * x_r
+                a6 += g_up * x_l
+                a7 += g_up * x_m
+                a8 += g_up * x_r
+                g_up, g_at = g_at, g_dn
+        _store_sums(part_ptr + (prog * tl.num_programs(1) + strip) * 10 * C + offs_c, C, cmask,
+                    a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
     @triton.jit
     def _gelu_grad3_kernel(x_ptr, taps_ptr, b_ptr, ga_ptr, gp_ptr, part_ptr, skip, n_pos, H, W, C, sxb, sgb,
@@ -251,22 +336,39 @@ def _launch_prefix(src: Tensor, x: Tensor, dst: Tensor, num_prefix: int, mode: i
                                                         MODE=mode, BLOCK=block)
 
 
+def _strip(W: int, C: int, tile: int) -> tuple[int, int]:
+    """Columns and channels of a row-walking program's tile of about ``tile`` elements: the grid's
+    width (to a power of two, at most 32), channels for the rest (16 to 128)."""
+    block_w = min(triton.next_power_of_2(W), 32)
+    return block_w, max(16, min(128, tile // block_w, triton.next_power_of_2(C)))
+
+
+def _row_chunks(B: int, H: int, programs: int, waves: int, device: torch.device) -> int:
+    """Rows each program walks: a whole image's when ``B`` images of ``programs`` programs each fill
+    the GPU ``waves`` times over, else fewer (at least ``MIN_ROWS``; each chunk reads two more rows)."""
+    want = waves * multiprocessors(device)
+    if B * programs >= want:
+        return H
+    return min(H, max(MIN_ROWS, triton.cdiv(H, triton.cdiv(want, B * programs))))
+
+
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
                  num_prefix: int, flip: bool, residual: bool, gelu: bool = False) -> None:
     """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape),
     with ``gelu`` then the activation; ``flip`` turns the kernel by 180 degrees (the input gradient)."""
     B, _, C = src.shape
     H, W = grid_hw
-    n_pos = B * H * W
-    k = weight.shape[-1]
     taps = _taps(weight.flip(-1, -2) if flip else weight)
-    launch = (triton.cdiv(n_pos, BLOCK_P), triton.cdiv(C, BLOCK_C))
+    block_w, block_c = _strip(W, C, CONV_TILE)
+    strips, c_blocks = triton.cdiv(W, block_w), triton.cdiv(C, block_c)
+    rows = _row_chunks(B, H, strips * c_blocks, CONV_WAVES, src.device)
+    chunks = triton.cdiv(H, rows)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
-    traceable(_conv_kernel)[launch](src, taps, bias if bias is not None else taps, out, num_prefix * C, n_pos, H, W,
-                                    C, src.stride(0), out.stride(0), K=k, HAS_BIAS=bias is not None,
-                                    RESIDUAL=residual, GELU=gelu, EVEN_C=C % BLOCK_C == 0, BLOCK_P=BLOCK_P,
-                                    BLOCK_C=BLOCK_C, num_warps=CONV_WARPS)
+    traceable(_conv_kernel)[(B * chunks * strips, c_blocks)](
+        src, taps, bias if bias is not None else taps, out, num_prefix * C, H, W, C, src.stride(0), out.stride(0),
+        rows, chunks, strips, HAS_BIAS=bias is not None, RESIDUAL=residual, GELU=gelu, EVEN_C=C % block_c == 0,
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=CONV_WARPS)
 
 
 def _programs(n_pos: int, block_p: int, c_blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -275,6 +377,21 @@ def _programs(n_pos: int, block_p: int, c_blocks: int, waves: int, device: torch
     n_tiles = triton.cdiv(n_pos, block_p)
     progs = max(1, min(n_tiles, waves * multiprocessors(device) // c_blocks))
     return progs, triton.cdiv(n_tiles, progs)
+
+
+def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Tensor:
+    """``(programs, 10, C)`` float32 partial sums of the 9 taps' and the bias's gradients."""
+    B, _, C = x.shape
+    block_w, block_c = _strip(W, C, WG_TILE)
+    strips, c_blocks = triton.cdiv(W, block_w), triton.cdiv(C, block_c)
+    rows = _row_chunks(B, H, strips * c_blocks, WG_WAVES, x.device)
+    units = B * triton.cdiv(H, rows)
+    progs, per_prog = _programs(units, 1, strips * c_blocks, WG_WAVES, x.device)
+    part = torch.empty(progs * strips, 10, C, device=x.device, dtype=torch.float32)
+    traceable(_weight_grad3_kernel)[(progs, strips, c_blocks)](
+        x, grad, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0), rows, triton.cdiv(H, rows), units,
+        per_prog, EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WG_WARPS)
+    return part
 
 
 def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
@@ -307,12 +424,7 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
             BLOCK_P=GB_BLOCK_P, BLOCK_C=GB_BLOCK_C, num_warps=GB_WARPS)
     else:
         grad_pre = grad
-        c_blocks = triton.cdiv(C, WG_BLOCK_C)
-        progs, per_prog = _programs(n_pos, WG_BLOCK_P, c_blocks, WG_WAVES, x.device)
-        part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
-        traceable(_weight_grad3_kernel)[(progs, c_blocks)](x, grad, part, num_prefix * C, n_pos, H, W, C, x.stride(0),
-                                                           grad.stride(0), per_prog, EVEN_C=C % WG_BLOCK_C == 0,
-                                                           BLOCK_P=WG_BLOCK_P, BLOCK_C=WG_BLOCK_C, num_warps=WG_WARPS)
+        part = _weight_grad(x, grad, H, W, num_prefix)
     grad_x = torch.empty_like(grad)
     if num_prefix:
         _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)
