@@ -12,6 +12,15 @@ TFLOP/s (FLOPs from torch.utils.flop_counter), for vitpe and for timm's referenc
 each strategy's ratio to vitpe's own ``learned`` when ``learned`` is measured first). Each rate is
 the median of ``--repeats`` timed windows of ``--steps`` steps; the JSON keeps the windows' spread
 (``train_spread``, ``infer_spread``: slowest minus fastest, over the median).
+
+``--kernel-settings`` times the vitpe models again under other constants of its Triton kernel
+modules, each setting recompiled from scratch, e.g. a depthwise tile in the whole model:
+
+    python benchmarks/throughput.py --no-reference --sizes small --modes compiled \
+        --strategies learned,mixffn --kernel-settings '' 'depthwise:CONV_TILE=1024'
+
+``learned`` (and timm's models) run no vitpe kernel, so they are measured under the first setting
+only and stay every setting's baseline; rows say their setting in the column ``kernels``.
 """
 from __future__ import annotations
 
@@ -159,44 +168,92 @@ def sdpa_preference(names: list[str]) -> Any:
     return sdpa_kernel(order, set_priority=True)
 
 
+KERNEL_MODULES = ("depthwise", "attention", "rope")  # vitpe.kernels' modules with tile constants
+
+
+def parse_kernel_settings(spec: str) -> list[tuple[ModuleType, str]]:
+    """``"depthwise:CONV_TILE=1024,CONV_WARPS=8;attention:BLOCK_M=64"`` -> (module, constants) pairs,
+    each checked by ``parse_tiles``; ``""`` is the modules' own constants."""
+    import importlib
+
+    out = []
+    for part in filter(None, (t.strip() for t in spec.split(";"))):
+        name, sep, consts = part.partition(":")
+        if not sep or name not in KERNEL_MODULES:
+            raise ValueError(f"--kernel-settings {spec!r}: {part!r} is not MODULE:NAME=V,... with MODULE one of "
+                             f"{', '.join(KERNEL_MODULES)}")
+        module = importlib.import_module(f"vitpe.kernels.{name}")
+        parse_tiles(module, consts)
+        out.append((module, consts))
+    return out
+
+
+@contextmanager
+def kernel_settings(spec: str) -> Iterator[None]:
+    """The kernel modules' constants set as ``spec`` says, restored afterwards; compiled code is
+    dropped on entry and exit, since a compiled graph keeps the constants it was traced with."""
+    from contextlib import ExitStack
+
+    torch._dynamo.reset()
+    try:
+        with ExitStack() as stack:
+            for module, consts in parse_kernel_settings(spec):
+                stack.enter_context(tile_settings(module, consts))
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure every combination; the files are rewritten after each row, so a run cut short keeps
     what it measured."""
     rows: list[dict[str, Any]] = []
     (args.output / "throughput_profile.txt").unlink(missing_ok=True)  # appended to by every measurement
     learned: dict[tuple, dict[str, float]] = {}  # vitpe's own `learned` per (size, res, mode): list it first
+    refs: dict[tuple, dict[str, float]] = {}  # timm's models per (name, res, mode)
+    for i, spec in enumerate(args.kernel_settings):
+        with kernel_settings(spec):
+            _run_setting(args, spec or "default", i == 0, rows, learned, refs)
+    return rows
+
+
+def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[dict[str, Any]],
+                 learned: dict[tuple, dict[str, float]], refs: dict[tuple, dict[str, float]]) -> None:
+    """Every (size, resolution, mode, strategy) under one kernel setting, appended to ``rows``;
+    after the first setting, ``learned`` and timm's models are not measured again."""
+    tag = "" if label == "default" else f" [{label}]"
     for size in args.sizes:
         for res in args.resolutions:
             for mode in args.modes:
-                refs_done: dict[str, dict[str, float]] = {}
                 for strategy in args.strategies:
+                    if not first and strategy == "learned":
+                        continue
                     ref_name = REFERENCE.get(strategy, REFERENCE["learned"]).format(size=size)
                     if ref_name not in timm.list_models(ref_name):  # e.g. no tiny RoPE ViT in timm
                         ref_name = REFERENCE["learned"].format(size=size)
-                    if ref_name not in refs_done and args.reference:
+                    if (ref_name, res, mode) not in refs and args.reference:
                         torch.manual_seed(0)
-                        refs_done[ref_name] = measure(build(ref_name, res, args.depth), args, res,
-                                                      mode == "compiled", f"{ref_name} {res} {mode}")
+                        refs[ref_name, res, mode] = measure(build(ref_name, res, args.depth), args, res,
+                                                            mode == "compiled", f"{ref_name} {res} {mode}")
                     torch.manual_seed(0)
                     ours = measure(build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=strategy),
-                                   args, res, mode == "compiled", f"vitpe {size} {strategy} {res} {mode}")
-                    ref = refs_done.get(ref_name)
+                                   args, res, mode == "compiled", f"vitpe {size} {strategy} {res} {mode}{tag}")
+                    ref = refs.get((ref_name, res, mode))
                     own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else \
                         learned.get((size, res, mode))
-                    row = dict(size=size, strategy=strategy, res=res, mode=mode,
+                    row = dict(size=size, strategy=strategy, res=res, mode=mode, kernels=label,
                                reference=ref_name if ref else None, vitpe=ours, timm=ref,
                                train_ratio=ours["train_img_s"] / ref["train_img_s"] if ref else None,
                                infer_ratio=ours["infer_img_s"] / ref["infer_img_s"] if ref else None,
                                train_vs_learned=ours["train_img_s"] / own["train_img_s"] if own else None,
                                infer_vs_learned=ours["infer_img_s"] / own["infer_img_s"] if own else None)
                     rows.append(row)
-                    print(markdown([row], header=len(rows) == 1), flush=True)
+                    print(markdown([row], header=len(rows) == 1, kernels=len(args.kernel_settings) > 1), flush=True)
                     write(args, rows)
-    return rows
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    write_rows(args, "throughput", rows, markdown(rows), timm=timm.__version__)
+    write_rows(args, "throughput", rows, markdown(rows, kernels=len(args.kernel_settings) > 1), timm=timm.__version__)
 
 
 def parse_tiles(module: ModuleType, spec: str) -> dict[str, int]:
@@ -238,19 +295,21 @@ def write_rows(args: argparse.Namespace, name: str, rows: list[dict[str, Any]], 
     (args.output / f"{name}.md").write_text(table + "\n")
 
 
-def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
+def markdown(rows: list[dict[str, Any]], header: bool = True, kernels: bool = False) -> str:
+    """The table; with ``kernels``, a last column naming each row's kernel setting."""
     lines = []
     if header:
         lines += ["| model | strategy | res | mode | reference | train img/s | timm train | train ratio | "
-                  "infer img/s | timm infer | infer ratio | train / learned | infer / learned | TFLOP/s | peak GiB |",
-                  "|" + "---|" * 15]
+                  "infer img/s | timm infer | infer ratio | train / learned | infer / learned | TFLOP/s | peak GiB |"
+                  + (" kernels |" if kernels else ""),
+                  "|" + "---|" * (16 if kernels else 15)]
     for r in rows:
         v, t = r["vitpe"], r["timm"] or {}
         lines.append(f"| {r['size']} | {r['strategy']} | {r['res']} | {r['mode']} | {r['reference'] or '-'} | "
                      f"{v['train_img_s']:.0f} | {_num(t.get('train_img_s'))} | {_ratio(r['train_ratio'])} | "
                      f"{v['infer_img_s']:.0f} | {_num(t.get('infer_img_s'))} | {_ratio(r['infer_ratio'])} | "
                      f"{_ratio(r.get('train_vs_learned'))} | {_ratio(r.get('infer_vs_learned'))} | "
-                     f"{v['train_tflops']:.1f} | {v['peak_mem_gib']:.1f} |")
+                     f"{v['train_tflops']:.1f} | {v['peak_mem_gib']:.1f} |" + (f" {r['kernels']} |" if kernels else ""))
     return "\n".join(lines)
 
 
@@ -283,9 +342,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "scripts run it) for both models, instead of torch's default multi-tensor AdamW")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip timm's models (only the ratios to vitpe's own learned)")
+    p.add_argument("--kernel-settings", nargs="*", default=[""], metavar="MODULE:NAME=V,...",
+                   help="settings of vitpe's kernel constants to time the models under, one after another, "
+                   "each 'MODULE:NAME=V,...' with ';' between modules (depthwise, attention, rope); '' is the "
+                   "modules' own (the default)")
     add_common(p)
     p.add_argument("--output", type=Path, default=Path("runs/throughput"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for spec in args.kernel_settings:
+        try:
+            parse_kernel_settings(spec)
+        except ValueError as e:
+            p.error(str(e))
+    return args
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -118,3 +118,40 @@ def test_depthwise_kernels_times_each_tile_setting_and_restores_the_module(tmp_p
     with pytest.raises(SystemExit):
         bench.parse(["--tiles", "BLOCK_Q=16"])
     assert "'BLOCK_Q=16' is not NAME=INTEGER for a tile constant" in capsys.readouterr().err
+
+
+def test_throughput_times_the_models_again_under_each_kernel_setting(tmp_path, capsys, monkeypatch):
+    from vitpe.kernels import depthwise
+
+    bench = load("throughput")
+    before = depthwise.CONV_TILE
+    seen, resets = [], []
+    real = bench.measure
+
+    def measure(model, args, res, compiled, label):  # what each measurement sees of the kernel module
+        seen.append((label, depthwise.CONV_TILE))
+        return real(model, args, res, compiled, label)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench.torch._dynamo, "reset", lambda: resets.append(depthwise.CONV_TILE))
+    bench.main(["--sizes", "small", "--strategies", "learned,mixffn", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--output", str(tmp_path),
+                "--kernel-settings", "", "depthwise:CONV_TILE=512,CONV_WARPS=2"])
+    # learned and timm's model once, under the first setting; mixffn under each
+    assert seen == [("vit_small_patch16_224 32 eager", before), ("vitpe small learned 32 eager", before),
+                    ("vitpe small mixffn 32 eager", before),
+                    ("vitpe small mixffn 32 eager [depthwise:CONV_TILE=512,CONV_WARPS=2]", 512)]
+    assert depthwise.CONV_TILE == before and len(resets) == 4  # compiled code dropped on entering and leaving each
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert [(r["strategy"], r["kernels"]) for r in rows] == [
+        ("learned", "default"), ("mixffn", "default"), ("mixffn", "depthwise:CONV_TILE=512,CONV_WARPS=2")]
+    learned, last = rows[0]["vitpe"], rows[2]
+    assert last["train_vs_learned"] == last["vitpe"]["train_img_s"] / learned["train_img_s"]  # the first's baseline
+    assert last["timm"] == rows[0]["timm"] and last["train_ratio"] > 0
+    assert "| depthwise:CONV_TILE=512,CONV_WARPS=2 |" in (tmp_path / "throughput.md").read_text()
+    for bad, said in (("depthwise:NOPE=1", "'NOPE=1' is not NAME=INTEGER"), ("conv:CONV_TILE=1", "'conv:CONV_TILE=1'"),
+                      ("CONV_TILE=1", "is not MODULE:NAME=V")):
+        with pytest.raises(SystemExit):
+            bench.parse(["--kernel-settings", bad])
+        assert said in capsys.readouterr().err
