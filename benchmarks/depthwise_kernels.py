@@ -181,7 +181,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiles", nargs="*", default=[""], metavar="NAME=V,...",
                    help="tile settings to time one after another, each a comma-separated list of "
-                   "vitpe.kernels.depthwise's constants (e.g. 'GB_WARPS=16' 'CONV_TILE=1024,CONV_WARPS=8'); "
+                   "vitpe.kernels.depthwise's constants (e.g. 'WG_WARPS=8' 'CONV_TILE=1024,CONV_WARPS=8'); "
                    "'' is the module's own (the default)")
     p.add_argument("--output", type=Path, default=Path("runs/depthwise"))
     args = p.parse_args(argv)

@@ -257,7 +257,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 
 def parse_tiles(module: ModuleType, spec: str) -> dict[str, int]:
-    """``"CONV_TILE=1024,GB_WARPS=16"`` -> the kernel module's integer constants to set; each must exist."""
+    """``"CONV_TILE=1024,WG_WARPS=8"`` -> the kernel module's integer constants to set; each must exist."""
     settings = {}
     for item in filter(None, (t.strip() for t in spec.split(","))):
         name, _, value = item.partition("=")

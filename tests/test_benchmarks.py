@@ -107,14 +107,14 @@ def test_depthwise_kernels_times_each_tile_setting_and_restores_the_module(tmp_p
     from vitpe.kernels import depthwise
 
     bench = load("depthwise_kernels")
-    before = depthwise.CONV_TILE, depthwise.GB_WARPS
+    before = depthwise.CONV_TILE, depthwise.WG_WARPS
     seen = []  # what each shape's timing sees of the module
     monkeypatch.setattr(bench, "time_shape",
-                        lambda shape, args, tiles: seen.append((tiles, depthwise.CONV_TILE, depthwise.GB_WARPS)) or [])
-    bench.run(bench.parse(["--smoke", "--shapes", "1,2,3,4,1", "--tiles", "", "CONV_TILE=512,GB_WARPS=2",
+                        lambda shape, args, tiles: seen.append((tiles, depthwise.CONV_TILE, depthwise.WG_WARPS)) or [])
+    bench.run(bench.parse(["--smoke", "--shapes", "1,2,3,4,1", "--tiles", "", "CONV_TILE=512,WG_WARPS=2",
                            "--device", "cpu", "--output", str(tmp_path)]))
-    assert seen == [("default", *before), ("CONV_TILE=512,GB_WARPS=2", 512, 2)]
-    assert (depthwise.CONV_TILE, depthwise.GB_WARPS) == before
+    assert seen == [("default", *before), ("CONV_TILE=512,WG_WARPS=2", 512, 2)]
+    assert (depthwise.CONV_TILE, depthwise.WG_WARPS) == before
     with pytest.raises(SystemExit):
         bench.parse(["--tiles", "BLOCK_Q=16"])
     assert "'BLOCK_Q=16' is not NAME=INTEGER for a tile constant" in capsys.readouterr().err

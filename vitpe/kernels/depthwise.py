@@ -17,18 +17,17 @@ Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x
 With ``gelu`` the convolution also applies Mix-FFN's activation (the exact, erf GELU), which
 otherwise costs its own passes over the FFN's hidden layer, the largest activation of the block:
 the forward stores ``gelu(conv(x) + bias)`` and keeps only ``x`` for the backward, not the
-pre-activation. The backward's first kernel recomputes the pre-activation from the 9 shifted ``x``
-tiles it reads anyway for the weight gradient, multiplies the output gradient by GELU's
-derivative, writes that gradient of the pre-activation for the input-gradient convolution and sums
-the weight and bias gradients from it. That is 7 passes over the hidden layer where the
-convolution followed by torch's GELU takes 11: the forward no longer writes the pre-activation and
-reads it back, the backward no longer reads it (the GELU backward) nor reads its gradient a second
-time (the weight gradient); and autograd keeps one tensor of that size less for the backward
-(``benchmarks/depthwise_kernels.py`` times both ways). Prefix rows come out as ``gelu(x)``.
-Measured in a compiled ViT-S on an H200, the fused forward is the faster one, the fused backward
-is not (its kernel holds 9 input tiles and 10 sums: one program per multiprocessor), so Mix-FFN
-models fuse the GELU when no gradient is recorded, and in training only when asked
-(``GridConv.gelu_with_grad``, for the memory).
+pre-activation. The backward recomputes the pre-activation with the convolution's kernel, whose
+last step multiplies the output gradient by GELU's derivative there and writes that gradient of
+the pre-activation; the weight-gradient and input-gradient kernels take it as they take the output
+gradient without the GELU. That is 9 passes over the hidden layer where the convolution followed
+by torch's GELU takes 11 (the forward no longer writes the pre-activation and reads it back, the
+backward no longer reads it for the GELU's backward, but reads ``x`` once more), and autograd keeps
+one tensor of that size less for the backward (``benchmarks/depthwise_kernels.py`` times both
+ways). Prefix rows come out as ``gelu(x)``. Mix-FFN models fuse the GELU when no gradient is
+recorded, and in training only when asked (``GridConv.gelu_with_grad``, for the memory): measured
+in a compiled ViT-S on an H200, the fused forward was the faster one, the fused backward (then one
+kernel holding 9 input tiles and 10 sums) was not.
 """
 from __future__ import annotations
 
@@ -58,12 +57,6 @@ ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 CONV_TILE, CONV_WARPS, CONV_WAVES = 2048, 4, 4
 WG_TILE, WG_WARPS, WG_WAVES = 2048, 4, 2
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
-# the GELU backward's tiles, warps and programs per multiprocessor: it holds 9 shifted input tiles
-# and 10 partial sums at once; at these sizes ptxas (sm_90a) gives it 244 registers a thread and no
-# spills, one program resident per multiprocessor (64 x 64 tiles, or 32 x 64 in 4 warps, spill).
-# On an H200, 16 warps measured the same, and re-reading the tiles for the sums instead of holding
-# them (4 or 8 warps) was slower (ViT-S training 0.70 of `learned`, against 0.76)
-GB_BLOCK_P, GB_BLOCK_C, GB_WARPS, GB_WAVES = 32, 64, 8, 4
 
 
 def available(x: Tensor, kernel_size: int = 3) -> bool:
@@ -73,14 +66,6 @@ def available(x: Tensor, kernel_size: int = 3) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _shifted(base, h, w, pmask, cmask, H, W, C, DI: tl.constexpr, DJ: tl.constexpr, EVEN_C: tl.constexpr):
-        """The ``(BLOCK_P, BLOCK_C)`` tile at positions ``(h + DI, w + DJ)`` in float32, zero outside
-        the grid; ``base`` points at the unshifted tile, so a shift is one scalar offset."""
-        ok = pmask & (h + DI >= 0) & (h + DI < H) & (w + DJ >= 0) & (w + DJ < W)
-        mask = ok[:, None] if EVEN_C else ok[:, None] & cmask[None, :]
-        return tl.load(base + (DI * W + DJ) * C, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
     def _gelu(z):
         """The exact GELU, ``z * Phi(z)``."""
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -89,13 +74,6 @@ if triton is not None:
     def _gelu_grad(z):
         """GELU's derivative ``Phi(z) + z * phi(z)``."""
         return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-
-    @triton.jit
-    def _tile(offs_p, hw, W):
-        """Image index (int64), position within the image, row and column of each position."""
-        b = (offs_p // hw).to(tl.int64)
-        r = offs_p % hw
-        return b, r, r // W, r % W
 
     @triton.jit
     def _row(ptr, i: tl.constexpr, C, cmask):
@@ -117,19 +95,6 @@ if triton is not None:
         tl.store(out + 7 * C, tl.sum(a7, axis=0), mask=cmask)
         tl.store(out + 8 * C, tl.sum(a8, axis=0), mask=cmask)
         tl.store(out + 9 * C, tl.sum(ab, axis=0), mask=cmask)
-
-    @triton.jit
-    def _channels(C, BLOCK_C: tl.constexpr):
-        """This program's block of channels (along the launch grid's second axis) and its mask."""
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        return offs_c, offs_c < C
-
-    @triton.jit
-    def _nth_tile(i, n_pos, H, W, BLOCK_P: tl.constexpr):
-        """Tile ``i`` of ``BLOCK_P`` positions: their mask, and ``_tile``'s image, position, row, column."""
-        offs_p = i * BLOCK_P + tl.arange(0, BLOCK_P)
-        b, r, h, w = _tile(offs_p, H * W, W)
-        return offs_p < n_pos, b, r, h, w
 
     @triton.jit
     def _row_setup(pid_strip, pid_c, C, W, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
@@ -160,11 +125,12 @@ if triton is not None:
         return x_l.to(tl.float32), x_m.to(tl.float32), x_r.to(tl.float32)
 
     @triton.jit
-    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, H, W, C, sxb, syb, rows, n_chunks, n_strips,
-                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GELU: tl.constexpr, EVEN_C: tl.constexpr,
+    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks, n_strips,
+                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr,
                      BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``y[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * taps[3 i + j, c] (+ bias)
-        (+ x)``, zero outside the grid, then with ``GELU`` the activation; positions are row-major
+        """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * taps[3 i + j, c] (+ bias)
+        (+ x)``, zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1), or
+        ``ga * gelu'(z)`` (2: the GELU's backward, ``ga`` laid out as ``y``); positions are row-major
         within an image, channels contiguous, starting ``skip`` elements into each image (after the
         prefix tokens). Each program walks down ``rows`` rows of one image within a strip of
         ``BLOCK_W`` columns and ``BLOCK_C`` channels, reading each input row once (at three column
@@ -195,12 +161,19 @@ if triton is not None:
             bias = _row(b_ptr + offs_c, 0, C, cmask)
         else:
             bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
-        # the next row's loads are in flight while a row's products are computed
+        # the next row's loads (and the GELU backward's output gradient) are in flight while a row's
+        # products are computed
         n_l, n_m, n_r = _row3(x_img + (r0 + 1) * row_len, offs, C, m_l, m_m, m_r, r0 + 1 < H)
+        ga_img = ga_ptr + skip + b * sgb
+        if ACT == 2:
+            n_ga = tl.load(ga_img + r0 * row_len + offs, mask=m_m, other=0.0)
         for s in range(r0 + 1, r1 + 1):
             # input row s completes output row s - 1 (zero below the grid's last row)
             x_l, x_m, x_r = _f32(n_l, n_m, n_r)
             n_l, n_m, n_r = _row3(x_img + (s + 1) * row_len, offs, C, m_l, m_m, m_r, (s + 1 <= r1) & (s + 1 < H))
+            if ACT == 2:
+                ga = n_ga.to(tl.float32)
+                n_ga = tl.load(ga_img + s * row_len + offs, mask=m_m & (s < r1), other=0.0)
             out = at + x_l * t6 + x_m * t7 + x_r * t8
             at = below + x_l * t3 + x_m * t4 + x_r * t5
             below = x_l * t0 + x_m * t1 + x_r * t2
@@ -208,8 +181,10 @@ if triton is not None:
                 out += bias
             if RESIDUAL:
                 out += tl.load(x_img + (s - 1) * row_len + offs, mask=m_m, other=0.0).to(tl.float32)
-            if GELU:
+            if ACT == 1:
                 out = _gelu(out)
+            if ACT == 2:
+                out = ga * _gelu_grad(out)
             tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m)
 
     @triton.jit
@@ -260,53 +235,6 @@ if triton is not None:
                     a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
     @triton.jit
-    def _gelu_grad3_kernel(x_ptr, taps_ptr, b_ptr, ga_ptr, gp_ptr, part_ptr, skip, n_pos, H, W, C, sxb, sgb,
-                           tiles_per_prog, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
-        """The GELU's backward joined to the weight gradient's kernel: the pre-activation
-        ``z = sum_taps x[p + offset] * taps[tap] (+ bias)`` is recomputed from the 9 shifted ``x``
-        tiles, ``g = ga * gelu'(z)`` is stored in ``gp`` (laid out as ``ga``) for the input
-        gradient, and ``part`` gets the sums of ``_weight_grad3_kernel``, of ``g``."""
-        prog, nprog = tl.program_id(0), tl.num_programs(0)
-        offs_c, cmask = _channels(C, BLOCK_C)
-        tp = taps_ptr + offs_c
-        zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-        for t in range(0, tiles_per_prog):
-            pmask, b, r, h, w = _nth_tile(prog + t * nprog, n_pos, H, W, BLOCK_P)
-            xb = x_ptr + skip + (b * sxb + r * C)[:, None] + offs_c[None, :]
-            x0 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, -1, EVEN_C)
-            x1 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 0, EVEN_C)
-            x2 = _shifted(xb, h, w, pmask, cmask, H, W, C, -1, 1, EVEN_C)
-            x3 = _shifted(xb, h, w, pmask, cmask, H, W, C, 0, -1, EVEN_C)
-            x4 = _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 0, EVEN_C)
-            x5 = _shifted(xb, h, w, pmask, cmask, H, W, C, 0, 1, EVEN_C)
-            x6 = _shifted(xb, h, w, pmask, cmask, H, W, C, 1, -1, EVEN_C)
-            x7 = _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 0, EVEN_C)
-            x8 = _shifted(xb, h, w, pmask, cmask, H, W, C, 1, 1, EVEN_C)
-            z = x0 * _row(tp, 0, C, cmask) + x1 * _row(tp, 1, C, cmask) + x2 * _row(tp, 2, C, cmask)
-            z += x3 * _row(tp, 3, C, cmask) + x4 * _row(tp, 4, C, cmask) + x5 * _row(tp, 5, C, cmask)
-            z += x6 * _row(tp, 6, C, cmask) + x7 * _row(tp, 7, C, cmask) + x8 * _row(tp, 8, C, cmask)
-            if HAS_BIAS:
-                z += _row(b_ptr + offs_c, 0, C, cmask)
-            # rows past the last position load as 0, so their g is 0 and adds nothing
-            g = _shifted(ga_ptr + skip + (b * sgb + r * C)[:, None] + offs_c[None, :], h, w, pmask, cmask, H, W, C,
-                         0, 0, EVEN_C) * _gelu_grad(z)
-            tl.store(gp_ptr + skip + (b * sgb + r * C)[:, None] + offs_c[None, :], g.to(gp_ptr.dtype.element_ty),
-                     mask=pmask[:, None] & cmask[None, :])
-            ab += g
-            a0 += g * x0
-            a1 += g * x1
-            a2 += g * x2
-            a3 += g * x3
-            a4 += g * x4
-            a5 += g * x5
-            a6 += g * x6
-            a7 += g * x7
-            a8 += g * x8
-        _store_sums(part_ptr + prog * 10 * C + offs_c, C, cmask, a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
-
-    @triton.jit
     def _prefix_kernel(src_ptr, x_ptr, dst_ptr, n, ssb, sxb, sdb, MODE: tl.constexpr, BLOCK: tl.constexpr):
         """The first ``n`` elements (the prefix rows) of each image: ``dst = src`` (``MODE`` 0),
         ``gelu(src)`` (1), or ``src * gelu'(x)`` (2, the GELU's backward), in the tensors
@@ -353,9 +281,10 @@ def _row_chunks(B: int, H: int, programs: int, waves: int, device: torch.device)
 
 
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
-                 num_prefix: int, flip: bool, residual: bool, gelu: bool = False) -> None:
+                 num_prefix: int, flip: bool, residual: bool, act: int = 0, grad: Optional[Tensor] = None) -> None:
     """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape),
-    with ``gelu`` then the activation; ``flip`` turns the kernel by 180 degrees (the input gradient)."""
+    then (``act``) the GELU (1), or the GELU's backward of ``grad`` (2: ``out = grad * gelu'(z)``);
+    ``flip`` turns the kernel by 180 degrees (the input gradient)."""
     B, _, C = src.shape
     H, W = grid_hw
     taps = _taps(weight.flip(-1, -2) if flip else weight)
@@ -365,18 +294,19 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     chunks = triton.cdiv(H, rows)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
+    grad = out if grad is None else grad  # read only with act 2
     traceable(_conv_kernel)[(B * chunks * strips, c_blocks)](
-        src, taps, bias if bias is not None else taps, out, num_prefix * C, H, W, C, src.stride(0), out.stride(0),
-        rows, chunks, strips, HAS_BIAS=bias is not None, RESIDUAL=residual, GELU=gelu, EVEN_C=C % block_c == 0,
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=CONV_WARPS)
+        src, taps, bias if bias is not None else taps, out, grad, num_prefix * C, H, W, C, src.stride(0),
+        out.stride(0), grad.stride(0), rows, chunks, strips, HAS_BIAS=bias is not None, RESIDUAL=residual, ACT=act,
+        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=CONV_WARPS)
 
 
-def _programs(n_pos: int, block_p: int, c_blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
-    """Programs along the positions, and position tiles per program, for the kernels that sum
-    gradients: enough programs to fill the GPU ``waves`` times over, each summing its share."""
-    n_tiles = triton.cdiv(n_pos, block_p)
-    progs = max(1, min(n_tiles, waves * multiprocessors(device) // c_blocks))
-    return progs, triton.cdiv(n_tiles, progs)
+def _programs(units: int, blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
+    """Programs along the (image, rows) units, and units per program, for the weight gradient's
+    ``blocks`` strips x channel blocks: enough programs to fill the GPU ``waves`` times over, each
+    summing its share."""
+    progs = max(1, min(units, waves * multiprocessors(device) // blocks))
+    return progs, triton.cdiv(units, progs)
 
 
 def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Tensor:
@@ -386,7 +316,7 @@ def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Te
     strips, c_blocks = triton.cdiv(W, block_w), triton.cdiv(C, block_c)
     rows = _row_chunks(B, H, strips * c_blocks, WG_WAVES, x.device)
     units = B * triton.cdiv(H, rows)
-    progs, per_prog = _programs(units, 1, strips * c_blocks, WG_WAVES, x.device)
+    progs, per_prog = _programs(units, strips * c_blocks, WG_WAVES, x.device)
     part = torch.empty(progs * strips, 10, C, device=x.device, dtype=torch.float32)
     traceable(_weight_grad3_kernel)[(progs, strips, c_blocks)](
         x, grad, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0), rows, triton.cdiv(H, rows), units,
@@ -400,7 +330,7 @@ def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: in
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_prefix:
         _launch_prefix(x, x, out, num_prefix, mode=1 if gelu else 0)
-    _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, gelu=gelu)
+    _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, act=1 if gelu else 0)
     return out
 
 
@@ -409,22 +339,12 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
     """Gradients for ``x``, ``weight`` and the bias (float32 ``(C,)``, also when there is none);
     ``bias`` is read only with ``gelu``, to recompute the pre-activation."""
     grad = grad.contiguous()
-    B, _, C = x.shape
-    n_pos = B * H * W
+    grad_pre = grad
     if gelu:
-        # the pre-activation's gradient, written whole (its prefix rows are left unset and unread)
+        # the pre-activation recomputed and its gradient written whole (prefix rows left unset and unread)
         grad_pre = torch.empty_like(grad)
-        c_blocks = triton.cdiv(C, GB_BLOCK_C)
-        progs, per_prog = _programs(n_pos, GB_BLOCK_P, c_blocks, GB_WAVES, x.device)
-        part = torch.empty(progs, 10, C, device=x.device, dtype=torch.float32)
-        taps = _taps(weight)
-        traceable(_gelu_grad3_kernel)[(progs, c_blocks)](
-            x, taps, bias if bias is not None else taps, grad, grad_pre, part, num_prefix * C, n_pos, H, W, C,
-            x.stride(0), grad.stride(0), per_prog, HAS_BIAS=bias is not None, EVEN_C=C % GB_BLOCK_C == 0,
-            BLOCK_P=GB_BLOCK_P, BLOCK_C=GB_BLOCK_C, num_warps=GB_WARPS)
-    else:
-        grad_pre = grad
-        part = _weight_grad(x, grad, H, W, num_prefix)
+        _launch_conv(x, weight, bias, grad_pre, (H, W), num_prefix, flip=False, residual=False, act=2, grad=grad)
+    part = _weight_grad(x, grad_pre, H, W, num_prefix)
     grad_x = torch.empty_like(grad)
     if num_prefix:
         _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)

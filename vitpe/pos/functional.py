@@ -158,7 +158,9 @@ class GridConv(nn.Module):
     # With gradients, the GELU stays outside the kernel unless this is set: the fused backward keeps
     # no pre-activation (1.9 GiB less at the peak for ViT-S at batch 256) but measured slower than
     # torch's GELU backward plus the weight-gradient kernel (ViT-S training 0.76 of `learned`,
-    # against 0.78; docs/performance.md, fifth round)
+    # against 0.78; docs/performance.md, fifth round). The seventh round replaced that backward
+    # (the pre-activation's gradient now comes from the convolution's kernel, then the weight
+    # gradient's as without the GELU); it has not been timed against the default yet
     gelu_with_grad = False
 
     def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
