@@ -122,6 +122,7 @@ if triton is not None:
 
     @triton.jit
     def _f32(x_l, x_m, x_r):
+        """A row's three tiles in float32."""
         return x_l.to(tl.float32), x_m.to(tl.float32), x_r.to(tl.float32)
 
     @triton.jit
@@ -208,9 +209,10 @@ if triton is not None:
             r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
             x_img = x_ptr + skip + b * sxb
             g_img = g_ptr + skip + b * sgb
-            # the gradient rows of output rows s - 1 and s (zero outside the unit's rows); two zero
-            # tiles made apart, since a loop-carried name must not start as the tile it is later
-            # assigned from (Triton would not carry ``g_up``)
+            # the gradient rows of output rows s - 1 and s (zero outside the unit's rows), two zero
+            # tiles made apart: Triton carries a name through a loop when the body changes its value,
+            # and ``g_up = g_at`` would not look like a change if both started as the same tile (one
+            # kernel row's sums then came out zero on the GPU, right in the interpreter)
             g_up = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             g_at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             n_g = tl.load(g_img + r0 * row_len + offs, mask=m_m & (r0 < r1), other=0.0)
