@@ -273,13 +273,18 @@ def _strip(W: int, C: int, tile: int) -> tuple[int, int]:
     return block_w, max(16, min(128, tile // block_w, triton.next_power_of_2(C)))
 
 
-def _row_chunks(B: int, H: int, programs: int, waves: int, device: torch.device) -> int:
-    """Rows each program walks: a whole image's when ``B`` images of ``programs`` programs each fill
-    the GPU ``waves`` times over, else fewer (at least ``MIN_ROWS``; each chunk reads two more rows)."""
-    want = waves * multiprocessors(device)
-    if B * programs >= want:
-        return H
-    return min(H, max(MIN_ROWS, triton.cdiv(H, triton.cdiv(want, B * programs))))
+def _walk(x: Tensor, H: int, W: int, tile: int, waves: int) -> tuple[int, int, int, int, int, int]:
+    """How row-walking programs cover ``x`` ``(B, P + H*W, C)``: a strip's columns and channels
+    (``_strip``), the strips and channel blocks, the rows each program walks, and the chunks of
+    rows per image. A program walks a whole image's rows when the images' strips x channel blocks
+    fill the GPU ``waves`` times over, else fewer (at least ``MIN_ROWS``; each chunk reads two more
+    rows)."""
+    B, _, C = x.shape
+    block_w, block_c = _strip(W, C, tile)
+    strips, c_blocks = triton.cdiv(W, block_w), triton.cdiv(C, block_c)
+    want, have = waves * multiprocessors(x.device), B * strips * c_blocks
+    rows = H if have >= want else min(H, max(MIN_ROWS, triton.cdiv(H, triton.cdiv(want, have))))
+    return block_w, block_c, strips, c_blocks, rows, triton.cdiv(H, rows)
 
 
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
@@ -290,10 +295,7 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     B, _, C = src.shape
     H, W = grid_hw
     taps = _taps(weight.flip(-1, -2) if flip else weight)
-    block_w, block_c = _strip(W, C, CONV_TILE)
-    strips, c_blocks = triton.cdiv(W, block_w), triton.cdiv(C, block_c)
-    rows = _row_chunks(B, H, strips * c_blocks, CONV_WAVES, src.device)
-    chunks = triton.cdiv(H, rows)
+    block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, CONV_TILE, CONV_WAVES)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
     grad = out if grad is None else grad  # read only with act 2
@@ -312,17 +314,15 @@ def _programs(units: int, blocks: int, waves: int, device: torch.device) -> tupl
 
 
 def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Tensor:
-    """``(programs, 10, C)`` float32 partial sums of the 9 taps' and the bias's gradients."""
+    """``(programs x strips, 10, C)`` float32 partial sums of the 9 taps' and the bias's gradients."""
     B, _, C = x.shape
-    block_w, block_c = _strip(W, C, WG_TILE)
-    strips, c_blocks = triton.cdiv(W, block_w), triton.cdiv(C, block_c)
-    rows = _row_chunks(B, H, strips * c_blocks, WG_WAVES, x.device)
-    units = B * triton.cdiv(H, rows)
+    block_w, block_c, strips, c_blocks, rows, chunks = _walk(x, H, W, WG_TILE, WG_WAVES)
+    units = B * chunks
     progs, per_prog = _programs(units, strips * c_blocks, WG_WAVES, x.device)
     part = torch.empty(progs * strips, 10, C, device=x.device, dtype=torch.float32)
     traceable(_weight_grad3_kernel)[(progs, strips, c_blocks)](
-        x, grad, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0), rows, triton.cdiv(H, rows), units,
-        per_prog, EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WG_WARPS)
+        x, grad, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0), rows, chunks, units, per_prog,
+        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WG_WARPS)
     return part
 
 
