@@ -52,6 +52,7 @@ def _compare(device: str, dtype: torch.dtype) -> None:
             if gelu:
                 ref = F.gelu(ref)
             case = (B, H, W, C, P, residual, k, gelu)
+            assert ours.dtype == x.dtype, case
             torch.testing.assert_close(ours.float(), ref, **tol, msg=lambda m: f"{case} output: {m}")
             # output gradients that bfloat16 holds exactly, so that both sides get the same
             w = torch.randn_like(ref).to(dtype).float()
