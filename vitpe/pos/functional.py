@@ -156,11 +156,10 @@ class GridConv(nn.Module):
     """
 
     # With gradients, the GELU stays outside the kernel unless this is set: the fused backward keeps
-    # no pre-activation (1.9 GiB less at the peak for ViT-S at batch 256) but measured slower than
-    # torch's GELU backward plus the weight-gradient kernel (ViT-S training 0.76 of `learned`,
-    # against 0.78; docs/performance.md, fifth round). The seventh round replaced that backward
-    # (the pre-activation's gradient now comes from the convolution's kernel, then the weight
-    # gradient's as without the GELU); it has not been timed against the default yet
+    # no pre-activation (1.9 GiB less at the peak for ViT-S at batch 256) but recomputes it, and
+    # measured slower than torch's GELU backward plus the weight-gradient kernel: 0.875 against
+    # 0.788 ms a call on ViT-S's shape, 0.81 of `learned` in training against 0.82 (H200;
+    # docs/performance.md, eighth round)
     gelu_with_grad = False
 
     def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
