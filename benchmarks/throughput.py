@@ -21,6 +21,15 @@ modules, each setting recompiled from scratch, e.g. a depthwise tile in the whol
 
 ``learned`` (and timm's models) run no vitpe kernel, so they are measured under the first setting
 only and stay every setting's baseline; rows say their setting in the column ``kernels``.
+
+By default each model is measured alone, one after another. A GPU's speed can drift between one
+model's measurement and the next's (on an H200 the same model's ratio to ``learned`` moved by up
+to 0.09 between runs), so ``--interleave`` keeps the models of each (size, resolution, mode)
+resident and compiled together and times them in turns, window by window; each rate is still the
+median of ``--repeats`` windows, and ``--repeats 5`` or more gives the medians something to work on:
+
+    python benchmarks/throughput.py --no-reference --sizes small --modes compiled --interleave \
+        --repeats 5 --strategies learned,mixffn,rpb
 """
 from __future__ import annotations
 
@@ -54,17 +63,21 @@ def timed_windows(step: Callable[[], Any], steps: int, warmup: int, device: torc
     """Seconds per call of ``step`` over ``repeats`` windows of ``steps`` calls each (after
     ``warmup`` untimed calls): the median window, and the spread (slowest minus fastest, over
     the median), which tells how far one window could be trusted."""
-    times = [timed(step, steps, warmup if i == 0 else 0, device) for i in range(max(1, repeats))]
-    median = sorted(times)[len(times) // 2]
-    return median, (max(times) - min(times)) / median
+    return median_spread([timed(step, steps, warmup if i == 0 else 0, device) for i in range(max(1, repeats))])
+
+
+def warm_up(step: Callable[[], Any], calls: int, device: torch.device) -> None:
+    """``calls`` untimed calls of ``step``, finished."""
+    for _ in range(calls):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
     """Seconds per call of ``step``, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        step()
+    warm_up(step, warmup, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -90,61 +103,126 @@ def profile(step: Callable[[], Any], args: argparse.Namespace, device: torch.dev
         f.write(f"## {label} (3 steps)\n{table}\n\n")
 
 
-def compile_fn(model: torch.nn.Module, args: argparse.Namespace) -> Callable[..., Any]:
+def compile_fn(model: torch.nn.Module, args: argparse.Namespace, reset: bool = True) -> Callable[..., Any]:
     """``torch.compile`` with ``--compile-mode`` (``default``, ``reduce-overhead`` for CUDA graphs,
-    ``max-autotune``...). Every model is compiled afresh: the models of one run share code (blocks,
-    attention), and after 8 compiled versions of one function dynamo runs it uncompiled, which
-    would time the later models of a long list in eager mode."""
-    torch._dynamo.reset()
+    ``max-autotune``...). Every model is compiled afresh (``reset``): the models of one run share
+    code (blocks, attention), and after 8 compiled versions of one function dynamo runs it
+    uncompiled, which would time the later models of a long list in eager mode. Interleaved models
+    stay compiled together instead, under a higher limit (``interleaved``)."""
+    if reset:
+        torch._dynamo.reset()
     return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+
+
+class Bench:
+    """One model ready to time: its training step (forward, backward, AdamW) and inference step
+    on one fixed batch, and the FLOPs of a training step."""
+
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool, label: str,
+                 reset: bool = True) -> None:
+        self.args, self.label = args, label
+        self.device = device = torch.device(args.device)
+        self.model = model = model.to(device)
+        x = torch.randn(args.batch_size, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (args.batch_size,), device=device)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused_adamw or None)
+        fwd = compile_fn(model, args, reset) if compiled else model
+
+        def train_step() -> None:
+            with amp:
+                loss = torch.nn.functional.cross_entropy(fwd(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def infer_step() -> None:
+            with torch.inference_mode(), amp:
+                fwd(x)
+
+        self.train_step, self.infer_step = train_step, infer_step
+        flops = FlopCounterMode(display=False)
+        with flops, torch.no_grad(), amp:  # one eager forward, counted once per model
+            model(x)
+        # A training step is taken as 3x the forward (backward = 2x). Counting the backward directly
+        # is wrong for grouped convolutions: torch's counter charges a depthwise kernel's weight
+        # gradient as if the convolution were dense (about `groups` times too much).
+        self.train_flops = 3 * flops.get_total_flops()
+
+    def warm_train(self) -> float:
+        """The untimed warm-up training steps; the peak GPU memory they reach (GiB), counting only
+        this model's tensors when others are resident (interleaved models hold their weights and
+        optimizer states meanwhile, and these steps are the model's first, so it holds nothing else)."""
+        self.model.train()
+        if self.device.type != "cuda":
+            warm_up(self.train_step, self.args.warmup, self.device)
+            return float("nan")
+        own = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        others = torch.cuda.memory_allocated() - own
+        torch.cuda.reset_peak_memory_stats()
+        warm_up(self.train_step, self.args.warmup, self.device)
+        return (torch.cuda.max_memory_allocated() - others) / 2**30
+
+    def result(self, train: tuple[float, float], infer: tuple[float, float], mem: float) -> dict[str, float]:
+        """The rates from the timed windows' (median seconds per step, spread), training and inference."""
+        (t_train, train_spread), (t_infer, infer_spread) = train, infer
+        b = self.args.batch_size
+        return dict(train_img_s=b / t_train, infer_img_s=b / t_infer, train_tflops=self.train_flops / t_train / 1e12,
+                    peak_mem_gib=mem, train_spread=train_spread, infer_spread=infer_spread)
+
+
+def median_spread(times: list[float]) -> tuple[float, float]:
+    """The median window, and the spread (slowest minus fastest, over the median)."""
+    median = sorted(times)[len(times) // 2]
+    return median, (max(times) - min(times)) / median
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool,
             label: str = "") -> dict[str, float]:
+    """One model's rates, its windows timed one after another."""
     with sdpa_preference(args.sdpa) if args.sdpa else nullcontext():
-        return _measure(model, args, res, compiled, label)
+        bench = Bench(model, args, res, compiled, label)
+        mem = bench.warm_train()
+        train = timed_windows(bench.train_step, args.steps, 0, bench.device, args.repeats)
+        if args.profile:
+            profile(bench.train_step, args, bench.device, f"{label} train", "throughput")
+        bench.model.eval()
+        infer = timed_windows(bench.infer_step, args.steps, args.warmup, bench.device, args.repeats)
+        return bench.result(train, infer, mem)
 
 
-def _measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool,
-             label: str) -> dict[str, float]:
-    device = torch.device(args.device)
-    model = model.to(device)
-    x = torch.randn(args.batch_size, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused_adamw or None)
-    fwd = compile_fn(model, args) if compiled else model
-
-    def train_step() -> None:
-        with amp:
-            loss = torch.nn.functional.cross_entropy(fwd(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def infer_step() -> None:
-        with torch.inference_mode(), amp:
-            fwd(x)
-
-    flops = FlopCounterMode(display=False)
-    with flops, torch.no_grad(), amp:  # one eager forward, counted once per model
-        model(x)
-    # A training step is taken as 3x the forward (backward = 2x). Counting the backward directly
-    # is wrong for grouped convolutions: torch's counter charges a depthwise kernel's weight
-    # gradient as if the convolution were dense (about `groups` times too much).
-    train_flops = 3 * flops.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model.train()
-    t_train, train_spread = timed_windows(train_step, args.steps, args.warmup, device, args.repeats)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    if args.profile:
-        profile(train_step, args, device, f"{label} train", "throughput")
-    model.eval()
-    t_infer, infer_spread = timed_windows(infer_step, args.steps, args.warmup, device, args.repeats)
-    return dict(train_img_s=args.batch_size / t_train, infer_img_s=args.batch_size / t_infer,
-                train_tflops=train_flops / t_train / 1e12, peak_mem_gib=mem, train_spread=train_spread,
-                infer_spread=infer_spread)
+def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], args: argparse.Namespace, res: int,
+                        compiled: bool) -> list[dict[str, float]]:
+    """The rates of several models, timed in turns: window ``r`` of every model before window
+    ``r + 1`` of any, for training and then for inference, so that a ratio between two of them
+    compares windows taken moments apart (a GPU's speed can drift by several percent between
+    one model's measurement and the next's). ``jobs``: (model builder, label)."""
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(jobs))
+    torch._dynamo.reset()
+    with sdpa_preference(args.sdpa) if args.sdpa else nullcontext(), \
+            torch._dynamo.config.patch(recompile_limit=limit):
+        benches = []
+        for build_model, label in jobs:
+            torch.manual_seed(0)
+            benches.append(Bench(build_model(), args, res, compiled, label, reset=False))
+        mems = [b.warm_train() for b in benches]
+        train: list[list[float]] = [[] for _ in benches]
+        for _ in range(max(1, args.repeats)):
+            for b, times in zip(benches, train):
+                times.append(timed(b.train_step, args.steps, 0, b.device))
+        if args.profile:
+            for b in benches:
+                profile(b.train_step, args, b.device, f"{b.label} train", "throughput")
+        for b in benches:
+            b.model.eval()
+            warm_up(b.infer_step, args.warmup, b.device)
+        infer: list[list[float]] = [[] for _ in benches]
+        for _ in range(max(1, args.repeats)):
+            for b, times in zip(benches, infer):
+                times.append(timed(b.infer_step, args.steps, 0, b.device))
+        out = [b.result(median_spread(t), median_spread(i), m) for b, t, i, m in zip(benches, train, infer, mems)]
+    torch._dynamo.reset()
+    return out
 
 
 def sdpa_backends() -> dict[str, Any]:
@@ -220,36 +298,73 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[dict[str, Any]],
                  learned: dict[tuple, dict[str, float]], refs: dict[tuple, dict[str, float]]) -> None:
     """Every (size, resolution, mode, strategy) under one kernel setting, appended to ``rows``;
-    after the first setting, ``learned`` and timm's models are not measured again."""
+    after the first setting, ``learned`` and timm's models are not measured again. With
+    ``--interleave`` the models of one (size, resolution, mode) are timed in turns."""
     tag = "" if label == "default" else f" [{label}]"
     for size in args.sizes:
         for res in args.resolutions:
             for mode in args.modes:
-                for strategy in args.strategies:
-                    if not first and strategy == "learned":
-                        continue
-                    ref_name = REFERENCE.get(strategy, REFERENCE["learned"]).format(size=size)
-                    if ref_name not in timm.list_models(ref_name):  # e.g. no tiny RoPE ViT in timm
-                        ref_name = REFERENCE["learned"].format(size=size)
-                    if (ref_name, res, mode) not in refs and args.reference:
-                        torch.manual_seed(0)
-                        refs[ref_name, res, mode] = measure(build(ref_name, res, args.depth), args, res,
-                                                            mode == "compiled", f"{ref_name} {res} {mode}")
-                    torch.manual_seed(0)
-                    ours = measure(build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=strategy),
-                                   args, res, mode == "compiled", f"vitpe {size} {strategy} {res} {mode}{tag}")
-                    ref = refs.get((ref_name, res, mode))
-                    own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else \
-                        learned.get((size, res, mode))
-                    row = dict(size=size, strategy=strategy, res=res, mode=mode, kernels=label,
-                               reference=ref_name if ref else None, vitpe=ours, timm=ref,
-                               train_ratio=ours["train_img_s"] / ref["train_img_s"] if ref else None,
-                               infer_ratio=ours["infer_img_s"] / ref["infer_img_s"] if ref else None,
-                               train_vs_learned=ours["train_img_s"] / own["train_img_s"] if own else None,
-                               infer_vs_learned=ours["infer_img_s"] / own["infer_img_s"] if own else None)
-                    rows.append(row)
-                    print(markdown([row], header=len(rows) == 1, kernels=len(args.kernel_settings) > 1), flush=True)
+                strategies = [s for s in args.strategies if first or s != "learned"]
+                ref_names = {s: reference_name(s, size) for s in strategies}
+                # (kind, name) -> (builder, label), in the order they are measured
+                jobs: dict[tuple[str, str], tuple[Callable[[], torch.nn.Module], str]] = {}
+                for strategy in strategies:
+                    ref_name = ref_names[strategy]
+                    if args.reference and (ref_name, res, mode) not in refs:
+                        jobs["timm", ref_name] = (lambda n=ref_name: build(n, res, args.depth),
+                                                  f"{ref_name} {res} {mode}")
+                    jobs["vitpe", strategy] = (
+                        lambda s=strategy: build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=s),
+                        f"vitpe {size} {strategy} {res} {mode}{tag}")
+                compiled = mode == "compiled"
+                if args.interleave:
+                    measured = dict(zip(jobs, measure_interleaved(list(jobs.values()), args, res, compiled)))
+                else:
+                    measured = LazyMeasure(jobs, args, res, compiled)
+                for strategy in strategies:
+                    ref_name = ref_names[strategy]
+                    if ("timm", ref_name) in jobs:
+                        refs[ref_name, res, mode] = measured["timm", ref_name]
+                    ours = measured["vitpe", strategy]
+                    rows.append(make_row(size, strategy, res, mode, label, ref_name, ours, refs.get((ref_name, res, mode)),
+                                         learned))
+                    print(markdown(rows[-1:], header=len(rows) == 1, kernels=len(args.kernel_settings) > 1), flush=True)
                     write(args, rows)
+
+
+def reference_name(strategy: str, size: str) -> str:
+    """timm's model for a strategy: its RoPE ViTs for the rotary strategies, the plain ViT otherwise
+    (and where timm has no RoPE ViT of that size)."""
+    ref_name = REFERENCE.get(strategy, REFERENCE["learned"]).format(size=size)
+    return ref_name if ref_name in timm.list_models(ref_name) else REFERENCE["learned"].format(size=size)
+
+
+class LazyMeasure:
+    """Each model measured alone when its result is first asked for: one after another, in the
+    order the rows need them, each row written as soon as it is measured."""
+
+    def __init__(self, jobs: dict, args: argparse.Namespace, res: int, compiled: bool) -> None:
+        self.jobs, self.args, self.res, self.compiled, self.done = jobs, args, res, compiled, {}
+
+    def __getitem__(self, key: tuple[str, str]) -> dict[str, float]:
+        if key not in self.done:
+            build_model, label = self.jobs[key]
+            torch.manual_seed(0)
+            self.done[key] = measure(build_model(), self.args, self.res, self.compiled, label)
+        return self.done[key]
+
+
+def make_row(size: str, strategy: str, res: int, mode: str, label: str, ref_name: str, ours: dict[str, float],
+             ref: dict[str, float] | None, learned: dict[tuple, dict[str, float]]) -> dict[str, Any]:
+    """A table row: vitpe's rates, timm's, and the ratios to timm and to vitpe's own ``learned``
+    (recorded here when ``strategy`` is ``learned``)."""
+    own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else learned.get((size, res, mode))
+    return dict(size=size, strategy=strategy, res=res, mode=mode, kernels=label,
+                reference=ref_name if ref else None, vitpe=ours, timm=ref,
+                train_ratio=ours["train_img_s"] / ref["train_img_s"] if ref else None,
+                infer_ratio=ours["infer_img_s"] / ref["infer_img_s"] if ref else None,
+                train_vs_learned=ours["train_img_s"] / own["train_img_s"] if own else None,
+                infer_vs_learned=ours["infer_img_s"] / own["infer_img_s"] if own else None)
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -340,6 +455,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "models: cudnn, flash, efficient, math (default: torch's own choice)")
     p.add_argument("--fused-adamw", action="store_true", help="AdamW as one fused kernel (as vitpe's training "
                    "scripts run it) for both models, instead of torch's default multi-tensor AdamW")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the models of each (size, resolution, mode) in turns, window by window, all of them "
+                   "resident and compiled together, so that ratios compare windows taken moments apart "
+                   "(default: each model measured alone, one after another)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip timm's models (only the ratios to vitpe's own learned)")
     p.add_argument("--kernel-settings", nargs="*", default=[""], metavar="MODULE:NAME=V,...",

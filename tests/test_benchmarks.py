@@ -41,6 +41,30 @@ def test_throughput_without_reference_times_only_vitpe(tmp_path):
     assert "| rpb | 32 | eager | - |" in (tmp_path / "throughput.md").read_text()
 
 
+def test_throughput_interleaves_the_models_windows(tmp_path, monkeypatch):
+    bench = load("throughput")
+    calls = []
+    timed = bench.timed
+
+    def recording(step, steps, warmup, device):
+        calls.append(step)
+        return timed(step, steps, warmup, device)
+
+    monkeypatch.setattr(bench, "timed", recording)
+    bench.main(["--sizes", "small", "--strategies", "learned,peg", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--interleave", "--output", str(tmp_path)])
+    # three models (timm's ViT, vitpe learned, vitpe peg): every model's first window before any
+    # model's second, training then inference
+    train, infer = calls[:6], calls[6:]
+    assert len(calls) == 12 and len(set(train[:3])) == 3 and train[3:] == train[:3]
+    assert len(set(infer[:3])) == 3 and infer[3:] == infer[:3] and not set(train) & set(infer)
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["rows"]}
+    assert rows["learned"]["reference"] == rows["peg"]["reference"] == "vit_small_patch16_224"
+    assert rows["peg"]["timm"] == rows["learned"]["timm"]  # one measurement of the shared reference
+    assert rows["peg"]["train_vs_learned"] == rows["peg"]["vitpe"]["train_img_s"] / rows["learned"]["vitpe"]["train_img_s"]
+
+
 def test_timed_windows_reports_the_median_window_and_the_spread(monkeypatch):
     bench = load("throughput")
     clock = iter([0.3, 0.1, 0.2])
