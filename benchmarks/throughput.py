@@ -125,6 +125,7 @@ class Bench:
         self.model = model = model.to(device)
         x = torch.randn(args.batch_size, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (args.batch_size,), device=device)
+        self.batch = (x, y)
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused_adamw or None)
         fwd = compile_fn(model, args, reset) if compiled else model
@@ -151,13 +152,14 @@ class Bench:
 
     def warm_train(self) -> float:
         """The untimed warm-up training steps; the peak GPU memory they reach (GiB), counting only
-        this model's tensors when others are resident (interleaved models hold their weights and
-        optimizer states meanwhile, and these steps are the model's first, so it holds nothing else)."""
+        this model's tensors (and its batch) when others are resident (interleaved models hold their
+        weights and optimizer states meanwhile; these steps are the model's first, so before them it
+        holds only its weights and batch)."""
         self.model.train()
         if self.device.type != "cuda":
             warm_up(self.train_step, self.args.warmup, self.device)
             return float("nan")
-        own = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        own = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers(), *self.batch))
         others = torch.cuda.memory_allocated() - own
         torch.cuda.reset_peak_memory_stats()
         warm_up(self.train_step, self.args.warmup, self.device)
