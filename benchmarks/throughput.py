@@ -108,7 +108,7 @@ def compile_fn(model: torch.nn.Module, args: argparse.Namespace, reset: bool = T
     ``max-autotune``...). Every model is compiled afresh (``reset``): the models of one run share
     code (blocks, attention), and after 8 compiled versions of one function dynamo runs it
     uncompiled, which would time the later models of a long list in eager mode. Interleaved models
-    stay compiled together instead, under a higher limit (``interleaved``)."""
+    stay compiled together instead, under a higher limit (``measure_interleaved``)."""
     if reset:
         torch._dynamo.reset()
     return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
@@ -328,8 +328,8 @@ def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[d
                     if ("timm", ref_name) in jobs:
                         refs[ref_name, res, mode] = measured["timm", ref_name]
                     ours = measured["vitpe", strategy]
-                    rows.append(make_row(size, strategy, res, mode, label, ref_name, ours, refs.get((ref_name, res, mode)),
-                                         learned))
+                    ref = refs.get((ref_name, res, mode))
+                    rows.append(make_row(size, strategy, res, mode, label, ref_name, ours, ref, learned))
                     print(markdown(rows[-1:], header=len(rows) == 1, kernels=len(args.kernel_settings) > 1), flush=True)
                     write(args, rows)
 
