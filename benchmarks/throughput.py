@@ -200,6 +200,7 @@ def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], a
     compares windows taken moments apart (a GPU's speed can drift by several percent between
     one model's measurement and the next's). ``jobs``: (model builder, label)."""
     limit = max(torch._dynamo.config.recompile_limit, 4 * len(jobs))
+    device = torch.device(args.device)
     torch._dynamo.reset()
     with sdpa_preference(args.sdpa) if args.sdpa else nullcontext(), \
             torch._dynamo.config.patch(recompile_limit=limit):
@@ -207,21 +208,24 @@ def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], a
         for build_model, label in jobs:
             torch.manual_seed(0)
             benches.append(Bench(build_model(), args, res, compiled, label, reset=False))
+
+        def in_turns(steps: list[Callable[[], Any]]) -> list[list[float]]:
+            """``--repeats`` windows of each step, window ``r`` of every one before window ``r + 1``."""
+            times: list[list[float]] = [[] for _ in steps]
+            for _ in range(max(1, args.repeats)):
+                for step, t in zip(steps, times):
+                    t.append(timed(step, args.steps, 0, device))
+            return times
+
         mems = [b.warm_train() for b in benches]
-        train: list[list[float]] = [[] for _ in benches]
-        for _ in range(max(1, args.repeats)):
-            for b, times in zip(benches, train):
-                times.append(timed(b.train_step, args.steps, 0, b.device))
+        train = in_turns([b.train_step for b in benches])
         if args.profile:
             for b in benches:
                 profile(b.train_step, args, b.device, f"{b.label} train", "throughput")
         for b in benches:
             b.model.eval()
             warm_up(b.infer_step, args.warmup, b.device)
-        infer: list[list[float]] = [[] for _ in benches]
-        for _ in range(max(1, args.repeats)):
-            for b, times in zip(benches, infer):
-                times.append(timed(b.infer_step, args.steps, 0, b.device))
+        infer = in_turns([b.infer_step for b in benches])
         out = [b.result(median_spread(t), median_spread(i), m) for b, t, i, m in zip(benches, train, infer, mems)]
     torch._dynamo.reset()
     return out
