@@ -35,7 +35,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import add_common, profile, timed, write_rows  # noqa: E402
+from throughput import add_common, inductor_settings, profile, timed, write_rows  # noqa: E402
 
 from vitpe.engine import detection, segmentation  # noqa: E402
 
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # both sides alike; convolutions use TF32 by default
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels for both
-    run(args)
+    with inductor_settings(args):
+        run(args)
 
 
 if __name__ == "__main__":

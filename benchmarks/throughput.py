@@ -34,6 +34,7 @@ median of ``--repeats`` windows, and ``--repeats 5`` or more gives the medians s
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -219,6 +220,8 @@ def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], a
 
         mems = [b.warm_train() for b in benches]
         train = in_turns([b.train_step for b in benches])
+        for b, t in zip(benches, train):  # on the log before inference compiles, in case a run is cut short
+            print(f"{b.label}: train {args.batch_size / median_spread(t)[0]:.0f} img/s", flush=True)
         if args.profile:
             for b in benches:
                 profile(b.train_step, args, b.device, f"{b.label} train", "throughput")
@@ -489,13 +492,48 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    "max-autotune, max-autotune-no-cudagraphs")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="write the N busiest operators of every training measurement to <output>/*_profile.txt")
+    p.add_argument("--inductor", type=parse_inductor, default={}, metavar="KEY=V,...",
+                   help="torch._inductor.config settings for the compiled models, e.g. "
+                   "'coordinate_descent_tuning=True,triton.tile_reductions=True'")
+
+
+def parse_inductor(spec: str) -> dict[str, Any]:
+    """``"coordinate_descent_tuning=True,triton.max_tiles=3"`` -> inductor config settings, each key
+    checked against ``torch._inductor.config`` and each value a Python literal of the key's type."""
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    settings = {}
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        key, _, text = item.partition("=")
+        if key not in known:
+            close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+            raise argparse.ArgumentTypeError(f"{item!r}: torch._inductor.config has no {key!r}"
+                                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{item!r}: the value {text!r} is not a Python literal") from None
+        if known[key] is not None and type(value) is not type(known[key]):
+            raise argparse.ArgumentTypeError(f"{item!r}: {key} takes a {type(known[key]).__name__}, "
+                                             f"not {type(value).__name__}")
+        settings[key] = value
+    return settings
+
+
+def inductor_settings(args: argparse.Namespace) -> Any:
+    """``--inductor``'s settings, in force while the models compile."""
+    from torch._inductor import config
+
+    return config.patch(args.inductor)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    run(args)
+    with inductor_settings(args):
+        run(args)
 
 
 if __name__ == "__main__":
