@@ -180,3 +180,22 @@ def test_throughput_times_the_models_again_under_each_kernel_setting(tmp_path, c
         with pytest.raises(SystemExit):
             bench.parse(["--kernel-settings", bad])
         assert said in capsys.readouterr().err
+
+
+def test_inductor_settings_are_checked_and_in_force_while_the_benchmark_runs(monkeypatch, capsys):
+    bench = load("throughput")
+    from torch._inductor import config
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda args: seen.update(cdt=config.coordinate_descent_tuning,
+                                                               tiles=config.triton.tile_reductions))
+    before = (config.coordinate_descent_tuning, config.triton.tile_reductions)
+    bench.main(["--device", "cpu", "--inductor", "coordinate_descent_tuning=True,triton.tile_reductions=True"])
+    assert seen == {"cdt": True, "tiles": True}
+    assert (config.coordinate_descent_tuning, config.triton.tile_reductions) == before  # restored after
+    for bad, message in [("tile_reductions=True", "did you mean triton.tile_reductions"),
+                         ("coordinate_descent_tuning=1", "takes a bool, not int"),
+                         ("coordinate_descent_tuning=yes", "is not a Python literal")]:
+        with pytest.raises(SystemExit):
+            bench.parse(["--inductor", bad])
+        assert message in capsys.readouterr().err
