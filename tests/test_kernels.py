@@ -31,11 +31,21 @@ class _RoundGrad(torch.autograd.Function):
         return grad.to(ctx.dtype).to(grad.dtype), None
 
 
-def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
+def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
-    bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training."""
-    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-        _compare(device, dtype)
+    bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training. ``stages``:
+    the kernels' ``CONV_STAGES`` and ``WG_STAGES`` (0: the kernels that carry the next row in
+    registers; default: the module's own)."""
+    from vitpe.kernels import depthwise
+
+    saved = depthwise.CONV_STAGES, depthwise.WG_STAGES
+    if stages is not None:
+        depthwise.CONV_STAGES = depthwise.WG_STAGES = stages
+    try:
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            _compare(device, dtype)
+    finally:
+        depthwise.CONV_STAGES, depthwise.WG_STAGES = saved
 
 
 def _compare(device: str, dtype: torch.dtype) -> None:
@@ -107,15 +117,17 @@ def _compare(device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
-def test_kernels_match_the_convolution_in_the_interpreter():
-    run_compare_in_interpreter('test_kernels')
+@pytest.mark.parametrize("stages", [0, 3])
+def test_kernels_match_the_convolution_in_the_interpreter(stages):
+    run_compare_in_interpreter('test_kernels', stages=stages)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stages", [0, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_match_the_convolution_on_gpu(dtype):
+def test_kernels_match_the_convolution_on_gpu(dtype, stages):
     torch.backends.cudnn.allow_tf32 = False
-    compare("cuda", dtype)
+    compare("cuda", dtype, stages)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -10,10 +10,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_compare_in_interpreter(test_module: str) -> None:
-    """Import ``tests/<test_module>.py`` with ``TRITON_INTERPRET=1`` and call its ``compare('cpu')``;
-    fail with the subprocess's error output unless it finishes."""
-    code = f"import sys; sys.path.insert(0, 'tests'); from {test_module} import compare; compare('cpu'); print('ok')"
+def run_compare_in_interpreter(test_module: str, **kwargs: object) -> None:
+    """Import ``tests/<test_module>.py`` with ``TRITON_INTERPRET=1`` and call its ``compare('cpu',
+    **kwargs)`` (literal arguments); fail with the subprocess's error output unless it finishes."""
+    call = ", ".join(["'cpu'", *(f"{k}={v!r}" for k, v in kwargs.items())])
+    code = f"import sys; sys.path.insert(0, 'tests'); from {test_module} import compare; compare({call}); print('ok')"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)

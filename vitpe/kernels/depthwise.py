@@ -57,6 +57,10 @@ ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 # registers (16 x 128 tile), the weight gradient 255 and spills 128 bytes, and is still the fastest
 CONV_TILE, CONV_WARPS, CONV_WAVES = 2048, 4, 4
 WG_TILE, WG_WARPS, WG_WAVES = 2048, 4, 2
+# rows in flight with Triton's software pipeliner (``_conv_staged_kernel``, ``_weight_grad_staged_kernel``:
+# the loads of the rows ahead copied asynchronously into shared memory); 0: the kernels that carry
+# the next row in registers
+CONV_STAGES, WG_STAGES = 0, 0
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 
 
@@ -190,6 +194,89 @@ if triton is not None:
             tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m)
 
     @triton.jit
+    def _conv_staged_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks,
+                            n_strips, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+                            EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+        """``_conv_kernel``'s convolution with the loads of the rows ahead issued by Triton's
+        software pipeliner (``STAGES`` - 1 rows ahead, copied asynchronously into shared memory)
+        instead of carried in registers: each step loads input row ``s`` and completes output row
+        ``s - 1``, from the row above the program's first to the row below its last."""
+        pid = tl.program_id(0)
+        strip, unit = pid % n_strips, pid // n_strips
+        b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
+        r1 = tl.minimum(r0 + rows, H)
+        offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(1), C, W, BLOCK_W, BLOCK_C, EVEN_C)
+        t0, t1, t2 = _row(taps_ptr + offs_c, 0, C, cmask), _row(taps_ptr + offs_c, 1, C, cmask), \
+            _row(taps_ptr + offs_c, 2, C, cmask)
+        t3, t4, t5 = _row(taps_ptr + offs_c, 3, C, cmask), _row(taps_ptr + offs_c, 4, C, cmask), \
+            _row(taps_ptr + offs_c, 5, C, cmask)
+        t6, t7, t8 = _row(taps_ptr + offs_c, 6, C, cmask), _row(taps_ptr + offs_c, 7, C, cmask), \
+            _row(taps_ptr + offs_c, 8, C, cmask)
+        if HAS_BIAS:
+            bias = _row(b_ptr + offs_c, 0, C, cmask)
+        else:
+            bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+        x_img = x_ptr + skip + b * sxb
+        y_img = y_ptr + skip + b * syb
+        ga_img = ga_ptr + skip + b * sgb
+        row_len = W * C
+        # the output rows s - 1 and s so far, two zero tiles made apart (see _weight_grad3_kernel)
+        at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        below = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        for s in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
+            x_l, x_m, x_r = _f32(*_row3(x_img + s * row_len, offs, C, m_l, m_m, m_r, (s >= 0) & (s < H)))
+            done = s > r0  # output row s - 1 is the program's
+            out = at + x_l * t6 + x_m * t7 + x_r * t8
+            at = below + x_l * t3 + x_m * t4 + x_r * t5
+            below = x_l * t0 + x_m * t1 + x_r * t2
+            out += bias
+            if RESIDUAL:
+                out += tl.load(x_img + (s - 1) * row_len + offs, mask=m_m & done, other=0.0).to(tl.float32)
+            if ACT == 1:
+                out = _gelu(out)
+            if ACT == 2:
+                ga = tl.load(ga_img + (s - 1) * row_len + offs, mask=m_m & done, other=0.0).to(tl.float32)
+                out = ga * _gelu_grad(out)
+            tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m & done)
+
+    @triton.jit
+    def _weight_grad_staged_kernel(x_ptr, g_ptr, part_ptr, skip, H, W, C, sxb, sgb, rows, n_chunks, n_units,
+                                   units_per_prog, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
+                                   BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+        """``_weight_grad3_kernel``'s sums with the rows ahead loaded by Triton's software pipeliner
+        (as ``_conv_staged_kernel``): step ``s`` loads input row ``s`` and the gradients of output
+        rows ``s - 1``, ``s`` and ``s + 1``, the first two again (from cache): the pipeliner leaves a
+        loop alone when a loaded row is carried to the next step."""
+        prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+        offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
+        row_len = W * C
+        zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for u in range(0, units_per_prog):
+            unit = prog + u * nprog
+            b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
+            r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
+            x_img = x_ptr + skip + b * sxb
+            g_img = g_ptr + skip + b * sgb
+            for s in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
+                g_up = tl.load(g_img + (s - 1) * row_len + offs, mask=m_m & (s > r0), other=0.0).to(tl.float32)
+                g_at = tl.load(g_img + s * row_len + offs, mask=m_m & (s >= r0) & (s < r1), other=0.0).to(tl.float32)
+                g_dn = tl.load(g_img + (s + 1) * row_len + offs, mask=m_m & (s + 1 < r1), other=0.0).to(tl.float32)
+                x_l, x_m, x_r = _f32(*_row3(x_img + s * row_len, offs, C, m_l, m_m, m_r, (s >= 0) & (s < H)))
+                ab += g_dn
+                a0 += g_dn * x_l
+                a1 += g_dn * x_m
+                a2 += g_dn * x_r
+                a3 += g_at * x_l
+                a4 += g_at * x_m
+                a5 += g_at * x_r
+                a6 += g_up * x_l
+                a7 += g_up * x_m
+                a8 += g_up * x_r
+        _store_sums(part_ptr + (prog * tl.num_programs(1) + strip) * 10 * C + offs_c, C, cmask,
+                    a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
+
+    @triton.jit
     def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, skip, H, W, C, sxb, sgb, rows, n_chunks, n_units,
                              units_per_prog, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """``part[prog, strip, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]``
@@ -300,10 +387,11 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
     grad = out if grad is None else grad  # read only with act 2
-    traceable(_conv_kernel)[(B * chunks * strips, c_blocks)](
+    kernel, staged = (_conv_staged_kernel, dict(STAGES=CONV_STAGES)) if CONV_STAGES else (_conv_kernel, {})
+    traceable(kernel)[(B * chunks * strips, c_blocks)](
         src, taps, bias if bias is not None else taps, out, grad, num_prefix * C, H, W, C, src.stride(0),
         out.stride(0), grad.stride(0), rows, chunks, strips, HAS_BIAS=bias is not None, RESIDUAL=residual, ACT=act,
-        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=CONV_WARPS)
+        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=CONV_WARPS, **staged)
 
 
 def _programs(units: int, blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -321,9 +409,10 @@ def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Te
     units = B * chunks
     progs, per_prog = _programs(units, strips * c_blocks, WG_WAVES, x.device)
     part = torch.empty(progs * strips, 10, C, device=x.device, dtype=torch.float32)
-    traceable(_weight_grad3_kernel)[(progs, strips, c_blocks)](
+    kernel, staged = (_weight_grad_staged_kernel, dict(STAGES=WG_STAGES)) if WG_STAGES else (_weight_grad3_kernel, {})
+    traceable(kernel)[(progs, strips, c_blocks)](
         x, grad, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0), rows, chunks, units, per_prog,
-        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WG_WARPS)
+        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WG_WARPS, **staged)
     return part
 
 
