@@ -183,7 +183,7 @@ def median_spread(times: list[float]) -> tuple[float, float]:
 def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool,
             label: str = "") -> dict[str, float]:
     """One model's rates, its windows timed one after another."""
-    with sdpa_preference(args.sdpa) if args.sdpa else nullcontext():
+    with sdpa_preference(args.sdpa):
         bench = Bench(model, args, res, compiled, label)
         mem = bench.warm_train()
         train = timed_windows(bench.train_step, args.steps, 0, bench.device, args.repeats)
@@ -203,7 +203,7 @@ def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], a
     limit = max(torch._dynamo.config.recompile_limit, 4 * len(jobs))
     device = torch.device(args.device)
     torch._dynamo.reset()
-    with sdpa_preference(args.sdpa) if args.sdpa else nullcontext(), \
+    with sdpa_preference(args.sdpa), \
             torch._dynamo.config.patch(recompile_limit=limit):
         benches = []
         for build_model, label in jobs:
@@ -244,9 +244,12 @@ def sdpa_backends() -> dict[str, Any]:
 
 def sdpa_preference(names: list[str]) -> Any:
     """A context that makes scaled_dot_product_attention try these backends first, in this order
-    (``cudnn``, ``flash``, ``efficient``, ``math``); the others stay as fallbacks."""
+    (``cudnn``, ``flash``, ``efficient``, ``math``); the others stay as fallbacks. No names: torch's
+    own choice, unchanged."""
     from torch.nn.attention import sdpa_kernel
 
+    if not names:
+        return nullcontext()
     table = sdpa_backends()
     unknown = [n for n in names if n not in table]
     if unknown:
