@@ -245,8 +245,9 @@ if triton is not None:
                                    BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """``_weight_grad3_kernel``'s sums with the rows ahead loaded by Triton's software pipeliner
         (as ``_conv_staged_kernel``): step ``s`` loads input row ``s`` and the gradients of output
-        rows ``s - 1``, ``s`` and ``s + 1``, the first two again (from cache): the pipeliner leaves a
-        loop alone when a loaded row is carried to the next step."""
+        rows ``s + 1`` and, again (from cache), ``s - 1``; it carries only the gradient row ``s``
+        to the next step, since the pipeliner leaves a loop alone when one carried row is handed on
+        to another (``g_up, g_at = g_at, g_dn``)."""
         prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
         offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
         row_len = W * C
@@ -258,9 +259,9 @@ if triton is not None:
             r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
             x_img = x_ptr + skip + b * sxb
             g_img = g_ptr + skip + b * sgb
+            g_at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # the gradient of output row s
             for s in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
                 g_up = tl.load(g_img + (s - 1) * row_len + offs, mask=m_m & (s > r0), other=0.0).to(tl.float32)
-                g_at = tl.load(g_img + s * row_len + offs, mask=m_m & (s >= r0) & (s < r1), other=0.0).to(tl.float32)
                 g_dn = tl.load(g_img + (s + 1) * row_len + offs, mask=m_m & (s + 1 < r1), other=0.0).to(tl.float32)
                 x_l, x_m, x_r = _f32(*_row3(x_img + s * row_len, offs, C, m_l, m_m, m_r, (s >= 0) & (s < H)))
                 ab += g_dn
@@ -273,6 +274,7 @@ if triton is not None:
                 a6 += g_up * x_l
                 a7 += g_up * x_m
                 a8 += g_up * x_r
+                g_at = g_dn
         _store_sums(part_ptr + (prog * tl.num_programs(1) + strip) * 10 * C + offs_c, C, cmask,
                     a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
