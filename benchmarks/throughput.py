@@ -20,7 +20,12 @@ modules, each setting recompiled from scratch, e.g. a depthwise tile in the whol
         --strategies learned,mixffn --kernel-settings '' 'depthwise:CONV_TILE=1024'
 
 ``learned`` (and timm's models) run no vitpe kernel, so they are measured under the first setting
-only and stay every setting's baseline; rows say their setting in the column ``kernels``.
+only and stay every setting's baseline; rows say their setting in the column ``kernels``. A
+setting of ``bias_gelu`` (the plain MLP's bias and GELU, which ``learned`` runs when
+``bias_gelu:IN_MLP=1``) measures ``learned`` again, its ratio to the first ``learned``:
+
+    python benchmarks/throughput.py --no-reference --sizes base --modes compiled --strategies learned \
+        --kernel-settings '' 'bias_gelu:IN_MLP=1'
 
 By default each model is measured alone, one after another. A GPU's speed can drift between one
 model's measurement and the next's (on an H200 the same model's ratio to ``learned`` moved by up
@@ -258,7 +263,7 @@ def sdpa_preference(names: list[str]) -> Any:
     return sdpa_kernel(order, set_priority=True)
 
 
-KERNEL_MODULES = ("depthwise", "attention", "rope")  # vitpe.kernels' modules with tile constants
+KERNEL_MODULES = ("depthwise", "attention", "rope", "bias_gelu")  # vitpe.kernels' modules with tile constants
 
 
 def parse_kernel_settings(spec: str) -> list[tuple[ModuleType, str]]:
@@ -316,7 +321,7 @@ def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[d
     for size in args.sizes:
         for res in args.resolutions:
             for mode in args.modes:
-                strategies = [s for s in args.strategies if first or s != "learned"]
+                strategies = [s for s in args.strategies if first or s != "learned" or "bias_gelu:" in label]
                 ref_names = {s: reference_name(s, size) for s in strategies}
                 # (kind, name) -> (builder, label), in the order they are measured
                 jobs: dict[tuple[str, str], tuple[Callable[[], torch.nn.Module], str]] = {}
@@ -475,7 +480,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip timm's models (only the ratios to vitpe's own learned)")
     p.add_argument("--kernel-settings", nargs="*", default=[""], metavar="MODULE:NAME=V,...",
                    help="settings of vitpe's kernel constants to time the models under, one after another, "
-                   "each 'MODULE:NAME=V,...' with ';' between modules (depthwise, attention, rope); '' is the "
+                   "each 'MODULE:NAME=V,...' with ';' between modules (depthwise, attention, rope, bias_gelu); '' is the "
                    "modules' own (the default)")
     add_common(p)
     p.add_argument("--output", type=Path, default=Path("runs/throughput"))

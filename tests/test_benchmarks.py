@@ -182,6 +182,28 @@ def test_throughput_times_the_models_again_under_each_kernel_setting(tmp_path, c
         assert said in capsys.readouterr().err
 
 
+def test_a_bias_gelu_setting_times_learned_again_against_the_first(tmp_path, monkeypatch):
+    from vitpe.kernels import bias_gelu
+
+    bench = load("throughput")
+    seen = []
+    real = bench.measure
+
+    def measure(model, args, res, compiled, label):
+        seen.append((label, bias_gelu.IN_MLP))
+        return real(model, args, res, compiled, label)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    bench.main(["--sizes", "small", "--strategies", "learned", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--no-reference", "--output", str(tmp_path),
+                "--kernel-settings", "", "bias_gelu:IN_MLP=1"])
+    assert seen == [("vitpe small learned 32 eager", 0), ("vitpe small learned 32 eager [bias_gelu:IN_MLP=1]", 1)]
+    first, again = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert again["kernels"] == "bias_gelu:IN_MLP=1" and bias_gelu.IN_MLP == 0
+    assert again["train_vs_learned"] == again["vitpe"]["train_img_s"] / first["vitpe"]["train_img_s"]
+
+
 def test_inductor_settings_are_checked_and_in_force_while_the_benchmark_runs(monkeypatch, capsys):
     bench = load("throughput")
     from torch._inductor import config

@@ -2,8 +2,10 @@
 mixer that can apply the activation itself is asked to."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import bias_gelu
 from ..pos.base import BlockPos
 
 
@@ -19,6 +21,11 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor, pos: BlockPos) -> Tensor:
+        if self.mixer is None and self._exact_gelu() and bias_gelu.IN_MLP and bias_gelu.available(x, self.fc1.bias):
+            # fc1 as a product without its bias, then the bias and the GELU in one pass (and one
+            # pass back, the bias gradient included)
+            x = bias_gelu.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+            return self.drop2(self.fc2(self.drop1(x)))
         x = self.fc1(x)
         if self._mixer_applies_act():
             x = self.mixer(x, pos.grid, pos.num_prefix, gelu=True)
@@ -32,5 +39,7 @@ class Mlp(nn.Module):
         """Whether the mixer applies the activation itself: one that says so (``fuses_gelu``, as
         ``GridConv`` without residual in inference, whose kernel then saves the GELU's passes over
         the hidden layer), with the activation the exact GELU."""
-        return (getattr(self.mixer, "fuses_gelu", False) and isinstance(self.act, nn.GELU)
-                and self.act.approximate == "none")
+        return getattr(self.mixer, "fuses_gelu", False) and self._exact_gelu()
+
+    def _exact_gelu(self) -> bool:
+        return isinstance(self.act, nn.GELU) and self.act.approximate == "none"
