@@ -12,6 +12,13 @@ took 42 (sm_90a), and the two launches of ViT-S's convolution take 303 µs again
 backward is two kernels: the input gradient is the same convolution with the kernel flipped; the
 weight and bias gradients are per-program partial sums, added up afterwards.
 
+Those kernels hold the next row in registers, which caps them at 2 programs per multiprocessor
+and one row ahead: they wait on their loads. With ``CONV_STAGES`` / ``WG_STAGES`` above 0 the
+variants ``_conv_staged_kernel`` and ``_weight_grad_staged_kernel`` leave the rows ahead to
+Triton's software pipeliner (asynchronous copies into shared memory, no registers held), 2-3
+rows ahead at 3 programs per multiprocessor; not yet timed on a GPU, so not the default
+(docs/performance.md, ninth round).
+
 Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x + 0``).
 
 With ``gelu`` the convolution also applies Mix-FFN's activation (the exact, erf GELU), which
