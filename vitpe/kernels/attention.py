@@ -75,11 +75,13 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(Q, K, V, Bias, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbh, sbm,
-                    n_heads, T, S, QK_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    n_heads, T, S, bias_cols, QK_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
         """One block of queries of one (image, head): ``O = softmax(Q K^T * scale + bias) V`` by
         blocks of keys, with the running max and sum; ``LSE`` in log2 units. ``sqb, sqh, sqn`` etc.
-        are the (image, head, position) strides; the last dimension is contiguous."""
+        are the (image, head, position) strides; the last dimension is contiguous. The bias's rows
+        hold ``bias_cols`` elements (``S`` padded to a multiple of 16, zeros after ``S``): its loads
+        are masked by that, which is constant over 16 columns, so they can be 16-byte copies."""
         bh, b, h, offs_m, m_ok = _program(n_heads, T, BLOCK_M)
         offs_d = tl.arange(0, D)
         q = _rows(Q + b * sqb + h * sqh, offs_m, sqn, offs_d, m_ok)
@@ -93,7 +95,7 @@ if triton is not None:
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
             k = _rows(kb, offs_n, skn, offs_d, n_ok)
-            s = _logits(q, k, bb + offs_n[None, :], m_ok[:, None] & n_ok[None, :], QK_SCALE)
+            s = _logits(q, k, bb + offs_n[None, :], m_ok[:, None] & (offs_n < bias_cols)[None, :], QK_SCALE)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -119,15 +121,17 @@ if triton is not None:
         tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, Bias, DO, LSE, DELTA, DS, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                    sdob, sdoh, sdon, sbh, sbm, ds_row, n_heads, T, S, QK_SCALE: tl.constexpr,
+    def _bwd_kernel(Q, K, V, BiasT, DO, LSE, DELTA, DS, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                    sdob, sdoh, sdon, sbh, sbn, ds_row, n_heads, T, S, bias_rows, QK_SCALE: tl.constexpr,
                     SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One block of keys of one (image, head): over all query blocks, recompute ``P``, add up
         ``dV = P^T dO`` and ``dK = dS^T Q * scale``, and write ``dS = P * (dO V^T - delta)``
         (``DS``: ``(B, heads, T, ds_row)``, rows padded to an aligned length). Everything is
         computed transposed, keys by queries, so that every product has the block of keys as its
         long side (Hopper's warp-group products want 64 rows or more). ``DK``, ``DV`` are
-        ``(B, heads, S, D)`` contiguous."""
+        ``(B, heads, S, D)`` contiguous. ``BiasT`` is the bias transposed, ``(heads, S,
+        bias_rows)``: ``T`` padded to a multiple of 16 (zeros after ``T``), so that its tiles, keys
+        by queries, are read 16 bytes at a time along the queries."""
         bh, b, h, offs_n, n_ok = _program(n_heads, S, BLOCK_N)
         offs_d = tl.arange(0, D)
         k = _rows(K + b * skb + h * skh, offs_n, skn, offs_d, n_ok)
@@ -137,7 +141,7 @@ if triton is not None:
         qb = Q + b * sqb + h * sqh
         dob = DO + b * sdob + h * sdoh
         dsb = DS + bh * T * ds_row + offs_n[:, None]
-        biasb = Bias + h * sbh + offs_n[:, None]
+        biasb = BiasT + h * sbh + offs_n[:, None] * sbn
         for start in range(0, T, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
@@ -146,7 +150,8 @@ if triton is not None:
             do = _rows(dob, offs_m, sdon, offs_d, m_ok)
             lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
-            bias = tl.load(biasb + offs_m[None, :] * sbm, mask=both, other=0.0).to(tl.float32)
+            bias = tl.load(biasb + offs_m[None, :], mask=n_ok[:, None] & (offs_m < bias_rows)[None, :],
+                           other=0.0).to(tl.float32)
             sT = tl.dot(k, qT) * QK_SCALE + bias * 1.4426950408889634
             pT = tl.where(both, tl.exp2(sT - lse[None, :]), 0.0)
             dv += tl.dot(pT.to(do.dtype), do)
@@ -211,20 +216,27 @@ def _last_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _padded_rows(t: Tensor) -> Tensor:
+    """``t`` ``(heads, rows, n)`` contiguous, with ``n`` padded with zeros to a multiple of 16."""
+    n = t.shape[-1]
+    return torch.nn.functional.pad(t, (0, triton.cdiv(n, 16) * 16 - n)) if n % 16 else t.contiguous()
+
+
 def attention_bias_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """``q`` ``(B, heads, T, D)``, ``k``, ``v`` ``(B, heads, S, D)``, ``bias`` ``(heads, T, S)`` ->
     the output ``(B, heads, T, D)`` (stored position-major, as the caller reshapes it) and the
     log-sum-exp ``(B * heads, T)`` (log2 units, float32)."""
-    q, k, v, bias = (_last_contiguous(t) for t in (q, k, v, bias))
+    q, k, v = (_last_contiguous(t) for t in (q, k, v))
     B, H, T, D = q.shape
     S = k.shape[2]
+    bias = _padded_rows(bias)  # (heads, T, S rounded up to 16)
     # kernels write whole tensors (not views of them), as compiled code traces their launches
     out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D)
     traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
         q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), out.stride(0), out.stride(2),
-        out.stride(1), bias.stride(0), bias.stride(1), H, T, S, QK_SCALE=scale * _LOG2E, D=D,
+        out.stride(1), bias.stride(0), bias.stride(1), H, T, S, bias.shape[-1], QK_SCALE=scale * _LOG2E, D=D,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out.transpose(1, 2), lse
 
@@ -232,9 +244,10 @@ def attention_bias_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tup
 def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor,
                             lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for ``q``, ``k``, ``v`` and ``bias`` (in ``bias``'s dtype, summed over the batch)."""
-    q, k, v, bias, grad, out = (_last_contiguous(t) for t in (q, k, v, bias, grad, out))
+    q, k, v, grad, out = (_last_contiguous(t) for t in (q, k, v, grad, out))
     B, H, T, D = q.shape
     S = k.shape[2]
+    bias_t = _padded_rows(bias.transpose(1, 2))  # (heads, S, T rounded up to 16)
     # rows of dS padded to a multiple of 16 elements: aligned, so its tiles are written whole
     ds = torch.empty(B, H, T, triton.cdiv(S, 16) * 16, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype)
@@ -244,8 +257,9 @@ def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias:
     traceable(_delta_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
         out, grad, delta, *_strides(out), *_strides(grad), H, T, D=D, BLOCK_M=BLOCK_M)
     traceable(_bwd_kernel)[(triton.cdiv(S, BWD_BLOCK_N), B * H)](
-        q, k, v, bias, grad, lse, delta, ds, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
-        bias.stride(0), bias.stride(1), ds.stride(2), H, T, S, QK_SCALE=scale * _LOG2E, SCALE=scale, D=D,
+        q, k, v, bias_t, grad, lse, delta, ds, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
+        bias_t.stride(0), bias_t.stride(1), ds.stride(2), H, T, S, bias_t.shape[-1], QK_SCALE=scale * _LOG2E,
+        SCALE=scale, D=D,
         BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     keys = triton.next_power_of_2(S)
