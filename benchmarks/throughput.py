@@ -11,7 +11,9 @@ TFLOP/s (FLOPs from torch.utils.flop_counter), for vitpe and for timm's referenc
 ``rope_mixed``. Writes ``throughput.json`` and ``throughput.md`` (with the ratio vitpe / timm, and
 each strategy's ratio to vitpe's own ``learned`` when ``learned`` is measured first). Each rate is
 the median of ``--repeats`` timed windows of ``--steps`` steps; the JSON keeps the windows' spread
-(``train_spread``, ``infer_spread``: slowest minus fastest, over the median).
+(``train_spread``, ``infer_spread``: slowest minus fastest, over the median). A model that fails
+to build, compile or run is left out with its error in its row (and its traceback on stderr);
+the others are measured as before.
 
 ``--kernel-settings`` times the vitpe models again under other constants of its Triton kernel
 modules, each setting recompiled from scratch, e.g. a depthwise tile in the whole model:
@@ -43,6 +45,7 @@ import ast
 import json
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
@@ -199,44 +202,69 @@ def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled
         return bench.result(train, infer, mem)
 
 
+def failure(label: str, error: Exception) -> dict[str, Any]:
+    """A model's result when building, compiling or timing it raised: the error, also printed with
+    its traceback. The other models of the run go on."""
+    print(f"{label}: failed, left out of the comparison", file=sys.stderr, flush=True)
+    traceback.print_exception(error, file=sys.stderr)
+    first = str(error).strip().splitlines()
+    return {"error": f"{type(error).__name__}: {first[0] if first else ''}"[:300]}
+
+
 def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], args: argparse.Namespace, res: int,
-                        compiled: bool) -> list[dict[str, float]]:
+                        compiled: bool) -> list[dict[str, Any]]:
     """The rates of several models, timed in turns: window ``r`` of every model before window
     ``r + 1`` of any, for training and then for inference, so that a ratio between two of them
     compares windows taken moments apart (a GPU's speed can drift by several percent between
-    one model's measurement and the next's). ``jobs``: (model builder, label)."""
+    one model's measurement and the next's). ``jobs``: (model builder, label). A model that fails
+    (``failure``) leaves the turns; the others are timed as before."""
     limit = max(torch._dynamo.config.recompile_limit, 4 * len(jobs))
     device = torch.device(args.device)
+    out: dict[int, dict[str, Any]] = {}
+    live: dict[int, Bench] = {}
+
+    def guarded(i: int, label: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or None with model ``i`` failed and out of the turns."""
+        try:
+            return fn()
+        except Exception as e:
+            out[i] = failure(label, e)
+            live.pop(i, None)
+            return None
+
+    def in_turns(step: Callable[[Bench], Callable[[], Any]]) -> dict[int, list[float]]:
+        """``--repeats`` windows of each live model's step, window ``r`` of every one before ``r + 1``."""
+        times: dict[int, list[float]] = {i: [] for i in live}
+        for _ in range(max(1, args.repeats)):
+            for i in [i for i in times if i in live]:
+                t = guarded(i, live[i].label, lambda: timed(step(live[i]), args.steps, 0, device))
+                if t is not None:
+                    times[i].append(t)
+        return {i: t for i, t in times.items() if i in live}
+
     torch._dynamo.reset()
     with sdpa_preference(args.sdpa), \
             torch._dynamo.config.patch(recompile_limit=limit):
-        benches = []
-        for build_model, label in jobs:
+        for i, (build_model, label) in enumerate(jobs):
             torch.manual_seed(0)
-            benches.append(Bench(build_model(), args, res, compiled, label, reset=False))
-
-        def in_turns(steps: list[Callable[[], Any]]) -> list[list[float]]:
-            """``--repeats`` windows of each step, window ``r`` of every one before window ``r + 1``."""
-            times: list[list[float]] = [[] for _ in steps]
-            for _ in range(max(1, args.repeats)):
-                for step, t in zip(steps, times):
-                    t.append(timed(step, args.steps, 0, device))
-            return times
-
-        mems = [b.warm_train() for b in benches]
-        train = in_turns([b.train_step for b in benches])
-        for b, t in zip(benches, train):  # on the log before inference compiles, in case a run is cut short
-            print(f"{b.label}: train {args.batch_size / median_spread(t)[0]:.0f} img/s", flush=True)
+            bench = guarded(i, label, lambda: Bench(build_model(), args, res, compiled, label, reset=False))
+            if bench is not None:
+                live[i] = bench
+        mems = {i: guarded(i, b.label, b.warm_train) for i, b in list(live.items())}
+        train = in_turns(lambda b: b.train_step)
+        for i, t in train.items():  # on the log before inference compiles, in case a run is cut short
+            print(f"{live[i].label}: train {args.batch_size / median_spread(t)[0]:.0f} img/s", flush=True)
         if args.profile:
-            for b in benches:
+            for b in live.values():
                 profile(b.train_step, args, b.device, f"{b.label} train", "throughput")
-        for b in benches:
+        for i, b in list(live.items()):
             b.model.eval()
-            warm_up(b.infer_step, args.warmup, b.device)
-        infer = in_turns([b.infer_step for b in benches])
-        out = [b.result(median_spread(t), median_spread(i), m) for b, t, i, m in zip(benches, train, infer, mems)]
+            guarded(i, b.label, lambda: warm_up(b.infer_step, args.warmup, b.device))
+        infer = in_turns(lambda b: b.infer_step)
+        for i, b in live.items():
+            out[i] = b.result(median_spread(train[i]), median_spread(infer[i]), mems[i])
     torch._dynamo.reset()
-    return out
+    return [out[i] for i in range(len(jobs))]
 
 
 def sdpa_backends() -> dict[str, Any]:
@@ -363,25 +391,31 @@ class LazyMeasure:
     def __init__(self, jobs: dict, args: argparse.Namespace, res: int, compiled: bool) -> None:
         self.jobs, self.args, self.res, self.compiled, self.done = jobs, args, res, compiled, {}
 
-    def __getitem__(self, key: tuple[str, str]) -> dict[str, float]:
+    def __getitem__(self, key: tuple[str, str]) -> dict[str, Any]:
         if key not in self.done:
             build_model, label = self.jobs[key]
             torch.manual_seed(0)
-            self.done[key] = measure(build_model(), self.args, self.res, self.compiled, label)
+            try:
+                self.done[key] = measure(build_model(), self.args, self.res, self.compiled, label)
+            except Exception as e:
+                self.done[key] = failure(label, e)
         return self.done[key]
 
 
 def make_row(size: str, strategy: str, res: int, mode: str, label: str, ref_name: str, ours: dict[str, float],
              ref: dict[str, float] | None, learned: dict[tuple, dict[str, float]]) -> dict[str, Any]:
     """A table row: vitpe's rates, timm's, and the ratios to timm and to vitpe's own ``learned``
-    (recorded here when ``strategy`` is ``learned``)."""
+    (recorded here when ``strategy`` is ``learned``). A side that failed (``failure``) has no
+    ratios."""
     own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else learned.get((size, res, mode))
+    ok = "error" not in ours
+    ref_ok, own_ok = ok and ref is not None and "error" not in ref, ok and own is not None and "error" not in own
     return dict(size=size, strategy=strategy, res=res, mode=mode, kernels=label,
                 reference=ref_name if ref else None, vitpe=ours, timm=ref,
-                train_ratio=ours["train_img_s"] / ref["train_img_s"] if ref else None,
-                infer_ratio=ours["infer_img_s"] / ref["infer_img_s"] if ref else None,
-                train_vs_learned=ours["train_img_s"] / own["train_img_s"] if own else None,
-                infer_vs_learned=ours["infer_img_s"] / own["infer_img_s"] if own else None)
+                train_ratio=ours["train_img_s"] / ref["train_img_s"] if ref_ok else None,
+                infer_ratio=ours["infer_img_s"] / ref["infer_img_s"] if ref_ok else None,
+                train_vs_learned=ours["train_img_s"] / own["train_img_s"] if own_ok else None,
+                infer_vs_learned=ours["infer_img_s"] / own["infer_img_s"] if own_ok else None)
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -437,6 +471,10 @@ def markdown(rows: list[dict[str, Any]], header: bool = True, kernels: bool = Fa
                   "|" + "---|" * (16 if kernels else 15)]
     for r in rows:
         v, t = r["vitpe"], r["timm"] or {}
+        if "error" in v:
+            lines.append(f"| {r['size']} | {r['strategy']} | {r['res']} | {r['mode']} | {r['reference'] or '-'} | "
+                         f"failed: {v['error'].replace('|', '/')} |" + " - |" * 9 + (f" {r['kernels']} |" if kernels else ""))
+            continue
         lines.append(f"| {r['size']} | {r['strategy']} | {r['res']} | {r['mode']} | {r['reference'] or '-'} | "
                      f"{v['train_img_s']:.0f} | {_num(t.get('train_img_s'))} | {_ratio(r['train_ratio'])} | "
                      f"{v['infer_img_s']:.0f} | {_num(t.get('infer_img_s'))} | {_ratio(r['infer_ratio'])} | "

@@ -66,6 +66,42 @@ def test_throughput_interleaves_the_models_windows(tmp_path, monkeypatch):
     assert rows["peg"]["train_vs_learned"] == peg["train_img_s"] / learned["train_img_s"]
 
 
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("stage", ["build", "warm-up"])
+def test_a_model_that_fails_is_named_and_the_others_are_measured(tmp_path, monkeypatch, capsys, interleave, stage):
+    bench = load("throughput")
+    if stage == "build":
+        build = bench.build
+
+        def failing_build(name, res, depth, **kw):
+            if kw.get("pos") == "peg":
+                raise RuntimeError("boom\nsecond line")
+            return build(name, res, depth, **kw)
+
+        monkeypatch.setattr(bench, "build", failing_build)
+    else:
+        warm = bench.Bench.warm_train
+
+        def failing_warm(self):
+            if "peg" in self.label:
+                raise RuntimeError("boom\nsecond line")
+            return warm(self)
+
+        monkeypatch.setattr(bench.Bench, "warm_train", failing_warm)
+    bench.main(["--sizes", "small", "--strategies", "learned,peg,rpb", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "2", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--no-reference", "--output", str(tmp_path)]
+               + (["--interleave"] if interleave else []))
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["rows"]}
+    assert rows["peg"]["vitpe"] == {"error": "RuntimeError: boom"}
+    assert rows["peg"]["train_vs_learned"] is None
+    assert rows["rpb"]["train_vs_learned"] == rows["rpb"]["vitpe"]["train_img_s"] / rows["learned"]["vitpe"]["train_img_s"]
+    table = (tmp_path / "throughput.md").read_text()
+    assert "| small | peg | 32 | eager | - | failed: RuntimeError: boom |" in table
+    assert table.count("\n") == 2 + 3 and all(line.count("|") == 16 for line in table.splitlines())
+    assert "vitpe small peg 32 eager: failed" in capsys.readouterr().err
+
+
 def test_timed_windows_reports_the_median_window_and_the_spread(monkeypatch):
     bench = load("throughput")
     clock = iter([0.3, 0.1, 0.2])
