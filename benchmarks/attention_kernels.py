@@ -93,7 +93,7 @@ def time_one(fn: Attn, args: argparse.Namespace, with_bias: bool) -> dict[str, A
         warnings.simplefilter("always")
         try:
             step()
-        except RuntimeError as e:
+        except Exception as e:  # a backend that refuses the inputs, or a tile setting the GPU cannot run
             reasons = "; ".join(str(w.message).splitlines()[0] for w in caught)[:300]
             return {"ms": None, "error": (str(e).splitlines()[0] + (f" ({reasons})" if reasons else ""))[:400]}
     out: dict[str, Any] = {}

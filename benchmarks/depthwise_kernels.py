@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import parse_tiles, tile_settings, write_rows  # noqa: E402
+from throughput import failure, parse_tiles, tile_settings, write_rows  # noqa: E402
 
 from vitpe import kernels  # noqa: E402
 from vitpe.pos.functional import GridConv  # noqa: E402
@@ -127,15 +127,20 @@ def time_shape(shape: Shape, args: argparse.Namespace, tiles: str = "default") -
             def step() -> None:
                 torch.autograd.grad(fn(x), params, grad)
 
-            y = fn(x)
-            err = max((y - ref).abs().max().item(), (torch.autograd.grad(y, x, grad)[0] - ref_grad).abs().max().item())
-            by_kernel: dict[str, float] = {}
-            fwd_bwd = median_ms(step, args.steps, args.warmup, device, by_kernel)
-            rows.append(dict(shape=list(shape), tiles=tiles, variant=variant,
-                             kernel=variant != "cudnn" and kernels.available(x),
-                             fwd_ms=median_ms(forward, args.steps, args.warmup, device), fwd_bwd_ms=fwd_bwd,
-                             passes=fwd_bwd / pass_ms, max_err=err,
-                             kernels_us=dict(sorted(by_kernel.items(), key=lambda kv: -kv[1]))))
+            row = dict(shape=list(shape), tiles=tiles, variant=variant, kernel=variant != "cudnn" and kernels.available(x))
+            try:
+                y = fn(x)
+                err = max((y - ref).abs().max().item(),
+                          (torch.autograd.grad(y, x, grad)[0] - ref_grad).abs().max().item())
+                by_kernel: dict[str, float] = {}
+                fwd_bwd = median_ms(step, args.steps, args.warmup, device, by_kernel)
+                row.update(fwd_ms=median_ms(forward, args.steps, args.warmup, device), fwd_bwd_ms=fwd_bwd,
+                           passes=fwd_bwd / pass_ms, max_err=err,
+                           kernels_us=dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])))
+            except Exception as e:  # e.g. a tile setting the GPU cannot run: the row says so, the sweep goes on
+                row.update(fwd_ms=None, fwd_bwd_ms=None, passes=None, max_err=None, error=failure(
+                    f"{','.join(map(str, shape))} {tiles} {variant}", e)["error"])
+            rows.append(row)
     return rows
 
 
@@ -164,10 +169,13 @@ def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
              "largest kernels, µs per fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"] if header else []
     for r in rows:
         shape = ",".join(map(str, r["shape"]))
+        fwd = "-" if r["fwd_ms"] is None else f"{r['fwd_ms']:.3f}"
         fwd_bwd = "-" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:.3f}"
+        passes = "-" if r["passes"] is None else f"{r['passes']:.1f}"
         err = "-" if r["max_err"] is None else f"{r['max_err']:.1e}"
-        lines.append(f"| {shape} | {r['tiles']} | {r['variant']} | {'yes' if r['kernel'] else 'no'} | {r['fwd_ms']:.3f} | "
-                     f"{fwd_bwd} | {r['passes']:.1f} | {err} | {largest(r.get('kernels_us') or {})} |")
+        note = f"failed: {r['error'].replace('|', '/')}" if "error" in r else largest(r.get("kernels_us") or {})
+        lines.append(f"| {shape} | {r['tiles']} | {r['variant']} | {'yes' if r['kernel'] else 'no'} | {fwd} | "
+                     f"{fwd_bwd} | {passes} | {err} | {note} |")
     return "\n".join(lines)
 
 

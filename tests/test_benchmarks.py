@@ -154,6 +154,28 @@ def test_depthwise_kernels_smoke_writes_a_row_per_shape_and_variant(tmp_path):
     assert (tmp_path / "depthwise_kernels.md").read_text().count("\n") == 2 + len(rows)
 
 
+def test_depthwise_kernels_a_variant_that_fails_is_a_row_with_its_error(tmp_path, monkeypatch):
+    bench = load("depthwise_kernels")
+    forward_of = bench.forward_of
+
+    def failing(variant, conv, grid, num_prefix):
+        fn = forward_of(variant, conv, grid, num_prefix)
+        if variant != "fused":
+            return fn
+
+        def broken(x):
+            raise RuntimeError("out of resources: shared memory")
+        return broken
+
+    monkeypatch.setattr(bench, "forward_of", failing)
+    rows = bench.run(bench.parse(["--smoke", "--device", "cpu", "--output", str(tmp_path)]))
+    fused = [r for r in rows if r["variant"] == "fused"]
+    assert fused and all(r["error"] == "RuntimeError: out of resources: shared memory" and r["fwd_ms"] is None
+                         for r in fused)
+    assert all(r["fwd_ms"] > 0 for r in rows if r["variant"] != "fused")  # the sweep went on
+    assert "| failed: RuntimeError: out of resources: shared memory |" in (tmp_path / "depthwise_kernels.md").read_text()
+
+
 def test_depthwise_kernels_names_the_longest_kernels_of_a_row():
     bench = load("depthwise_kernels")
     row = {"_conv_kernel": 411.2, "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float> >(float*)": 6.4,
