@@ -138,17 +138,10 @@ if triton is not None:
         return x_l.to(tl.float32), x_m.to(tl.float32), x_r.to(tl.float32)
 
     @triton.jit
-    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks, n_strips,
-                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr,
-                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * taps[3 i + j, c] (+ bias)
-        (+ x)``, zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1), or
-        ``ga * gelu'(z)`` (2: the GELU's backward, ``ga`` laid out as ``y``); positions are row-major
-        within an image, channels contiguous, starting ``skip`` elements into each image (after the
-        prefix tokens). Each program walks down ``rows`` rows of one image within a strip of
-        ``BLOCK_W`` columns and ``BLOCK_C`` channels, reading each input row once (at three column
-        shifts, the two shifted ones from cache) and keeping the two output rows it still adds to:
-        a row's three kernel rows go to the output rows above, at and below it."""
+    def _conv_start(taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+        """What both convolution kernels set up: the program's image ``b`` and its rows ``r0`` to
+        ``r1``, its tile's offsets, channels and masks (``_row_setup``), and the 9 taps' rows."""
         pid = tl.program_id(0)
         strip, unit = pid % n_strips, pid // n_strips
         b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
@@ -160,6 +153,31 @@ if triton is not None:
             _row(taps_ptr + offs_c, 5, C, cmask)
         t6, t7, t8 = _row(taps_ptr + offs_c, 6, C, cmask), _row(taps_ptr + offs_c, 7, C, cmask), \
             _row(taps_ptr + offs_c, 8, C, cmask)
+        return b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8
+
+    @triton.jit
+    def _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The convolution's bias as a ``(1, BLOCK_C)`` float32 row, zero without one."""
+        if HAS_BIAS:
+            bias = _row(b_ptr + offs_c, 0, C, cmask)
+        else:
+            bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+        return bias
+
+    @triton.jit
+    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks, n_strips,
+                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * taps[3 i + j, c] (+ bias)
+        (+ x)``, zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1), or
+        ``ga * gelu'(z)`` (2: the GELU's backward, ``ga`` laid out as ``y``); positions are row-major
+        within an image, channels contiguous, starting ``skip`` elements into each image (after the
+        prefix tokens). Each program walks down ``rows`` rows of one image within a strip of
+        ``BLOCK_W`` columns and ``BLOCK_C`` channels, reading each input row once (at three column
+        shifts, the two shifted ones from cache) and keeping the two output rows it still adds to:
+        a row's three kernel rows go to the output rows above, at and below it."""
+        b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8 = _conv_start(
+            taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C, BLOCK_W, BLOCK_C)
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
         row_len = W * C
@@ -170,10 +188,7 @@ if triton is not None:
         x_l, x_m, x_r = _f32(*_row3(x_img + r0 * row_len, offs, C, m_l, m_m, m_r, r0 < H))
         at = below + x_l * t3 + x_m * t4 + x_r * t5  # output row r0, wanting its row below
         below = x_l * t0 + x_m * t1 + x_r * t2  # output row r0 + 1
-        if HAS_BIAS:
-            bias = _row(b_ptr + offs_c, 0, C, cmask)
-        else:
-            bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+        bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         # the next row's loads (and the GELU backward's output gradient) are in flight while a row's
         # products are computed
         n_l, n_m, n_r = _row3(x_img + (r0 + 1) * row_len, offs, C, m_l, m_m, m_r, r0 + 1 < H)
@@ -208,21 +223,9 @@ if triton is not None:
         software pipeliner (``STAGES`` - 1 rows ahead, copied asynchronously into shared memory)
         instead of carried in registers: each step loads input row ``s`` and completes output row
         ``s - 1``, from the row above the program's first to the row below its last."""
-        pid = tl.program_id(0)
-        strip, unit = pid % n_strips, pid // n_strips
-        b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
-        r1 = tl.minimum(r0 + rows, H)
-        offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(1), C, W, BLOCK_W, BLOCK_C, EVEN_C)
-        t0, t1, t2 = _row(taps_ptr + offs_c, 0, C, cmask), _row(taps_ptr + offs_c, 1, C, cmask), \
-            _row(taps_ptr + offs_c, 2, C, cmask)
-        t3, t4, t5 = _row(taps_ptr + offs_c, 3, C, cmask), _row(taps_ptr + offs_c, 4, C, cmask), \
-            _row(taps_ptr + offs_c, 5, C, cmask)
-        t6, t7, t8 = _row(taps_ptr + offs_c, 6, C, cmask), _row(taps_ptr + offs_c, 7, C, cmask), \
-            _row(taps_ptr + offs_c, 8, C, cmask)
-        if HAS_BIAS:
-            bias = _row(b_ptr + offs_c, 0, C, cmask)
-        else:
-            bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+        b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8 = _conv_start(
+            taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C, BLOCK_W, BLOCK_C)
+        bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
         ga_img = ga_ptr + skip + b * sgb
