@@ -1,9 +1,11 @@
 """What the kernel modules share: Triton's interpreter switch, the launch wrapper that lets
-``torch.compile`` see the kernels, and the GPU's size."""
+``torch.compile`` see the kernels, the GPU's size, and the differentiable call that serves a
+module's kernels compiled and eager."""
 from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Callable
 
 import torch
 
@@ -22,3 +24,40 @@ def traceable(kernel):
 def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's tests)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def kernel_op(name: str, forward: Callable[..., Any], backward: Callable[..., Any],
+              setup: Callable[[Any, tuple, Any], None], grads: Callable[..., tuple],
+              non_differentiable: tuple[int, ...] = ()) -> Callable[..., Any]:
+    """A kernel module's forward and backward as one differentiable call.
+
+    Compiled, it is the operator ``vitpe::<name>`` (a ``torch.library.triton_op``, whose kernel
+    launches the compiled code issues itself), its backward the operator ``vitpe::<name>_backward``.
+    Eager, it is an ``autograd.Function`` calling the same functions, without the operator
+    dispatch's overhead per call (larger than the kernels at small batches). ``setup(ctx, inputs,
+    output)`` saves what the backward needs; ``grads(ctx, *output_grads, backward)`` calls
+    ``backward`` and returns the inputs' gradients; ``non_differentiable``: outputs (by position)
+    that get no gradient."""
+    op = torch.library.triton_op(f"vitpe::{name}", mutates_args=())(forward)
+    op_backward = torch.library.triton_op(f"vitpe::{name}_backward", mutates_args=())(backward)
+    op.register_autograd(lambda ctx, *out_grads: grads(ctx, *out_grads, op_backward), setup_context=setup)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(*args: Any) -> Any:
+            return forward(*args)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+            setup(ctx, inputs, output)
+            if non_differentiable:
+                ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+
+        @staticmethod
+        def backward(ctx: Any, *out_grads: Any) -> Any:
+            return grads(ctx, *out_grads, backward)
+
+    def call(*args: Any) -> Any:
+        return op(*args) if torch.compiler.is_compiling() else Eager.apply(*args)
+
+    return call

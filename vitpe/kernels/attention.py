@@ -25,7 +25,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, multiprocessors, traceable
+from ._triton import INTERPRET, kernel_op, multiprocessors, traceable
 
 try:
     import triton
@@ -283,11 +283,6 @@ def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias:
     return dq, dk, dv, dbias
 
 
-# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
-_op = torch.library.triton_op("vitpe::attention_bias", mutates_args=())(attention_bias_forward)
-_op_backward = torch.library.triton_op("vitpe::attention_bias_backward", mutates_args=())(attention_bias_backward)
-
-
 def _setup(ctx, inputs, output) -> None:
     q, k, v, bias = inputs
     out, lse = output
@@ -298,24 +293,9 @@ def _grads(ctx, grad: Tensor, _grad_lse: Tensor | None, backward) -> tuple:
     return backward(grad, *ctx.saved_tensors)
 
 
-_op.register_autograd(lambda ctx, grad, grad_lse: _grads(ctx, grad, grad_lse, _op_backward), setup_context=_setup)
-
-
-class _Eager(torch.autograd.Function):
-    """The same kernels outside compilation, without the operator dispatch's overhead per call."""
-
-    @staticmethod
-    def forward(q, k, v, bias):
-        return attention_bias_forward(q, k, v, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx, grad, grad_lse):
-        return _grads(ctx, grad, grad_lse, attention_bias_backward)
+# the operators vitpe::attention_bias(_backward) when compiled, an autograd.Function eager
+_call = kernel_op("attention_bias", attention_bias_forward, attention_bias_backward, _setup, _grads,
+                  non_differentiable=(1,))  # the log-sum-exp
 
 
 def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
@@ -323,5 +303,4 @@ def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor
     S, D)``, ``bias`` ``(heads, T, S)`` shared by the batch (any float dtype; its gradient comes
     back in it). The output is ``(B, heads, T, D)``, a view of a position-major tensor."""
     args = (q, k, v, bias)
-    out = _op(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
-    return out[0]
+    return _call(*args)[0]

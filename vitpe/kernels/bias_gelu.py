@@ -27,7 +27,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, multiprocessors, traceable
+from ._triton import INTERPRET, kernel_op, multiprocessors, traceable
 
 try:
     import triton
@@ -136,11 +136,6 @@ def bias_gelu_backward(dg: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Ten
     return dh, part.sum(0)
 
 
-# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
-_op = torch.library.triton_op("vitpe::bias_gelu", mutates_args=())(bias_gelu_forward)
-_op_backward = torch.library.triton_op("vitpe::bias_gelu_backward", mutates_args=())(bias_gelu_backward)
-
-
 def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
@@ -151,23 +146,8 @@ def _grads(ctx, dg: Tensor, backward) -> tuple[Tensor, Tensor]:
     return dh, dbias.to(bias.dtype)
 
 
-_op.register_autograd(lambda ctx, dg: _grads(ctx, dg, _op_backward), setup_context=_setup)
-
-
-class _Eager(torch.autograd.Function):
-    """The same kernels outside compilation, without the operator dispatch's overhead per call."""
-
-    @staticmethod
-    def forward(h, bias):
-        return bias_gelu_forward(h, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dg):
-        return _grads(ctx, dg, bias_gelu_backward)
+# the operators vitpe::bias_gelu(_backward) when compiled, an autograd.Function eager
+_call = kernel_op("bias_gelu", bias_gelu_forward, bias_gelu_backward, _setup, _grads)
 
 
 def bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
@@ -176,4 +156,4 @@ def bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
     if bias.shape != h.shape[-1:]:
         raise ValueError(f"bias_gelu: a bias of shape {tuple(bias.shape)} for inputs {tuple(h.shape)}; "
                          f"it needs ({h.shape[-1]},)")
-    return _op(h, bias) if torch.compiler.is_compiling() else _Eager.apply(h, bias)
+    return _call(h, bias)

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, multiprocessors, traceable
+from ._triton import INTERPRET, kernel_op, multiprocessors, traceable
 
 try:
     import triton
@@ -460,11 +460,6 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
     return grad_x, grad_w, sums[9].clone()
 
 
-# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
-_op = torch.library.triton_op("vitpe::depthwise_conv_tokens", mutates_args=())(conv_tokens)
-_op_backward = torch.library.triton_op("vitpe::depthwise_conv_tokens_backward", mutates_args=())(conv_tokens_backward)
-
-
 def _setup(ctx, inputs, output) -> None:
     x, weight, bias, H, W, num_prefix, residual, gelu = inputs
     ctx.save_for_backward(x, weight, bias if gelu else None)
@@ -479,24 +474,8 @@ def _grads(ctx, grad: Tensor, backward) -> tuple:
     return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-_op.register_autograd(lambda ctx, grad: _grads(ctx, grad, _op_backward), setup_context=_setup)
-
-
-class _Eager(torch.autograd.Function):
-    """The same kernels outside compilation, without the operator dispatch's overhead per call
-    (which is larger than the kernels at small batches)."""
-
-    @staticmethod
-    def forward(x, weight, bias, H, W, num_prefix, residual, gelu):
-        return conv_tokens(x, weight, bias, H, W, num_prefix, residual, gelu)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _grads(ctx, grad, conv_tokens_backward)
+# the operators vitpe::depthwise_conv_tokens(_backward) when compiled, an autograd.Function eager
+_call = kernel_op("depthwise_conv_tokens", conv_tokens, conv_tokens_backward, _setup, _grads)
 
 
 def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid: tuple[int, int],
@@ -513,4 +492,4 @@ def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], gri
     if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
         x = x.contiguous()
     args = (x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual), bool(gelu))
-    return _op(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
+    return _call(*args)

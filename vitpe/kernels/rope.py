@@ -22,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, multiprocessors, traceable
+from ._triton import INTERPRET, kernel_op, multiprocessors, traceable
 
 try:
     import triton
@@ -178,11 +178,6 @@ def rope_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, cos: Tens
     return dqkv, dcos, dsin
 
 
-# For torch.compile: operators whose bodies (the kernels' launches) it traces into the graph.
-_op = torch.library.triton_op("vitpe::rope_qkv", mutates_args=())(rope_qkv_forward)
-_op_backward = torch.library.triton_op("vitpe::rope_qkv_backward", mutates_args=())(rope_qkv_backward)
-
-
 def _setup(ctx, inputs, output) -> None:
     qkv, cos, sin = inputs
     ctx.save_for_backward(qkv, cos, sin)
@@ -199,23 +194,8 @@ def _grads(ctx, dq, dk, dv, backward) -> tuple:
     return dqkv, dcos.to(cos.dtype), dsin.to(sin.dtype)
 
 
-_op.register_autograd(lambda ctx, dq, dk, dv: _grads(ctx, dq, dk, dv, _op_backward), setup_context=_setup)
-
-
-class _Eager(torch.autograd.Function):
-    """The same kernels outside compilation, without the operator dispatch's overhead per call."""
-
-    @staticmethod
-    def forward(qkv, cos, sin):
-        return rope_qkv_forward(qkv, cos, sin)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        return _grads(ctx, dq, dk, dv, rope_qkv_backward)
+# the operators vitpe::rope_qkv(_backward) when compiled, an autograd.Function eager
+_call = kernel_op("rope_qkv", rope_qkv_forward, rope_qkv_backward, _setup, _grads)
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -223,4 +203,4 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Ten
     layout, as ``pos.functional.rope_tables`` makes them) -> rotated q, rotated k, and v, each
     ``(B, heads, T, D)``: the result of ``apply_rope`` on the projection's q and k, in one pass."""
     args = (qkv, cos, sin)
-    return _op(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
+    return _call(*args)
