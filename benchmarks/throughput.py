@@ -67,14 +67,6 @@ def build(name: str, res: int, depth: int | None, **kw: Any) -> torch.nn.Module:
     return timm.create_model(name, img_size=res, num_classes=1000, **extra, **kw)
 
 
-def timed_windows(step: Callable[[], Any], steps: int, warmup: int, device: torch.device,
-                  repeats: int) -> tuple[float, float]:
-    """Seconds per call of ``step`` over ``repeats`` windows of ``steps`` calls each (after
-    ``warmup`` untimed calls): the median window, and the spread (slowest minus fastest, over
-    the median), which tells how far one window could be trusted."""
-    return median_spread([timed(step, steps, warmup if i == 0 else 0, device) for i in range(max(1, repeats))])
-
-
 def warm_up(step: Callable[[], Any], calls: int, device: torch.device) -> None:
     """``calls`` untimed calls of ``step``, finished."""
     for _ in range(calls):
@@ -112,14 +104,9 @@ def profile(step: Callable[[], Any], args: argparse.Namespace, device: torch.dev
         f.write(f"## {label} (3 steps)\n{table}\n\n")
 
 
-def compile_fn(model: torch.nn.Module, args: argparse.Namespace, reset: bool = True) -> Callable[..., Any]:
+def compile_fn(model: torch.nn.Module, args: argparse.Namespace) -> Callable[..., Any]:
     """``torch.compile`` with ``--compile-mode`` (``default``, ``reduce-overhead`` for CUDA graphs,
-    ``max-autotune``...). Every model is compiled afresh (``reset``): the models of one run share
-    code (blocks, attention), and after 8 compiled versions of one function dynamo runs it
-    uncompiled, which would time the later models of a long list in eager mode. Interleaved models
-    stay compiled together instead, under a higher limit (``measure_interleaved``)."""
-    if reset:
-        torch._dynamo.reset()
+    ``max-autotune``...)."""
     return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
 
 
@@ -127,8 +114,7 @@ class Bench:
     """One model ready to time: its training step (forward, backward, AdamW) and inference step
     on one fixed batch, and the FLOPs of a training step."""
 
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool, label: str,
-                 reset: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool, label: str) -> None:
         self.args, self.label = args, label
         self.device = device = torch.device(args.device)
         self.model = model = model.to(device)
@@ -137,7 +123,7 @@ class Bench:
         self.batch = (x, y)
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused_adamw or None)
-        fwd = compile_fn(model, args, reset) if compiled else model
+        fwd = compile_fn(model, args) if compiled else model
 
         def train_step() -> None:
             with amp:
@@ -188,18 +174,11 @@ def median_spread(times: list[float]) -> tuple[float, float]:
     return median, (max(times) - min(times)) / median
 
 
-def measure(model: torch.nn.Module, args: argparse.Namespace, res: int, compiled: bool,
-            label: str = "") -> dict[str, float]:
-    """One model's rates, its windows timed one after another."""
-    with sdpa_preference(args.sdpa):
-        bench = Bench(model, args, res, compiled, label)
-        mem = bench.warm_train()
-        train = timed_windows(bench.train_step, args.steps, 0, bench.device, args.repeats)
-        if args.profile:
-            profile(bench.train_step, args, bench.device, f"{label} train", "throughput")
-        bench.model.eval()
-        infer = timed_windows(bench.infer_step, args.steps, args.warmup, bench.device, args.repeats)
-        return bench.result(train, infer, mem)
+def measure(build_model: Callable[[], torch.nn.Module], args: argparse.Namespace, res: int, compiled: bool,
+            label: str = "") -> dict[str, Any]:
+    """One model's rates, measured alone: its windows timed one after another (``measure_interleaved``
+    with this model only)."""
+    return measure_interleaved([(build_model, label)], args, res, compiled)[0]
 
 
 def failure(label: str, error: Exception) -> dict[str, Any]:
@@ -217,7 +196,12 @@ def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], a
     ``r + 1`` of any, for training and then for inference, so that a ratio between two of them
     compares windows taken moments apart (a GPU's speed can drift by several percent between
     one model's measurement and the next's). ``jobs``: (model builder, label). A model that fails
-    (``failure``) leaves the turns; the others are timed as before."""
+    (``failure``) leaves the turns; the others are timed as before.
+
+    Compiled, their code is dropped before and after: the models of a run share code (blocks,
+    attention), and after 8 compiled versions of one function dynamo would run it uncompiled,
+    timing the later models of a long list in eager mode; the models of one call stay compiled
+    together under a recompile limit raised to fit them."""
     limit = max(torch._dynamo.config.recompile_limit, 4 * len(jobs))
     device = torch.device(args.device)
     out: dict[int, dict[str, Any]] = {}
@@ -242,12 +226,13 @@ def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], a
                     times[i].append(t)
         return {i: t for i, t in times.items() if i in live}
 
-    torch._dynamo.reset()
+    drop_compiled = torch._dynamo.reset if compiled else (lambda: None)
+    drop_compiled()
     with sdpa_preference(args.sdpa), \
             torch._dynamo.config.patch(recompile_limit=limit):
         for i, (build_model, label) in enumerate(jobs):
             torch.manual_seed(0)
-            bench = guarded(i, label, lambda: Bench(build_model(), args, res, compiled, label, reset=False))
+            bench = guarded(i, label, lambda: Bench(build_model(), args, res, compiled, label))
             if bench is not None:
                 live[i] = bench
         mems = {i: guarded(i, b.label, b.warm_train) for i, b in list(live.items())}
@@ -263,7 +248,7 @@ def measure_interleaved(jobs: list[tuple[Callable[[], torch.nn.Module], str]], a
         infer = in_turns(lambda b: b.infer_step)
         for i, b in live.items():
             out[i] = b.result(median_spread(train[i]), median_spread(infer[i]), mems[i])
-    torch._dynamo.reset()
+    drop_compiled()
     return [out[i] for i in range(len(jobs))]
 
 
@@ -394,11 +379,7 @@ class LazyMeasure:
     def __getitem__(self, key: tuple[str, str]) -> dict[str, Any]:
         if key not in self.done:
             build_model, label = self.jobs[key]
-            torch.manual_seed(0)
-            try:
-                self.done[key] = measure(build_model(), self.args, self.res, self.compiled, label)
-            except Exception as e:
-                self.done[key] = failure(label, e)
+            self.done[key] = measure(build_model, self.args, self.res, self.compiled, label)
         return self.done[key]
 
 
