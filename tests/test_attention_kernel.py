@@ -17,8 +17,34 @@ def reference(q, k, v, bias):
     return logits.softmax(-1) @ v.float()
 
 
+class _NanFilledEmpty:
+    """``torch`` for the kernel module, with ``empty`` and ``empty_like`` filled with NaN: a kernel
+    that reads an element of its buffers (log-sum-exp, delta, dS and their padding) that no kernel
+    wrote makes the results NaN instead of passing by luck on zeroed memory."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
 def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
     """float32 on CPU (the interpreter); half precision on the GPU, where float32 stays with torch."""
+    from unittest import mock
+
+    from vitpe.kernels import attention
+
+    with mock.patch.object(attention, "torch", _NanFilledEmpty()):
+        compare_cases(device, dtype)
+
+
+def compare_cases(device: str, dtype: torch.dtype) -> None:
     from vitpe.kernels import attention
 
     torch.manual_seed(0)

@@ -75,13 +75,15 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(Q, K, V, Bias, O, LSE, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sbh, sbm,
-                    n_heads, T, S, bias_cols, QK_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    n_heads, T, S, bias_cols, lse_row, QK_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
         """One block of queries of one (image, head): ``O = softmax(Q K^T * scale + bias) V`` by
         blocks of keys, with the running max and sum; ``LSE`` in log2 units. ``sqb, sqh, sqn`` etc.
         are the (image, head, position) strides; the last dimension is contiguous. The bias's rows
         hold ``bias_cols`` elements (``S`` padded to a multiple of 16, zeros after ``S``): its loads
-        are masked by that, which is constant over 16 columns, so they can be 16-byte copies."""
+        are masked by that, which is constant over 16 columns, so they can be 16-byte copies.
+        ``LSE``'s rows hold ``lse_row`` (``T`` padded the same way), all of them written: the padded
+        queries, all zeros, get a finite log-sum-exp that the backward reads in whole vectors."""
         bh, b, h, offs_m, m_ok = _program(n_heads, T, BLOCK_M)
         offs_d = tl.arange(0, D)
         q = _rows(Q + b * sqb + h * sqh, offs_m, sqn, offs_d, m_ok)
@@ -107,18 +109,19 @@ if triton is not None:
         acc = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=m_ok[:, None])
-        tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+        tl.store(LSE + bh * lse_row + offs_m, m_i + tl.log2(l_i), mask=offs_m < lse_row)
 
     @triton.jit
-    def _delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, n_heads, T, D: tl.constexpr,
+    def _delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, n_heads, T, lse_row, D: tl.constexpr,
                       BLOCK_M: tl.constexpr):
-        """``delta = rowsum(dO * O)`` (float32, ``(B * heads, T)``) for one block of queries of one
-        (image, head): the softmax's share of every logit's gradient, read once per row."""
+        """``delta = rowsum(dO * O)`` (float32, ``(B * heads, lse_row)``, zeros after ``T``) for one
+        block of queries of one (image, head): the softmax's share of every logit's gradient, read
+        once per row."""
         bh, b, h, offs_m, m_ok = _program(n_heads, T, BLOCK_M)
         offs_d = tl.arange(0, D)
         o = _rows(O + b * sob + h * soh, offs_m, son, offs_d, m_ok).to(tl.float32)
         do = _rows(DO + b * sdob + h * sdoh, offs_m, sdon, offs_d, m_ok).to(tl.float32)
-        tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=m_ok)
+        tl.store(DELTA + bh * lse_row + offs_m, tl.sum(o * do, 1), mask=offs_m < lse_row)
 
     @triton.jit
     def _bwd_kernel(Q, K, V, BiasT, DO, LSE, DELTA, DS, DK, DV, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -126,12 +129,14 @@ if triton is not None:
                     SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One block of keys of one (image, head): over all query blocks, recompute ``P``, add up
         ``dV = P^T dO`` and ``dK = dS^T Q * scale``, and write ``dS = P * (dO V^T - delta)``
-        (``DS``: ``(B, heads, T, ds_row)``, rows padded to an aligned length). Everything is
+        (``DS``: ``(B, heads, T, ds_row)``, rows padded to a multiple of 16 with zeros, so that
+        it is stored and read 16 bytes at a time). Everything is
         computed transposed, keys by queries, so that every product has the block of keys as its
         long side (Hopper's warp-group products want 64 rows or more). ``DK``, ``DV`` are
         ``(B, heads, S, D)`` contiguous. ``BiasT`` is the bias transposed, ``(heads, S,
         bias_rows)``: ``T`` padded to a multiple of 16 (zeros after ``T``), so that its tiles, keys
-        by queries, are read 16 bytes at a time along the queries."""
+        by queries, are read 16 bytes at a time along the queries; ``LSE`` and ``DELTA``'s rows
+        have that length too."""
         bh, b, h, offs_n, n_ok = _program(n_heads, S, BLOCK_N)
         offs_d = tl.arange(0, D)
         k = _rows(K + b * skb + h * skh, offs_n, skn, offs_d, n_ok)
@@ -148,8 +153,9 @@ if triton is not None:
             both = n_ok[:, None] & m_ok[None, :]
             qT = tl.load(qb + offs_m[None, :] * sqn + offs_d[:, None], mask=m_ok[None, :], other=0.0)
             do = _rows(dob, offs_m, sdon, offs_d, m_ok)
-            lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
+            row_ok = offs_m < bias_rows  # constant over 16 queries, unlike m_ok: whole-vector loads
+            lse = tl.load(LSE + bh * bias_rows + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * bias_rows + offs_m, mask=row_ok, other=0.0)
             bias = tl.load(biasb + offs_m[None, :], mask=n_ok[:, None] & (offs_m < bias_rows)[None, :],
                            other=0.0).to(tl.float32)
             sT = tl.dot(k, qT) * QK_SCALE + bias * 1.4426950408889634
@@ -157,7 +163,8 @@ if triton is not None:
             dv += tl.dot(pT.to(do.dtype), do)
             dpT = tl.dot(v, tl.trans(do))
             dsT = (pT * (dpT - delta[None, :])).to(do.dtype)
-            tl.store(dsb + offs_m[None, :] * ds_row, dsT, mask=both)
+            # the padded keys' dS, zero, is stored too: the store is masked per 16 keys
+            tl.store(dsb + offs_m[None, :] * ds_row, dsT, mask=(offs_n < ds_row)[:, None] & m_ok[None, :])
             dk += tl.dot(dsT, tl.trans(qT))
         out = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DK + out, (dk * SCALE).to(DK.dtype.element_ty), mask=n_ok[:, None])
@@ -176,7 +183,7 @@ if triton is not None:
         for start in range(0, S, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < S
-            ds = tl.load(dsb + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            ds = tl.load(dsb + offs_n[None, :], mask=m_ok[:, None] & (offs_n < ds_row)[None, :], other=0.0)
             acc += tl.dot(ds, _rows(kb, offs_n, skn, offs_d, n_ok))
         tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :],
                  (acc * SCALE).to(DQ.dtype.element_ty), mask=m_ok[:, None])
@@ -199,7 +206,8 @@ if triton is not None:
         for i in range(0, tl.minimum(per_prog, B - chunk * per_prog)):
             b = first + i
             bh = b * n_heads + h
-            ds = tl.load(DS + bh * T * ds_row + offs_m[:, None] * ds_row + offs_s[None, :], mask=both, other=0.0)
+            ds = tl.load(DS + bh * T * ds_row + offs_m[:, None] * ds_row + offs_s[None, :],
+                         mask=m_ok[:, None] & (offs_s < ds_row)[None, :], other=0.0)
             k = _rows(K + b * skb + h * skh, offs_s, skn, offs_d, s_ok)
             dq = tl.dot(ds, k) * SCALE
             tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -216,27 +224,34 @@ def _last_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _padded(n: int) -> int:
+    """``n`` rounded up to a multiple of 16: the row length of the kernels' padded tensors, whose
+    loads and stores are masked per 16 elements and so can move 16 bytes at a time."""
+    return triton.cdiv(n, 16) * 16
+
+
 def _padded_rows(t: Tensor) -> Tensor:
     """``t`` ``(heads, rows, n)`` contiguous, with ``n`` padded with zeros to a multiple of 16."""
     n = t.shape[-1]
-    return torch.nn.functional.pad(t, (0, triton.cdiv(n, 16) * 16 - n)) if n % 16 else t.contiguous()
+    return torch.nn.functional.pad(t, (0, _padded(n) - n)) if n % 16 else t.contiguous()
 
 
 def attention_bias_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """``q`` ``(B, heads, T, D)``, ``k``, ``v`` ``(B, heads, S, D)``, ``bias`` ``(heads, T, S)`` ->
     the output ``(B, heads, T, D)`` (stored position-major, as the caller reshapes it) and the
-    log-sum-exp ``(B * heads, T)`` (log2 units, float32)."""
+    log-sum-exp ``(B * heads, T)`` padded to a multiple of 16 (log2 units, float32)."""
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     B, H, T, D = q.shape
     S = k.shape[2]
     bias = _padded_rows(bias)  # (heads, T, S rounded up to 16)
     # kernels write whole tensors (not views of them), as compiled code traces their launches
     out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
+    lse_row = _padded(T)
+    lse = torch.empty(B * H, lse_row, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D)
-    traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
+    traceable(_fwd_kernel)[(triton.cdiv(lse_row, BLOCK_M), B * H)](
         q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), out.stride(0), out.stride(2),
-        out.stride(1), bias.stride(0), bias.stride(1), H, T, S, bias.shape[-1], QK_SCALE=scale * _LOG2E, D=D,
+        out.stride(1), bias.stride(0), bias.stride(1), H, T, S, bias.shape[-1], lse_row, QK_SCALE=scale * _LOG2E, D=D,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out.transpose(1, 2), lse
 
@@ -249,20 +264,20 @@ def attention_bias_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias:
     S = k.shape[2]
     bias_t = _padded_rows(bias.transpose(1, 2))  # (heads, S, T rounded up to 16)
     # rows of dS padded to a multiple of 16 elements: aligned, so its tiles are written whole
-    ds = torch.empty(B, H, T, triton.cdiv(S, 16) * 16, device=q.device, dtype=q.dtype)
+    ds = torch.empty(B, H, T, _padded(S), device=q.device, dtype=q.dtype)
     dk = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, S, D, device=q.device, dtype=v.dtype)
     scale = 1.0 / math.sqrt(D)
-    delta = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
-    traceable(_delta_kernel)[(triton.cdiv(T, BLOCK_M), B * H)](
-        out, grad, delta, *_strides(out), *_strides(grad), H, T, D=D, BLOCK_M=BLOCK_M)
+    delta = torch.empty_like(lse)  # (B * heads, T padded to 16), as the log-sum-exp
+    traceable(_delta_kernel)[(triton.cdiv(lse.shape[1], BLOCK_M), B * H)](
+        out, grad, delta, *_strides(out), *_strides(grad), H, T, lse.shape[1], D=D, BLOCK_M=BLOCK_M)
     traceable(_bwd_kernel)[(triton.cdiv(S, BWD_BLOCK_N), B * H)](
         q, k, v, bias_t, grad, lse, delta, ds, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
         bias_t.stride(0), bias_t.stride(1), ds.stride(2), H, T, S, bias_t.shape[-1], QK_SCALE=scale * _LOG2E,
         SCALE=scale, D=D,
         BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    keys = triton.next_power_of_2(S)
+    keys = max(16, triton.next_power_of_2(S))  # a product's inner size is 16 or more
     if keys <= DQ_MAX_KEYS:
         # all keys in one tile: the query gradient and the bias gradient's batch sum in one read of dS
         block_m = min(64, max(16, DQ_TILE // keys))
