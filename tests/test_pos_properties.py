@@ -23,10 +23,10 @@ def test_sincos2d_matches_closed_form(h, w, dim, data):
     omega = 10000.0 ** (-k / (dim // 4))
     row = table[r * w + c]
     q = dim // 4
-    assert math.isclose(row[k], math.sin(r * omega), abs_tol=1e-5)       # rows: first half
-    assert math.isclose(row[q + k], math.cos(r * omega), abs_tol=1e-5)
-    assert math.isclose(row[2 * q + k], math.sin(c * omega), abs_tol=1e-5)  # columns: second half
-    assert math.isclose(row[3 * q + k], math.cos(c * omega), abs_tol=1e-5)
+    assert math.isclose(row[k], math.sin(c * omega), abs_tol=1e-5)       # columns: first half (MAE)
+    assert math.isclose(row[q + k], math.cos(c * omega), abs_tol=1e-5)
+    assert math.isclose(row[2 * q + k], math.sin(r * omega), abs_tol=1e-5)  # rows: second half
+    assert math.isclose(row[3 * q + k], math.cos(r * omega), abs_tol=1e-5)
 
 
 def test_sincos2d_embed_leaves_prefix_alone_and_follows_grid():

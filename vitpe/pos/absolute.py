@@ -13,7 +13,8 @@ from .functional import resample_table, sincos_2d
 
 
 class SinCos2d(PosStrategy):
-    """Fixed 2D sine-cosine (MAE, "Simple ViT"): half the channels encode the row, half the column.
+    """Fixed 2D sine-cosine (MAE, "Simple ViT"): half the channels encode the column, half the
+    row, in MAE's order (``sincos_2d``).
     Recomputed, then cached, for any grid; prefix tokens get no encoding."""
 
     name = "sincos2d"

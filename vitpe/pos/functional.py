@@ -34,7 +34,7 @@ def reduced_grid(grid: Grid, stride: int) -> Grid:
 def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0, interleave: bool = False) -> Tensor:
     """``(N,)`` positions -> ``(N, dim)``: ``[sin(pos * w_k), cos(pos * w_k)]`` with
     ``w_k = temperature ** (-k / (dim / 2))`` for ``k < dim / 2`` (all sines, then all cosines, as
-    MAE's and timm's tables), or with ``interleave`` ``sin w_0, cos w_0, sin w_1, ...`` (DETR's
+    MAE's tables), or with ``interleave`` ``sin w_0, cos w_0, sin w_1, ...`` (DETR's
     ``PositionEmbeddingSine``)."""
     if dim % 2:
         raise ValueError(f"sine-cosine encoding needs an even width, got {dim}")
@@ -46,11 +46,13 @@ def sincos_1d(pos: Tensor, dim: int, temperature: float = 10000.0, interleave: b
 
 
 def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0, device: torch.device | None = None) -> Tensor:
-    """``(H*W, dim)``: the first half of the channels encodes the row, the second half the column."""
+    """``(H*W, dim)``: the first half of the channels encodes the column, the second half the row,
+    each half all sines then all cosines: MAE's ``get_2d_sincos_pos_embed`` on any grid, so the
+    fixed tables of MAE-style checkpoints are the ones vitpe computes."""
     if dim % 4:
         raise ValueError(f"2D sine-cosine encoding needs a width divisible by 4, got {dim}")
     rows, cols = grid_coords(grid, device)
-    return torch.cat([sincos_1d(rows, dim // 2, temperature), sincos_1d(cols, dim // 2, temperature)], dim=1)
+    return torch.cat([sincos_1d(cols, dim // 2, temperature), sincos_1d(rows, dim // 2, temperature)], dim=1)
 
 
 def resample_table(table: Tensor, old_grid: Grid, new_grid: Grid, mode: str = "bicubic") -> Tensor:
