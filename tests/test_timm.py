@@ -70,6 +70,17 @@ def test_timm_checkpoint_at_other_img_size_resamples_like_timm(tmp_path, img_siz
         assert (m(x) - ref(x)).abs().max() < 1e-4
 
 
+def test_patch_size_argument_resamples_a_checkpoint_like_timm(tmp_path):
+    _, path = timm_checkpoint(tmp_path)  # 16x16 patches
+    kw = dict(depth=2, patch_size=8, img_size=112, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    ref = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", **kw).eval()
+    assert m.patch_embed.proj.weight.shape[-2:] == (8, 8)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
 def test_timm_checkpoint_with_new_classifier_and_combined_strategy(tmp_path):
     ref, path = timm_checkpoint(tmp_path)
     m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned+rope_axial", depth=2, num_classes=7,

@@ -261,8 +261,11 @@ _SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3),
           "base": dict(embed_dim=768, depth=12, num_heads=12)}
 
 
-def _vit(variant: str, pretrained: bool, size: str, patch_size: int, **kwargs: Any) -> VisionTransformer:
-    args = dict(_SIZES[size], patch_size=patch_size)
+def _vit(variant: str, pretrained: bool, size: str, default_patch: int, **kwargs: Any) -> VisionTransformer:
+    """``variant``'s model; ``kwargs`` (``patch_size``, ``img_size``, ``pos``, ...) override its
+    defaults, as timm's ``create_model`` arguments do (a checkpoint of another patch size has its
+    patch embedding resampled by ``checkpoint_filter_fn``)."""
+    args = dict(_SIZES[size], patch_size=default_patch)
     args.update(kwargs)
     return create(VisionTransformer, variant, pretrained, checkpoint_filter_fn,
                   feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
