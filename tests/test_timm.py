@@ -81,6 +81,32 @@ def test_patch_size_argument_resamples_a_checkpoint_like_timm(tmp_path):
         assert (m(x) - ref(x)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("img_size", [224, (160, 256)])
+def test_table_without_class_row_loads_into_the_default_model(tmp_path, img_size):
+    """timm's no_embed_class tables (DeiT III, the RoPE ViTs' "ape") have no class-token row: zero
+    prefix rows add no position to the class token, as the checkpoint's model did."""
+    ref = timm.create_model("vit_tiny_patch16_224", depth=2, no_embed_class=True, img_size=img_size).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "deit3_style.pth"
+    torch.save(ref.state_dict(), path)
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", depth=2, img_size=img_size,
+                          pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert m.pos.pos_embed[0, 0].abs().max() == 0
+    size = (img_size, img_size) if isinstance(img_size, int) else img_size
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_table_with_class_row_into_a_model_without_one_names_the_option(tmp_path):
+    _, path = timm_checkpoint(tmp_path)  # 1 + 14 * 14 rows
+    with pytest.raises(ValueError, match="pos_embed has 197 patch positions, neither.*prefix_pos"):
+        timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", depth=2, pretrained=True,
+                          pos_kwargs={"learned": {"prefix_pos": False}}, pretrained_cfg_overlay=dict(file=path))
+
+
 def test_timm_checkpoint_with_new_classifier_and_combined_strategy(tmp_path):
     ref, path = timm_checkpoint(tmp_path)
     m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned+rope_axial", depth=2, num_classes=7,

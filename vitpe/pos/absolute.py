@@ -1,6 +1,7 @@
 """Absolute encodings added to the tokens once, after patch embedding: ``sincos2d`` and ``learned``."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -10,6 +11,10 @@ from torch import Tensor, nn
 
 from .base import Grid, GridShapedStrategy, PosStrategy
 from .functional import resample_table, sincos_2d
+
+_logger = logging.getLogger(__name__)
+
+
 
 
 class SinCos2d(PosStrategy):
@@ -73,14 +78,41 @@ class Learned(GridShapedStrategy):
 
     table_key = "pos_embed"
 
-    def grid_from_table(self, table: Tensor, key: str) -> Grid:
-        """timm's checkpoints hold no grid: their tables are square."""
-        n = table.shape[1] - self.table_prefix
+    def _grid_of(self, n: int) -> Grid | None:
+        """The grid of a table of ``n`` patch rows without a ``grid`` entry (timm's checkpoints):
+        the model's own grid if it has ``n`` cells, else a square one, else None."""
+        if n == self.native_grid[0] * self.native_grid[1]:
+            return self.native_grid
         side = math.isqrt(max(n, 0))
-        if side * side != n:
-            raise ValueError(f"{key} has {n} patch positions, which is not a square grid; save the "
-                             f"checkpoint with its 'grid' entry or resample it yourself")
-        return (side, side)
+        return (side, side) if side * side == n else None
+
+    def grid_from_table(self, table: Tensor, key: str) -> Grid:
+        n = table.shape[1] - self.table_prefix
+        grid = self._grid_of(n)
+        if grid is None:
+            hint = "save the checkpoint with its 'grid' entry or resample it yourself"
+            if self.table_prefix == 0 and self._grid_of(n - self.num_prefix) is not None:
+                hint = (f"its first {self.num_prefix} row(s) look like prefix-token positions (timm's "
+                        f"no_embed_class=False); build the model with pos_kwargs={{'learned': "
+                        f"{{'prefix_pos': True}}}}")
+            raise ValueError(f"{key} has {n} patch positions, neither the model's {self.native_grid[0]}x"
+                             f"{self.native_grid[1]} grid nor a square one; {hint}")
+        return grid
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # type: ignore[override]
+        key, p = prefix + "pos_embed", self.table_prefix
+        t = state_dict.get(key)
+        if (p and t is not None and t.dim() == 3 and prefix + "grid" not in state_dict
+                and self._grid_of(t.shape[1] - p) is None and self._grid_of(t.shape[1]) is not None):
+            # a timm table without prefix rows (no_embed_class=True: DeiT III, the RoPE ViTs' "ape"
+            # tables): its prefix tokens got no position, which zero prefix rows give exactly
+            _logger.info("%s: %d rows, a grid without prefix rows (timm's no_embed_class); the "
+                         "%d prefix row(s) are set to zero, which adds no position to those tokens",
+                         key, t.shape[1], p)
+            state_dict[key] = F.pad(t, (0, 0, p, 0))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                       unexpected_keys, error_msgs)
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor], prefix: str, old_grid: Grid) -> None:
         key, p = prefix + "pos_embed", self.table_prefix
