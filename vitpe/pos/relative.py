@@ -1,8 +1,11 @@
 """``rpb``: a learned relative position bias on the attention logits (Swin, BEiT).
 
 Each block has, per head, a table over 2D offsets ``(2H-1) x (2W-1)``; the bias between patches m
-and n is the entry at their offset. For another grid the table is resized bicubically (as when
-Swin and BEiT are fine-tuned at a new resolution). Prefix tokens get zero bias.
+and n is the entry at their offset. For another grid the table is resized bicubically, with
+antialiasing (``resample_map``, as the learned table): Swin's own code resizes with plain bicubic
+interpolation, BEiT's and timm's on a geometric grid of offsets that keeps the nearest offsets'
+values, so a table resized here is close to theirs but not equal. Prefix tokens get zero bias
+(BEiT's three learned class-token entries are not kept).
 """
 from __future__ import annotations
 
