@@ -126,7 +126,7 @@ def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None
     try:
         code = _recorded(main)(argv)
     except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
+        msg = _user_message(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
         line = f"error: {process_label()}{msg}".splitlines()[0]
         print(line, file=sys.stderr)
         report_failure(line)
@@ -135,6 +135,19 @@ def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(code or 0))
+
+
+def _user_message(e: UserError) -> str:
+    """``e``'s message; for an error raised in a DataLoader worker, whose message torch replaces
+    with "Caught DataError in DataLoader worker process N." and the worker's traceback, the
+    original message (the file and what is wrong with it), taken from the traceback's last entry."""
+    msg = str(e)
+    if msg.startswith("Caught ") and "\nOriginal Traceback" in msg:
+        mark = f"{type(e).__module__}.{type(e).__qualname__}: "
+        at = msg.rfind("\n" + mark)
+        if at >= 0:
+            return msg[at + 1 + len(mark):]
+    return msg
 
 
 def _recorded(main: Callable[..., Any]) -> Callable[..., Any]:
