@@ -76,7 +76,8 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
         seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         stats = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, device, epoch, cfg, mixup, ema)
         val = evaluate(ema.module if ema else eval_net, val_loader, device, cfg.run.amp)
-        record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss")}}
+        record = {"epoch": epoch, **stats,
+                  **{f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss", "skipped")}}
         metrics.log(record)
         if dist.is_main():
             log.info(summary_line(epoch, cfg.run.epochs, record))
@@ -105,8 +106,8 @@ def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:
     final_loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=cfg.eval.batch_size,
                                   num_workers=cfg.data.workers, collate_fn=collate_skipping)
     val = evaluate(model, final_loader, device, cfg.run.amp, reduce=False)
-    results = {"top1": val["top1"], "top5": val["top5"], "pos": cfg.model.pos, "model": cfg.model.name,
-               "train_size": cfg.data.img_size, "resolution": {}}
+    results = {"top1": val["top1"], "top5": val["top5"], "n": val["n"], "skipped": val["skipped"],
+               "pos": cfg.model.pos, "model": cfg.model.name, "train_size": cfg.data.img_size, "resolution": {}}
     if cfg.eval.sizes:
         sizes = evaluate_sizes(model, cfg, cfg.eval.sizes, device, mean, std, classes)
         results["resolution"] = {str(s): v["top1"] for s, v in sizes.items()}
@@ -115,7 +116,9 @@ def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:
                                   "sizes": sizes}}
         print(write_report(report, out))
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"final val top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  (outputs in {out})")
+    skipped = f", {val['skipped']} unreadable skipped" if val["skipped"] else ""
+    print(f"final val top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  ({val['n']} images{skipped}; "
+          f"outputs in {out})")
 
 
 if __name__ == "__main__":

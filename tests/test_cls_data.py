@@ -56,6 +56,34 @@ def test_folder_errors_name_the_folder(tmp_path):
         ImageFolder(root, "val", classes=["blue", "green", "red"])
 
 
+def test_an_empty_class_folder_of_the_training_split_is_named(tmp_path):
+    root = make_folder(tmp_path, per_class=1, val_per_class=1)
+    (root / "train" / "green").mkdir()
+    (root / "train" / "green" / ".DS_Store").write_bytes(b"")  # hidden files are not images
+    with pytest.raises(DataError, match=r"class folder\(s\) with no files: \['green'\]"):
+        ImageFolder(root, "train")
+    (root / "val" / "green").mkdir()  # a class with no validation images is fine
+    assert len(ImageFolder(root, "val", classes=["blue", "green", "red"])) == 2
+
+
+def test_evaluation_names_and_counts_unreadable_images(tmp_path, caplog):
+    from vitpe.engine.classification import evaluate
+
+    root = make_folder(tmp_path, per_class=1, val_per_class=2)
+    (root / "val" / "red" / "zz_bad.jpg").write_bytes(b"not an image")
+    ds = ImageFolder(root, "val", eval_transform(16, (0.5,) * 3, (0.5,) * 3))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_skipping)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
+    with caplog.at_level("WARNING"):
+        m = evaluate(model, loader, torch.device("cpu"), amp=False, reduce=False)
+    assert m["n"] == 4 and m["skipped"] == 1
+    assert "zz_bad.jpg" in caplog.text
+    for f in (root / "val").rglob("0*.png"):
+        f.write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 5 images could be read"):
+        evaluate(model, loader, torch.device("cpu"), amp=False, reduce=False)
+
+
 def test_cache_gives_the_same_tensors_as_decoding(tmp_path):
     root = make_folder(tmp_path, per_class=3, val_per_class=1)
     t = eval_transform(24, (0.5,) * 3, (0.5,) * 3)

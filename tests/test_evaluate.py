@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cls_data import make_folder, tiny_argv, train_cls_module
 from vitpe import evaluate as ev
@@ -65,6 +66,30 @@ def test_size_not_a_multiple_of_the_patch_is_one_line(runs, tmp_path, capsys):
                      "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "18" in err and "patch size 4" in err
+
+
+def test_set_overrides_the_checkpoints_data_config_and_unreadable_images_are_counted(runs, tmp_path, capsys):
+    import shutil
+
+    data, out = runs
+    other = tmp_path / "data"
+    shutil.copytree(data, other)
+    (other / "val" / "red" / "zz_bad.png").write_bytes(b"")
+    argv = ["--checkpoint", str(out["peg"] / "checkpoint.pt"), "--data", str(other), "--sizes", "16",
+            "--output", str(tmp_path / "r"), "--device", "cpu", "--workers", "0", "--no-throughput"]
+    for cache in ("true", "false"):
+        assert run_eval([*argv, "--set", f"data.cache={cache}"]) == 0
+        sizes = json.loads((tmp_path / "r" / "resolution.json").read_text())["peg"]["sizes"]
+        assert sizes["16"]["skipped"] == 1 and sizes["16"]["n"] == 8
+        assert "1 unreadable validation image(s) skipped" in capsys.readouterr().out
+    mixed = tmp_path / "mixed"  # another folder: a process keeps the cache of the first
+    shutil.copytree(other, mixed)
+    Image.new("RGB", (20, 20)).save(mixed / "val" / "red" / "big.png")
+    argv[argv.index(str(other))] = str(mixed)
+    assert run_eval([*argv, "--set", "data.cache=true"]) == 2  # a cache needs one image size
+    assert "data.cache=false" in capsys.readouterr().err
+    assert run_eval([*argv, "--set", "data.cache=false"]) == 0
+    assert run_eval([*argv, "--set", "data.nope=1"]) == 2
 
 
 def test_markdown_table_marks_the_training_size():

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .cli import parse_sizes, run_cli
-from .config import from_dict
+from .config import apply_overrides, from_dict
 from .data.classification import ClsDataConfig, eval_dataset, norm_stats
 from .data.folder import collate_skipping
 from .engine import distributed as dist
@@ -32,7 +32,8 @@ from .engine.loop import autocast
 from .errors import UserError
 
 _logger = logging.getLogger(__name__)
-Results = dict[str, dict[str, Any]]  # label -> {"checkpoint", "train_size", "sizes": {size: {top1, top5, img_per_s}}}
+# label -> {"checkpoint", "train_size", "sizes": {size: {top1, top5, n, skipped, img_per_s}}}
+Results = dict[str, dict[str, Any]]
 
 
 def patch_size(model: nn.Module) -> int:
@@ -71,16 +72,18 @@ def throughput(model: nn.Module, size: int, device: torch.device, batch_size: in
 
 def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], device: torch.device,
                    mean: tuple, std: tuple, classes: list[str] | None = None) -> dict[int, dict[str, float]]:
-    """``{size: {top1, top5, img_per_s}}`` on the validation set of ``cfg.data`` (this process only)."""
+    """``{size: {top1, top5, n, skipped, img_per_s}}`` on the validation set of ``cfg.data`` (this
+    process only): ``n`` images scored, ``skipped`` unreadable ones left out."""
     check_sizes(sizes, model)
     mean, std = norm_stats(cfg.data, mean, std)
-    out = {}
+    out, seen = {}, set()  # each unreadable file is named once, not at every size
     for size in sizes:
         ds = eval_dataset(cfg.data, size, mean, std, cfg.aug.interpolation, cfg.run.seed, classes=classes)
         loader = DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
                             collate_fn=collate_skipping)
-        m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False)
-        out[size] = {"top1": m["top1"], "top5": m["top5"]}
+        m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False, seen=seen)
+        skipped = m["skipped"] + len(getattr(ds, "skipped", ()))  # a cache leaves them out when it is made
+        out[size] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "skipped": skipped}
         if cfg.eval.throughput:
             gpu = device.type == "cuda"  # a GPU needs full batches to be measured, not launch overhead
             out[size]["img_per_s"] = throughput(model, size, device, cfg.eval.batch_size if gpu else
@@ -138,6 +141,10 @@ def write_report(results: Results, output: str | Path) -> str:
     text = "top-1 (%) by test resolution (* = training size)\n\n" + markdown_table(results)
     if any("img_per_s" in v for r in results.values() for v in r["sizes"].values()):
         text += "\n\nthroughput (images/s) by test resolution\n\n" + markdown_table(results, "img_per_s", "{:.0f}")
+    skips = {label: max(v.get("skipped", 0) for v in r["sizes"].values()) for label, r in results.items() if r["sizes"]}
+    for label, n in skips.items():
+        if n:
+            text += f"\n\n{label}: {n} unreadable validation image(s) skipped at each size (named in the log)"
     return text
 
 
@@ -167,6 +174,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto")
     p.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a data or eval entry of each checkpoint's config, e.g. data.cache=false")
     return p.parse_args(argv)
 
 
@@ -180,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None
                     else cfg.data.workers)
         cfg.data = from_dict(ClsDataConfig, {**vars(cfg.data), **data})
+        cfg = apply_overrides(cfg, args.set)
         cfg.eval.batch_size = args.batch_size or cfg.eval.batch_size
         cfg.eval.throughput = not args.no_throughput
         mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)

@@ -13,6 +13,7 @@ path, so the training loop can warn once per file and count the skips at the end
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import os
@@ -104,6 +105,12 @@ class ImageFolder(Dataset):
         self.root, self.split, self.transform = Path(root), split, transform
         found, self.samples = scan_folder(root, split)
         self.classes = found if classes is None else classes
+        if classes is None:  # the split that defines the classes: each must have images (as torchvision's)
+            counts = collections.Counter(target for _, target in self.samples)
+            empty = [c for i, c in enumerate(found) if not counts[i]]
+            if empty:
+                raise DataError(f"{self.root / split}: class folder(s) with no files: {empty[:5]}; a class "
+                                f"without images would still get an output (remove the folder)")
         if classes is not None and found != classes:  # val must index the same classes as train
             missing = sorted(set(found) ^ set(classes))
             raise DataError(f"{self.root / split}: class folders differ from the training split's: {missing[:5]}")

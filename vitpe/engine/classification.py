@@ -18,7 +18,7 @@ from ..config import EvalConfig, ModelConfig, OptimConfig, RunConfig
 from ..data.classification import AugConfig, ClsDataConfig, is_synthetic
 from ..data.folder import Batch, Skipped, collate_skipping
 from ..data.gpu_decode import DeviceAugment, DeviceDecodeLoader, collate_encoded
-from ..errors import UserError
+from ..errors import DataError, UserError
 from . import distributed as dist
 from .loop import LossMeter, autocast, make_loader, optimizer_step, progress
 
@@ -160,13 +160,18 @@ def _empty_anywhere(batch: Batch) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = True,
-             desc: str = "eval", reduce: bool = True) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy; ``reduce``: sum the counts over processes
-    (the loader is sharded); False when only this process evaluates (the resolution evaluation)."""
+             desc: str = "eval", reduce: bool = True, seen: set[str] | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the readable images (``n``);
+    unreadable ones are named in the log (once each, over calls sharing ``seen``) and counted
+    (``skipped``). ``reduce``: sum the counts over processes (the loader is sharded); False when
+    only this process evaluates (the resolution evaluation). No readable image at all is an error,
+    not 0 %."""
     model.eval()
+    seen = set() if seen is None else seen
     totals = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "n": 0.0, "skipped": 0.0}
     for item in progress(loader, desc):
         batch = as_batch(item)
+        _report_skips(batch.skipped, seen)
         totals["skipped"] += len(batch.skipped)
         if batch.images.numel() == 0:
             continue
@@ -181,6 +186,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
         totals["n"] += len(y)
     if reduce:
         totals = dist.reduce_sums(totals, device)
+    if totals["n"] == 0 and totals["skipped"]:
+        raise DataError(f"{desc}: none of the {int(totals['skipped'])} images could be read (each is named above)")
     n = max(totals["n"], 1)
     return {"top1": 100 * totals["correct1"] / n, "top5": 100 * totals["correct5"] / n,
             "loss": totals["loss"] / n, "n": int(totals["n"]), "skipped": int(totals["skipped"])}
