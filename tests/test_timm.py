@@ -172,3 +172,63 @@ def test_under_bf16_autocast_the_residual_stream_stays_float32_and_matches_timm(
         ours, theirs = m(x).float(), ref(x).float()
     assert dtypes == [torch.float32]
     assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max()  # the same ops as timm, in the same dtypes
+
+
+def _perturbed(name: str, **kw) -> torch.nn.Module:
+    ref = timm.create_model(name, **kw).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ref
+
+
+@pytest.mark.parametrize("kw", [dict(reg_tokens=4, no_embed_class=True, global_pool="avg"),
+                                dict(reg_tokens=2, global_pool="max"),
+                                dict(reg_tokens=1, global_pool="avgmax", class_token=False)])
+def test_register_tokens_and_pooling_give_timms_logits(tmp_path, kw):
+    ref = _perturbed("vit_tiny_patch16_224", depth=2, img_size=64, dynamic_img_size=True, **kw)
+    path = tmp_path / "ref.pth"
+    torch.save(ref.state_dict(), path)
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", depth=2, img_size=64, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)), **kw).eval()
+    assert m.num_prefix_tokens == ref.num_prefix_tokens
+    for size in [(64, 64), (48, 80)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert (m(x) - ref(x)).abs().max() < 1e-4, size
+
+
+def test_dynamic_img_pad_pads_like_timm(tmp_path):
+    ref = _perturbed("vit_tiny_patch16_224", depth=2, img_size=64, dynamic_img_size=True, dynamic_img_pad=True)
+    path = tmp_path / "ref.pth"
+    torch.save(ref.state_dict(), path)
+    kw = dict(pos="learned", depth=2, img_size=64, dynamic_img_size=True, pretrained=True,
+              pretrained_cfg_overlay=dict(file=str(path)))
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", dynamic_img_pad=True, **kw).eval()
+    x = torch.randn(2, 3, 50, 70)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        timm.create_model("vitpe_vit_tiny_patch16_224", **kw)(x)
+
+
+def test_set_input_size_resamples_like_timm(tmp_path):
+    ref = _perturbed("vit_tiny_patch16_224", depth=2)
+    path = tmp_path / "ref.pth"
+    torch.save(ref.state_dict(), path)
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", depth=2, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path))).eval()
+    ref.set_input_size(img_size=(96, 128), patch_size=8)
+    m.set_input_size(img_size=(96, 128), patch_size=8)
+    assert m.pos.native_grid == (12, 16) and m.pos.pos_embed.shape == ref.pos_embed.shape
+    assert timm.data.resolve_data_config({}, model=m)["input_size"] == (3, 96, 128)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+    rpb = timm.create_model("vitpe_vit_tiny_patch16_224", pos="rpb", depth=1, img_size=64).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = rpb(x)
+        rpb.set_input_size(img_size=32)  # the tables resampled once give what resampling at run time gave
+        assert rpb.pos.tables.shape[-2:] == (3, 3)
+        torch.testing.assert_close(rpb(x), before)

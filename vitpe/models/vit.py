@@ -1,9 +1,10 @@
 """Plain ViT / DeiT whose positional encoding is a swappable strategy.
 
-Layout and state-dict keys follow timm's ``VisionTransformer`` (``cls_token``, ``patch_embed.proj``,
-``blocks.i.attn.qkv``, ``norm``, ``head``), so timm checkpoints load with only the table moved to
-the strategy (``pos_embed`` -> ``pos.pos_embed``). Any input whose sides are multiples of the patch
-size runs without rebuilding: the strategy follows the grid.
+Layout and state-dict keys follow timm's ``VisionTransformer`` (``cls_token``, ``reg_token``,
+``patch_embed.proj``, ``blocks.i.attn.qkv``, ``norm``, ``head``), so timm checkpoints load with only
+the table moved to the strategy (``pos_embed`` -> ``pos.pos_embed``). Any input whose sides are
+multiples of the patch size runs without rebuilding: the strategy follows the grid (timm's
+``dynamic_img_size`` is always on; ``dynamic_img_pad`` pads other sizes).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from timm.layers import to_2tuple
+import torch.nn.functional as F
+from timm.layers import resample_patch_embed, to_2tuple
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
@@ -21,6 +23,7 @@ from ..layers.init import init_weights_
 from ..pos.base import Grid
 
 _logger = logging.getLogger(__name__)
+_POOLS = ("token", "avg", "max", "avgmax", "")
 
 
 
@@ -32,28 +35,41 @@ class VisionTransformer(nn.Module):
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
                  pos: str = "learned", pos_kwargs: dict[str, dict[str, Any]] | None = None,
                  drop_rate: float = 0.0, pos_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, fc_norm: bool | None = None) -> None:
+                 drop_path_rate: float = 0.0, fc_norm: bool | None = None, reg_tokens: int = 0,
+                 no_embed_class: bool = False, dynamic_img_size: bool = True, dynamic_img_pad: bool = False) -> None:
+        """timm's arguments where they apply: ``reg_tokens`` register tokens after the class token;
+        ``no_embed_class`` gives prefix tokens no row of a learned table (``prefix_pos=False``);
+        ``dynamic_img_size`` is accepted and always on; ``dynamic_img_pad`` pads an input whose sides
+        are not multiples of the patch size at the bottom and right, as timm does."""
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool not in _POOLS:
+            raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}"
+                             + (" (attention pooling is not supported)" if global_pool == "map" else ""))
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.dynamic_img_pad = dynamic_img_pad
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.img_size = tuple(int(v) for v in to_2tuple(img_size))
         grid = self.patch_embed.grid_of(*self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos = pos_lib.build(pos, dim=embed_dim, num_heads=num_heads, depth=depth, grid=grid,
-                                 num_prefix=self.num_prefix_tokens, pos_kwargs=pos_kwargs)
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        if no_embed_class and "learned" in pos.split("+"):
+            pos_kwargs = dict(pos_kwargs or {})
+            pos_kwargs["learned"] = {**pos_kwargs.get("learned", {}), "prefix_pos": False}
+        self._pos_args = dict(spec=pos, dim=embed_dim, num_heads=num_heads, depth=depth,
+                              num_prefix=self.num_prefix_tokens, pos_kwargs=pos_kwargs)
+        self.pos = pos_lib.build(**self._pos_args, grid=grid)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer=self.pos.ffn_mixer(int(embed_dim * mlp_ratio)),
                   drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i])
             for i in range(depth)])
-        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -65,12 +81,13 @@ class VisionTransformer(nn.Module):
     # -- init --------------------------------------------------------------------------------
     def init_weights(self) -> None:
         init_weights_(self)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        names = {"cls_token"}
+        names = {"cls_token", "reg_token"}
         names |= {f"pos.{n}" for n, _ in self.pos.named_parameters()}
         return names
 
@@ -81,12 +98,16 @@ class VisionTransformer(nn.Module):
 
     # -- trunk -------------------------------------------------------------------------------
     def _embed(self, x: Tensor) -> tuple[Tensor, Grid]:
+        if self.dynamic_img_pad:
+            p = self.patch_embed.patch_size
+            x = F.pad(x, (0, -x.shape[-1] % p[1], 0, -x.shape[-2] % p[0]))
         x, grid = self.patch_embed(x)  # (B, N, C)
         # The residual stream keeps the parameters' dtype: under bf16 autocast the convolution
         # returns bf16, but sums of many blocks' outputs belong in float32 (as in timm).
         x = x.to(self.patch_embed.proj.weight.dtype)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        prefix = [t.expand(x.shape[0], -1, -1).to(x.dtype) for t in (self.cls_token, self.reg_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         x = self.pos.embed(x, grid, self.num_prefix_tokens)  # (B, P + N, C)
         return self.pos_drop(x), grid
 
@@ -106,10 +127,16 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        elif self.global_pool == "token":
+        if self.global_pool == "token":
             x = x[:, 0]
+        elif self.global_pool:  # over the patch tokens
+            patches = x[:, self.num_prefix_tokens:]
+            if self.global_pool == "avg":
+                x = patches.mean(dim=1)
+            elif self.global_pool == "max":
+                x = patches.amax(dim=1)
+            else:  # avgmax
+                x = 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
@@ -124,10 +151,44 @@ class VisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
+            if global_pool not in _POOLS:
+                raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
             if global_pool == "token" and self.cls_token is None:
                 raise ValueError("global_pool='token' needs a class token")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def set_input_size(self, img_size: int | Sequence[int] | None = None,
+                       patch_size: int | Sequence[int] | None = None) -> None:
+        """timm's: make ``img_size`` (and ``patch_size``) the model's own. Every size runs anyway;
+        this resamples the grid-shaped tables (learned, relative bias) to the new grid once, so
+        that it runs without resampling, and a new patch size resamples the patch embedding's
+        kernel as timm does. The data config reports the new size."""
+        if patch_size is not None:
+            p = tuple(int(v) for v in to_2tuple(patch_size))
+            if p[0] != p[1]:
+                raise ValueError(f"patch_size must be square, got {p}")
+            old = self.patch_embed.proj
+            proj = nn.Conv2d(old.in_channels, old.out_channels, p, p).to(old.weight.device, old.weight.dtype)
+            with torch.no_grad():
+                proj.weight.copy_(resample_patch_embed(old.weight, list(p)))
+                proj.bias.copy_(old.bias)
+            self.patch_embed.proj, self.patch_embed.patch_size = proj, p
+            for info in self.feature_info:
+                info["reduction"] = p[0]
+        if img_size is not None:
+            self.img_size = tuple(int(v) for v in to_2tuple(img_size))
+        grid = self.patch_embed.grid_of(*self.img_size)
+        if grid != self.pos.native_grid:
+            old_pos = self.pos
+            ref = next(iter(old_pos.parameters()), None)
+            self.pos = pos_lib.build(**self._pos_args, grid=grid)
+            if ref is not None:
+                self.pos.to(ref.device, ref.dtype)
+            self.pos.load_state_dict(old_pos.state_dict())  # grid-shaped tables resampled on load
+        cfg = getattr(self, "pretrained_cfg", None)
+        if cfg is not None:
+            self.pretrained_cfg = self.default_cfg = dict(cfg, input_size=(cfg["input_size"][0], *self.img_size))
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
