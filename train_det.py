@@ -23,11 +23,13 @@ from vitpe.engine.detection import (DetConfig, build_criterion, build_datasets, 
 from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
+from vitpe.errors import DataError
 
 log = logging.getLogger("train_det")
 KEYS = dict(CLI_KEYS, model="model.backbone", backbone="model.backbone", img_size="data.min_size",
             min_size="data.min_size", max_size="data.max_size", num_queries="model.num_queries")
-SHOWN = ("AP", "AP50", "AP75")  # metrics in the epoch summary
+SHOWN = ("AP", "AP50", "AP75", "skipped")  # metrics in the epoch summary
+DETECTIONS = "detections_val.json"  # COCO's results file of the latest validation, the one results.json reports
 
 
 def parse(argv: Sequence[str] | None):
@@ -74,7 +76,14 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
                                                                       scheduler, device, epoch, cfg)}
         last = epoch + 1 == cfg.run.epochs
         if last or (epoch + 1) % cfg.eval.interval == 0:
-            val = evaluate(model, val_loader, val_set, device, cfg.run.amp)
+            try:
+                val = evaluate(model, val_loader, val_set, device, cfg.run.amp, detections=out / DETECTIONS)
+            except DataError:  # an unreadable validation image: the epoch's training is kept before the run stops
+                metrics.log(record)
+                if dist.is_main():
+                    save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, {}, best)
+                dist.barrier()  # every process raised (evaluate): none ends the run before the checkpoint is written
+                raise
             record.update({f"val_{k}": v for k, v in val.items() if k in SHOWN or k == "stats"})
         metrics.log(record)
         if dist.is_main():
@@ -100,12 +109,12 @@ def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, val, best)
 
 
 def finish(cfg: DetConfig, out: Path, model, train_set, val_set, val: dict[str, Any], device) -> None:
-    """results.json (the last epoch's COCO metrics and those at ``--eval-sizes``), detections.png
-    and a printed table."""
+    """results.json (the last epoch's COCO metrics, whose detections are in ``detections_val.json``,
+    and those at ``--eval-sizes``), detections.png and a printed table."""
     div = model.size_divisibility
     if not val:  # no epoch ran (a resumed run that had already finished): evaluate here
         val = evaluate(model, eval_loader(val_set, cfg, div, cfg.data.min_size), val_set, device, cfg.run.amp,
-                       "final eval", gather=False)
+                       "final eval", gather=False, detections=out / DETECTIONS)
     rows = {f"{cfg.data.min_size} (train)": val}
     sizes = {}
     for s in cfg.eval.sizes:

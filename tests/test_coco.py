@@ -6,12 +6,14 @@ import logging
 
 import pytest
 import torch
-from det_data import CAT_IDS, make_dataset
+from det_data import CAT_IDS, make_dataset, truncate
 from torchvision import tv_tensors
 
 from vitpe.data.coco import CocoDetection, CocoFormatError, PadCollate, load_coco
 from vitpe.data.det_transforms import eval_transform, train_transform
+from vitpe.data.folder import Skipped
 from vitpe.engine.coco_eval import STAT_NAMES, coco_evaluate, plot_detections, to_coco_results
+from vitpe.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +67,15 @@ def test_random_crop_keeps_boxes_inside_and_drops_emptied_ones(data) -> None:
         assert (b[:, 2:] > 0).all()
 
 
-def test_pad_collate_pads_bottom_right_to_the_divisor() -> None:
-    items = [(torch.ones(3, 40, 50), {"id": 0}), (torch.ones(3, 33, 70), {"id": 1})]
-    images, mask, targets = PadCollate(32)(items)
-    assert images.shape == (2, 3, 64, 96) and [t["id"] for t in targets] == [0, 1]
+def test_pad_collate_pads_bottom_right_to_the_divisor_and_hands_on_skipped_items() -> None:
+    lost = Skipped("x/bad.jpg", "cannot decode image x/bad.jpg")
+    items = [(torch.ones(3, 40, 50), {"id": 0}), lost, (torch.ones(3, 33, 70), {"id": 1})]
+    images, mask, targets, skipped = PadCollate(32)(items)
+    assert images.shape == (2, 3, 64, 96) and [t["id"] for t in targets] == [0, 1] and skipped == [lost]
     assert (~mask[0]).sum() == 40 * 50 and (~mask[0, :40, :50]).all() and images[0, :, 40:].abs().sum() == 0
     assert (~mask[1, :33, :70]).all() and mask[1, 33:].all()
+    empty = PadCollate(32)([lost])
+    assert len(empty.images) == len(empty.mask) == 0 and empty.targets == [] and empty.skipped == [lost]
 
 
 def perfect_predictions(ds: CocoDetection) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
@@ -84,10 +89,11 @@ def perfect_predictions(ds: CocoDetection) -> tuple[list[dict[str, torch.Tensor]
     return preds, ids
 
 
-def test_perfect_predictions_score_ap_one_through_the_id_mapping(data) -> None:
+def test_perfect_predictions_score_ap_one_through_the_id_mapping(tmp_path) -> None:
     """Predictions made from the dataset's contiguous labels, mapped back with ``cat_ids``: AP is 1
-    only if the mapping round-trips (the crowd region is ignored by COCOeval, not a miss)."""
-    ds = CocoDetection(data, "val2017")
+    only if the mapping round-trips (the crowd region is ignored by COCOeval, not a miss; the json
+    has no zero-size box, which no prediction can match)."""
+    ds = CocoDetection(make_dataset(tmp_path, 1, 4, zero_box=False), "val2017")
     preds, ids = perfect_predictions(ds)
     results = to_coco_results(preds, ids, ds.index.cat_ids)
     assert {r["category_id"] for r in results} <= set(CAT_IDS)
@@ -96,7 +102,36 @@ def test_perfect_predictions_score_ap_one_through_the_id_mapping(data) -> None:
     assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0)
     shifted = to_coco_results(preds, ids, [CAT_IDS[1], CAT_IDS[2], CAT_IDS[0]])  # a wrong mapping
     assert coco_evaluate(ds.index.gt, shifted)["AP"] == pytest.approx(0.0)
-    assert coco_evaluate(ds.index.gt, [])["AP"] == 0.0
+
+
+def test_no_detection_at_all_scores_what_cocoeval_gives(data) -> None:
+    """``loadRes`` refuses an empty list; an empty result set scores 0 where there is ground truth
+    and -1 where an area range has none (every box here is small), not 0 everywhere."""
+    m = coco_evaluate(CocoDetection(data, "val2017").index.gt, [])
+    assert m["stats"] == [0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0]
+    assert m["APm"] == -1.0 and "Average Precision" in m["summary"]
+
+
+def test_detections_are_scored_as_predicted_not_rounded() -> None:
+    """Scores rounded to 5 decimals tie 0.699996 and 0.700004, and COCOeval orders tied scores by
+    their place in the list: a false positive (first in the list) would rank above a true positive
+    and AP drop from 0.835 to 0.667. Boxes keep every digit too."""
+    from pycocotools.coco import COCO
+
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i, "width": 100, "height": 100} for i in (1, 2)], "categories": [{"id": 1}],
+                  "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600,
+                                   "iscrowd": 0} for i in (1, 2)]}
+    gt.createIndex()
+    preds = [{"boxes": torch.tensor([[60.0, 60.0, 90.0, 90.0], [10.0, 10.0, 50.0, 50.0]]),  # miss, hit
+              "labels": torch.tensor([0, 0]), "scores": torch.tensor([0.699996, 0.6])},
+             {"boxes": torch.tensor([[10.004, 10.0, 50.0, 50.0]]), "labels": torch.tensor([0]),
+              "scores": torch.tensor([0.700004])}]
+    results = to_coco_results(preds, [1, 2], [1])
+    assert [r["score"] for r in results] == [float(torch.tensor(s)) for s in (0.699996, 0.6, 0.700004)]
+    assert results[2]["bbox"][0] == float(torch.tensor(10.004))
+    # the hit at 0.700004, the miss, the hit at 0.6: precision 1 up to recall 0.5, 2/3 up to 1
+    assert coco_evaluate(gt, results)["AP"] == pytest.approx((51 + 50 * 2 / 3) / 101)
 
 
 def test_eval_transform_is_a_pure_rescale(data) -> None:
@@ -163,11 +198,57 @@ def test_box_within_a_pixel_of_the_edge_is_clipped(fresh) -> None:
     assert box == [50.0, 10.0, 14.0, 10.0]
 
 
-def test_missing_image_file_errors_or_is_skipped(fresh) -> None:
+def test_missing_image_file_errors_or_is_skipped(fresh, caplog) -> None:
     (fresh / "train2017" / "0001.jpg").unlink()
     with pytest.raises(CocoFormatError, match="0001.jpg does not exist"):
         _load(fresh)
-    assert len(_load(fresh, "skip").images) == 1
+    with caplog.at_level(logging.INFO):
+        assert len(_load(fresh, "skip").images) == 1
+    assert "1 of the json's 2 images left out of training and evaluation" in caplog.text
+
+
+def test_unreadable_image_errors_or_is_skipped(fresh) -> None:
+    """A truncated JPEG or a json size that disagrees with the pixels shows only when the image is
+    read: a ``DataError`` naming the file, or with ``on_error=skip`` a ``Skipped`` (also when cached)
+    that ``PadCollate`` leaves out of the batch."""
+    truncate(fresh / "train2017" / "0001.jpg")
+    with pytest.raises(DataError, match=r"cannot decode image .*0001.jpg: image file is truncated.*on_error=skip"):
+        CocoDetection(fresh, "train2017")[1]
+    for cache in (False, True):
+        ds = CocoDetection(fresh, "train2017", on_error="skip", cache=cache)
+        lost = ds[1]
+        assert isinstance(lost, Skipped) and lost.path.endswith("0001.jpg") and "truncated" in lost.reason
+        batch = PadCollate(32)([ds[0], lost])
+        assert len(batch.images) == 1 and batch.targets[0]["image_id"] == 100 and batch.skipped == [lost]
+    _rewrite(fresh, "train2017", lambda d: d["images"][0].update(width=80))
+    lost = CocoDetection(fresh, "train2017", on_error="skip")[0]
+    assert isinstance(lost, Skipped) and "0000.jpg is 64x48 but instances_train2017.json says 80x48" in lost.reason
+
+
+def test_string_image_ids_through_targets_evaluation_and_results(tmp_path) -> None:
+    """pycocotools takes image ids that are strings: targets and results carry them unchanged and
+    COCOeval scores them as it scores numbers."""
+    root = make_dataset(tmp_path, 2, 4, zero_box=False, str_ids=True)
+    _, target = CocoDetection(root, "train2017")[1]
+    assert target["image_id"] == "img-101"
+    ds = CocoDetection(root, "val2017")
+    preds, ids = perfect_predictions(ds)
+    results = to_coco_results(preds, ids, ds.index.cat_ids)
+    assert {r["image_id"] for r in results} == {"img-100", "img-101", "img-102"}  # img-103 has no box
+    assert coco_evaluate(ds.index.gt, results, ids)["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["images"][0].update(id=[1]), r"image .* has id \[1\]: ids are numbers or strings"),
+    (lambda d: d["annotations"][0].update(image_id={"a": 1}), r"annotation .* has image_id \{'a': 1\}"),
+    (lambda d: d["images"][1].update(id="b"),
+     r"image ids mix kinds that cannot be ordered \(100 \(int\), 'b' \(str\)\)"),
+])
+def test_ids_that_cannot_be_looked_up_or_ordered_are_named(fresh, edit, match) -> None:
+    _rewrite(fresh, "train2017", edit)
+    for on_error in ("error", "skip"):
+        with pytest.raises(CocoFormatError, match=match):
+            _load(fresh, on_error)
 
 
 def test_image_size_disagreeing_with_json_is_named(fresh) -> None:
@@ -187,7 +268,7 @@ def test_tv_tensor_boxes_before_transform(data) -> None:
 def test_annotation_ids_of_zero_or_repeated_do_not_lower_ap(tmp_path) -> None:
     """pycocotools treats a ground-truth id of 0 as unmatched and repeated ids as one box: the loader
     renumbers them, so perfect predictions still score AP 1."""
-    root = make_dataset(tmp_path / "coco")
+    root = make_dataset(tmp_path / "coco", zero_box=False)
     path = root / "annotations" / "instances_val2017.json"
     data = json.loads(path.read_text())
     for a in data["annotations"]:
@@ -208,9 +289,10 @@ def test_image_without_boxes_is_counted_in_the_log(data, caplog) -> None:
     assert "4 images (1 without boxes to learn, kept)" in caplog.text
 
 
-def test_box_clipped_to_nothing_is_dropped_and_perfect_ap_stays_one(tmp_path) -> None:
+def test_box_clipped_to_nothing_is_dropped_from_training_but_scored_as_in_the_json(tmp_path) -> None:
     """A box within the one-pixel tolerance but wholly past the edge used to be kept with a negative
-    width: a target the matcher cannot use and a ground truth COCOeval can never match (AP < 1)."""
+    width, a target the matcher cannot use: training drops it, as a zero-size box. COCOeval scores
+    against every box of the json as it is, as pycocotools run on the file does."""
     root = make_dataset(tmp_path, 1, 2, empty=None)
     _rewrite(root, "val2017", lambda d: d["annotations"].extend([
         dict(d["annotations"][0], id=98, bbox=[64.2, 10.0, 0.5, 5.0]),  # image 64 wide
@@ -218,8 +300,8 @@ def test_box_clipped_to_nothing_is_dropped_and_perfect_ap_stays_one(tmp_path) ->
     ds = CocoDetection(root, "val2017")
     assert ds.index.dropped["zero size"] == 1 + 2
     assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in ds.index.annotations)
-    preds, ids = perfect_predictions(ds)
-    assert coco_evaluate(ds.index.gt, to_coco_results(preds, ids, ds.index.cat_ids))["AP"] == pytest.approx(1.0)
+    raw = json.loads((root / "annotations" / "instances_val2017.json").read_text())["annotations"]
+    assert [a["bbox"] for a in ds.index.gt.dataset["annotations"]] == [a["bbox"] for a in raw]
 
 
 def test_nan_in_a_bbox_is_a_bad_box_not_a_nan_target(fresh) -> None:
@@ -278,28 +360,36 @@ class _Replay(torch.nn.Module):
         return {"pred_logits": torch.stack(logits), "pred_boxes": torch.stack(boxes)}
 
 
-def test_evaluation_path_matches_pycocotools_on_the_original_file(tmp_path) -> None:
+def test_evaluation_path_matches_pycocotools_on_the_original_file(tmp_path, caplog) -> None:
     """``predict`` + ``to_coco_results`` + ``coco_evaluate`` (via ``evaluate``) on a resized input
-    against pycocotools run directly on the json with the detections written in original pixels:
-    a perfect prediction scores AP 1, a shifted one with a detection on the crowd region (ignored)
-    and one on the image without boxes (a false positive) scores what pycocotools says."""
+    against pycocotools run directly on the json as written, with the detections in original pixels,
+    over the images that exist. The json's zero-size box, a box half a pixel past the edge and one
+    far past it (``on_error=skip``), which training drops or clips, are scored as they are; the
+    image whose file is missing is left out of the evaluated images, and the log says so. Exact
+    predictions of every box score what pycocotools says (below 1: nothing matches a zero-size
+    box), and so do shifted ones with a detection on the crowd region (ignored) and one on the
+    image without boxes (a false positive)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     from torch.utils.data import DataLoader
 
     from vitpe.engine.detection import evaluate
 
-    root = make_dataset(tmp_path, 1, 4)
-    _rewrite(root, "val2017", lambda d: d.update(annotations=[a for a in d["annotations"] if a["bbox"][2] > 0]))
+    root = make_dataset(tmp_path, 1, 5)
+    _rewrite(root, "val2017", lambda d: d["annotations"].extend([  # images 64x48
+        dict(d["annotations"][0], id=90, image_id=101, bbox=[50.0, 10.0, 14.5, 10.0], area=145.0),  # clipped
+        dict(d["annotations"][0], id=91, image_id=102, bbox=[50.0, 30.0, 30.0, 10.0], area=300.0)]))  # dropped
+    (root / "val2017" / "0004.jpg").unlink()
     ann_file = root / "annotations" / "instances_val2017.json"
     raw = json.loads(ann_file.read_text())
     W, H = 64, 48
-    ds = CocoDetection(root, "val2017", eval_transform(96, 1000))  # inputs 2x the original size
+    ds = CocoDetection(root, "val2017", eval_transform(96, 1000), on_error="skip")  # inputs 2x the original size
+    assert ds.index.dropped == {"zero size": 1, "outside image": 1, "missing file": 1, "unknown image": 2}
 
     def run(dets: dict[int, list[tuple[int, list[float], float]]]) -> tuple[dict, list[dict]]:
         """``dets``: image id -> (category id, xywh in original pixels, score); returns our metrics
         and the result entries for pycocotools."""
-        Q, C = 4, len(CAT_IDS)
+        Q, C = 5, len(CAT_IDS)
         outputs, expected = [], []
         for img in ds.index.images:
             logits, boxes = torch.full((Q, C + 1), -float("inf")), torch.tensor([[0.5, 0.5, 0.25, 0.25]] * Q)
@@ -318,15 +408,20 @@ def test_evaluation_path_matches_pycocotools_on_the_original_file(tmp_path) -> N
     def pycocotools_stats(results: list[dict]) -> list[float]:
         gt = COCO(str(ann_file))
         ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.params.imgIds = [img["id"] for img in raw["images"] if (root / "val2017" / img["file_name"]).is_file()]
         ev.evaluate(), ev.accumulate(), ev.summarize()
         return list(ev.stats)
 
     truth = [a for a in raw["annotations"] if not a["iscrowd"]]
     perfect = {}
     for k, a in enumerate(truth):
-        perfect.setdefault(a["image_id"], []).append((a["category_id"], a["bbox"], 0.9 - 0.05 * k))
-    ours, expected = run(perfect)
-    assert ours["AP"] == pytest.approx(1.0) and pycocotools_stats(expected)[0] == pytest.approx(1.0)
+        perfect.setdefault(a["image_id"], []).append((a["category_id"], a["bbox"], 0.9 - 0.04 * k))
+    with caplog.at_level(logging.INFO):
+        ours, expected = run(perfect)
+    want = pycocotools_stats(expected)
+    assert 0.5 < want[0] < 0.99  # the zero-size box is a miss
+    assert ours["stats"] == pytest.approx(want, abs=1e-6)
+    assert ours["images"] == 4 and "4 of the json's 5 images evaluated, 1 left out" in caplog.text
 
     shifted = {i: [(c, [x + 3.0, y, w, h], s) for c, (x, y, w, h), s in v] for i, v in perfect.items()}
     crowd = next(a for a in raw["annotations"] if a["iscrowd"])

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from det_data import CAT_IDS, make_dataset
+from det_data import CAT_IDS, make_dataset, truncate
 from script_modules import load_script
 
 from vitpe.engine.checkpoint import load_checkpoint
@@ -45,6 +45,69 @@ def test_two_iterations_end_in_coco_metrics(data, tmp_path) -> None:
     assert res["category_ids"] == CAT_IDS and res["dropped"]["train"] == {"zero size": 1}
     assert (out / "detections.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoint.pt").is_file() and (out / "config.yaml").is_file()
+    detections = json.loads((out / "detections_val.json").read_text())
+    assert len(detections) == 4 * 6  # every query of every image, as DETR reports them
+    assert {d["image_id"] for d in detections} == {100, 101, 102, 103}
+    assert {d["category_id"] for d in detections} <= set(CAT_IDS) and all(len(d["bbox"]) == 4 for d in detections)
+
+
+def pycocotools_stats(ann_file: Path, results_file: Path) -> list[float]:
+    """COCOeval run directly on a json and a results file, as COCO's own evaluation does."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(ann_file))
+    ev = COCOeval(gt, gt.loadRes(str(results_file)), "bbox")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    return list(ev.stats)
+
+
+def test_detections_file_with_string_image_ids_gives_the_reported_metrics(tmp_path) -> None:
+    """``detections_val.json`` is COCO's results file of the evaluation ``results.json`` reports, in
+    the json's own image ids (strings here) and pixels: pycocotools run on it and on the annotation
+    file as it is (its zero-size box included) gives the same 12 statistics."""
+    data = make_dataset(tmp_path / "data", str_ids=True)
+    out = tmp_path / "run"
+    assert train_det().main(["--data", str(data), *TINY, "--epochs", "1", "--output", str(out)]) == 0
+    detections = json.loads((out / "detections_val.json").read_text())
+    assert {d["image_id"] for d in detections} == {"img-100", "img-101", "img-102", "img-103"}
+    want = pycocotools_stats(data / "annotations" / "instances_val2017.json", out / "detections_val.json")
+    assert json.loads((out / "results.json").read_text())["coco"]["stats"] == pytest.approx(want, abs=1e-12)
+
+
+def test_unreadable_images_are_skipped_named_and_counted_with_on_error_skip(tmp_path, caplog) -> None:
+    """A truncated JPEG in each split: training goes on without it and the evaluation leaves it out
+    of the images scored; each is named in the log and counted."""
+    data = make_dataset(tmp_path / "data", 5, 4)
+    truncate(data / "train2017" / "0001.jpg")
+    truncate(data / "val2017" / "0002.jpg")
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        assert train_det().main(["--data", str(data), *TINY, "--epochs", "1", "--output", str(out),
+                                 "--set", "data.on_error=skip"]) == 0
+    for name in ("train2017/0001.jpg", "val2017/0002.jpg"):
+        assert f"warning: skipped cannot decode image {data / name}: image file is truncated" in caplog.text
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["skipped"] == 1 and record["val_skipped"] == 1
+    coco = json.loads((out / "results.json").read_text())["coco"]
+    assert coco["images"] == 3 and coco["skipped"] == 1
+    assert {d["image_id"] for d in json.loads((out / "detections_val.json").read_text())} == {100, 101, 103}
+
+
+def test_unreadable_validation_image_stops_naming_it_and_keeps_the_epoch(tmp_path, capsys) -> None:
+    """With ``data.on_error=error`` (the default) a truncated validation image ends the run with one
+    line naming it, after the epoch's training is recorded and saved."""
+    data = make_dataset(tmp_path / "data", 2, 2)
+    truncate(data / "val2017" / "0001.jpg")
+    out = tmp_path / "run"
+    td = train_det()
+    with pytest.raises(SystemExit) as exc:
+        td.run_cli(td.main, ["--data", str(data), *TINY, "--epochs", "2", "--output", str(out)])
+    assert exc.value.code == 2
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot decode image {data / 'val2017' / '0001.jpg'}") and "on_error=skip" in err
 
 
 def test_resume_continues_exactly(data, tmp_path) -> None:
@@ -152,7 +215,7 @@ def test_pad_multiple_pads_training_batches_to_coarser_sizes() -> None:
 
     items = [(torch.ones(3, 50, 70), {}), (torch.ones(3, 90, 40), {})]
     for multiple, size in [(0, (96, 96)), (64, (128, 128)), (48, (96, 96)), (128, (128, 128))]:
-        images, mask, _ = train_collate(Strided(), DetDataConfig(pad_multiple=multiple))(items)
+        images, mask, _, _ = train_collate(Strided(), DetDataConfig(pad_multiple=multiple))(items)
         assert images.shape[-2:] == size and mask.shape[-2:] == size, multiple
         assert not mask[0, :50, :70].any() and mask[0, 50:].all() and mask[0, :, 70:].all()
     with pytest.raises(UserError, match="data.pad_multiple"):

@@ -3,15 +3,27 @@
 The json is checked once, up front, so that a bad file fails with one message naming it (or, with
 ``on_error='skip'``, the bad entries are dropped, counted and logged):
 
-- a json that is not COCO (``images``, ``annotations``, ``categories`` missing) is always an error;
+- a json that is not COCO (``images``, ``annotations``, ``categories`` missing, an id that is a list
+  or an object, image ids of kinds that cannot be ordered) is always an error;
 - an annotation naming an unknown image or category, a box reaching outside its image by more
   than a pixel, or an image file that does not exist: error, or skip by option;
 - boxes of zero width or height (also once clipped to the image) are always dropped, with a
-  count; ``iscrowd`` boxes are kept for COCOeval (``CocoIndex.gt``) but never given to the matcher;
+  count; boxes within a pixel past the edge are clipped; ``iscrowd`` boxes are never given to the
+  matcher;
 - image files the json does not list are ignored; images without annotations are kept.
 
-Category ids need not be contiguous (COCO's run 1..90 with gaps): labels are the index of the id
-in the sorted list ``CocoIndex.cat_ids``, which maps them back for results.
+An image that cannot be decoded, or whose pixels disagree with the json's size, shows only when it
+is read: an error naming it, or with ``on_error='skip'`` a ``Skipped`` that ``PadCollate`` leaves out
+of the batch and hands on, for the loops to name and count.
+
+These checks shape the training targets only. COCOeval scores against the json as it is
+(``CocoIndex.gt``): zero-size boxes, boxes past the edge (unclipped) and crowd regions included, as
+pycocotools run on the file does, so the AP reported is the official one. Images left out entirely
+(a missing file, an unreadable one under ``skip``) are left out of the evaluated images too.
+
+Image ids may be numbers or strings, as pycocotools takes either; targets and results carry them
+unchanged. Category ids need not be contiguous (COCO's run 1..90 with gaps): labels are the index
+of the id in the sorted list ``CocoIndex.cat_ids``, which maps them back for results.
 """
 from __future__ import annotations
 
@@ -25,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 from torchvision import tv_tensors
@@ -34,7 +46,7 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from ..errors import DataError
-from .folder import load_rgb
+from .folder import Skipped, load_rgb
 
 _logger = logging.getLogger(__name__)
 OnError = Literal["error", "skip"]
@@ -70,16 +82,41 @@ def _need(entry: Any, keys: tuple[str, ...], what: str, path: Path) -> None:
         raise CocoFormatError(f"{path}: {what} {str(entry)[:80]} lacks {', '.join(repr(k) for k in missing)}")
 
 
+def _need_ids(entry: dict[str, Any], keys: tuple[str, ...], what: str, path: Path) -> None:
+    """Ids are looked up (as dict keys, here and in pycocotools): a list or an object cannot be."""
+    for k in keys:
+        if isinstance(entry[k], (list, dict)):
+            raise CocoFormatError(f"{path}: {what} {str(entry)[:80]} has {k} {entry[k]!r}: ids are numbers or "
+                                  f"strings")
+
+
+def _need_order(ids: list[Any], what: str, path: Path) -> None:
+    """COCOeval sorts the image ids (and ``cat_ids`` the category ids): numbers and strings mixed cannot be."""
+    try:
+        sorted(ids)
+    except TypeError:
+        kinds = {type(i).__name__: i for i in ids}
+        raise CocoFormatError(f"{path}: {what} ids mix kinds that cannot be ordered "
+                              f"({', '.join(f'{v!r} ({k})' for k, v in kinds.items())})") from None
+
+
+def _is_box(box: Any) -> bool:
+    """``[x, y, width, height]`` as four finite numbers (json.loads reads NaN and Infinity)."""
+    return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                           for v in box)
+
+
 @dataclass
 class CocoIndex:
-    """A checked COCO json: the entries kept, the label mapping and what was dropped."""
+    """A checked COCO json: the images and training boxes kept, the label mapping, what was dropped
+    and the json as read (``source``), which evaluation scores against."""
 
     path: Path
     images: list[dict[str, Any]]
-    annotations: list[dict[str, Any]]
+    annotations: list[dict[str, Any]]  # the training boxes: clipped, without zero-size or bad ones
     categories: list[dict[str, Any]]
+    source: dict[str, Any]  # the json as read
     dropped: Counter = field(default_factory=Counter)  # reason -> count
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cat_ids(self) -> list[int]:
@@ -91,20 +128,31 @@ class CocoIndex:
         names = {c["id"]: str(c["name"]) for c in self.categories}
         return [names[i] for i in self.cat_ids]
 
-    def by_image(self) -> dict[int, list[dict[str, Any]]]:
-        out: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in self.images}
+    def by_image(self) -> dict[Any, list[dict[str, Any]]]:
+        out: dict[Any, list[dict[str, Any]]] = {img["id"]: [] for img in self.images}
         for a in self.annotations:
             out[a["image_id"]].append(a)
         return out
 
     @cached_property
     def gt(self) -> Any:
-        """A pycocotools ``COCO`` over the kept entries (crowd boxes included) for COCOeval."""
+        """A pycocotools ``COCO`` over the json as read, for COCOeval: every image and every box, the
+        crowd regions and the boxes training drops or clips included, scored as pycocotools run on
+        the file scores them. Left out are only boxes that are not four finite numbers (dropped
+        under ``on_error='skip'``), which COCOeval cannot score; a missing ``iscrowd`` or ``area``
+        is filled in (0, the box's area), where pycocotools would stop. Annotation ids are
+        renumbered from 1: pycocotools takes a ground-truth id of 0 for "unmatched" and looks
+        repeated ids up as one box, so a file with such ids would lose AP for its ids alone (with
+        unique positive ids, as in COCO's files, the numbering changes nothing)."""
         from pycocotools.coco import COCO
 
+        anns: list[dict[str, Any]] = []
+        for a in self.source["annotations"]:
+            if _is_box(a["bbox"]):
+                anns.append(dict(a, id=len(anns) + 1, iscrowd=int(a.get("iscrowd", 0)),
+                                 area=a.get("area", a["bbox"][2] * a["bbox"][3])))
         coco = COCO()
-        coco.dataset = {"info": self.info, "licenses": [], "images": self.images, "annotations": self.annotations,
-                        "categories": self.categories}
+        coco.dataset = {**self.source, "annotations": anns}
         with contextlib.redirect_stdout(io.StringIO()):  # "creating index..."
             coco.createIndex()
         return coco
@@ -127,8 +175,7 @@ class _Checker:
 def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[float] | None:
     """The box clipped to the image, or None when it is dropped (zero size) or bad."""
     box = a["bbox"]
-    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                            for v in box)):  # json.loads reads NaN, Infinity
+    if not _is_box(box):
         check.bad("bad bbox", f"annotation {a.get('id')}: bbox {box!r} is not [x, y, width, height] "
                               f"(four finite numbers)")
         return None
@@ -156,6 +203,7 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
     images, seen = [], set()
     for img in data["images"]:
         _need(img, ("id", "file_name", "width", "height"), "image", path)
+        _need_ids(img, ("id",), "image", path)
         if img["id"] in seen:
             check.bad("duplicate image id", f"image id {img['id']} appears twice")
             continue
@@ -167,11 +215,12 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
     return images
 
 
-def _check_annotations(data: dict[str, Any], images: dict[int, dict[str, Any]], cats: set[int], path: Path,
+def _check_annotations(data: dict[str, Any], images: dict[Any, dict[str, Any]], cats: set[Any], path: Path,
                        check: _Checker) -> list[dict[str, Any]]:
     kept = []
     for i, a in enumerate(data["annotations"]):
         _need(a, ("image_id", "category_id", "bbox"), "annotation", path)
+        _need_ids(a, ("image_id", "category_id"), "annotation", path)
         if a["image_id"] not in images:
             check.bad("unknown image", f"annotation {a.get('id', f'#{i}')} names unknown image id {a['image_id']}")
             continue
@@ -182,11 +231,7 @@ def _check_annotations(data: dict[str, Any], images: dict[int, dict[str, Any]], 
         box = _check_box(a, images[a["image_id"]], check)
         if box is None:
             continue
-        iscrowd = int(a.get("iscrowd", 0))
-        # Renumbered from 1: pycocotools treats a ground-truth id of 0 as "unmatched" and looks up
-        # repeated ids as one box, which would silently lower AP; nothing else reads these ids.
-        kept.append(dict(a, id=len(kept) + 1, bbox=box, iscrowd=iscrowd,
-                         area=float(a.get("area", box[2] * box[3]))))
+        kept.append(dict(a, bbox=box, iscrowd=int(a.get("iscrowd", 0))))
     return kept
 
 
@@ -199,21 +244,27 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "
     check = _Checker(path, on_error)
     for c in data["categories"]:
         _need(c, ("id", "name"), "category", path)
+        _need_ids(c, ("id",), "category", path)
     cats = [c["id"] for c in data["categories"]]
+    _need_order(cats, "category", path)
     if len(set(cats)) != len(cats):
         raise CocoFormatError(f"{path}: category ids repeat: {sorted(k for k, n in Counter(cats).items() if n > 1)}")
     if not cats:
         raise CocoFormatError(f"{path}: no categories")
     images = _check_images(data, path, image_dir, check)
+    _need_order([img["id"] for img in data["images"]], "image", path)
     anns = _check_annotations(data, {img["id"]: img for img in images}, set(cats), path, check)
-    index = CocoIndex(path, images, anns, data["categories"], check.dropped, data.get("info") or {})
+    index = CocoIndex(path, images, anns, data["categories"], data, check.dropped)
     listed = {img["file_name"] for img in images}
     unlisted = sum(1 for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.name not in listed)
     boxed = {a["image_id"] for a in anns if not a["iscrowd"]}
-    _logger.info("%s: %d images (%d without boxes to learn, kept), %d boxes (%d crowd), %d categories%s%s", path.name,
-                 len(images), sum(img["id"] not in boxed for img in images), len(anns),
+    left_out = len(data["images"]) - len(images)
+    _logger.info("%s: %d images (%d without boxes to learn, kept), %d boxes (%d crowd), %d categories%s%s%s",
+                 path.name, len(images), sum(img["id"] not in boxed for img in images), len(anns),
                  sum(a["iscrowd"] for a in anns), len(cats),
                  "".join(f"; dropped {n} ({r})" for r, n in sorted(check.dropped.items())),
+                 f"; {left_out} of the json's {len(data['images'])} images left out of training and evaluation"
+                 if left_out else "",
                  f"; ignored {unlisted} image file(s) the json does not list" if unlisted else "")
     return index
 
@@ -221,7 +272,9 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "
 class CocoDetection(torch.utils.data.Dataset):
     """Items ``(image, target)``: ``image`` float ``(3, H, W)`` after ``transform``; ``target`` holds
     ``boxes`` ``(M, 4)`` normalised ``cxcywh`` (crowd boxes left out), contiguous ``labels`` ``(M,)``,
-    ``image_id``, ``orig_size`` and ``size`` (height, width before / after the transform).
+    ``image_id`` (the json's own, a number or a string), ``orig_size`` and ``size`` (height, width
+    before / after the transform). An image that cannot be read or disagrees with the json's size
+    is a ``DataError`` naming it, or with ``on_error='skip'`` its item is a ``Skipped``.
 
     ``transform`` takes and returns ``(tv_tensors.Image, {'boxes': BoundingBoxes, 'labels': ...})``.
     ``cache``: decode every image once into memory (uint8), for small datasets and many epochs.
@@ -229,16 +282,16 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
                  on_error: OnError = "error", cache: bool = False, index: CocoIndex | None = None) -> None:
-        self.root, self.split, self.transform = Path(root), split, transform
+        self.root, self.split, self.transform, self.on_error = Path(root), split, transform, on_error
         self.image_dir = self.root / split
         self.index = index or load_coco(self.root / "annotations" / f"instances_{split}.json", self.image_dir, on_error)
         self.label_of = {cid: i for i, cid in enumerate(self.index.cat_ids)}
         anns = self.index.by_image()
         self.samples = [(img, [a for a in anns[img["id"]] if not a["iscrowd"]]) for img in self.index.images]
-        self._cache: list[torch.Tensor] | None = None
+        self._cache: list[torch.Tensor | Skipped] | None = None
         if cache:
-            self._cache = [self.decode(i) for i in tqdm(range(len(self)), desc=f"decoding {split}", leave=False,
-                                                        disable=not sys.stderr.isatty())]
+            self._cache = [self.load(i) for i in tqdm(range(len(self)), desc=f"decoding {split}", leave=False,
+                                                      disable=not sys.stderr.isatty())]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -256,18 +309,36 @@ class CocoDetection(torch.utils.data.Dataset):
                             f"{img['width']}x{img['height']}")
         return data
 
-    def raw(self, i: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
-        """The decoded image and its boxes (absolute ``xyxy``) before any transform."""
+    def load(self, i: int) -> torch.Tensor | Skipped:
+        """``decode``, or the cached image; an image that fails is a ``DataError`` naming it, or
+        with ``on_error='skip'`` a ``Skipped`` saying why."""
+        if self._cache is not None:
+            return self._cache[i]
+        try:
+            return self.decode(i)
+        except DataError as e:
+            if self.on_error == "error":
+                raise DataError(f"{e} (set data.on_error=skip to skip such images)") from None
+            return Skipped(str(self.image_dir / self.samples[i][0]["file_name"]), str(e))
+
+    def raw(self, i: int) -> tuple[tv_tensors.Image, dict[str, Any]] | Skipped:
+        """The decoded image and its boxes (absolute ``xyxy``) before any transform (or its ``Skipped``)."""
         img, anns = self.samples[i]
-        image = tv_tensors.Image(self._cache[i] if self._cache is not None else self.decode(i))
+        data = self.load(i)
+        if isinstance(data, Skipped):
+            return data
+        image = tv_tensors.Image(data)
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes = tv_tensors.BoundingBoxes(box_convert(boxes, "xywh", "xyxy"), format="XYXY",
                                          canvas_size=(img["height"], img["width"]))
         labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.long)
         return image, {"boxes": boxes, "labels": labels}
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        image, target = self.raw(i)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]] | Skipped:
+        item = self.raw(i)
+        if isinstance(item, Skipped):
+            return item
+        image, target = item
         if self.transform is not None:
             image, target = self.transform(image, target)
         h, w = image.shape[-2:]
@@ -275,7 +346,7 @@ class CocoDetection(torch.utils.data.Dataset):
         img = self.samples[i][0]
         return image.as_subclass(torch.Tensor), {
             "boxes": boxes / torch.tensor([w, h, w, h], dtype=torch.float32), "labels": target["labels"],
-            "image_id": torch.tensor(img["id"]), "orig_size": torch.tensor([img["height"], img["width"]]),
+            "image_id": img["id"], "orig_size": torch.tensor([img["height"], img["width"]]),
             "size": torch.tensor([h, w])}
 
     def with_transform(self, transform: Callable | None) -> CocoDetection:
@@ -286,14 +357,25 @@ class CocoDetection(torch.utils.data.Dataset):
         return other
 
 
+class DetBatch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W), padded
+    mask: torch.Tensor  # (B, H, W) bool, True on padding
+    targets: list[dict[str, Any]]
+    skipped: list[Skipped]  # images left out of this batch (on_error=skip): B may be 0
+
+
 class PadCollate:
-    """Pads a batch to a common size, a multiple of ``divisor``: ``(images (B, 3, H, W), mask
-    (B, H, W) True on padding, targets)``. Images sit top-left, as DETR's positions assume."""
+    """Pads a batch to a common size, a multiple of ``divisor``: a ``DetBatch`` of the readable
+    items and the ``Skipped`` ones. Images sit top-left, as DETR's positions assume."""
 
     def __init__(self, divisor: int = 32) -> None:
         self.divisor = divisor
 
-    def __call__(self, items: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
+    def __call__(self, items: list[tuple[torch.Tensor, dict[str, Any]] | Skipped]) -> DetBatch:
+        skipped = [it for it in items if isinstance(it, Skipped)]
+        items = [it for it in items if not isinstance(it, Skipped)]
+        if not items:
+            return DetBatch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 0, 0, dtype=torch.bool), [], skipped)
         d = self.divisor
         H = -(-max(img.shape[-2] for img, _ in items) // d) * d
         W = -(-max(img.shape[-1] for img, _ in items) // d) * d
@@ -303,7 +385,7 @@ class PadCollate:
             h, w = img.shape[-2:]
             images[i, :, :h, :w] = img
             mask[i, :h, :w] = False
-        return images, mask, [t for _, t in items]
+        return DetBatch(images, mask, [t for _, t in items], skipped)
 
 
-__all__ = ["CocoDetection", "CocoFormatError", "CocoIndex", "PadCollate", "load_coco"]
+__all__ = ["CocoDetection", "CocoFormatError", "CocoIndex", "DetBatch", "PadCollate", "load_coco"]

@@ -1,8 +1,16 @@
-"""COCO's official box metrics (pycocotools' COCOeval) and a figure of predicted and true boxes."""
+"""COCO's official box metrics (pycocotools' COCOeval), COCO's results file, and a figure of
+predicted and true boxes.
+
+Detections are scored, and written, as predicted: rounding scores ties some that differ, and
+COCOeval orders tied scores by their place in the list, not by merit; rounding boxes moves some
+across IoU thresholds and area-range bounds.
+"""
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,34 +21,60 @@ from torchvision.ops import box_convert
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
-def to_coco_results(preds: Sequence[dict[str, Tensor]], image_ids: Sequence[int],
-                    cat_ids: Sequence[int]) -> list[dict[str, Any]]:
+def to_coco_results(preds: Sequence[dict[str, Tensor]], image_ids: Sequence[Any],
+                    cat_ids: Sequence[Any]) -> list[dict[str, Any]]:
     """Per-image ``{'scores', 'labels', 'boxes' (xyxy, absolute)}`` -> COCO result entries with the
-    dataset's own category ids (``cat_ids[label]``) and ``[x, y, width, height]`` boxes."""
+    dataset's own image ids and category ids (``cat_ids[label]``) and ``[x, y, width, height]``
+    boxes, unrounded (width and height taken in float64: no rounding of their own)."""
     out = []
     for p, image_id in zip(preds, image_ids):
-        boxes = box_convert(p["boxes"].float().cpu(), "xyxy", "xywh").tolist()
+        boxes = box_convert(p["boxes"].cpu().double(), "xyxy", "xywh").tolist()
         for box, score, label in zip(boxes, p["scores"].tolist(), p["labels"].tolist()):
-            out.append({"image_id": int(image_id), "category_id": int(cat_ids[label]),
-                        "bbox": [round(v, 2) for v in box], "score": round(float(score), 5)})
+            out.append({"image_id": image_id, "category_id": cat_ids[label], "bbox": box, "score": score})
     return out
 
 
-def coco_evaluate(gt: Any, results: list[dict[str, Any]], image_ids: Sequence[int] | None = None) -> dict[str, Any]:
+def write_results(results: list[dict[str, Any]], path: str | Path) -> None:
+    """COCO's results file (``results`` as a json list, as ``COCO.loadRes`` reads it), written
+    atomically: a temp file in the same folder, then a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            json.dump(results, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _result_set(gt: Any, results: list[dict[str, Any]]) -> Any:
+    """``results`` as pycocotools' result ``COCO``, on copies (``loadRes`` adds keys to the entries
+    it is given). ``loadRes`` refuses an empty list; no detection at all is an empty result set,
+    which COCOeval scores 0 where there is ground truth and -1 where an area range has none."""
+    from pycocotools.coco import COCO
+
+    if results:
+        return gt.loadRes([dict(r) for r in results])
+    dt = COCO()
+    dt.dataset = {"images": list(gt.dataset["images"]), "categories": gt.dataset["categories"], "annotations": []}
+    dt.createIndex()
+    return dt
+
+
+def coco_evaluate(gt: Any, results: list[dict[str, Any]], image_ids: Sequence[Any] | None = None) -> dict[str, Any]:
     """COCOeval on ``results`` over ``image_ids`` (default: every image of ``gt``). Returns AP, AP50,
     AP75, APs, APm, APl (as fractions, COCO's -1 where undefined), the 12 raw ``stats`` and
     COCOeval's printed ``summary``."""
     from pycocotools.cocoeval import COCOeval
 
-    if not results:  # loadRes refuses an empty list: no detection scores 0 everywhere
-        stats = [0.0] * len(STAT_NAMES)
-        return {**dict(zip(STAT_NAMES[:6], stats)), "stats": stats, "summary": "no detections"}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):  # pycocotools prints progress; keep only the summary
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iouType="bbox")
+        ev = COCOeval(gt, _result_set(gt, results), iouType="bbox")
         if image_ids is not None:
-            ev.params.imgIds = sorted(set(int(i) for i in image_ids))
+            ev.params.imgIds = sorted(set(image_ids))  # sorted, as COCOeval's default: the order breaks score ties
         ev.evaluate()
         ev.accumulate()
         mark = buf.tell()
@@ -105,4 +139,4 @@ def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path,
     plt.close(fig)
 
 
-__all__ = ["STAT_NAMES", "coco_evaluate", "plot_curves", "plot_detections", "to_coco_results"]
+__all__ = ["STAT_NAMES", "coco_evaluate", "plot_curves", "plot_detections", "to_coco_results", "write_results"]

@@ -5,6 +5,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -14,13 +15,14 @@ from torch.utils.data import DataLoader
 from ..config import EvalConfig, OptimConfig, RunConfig
 from ..data.coco import CocoDetection, PadCollate
 from ..data.det_transforms import eval_transform, train_transform
+from ..data.folder import Skipped
 from ..errors import DataError, UserError
 from ..models.detr import DETR, postprocess
 from ..models.detr_convert import load_detr_checkpoint, load_detr_file
 from ..models.detr_criterion import SetCriterion
 from ..models.detr_matcher import HungarianMatcher
 from . import distributed as dist
-from .coco_eval import coco_evaluate, to_coco_results
+from .coco_eval import coco_evaluate, to_coco_results, write_results
 from .loop import LossMeter, autocast, optimizer_step, progress
 from .optim import adamw, param_groups
 
@@ -39,7 +41,8 @@ class DetDataConfig:
     flip: float = 0.5  # probability of a horizontal flip
     multiscale: bool = True  # draw the training shorter side from 0.6..1.0 x min_size
     crop_prob: float = 0.5  # probability of DETR's resize-crop-resize branch
-    on_error: Literal["error", "skip"] = "error"  # bad json entries (unknown ids, boxes outside): stop or drop
+    on_error: Literal["error", "skip"] = "error"  # bad json entries (unknown ids, boxes outside) and unreadable
+    # images (corrupt, or of another size than the json says): stop, or drop them, named in the log and counted
     cache: bool = False  # decode every image once into memory (small datasets, many epochs)
     pad_multiple: int = 0  # training batches padded to a multiple of this and of the backbone's stride (0: the
     # stride alone, the least padding); a coarser one (64, 128) leaves fewer distinct batch shapes for shape-
@@ -206,17 +209,32 @@ def to_device(targets: list[dict[str, Tensor]], device: torch.device) -> list[di
     return [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
 
 
+def _report_skips(skipped: list[Skipped], seen: set[str]) -> None:
+    """Names each image left out (``data.on_error=skip``) once over calls sharing ``seen``."""
+    for s in skipped:
+        if s.path not in seen:
+            seen.add(s.path)
+            _logger.warning("warning: skipped %s", s.reason)
+
+
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, device: torch.device, epoch: int, cfg: DetConfig) -> dict[str, float]:
     """One pass; returns the mean weighted ``loss`` and its unweighted parts (last decoder layer),
-    averaged over processes, with ``lr`` (of the transformer) and ``time``."""
+    averaged over processes, with ``lr`` (of the transformer), ``skipped`` (images that could not
+    be used, ``data.on_error=skip``, summed over processes) and ``time``."""
     model.train()
     criterion.train()
-    start = time.time()
+    start, seen, skipped = time.time(), set(), 0
     keys = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
     meter = LossMeter(keys, device, epoch)  # sums on the device: no wait for the device every step
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
-    for step, (images, mask, targets) in enumerate(bar):
+    for step, (images, mask, targets, skips) in enumerate(bar):
+        _report_skips(skips, seen)
+        skipped += len(skips)
+        # A batch left empty is passed over by every process together, or the others would wait
+        # forever in the gradient all-reduce; the vote (on the hosts) only when images can be skipped.
+        if cfg.data.on_error == "skip" and dist.any_process(not targets):
+            continue
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = to_device(targets, device)
         with autocast(device, cfg.run.amp):
@@ -227,20 +245,26 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoade
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
         if step % cfg.run.log_interval == 0:  # the only read on the host: the non-finite check, the bar
             bar.set_postfix(loss=f"{meter.means()['loss']:.3f}")
-    totals = dist.reduce_sums(meter.sums(), device)  # raises if a loss since the last read was not finite
-    n = max(totals.pop("n"), 1.0)
+    totals = dist.reduce_sums({**meter.sums(), "skipped": skipped}, device)  # raises on a non-finite loss
+    n, skipped = max(totals.pop("n"), 1.0), int(totals.pop("skipped"))
+    if skipped and dist.is_main():
+        _logger.warning("epoch %d: skipped %d image(s) that could not be used (each named above)", epoch + 1, skipped)
     lr = max(g["lr"] for g in optimizer.param_groups)
-    return {**{k: v / n for k, v in totals.items()}, "lr": lr, "time": time.time() - start}
+    return {**{k: v / n for k, v in totals.items()}, "lr": lr, "skipped": skipped, "time": time.time() - start}
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = True,
-            desc: str = "eval") -> tuple[list[dict[str, Tensor]], list[int], float]:
+            desc: str = "eval") -> tuple[list[dict[str, Tensor]], list[Any], list[Skipped], float]:
     """Predictions (boxes in original-image pixels, on the CPU) and image ids of this process's
-    share of ``loader``, and the images per second of the forward passes."""
+    share of ``loader``, the images it skipped (``data.on_error=skip``) and the images per second
+    of the forward passes."""
     model.eval()
-    preds, ids, n, seconds = [], [], 0, 0.0
-    for images, mask, targets in progress(loader, desc):
+    preds, ids, skipped, n, seconds = [], [], [], 0, 0.0
+    for images, mask, targets, skips in progress(loader, desc):
+        skipped += skips
+        if not targets:
+            continue
         t0 = time.perf_counter()
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True), mask.to(device, non_blocking=True))
@@ -250,25 +274,54 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: boo
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
         preds += [{k: v.cpu() for k, v in r.items()} for r in res]
-        ids += [int(t["image_id"]) for t in targets]
+        ids += [t["image_id"] for t in targets]
         n += len(targets)
-    return preds, ids, n / max(seconds, 1e-9)
+    return preds, ids, skipped, n / max(seconds, 1e-9)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, device: torch.device,
-             amp: bool = True, desc: str = "eval", gather: bool = True) -> dict[str, Any]:
-    """COCO metrics over the validation set. ``gather``: every process predicts its share of a
-    sharded loader (``make_loader`` shards evaluation without repeats) and the main process
-    gathers them and runs COCOeval; other processes return ``{}``. Without ``gather`` this process
-    alone evaluates what ``loader`` gives."""
-    preds, ids, fps = predict(model, loader, device, amp, desc)
-    shards = dist.gather_objects((preds, ids)) if gather else [(preds, ids)]
-    if gather and not dist.is_main():
+             amp: bool = True, desc: str = "eval", gather: bool = True,
+             detections: str | Path | None = None) -> dict[str, Any]:
+    """COCO metrics over the validation set, against the json as it is (``CocoIndex.gt``), over the
+    images predicted: one skipped (a missing file, or unreadable under ``data.on_error=skip``) is
+    left out of COCOeval's images, named in the log and counted (``skipped``; ``images``: those
+    evaluated). ``detections``: write COCO's results file there too (original ids and pixels).
+
+    ``gather``: every process predicts its share of a sharded loader (``make_loader`` shards
+    evaluation without repeats) and the main process gathers them and runs COCOeval; other
+    processes return ``{}``. An unreadable image (``data.on_error=error``) travels with the
+    gather: every process raises the ``DataError`` together, and none waits for a lost one. Without
+    ``gather`` this process alone evaluates what ``loader`` gives."""
+    try:
+        preds, ids, skipped, fps = predict(model, loader, device, amp, desc)
+        error = ""
+    except DataError as e:
+        if not gather:
+            raise
+        preds, ids, skipped, fps, error = [], [], [], 0.0, str(e)
+    shards = dist.gather_objects((preds, ids, skipped, error)) if gather else [(preds, ids, skipped, error)]
+    errors = [shard[3] for shard in shards if shard[3]]
+    if errors:
+        raise DataError(errors[0])
+    image_ids = [i for _, shard_ids, _, _ in shards for i in shard_ids]
+    skipped = [s for _, _, shard_skipped, _ in shards for s in shard_skipped]
+    main = not gather or dist.is_main()
+    if main:
+        _report_skips(skipped, set())
+    if skipped and not image_ids:
+        raise DataError(f"{desc}: none of the {len(skipped)} images could be used (each is named above)")
+    if not main:
         return {}
-    results = [r for shard_preds, shard_ids in shards
+    results = [r for shard_preds, shard_ids, _, _ in shards
                for r in to_coco_results(shard_preds, shard_ids, dataset.index.cat_ids)]
-    metrics = coco_evaluate(dataset.index.gt, results, [img["id"] for img in dataset.index.images])
-    return {**metrics, "img_per_s": fps}
+    left_out = len(dataset.index.gt.getImgIds()) - len(image_ids)
+    if left_out:
+        _logger.info("%s: %d of the json's %d images evaluated, %d left out (skipped)", desc, len(image_ids),
+                     len(image_ids) + left_out, left_out)
+    if detections is not None:
+        write_results(results, detections)
+    metrics = coco_evaluate(dataset.index.gt, results, image_ids)
+    return {**metrics, "images": len(image_ids), "skipped": len(skipped), "img_per_s": fps}
 
 
 def eval_loader(dataset: CocoDetection, cfg: DetConfig, divisor: int, min_size: int | None = None) -> DataLoader:
@@ -284,11 +337,19 @@ def eval_loader(dataset: CocoDetection, cfg: DetConfig, divisor: int, min_size: 
 @torch.no_grad()
 def figure_samples(model: nn.Module, dataset: CocoDetection, count: int, device: torch.device, divisor: int,
                    amp: bool = True) -> list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
-    """``(image uint8, truth, prediction)`` for the first ``count`` images, boxes in their pixels."""
-    idx = list(range(min(count, len(dataset))))
+    """``(image uint8, truth, prediction)`` for the first ``count`` images that can be read, boxes
+    in their pixels."""
+    idx, items = [], []
+    for i in range(len(dataset)):
+        if len(idx) == count:
+            break
+        item = dataset[i]
+        if not isinstance(item, Skipped):
+            idx.append(i)
+            items.append(item)
     if not idx:
         return []
-    images, mask, targets = PadCollate(divisor)([dataset[i] for i in idx])
+    images, mask, targets, _ = PadCollate(divisor)(items)
     model.eval()
     with autocast(device, amp):
         out = model(images.to(device), mask.to(device))
