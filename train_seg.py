@@ -25,7 +25,8 @@ from vitpe.engine.optim import build_scheduler
 from vitpe.engine.seg_metrics import json_safe
 from vitpe.engine.seg_plot import plot_segmentation
 from vitpe.engine.segmentation import (SegConfig, build_datasets, build_model, build_optimizer, compile_model,
-                                       evaluate, figure_samples, results_table, summarize, train_one_epoch)
+                                       evaluate, figure_samples, results_table, slide_settings, summarize,
+                                       train_one_epoch)
 
 log = logging.getLogger("train_seg")
 KEYS = {k: v for k, v in CLI_KEYS.items() if k != "eval_sizes"}
@@ -42,7 +43,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--ignore-index", type=int, metavar="N", help="label value never scored (default 255)")
     a("--reduce-zero-label", action="store_const", const=True, help="ADE20K: label 0 is ignored, the rest shift down")
     a("--eval-scales", type=parse_scales, metavar="S1,S2,...", help="scales of the final evaluation, e.g. 0.5,1.0,1.5")
-    a("--on-error", choices=["error", "skip"], help="bad masks: stop (default) or skip them with a warning")
+    a("--on-error", choices=["error", "skip"],
+      help="bad pairs (masks, images that cannot be decoded): stop (default) or skip them with a warning")
     return p.parse_args(argv)
 
 
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     out = Path(cfg.run.output)
+    slide_settings(cfg)  # a bad sliding window stops the run now, not after training
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -69,37 +72,58 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     scheduler = build_scheduler(optimizer, cfg.optim, len(loader), cfg.run.epochs)
     start = restore_training_state(resumed, model, optimizer, scheduler) if resumed else 0
     best = resumed.get("best_miou", -1.0) if resumed else -1.0
+    pending = resumed.get("pending_val") if resumed else None  # an epoch trained, its validation not done
     net = dist.wrap_model(model, device)
     if cfg.run.compile and device.type == "cuda":
         dist.compile_under_ddp(cfg.run.compile_ddp)
         net = compile_model(net, mode=cfg.run.compile_mode)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=start if resumed else None)
+    # the pending epoch's line, if the interrupted run got as far as writing it, is written again
+    metrics = MetricsLog(out / "metrics.jsonl", resume_epoch=(start - 1 if pending else start) if resumed else None)
     log.info("%d training / %d validation images, %d classes, %d skipped", len(train_set), len(val_set),
              train_set.num_classes, len(train_set.skipped) + len(val_set.skipped))
+    if pending:
+        best = validate_epoch(cfg, out, model, optimizer, scheduler, val_set, device, dict(pending), best, metrics)
     for epoch in range(start, cfg.run.epochs):
         loader.sampler.set_epoch(epoch)
         seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(net, loader, optimizer, scheduler, device, epoch, cfg)}
-        if (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == cfg.run.epochs:
-            val = summarize(evaluate(model, val_set, device, cfg.run.amp, crop=cfg.data.crop_size,
-                                     base_size=cfg.data.base_size), val_set.classes)
-            record.update(val_mIoU=val["mIoU"], val_aAcc=val["aAcc"])
-        metrics.log(json_safe(record))
-        if dist.is_main():
-            log.info(summary_line(epoch, cfg.run.epochs, record))
-            best = save_epoch(cfg, out, model, optimizer, scheduler, epoch, val_set.classes, record, best)
+        due = (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == cfg.run.epochs
+        if dist.is_main():  # before validation, which may fail: the epoch's training is never lost
+            save_checkpoint(epoch_state(cfg, model, optimizer, scheduler, val_set.classes, record, best, due),
+                            out / "checkpoint.pt")
+        if due:
+            best = validate_epoch(cfg, out, model, optimizer, scheduler, val_set, device, record, best, metrics)
+        else:
+            metrics.log(json_safe(record))
+            if dist.is_main():
+                log.info(summary_line(epoch, cfg.run.epochs, record))
     dist.barrier()
     finish(cfg, out, model, train_set, val_set, device)
     dist.barrier()
     return 0
 
 
-def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, record, best) -> float:
-    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation mIoU improves."""
-    miou = record.get("val_mIoU", -1.0)
-    miou = -1.0 if miou != miou else miou  # NaN (no labelled pixel) never counts as best
-    state = training_state(model, optimizer, scheduler, epoch + 1, to_dict(cfg), classes=classes,
-                           best_miou=max(best, miou))
+def epoch_state(cfg, model, optimizer, scheduler, classes, record, best, pending) -> dict[str, Any]:
+    """The checkpoint of the epoch ``record`` has trained; ``pending``: its validation is due and not
+    done, so the record goes in as ``pending_val`` and ``--resume`` validates that epoch first."""
+    extra = {"pending_val": json_safe(record)} if pending else {}
+    return training_state(model, optimizer, scheduler, record["epoch"] + 1, to_dict(cfg), classes=classes,
+                          best_miou=best, **extra)
+
+
+def validate_epoch(cfg, out, model, optimizer, scheduler, val_set, device, record, best, metrics) -> float:
+    """Validate the epoch ``record`` has trained (whole image at scale 1), write its line of
+    metrics.jsonl and, on the main process, ``checkpoint.pt`` again (atomically: no longer pending,
+    with the best mIoU so far) and ``best.pt`` when the mIoU improves; returns the best mIoU."""
+    val = summarize(evaluate(model, val_set, device, cfg.run.amp, crop=cfg.data.crop_size, desc="validation",
+                             base_size=cfg.data.base_size), val_set.classes)
+    record.update(val_mIoU=val["mIoU"], val_aAcc=val["aAcc"])
+    metrics.log(json_safe(record))
+    if not dist.is_main():
+        return best
+    log.info(summary_line(record["epoch"], cfg.run.epochs, record))
+    miou = -1.0 if val["mIoU"] != val["mIoU"] else val["mIoU"]  # NaN (no labelled pixel) never counts as best
+    state = epoch_state(cfg, model, optimizer, scheduler, val_set.classes, record, max(best, miou), False)
     save_checkpoint(state, out / "checkpoint.pt")
     if miou > best:
         save_checkpoint(state, out / "best.pt")
@@ -109,14 +133,16 @@ def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, record, be
 def finish(cfg: SegConfig, out: Path, model, train_set, val_set, device: torch.device) -> None:
     """The final evaluation (every process takes its share), results.json, predictions.png and the table."""
     e = cfg.eval
-    scales = tuple(sorted(set(e.scales) | {1.0}))
-    crop = e.slide_crop or cfg.data.crop_size
-    conf = evaluate(model, val_set, device, cfg.run.amp, tuple(e.modes), scales, crop, e.slide_stride, "final eval",
-                    cfg.data.base_size)
+    fuse = tuple(sorted(set(e.scales)))  # 'ms' fuses the listed scales only, as mmseg does
+    scales = tuple(sorted(set(fuse) | {1.0}))  # scale 1.0 is always scored alone: the headline
+    crop, stride = slide_settings(cfg)
+    conf = evaluate(model, val_set, device, cfg.run.amp, tuple(e.modes), scales, crop, stride, "final eval",
+                    cfg.data.base_size, fuse)
     if not dist.is_main():
         return
     results = {**summarize(conf, val_set.classes), "pos": cfg.model.pos, "model": cfg.model.name,
-               "crop_size": cfg.data.crop_size, "base_size": cfg.data.base_size, "slide": {"crop": crop, "stride": e.slide_stride or max(1, crop * 2 // 3)},
+               "crop_size": cfg.data.crop_size, "base_size": cfg.data.base_size,
+               "slide": {"crop": crop, "stride": stride}, "ms_scales": list(fuse) if len(fuse) > 1 else [],
                "skipped": {"train": [s._asdict() for s in train_set.skipped],
                            "val": [s._asdict() for s in val_set.skipped]}}
     (out / "results.json").write_text(json.dumps(json_safe(results), indent=2))

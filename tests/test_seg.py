@@ -1,5 +1,7 @@
 """Segmentation: metrics against a hand-made confusion matrix, inference modes, augmentation,
-bad-mask handling, the heads, and a two-iteration run of train_seg.py on a dataset made here."""
+bad masks and images (with and without the cache), the heads, the figure, and short runs of
+train_seg.py on datasets made here (bad images skipped, a failed validation resumed)."""
+import io
 import json
 import math
 import sys
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 import vitpe  # noqa: F401
+from vitpe.config import ConfigError
 from vitpe.data.segmentation import SegmentationDataset, augment_batch, normalize
 from vitpe.engine.seg_metrics import (confusion_matrix, metrics_from_confusion, predict, slide_logits,
                                       slide_windows)
@@ -64,12 +67,44 @@ def test_perfect_prediction_and_bad_labels():
 
 # -- inference -------------------------------------------------------------------------------
 def test_slide_windows_cover_the_image_within_bounds():
-    for size, crop, stride in [((360, 480), 256, 170), ((100, 90), 256, 170), ((257, 256), 256, 1000)]:
+    """Every stride up to the window covers every pixel, the last window flush with the border
+    (mmseg), images smaller than the window too; a larger stride, which would leave pixels
+    without logits (class 0 after argmax), is an error naming the keys, before any training."""
+    cases = [((360, 480), 256, 170), ((100, 90), 256, 170), ((257, 256), 256, 256)]
+    cases += [((h, h + 3), crop, stride) for h in range(1, 30) for crop in (1, 5, 8, 16)
+              for stride in range(1, crop + 1)]
+    for size, crop, stride in cases:
         covered = torch.zeros(size, dtype=torch.int)
-        for y0, y1, x0, x1 in slide_windows(size, crop, stride):
+        windows = slide_windows(size, crop, stride)
+        for y0, y1, x0, x1 in windows:
             assert 0 <= y0 < y1 <= size[0] and 0 <= x0 < x1 <= size[1] and y1 - y0 <= crop and x1 - x0 <= crop
+            assert y1 - y0 == min(crop, size[0]) and x1 - x0 == min(crop, size[1])  # full windows only
             covered[y0:y1, x0:x1] += 1
-        assert covered.min() >= 1
+        assert covered.min() >= 1, (size, crop, stride)
+        assert max(w[1] for w in windows) == size[0] and max(w[3] for w in windows) == size[1]
+    with pytest.raises(ValueError, match="stride 40"):
+        slide_windows((56, 56), 16, 40)
+    with pytest.raises(ValueError, match="stride 40"):
+        predict(torch.nn.Conv2d(3, 2, 1), torch.randn(1, 3, 56, 56), "slide", crop=16, stride=40)
+
+
+def test_train_seg_refuses_a_stride_larger_than_the_window_before_training(tmp_path, capsys):
+    import train_seg
+    from vitpe.cli import run_cli
+    from vitpe.engine.segmentation import SegConfig, slide_settings
+
+    cfg = SegConfig()
+    cfg.data.crop_size, cfg.eval.slide_stride = 32, 24
+    assert slide_settings(cfg) == (32, 24)
+    cfg.eval.slide_crop = 16
+    with pytest.raises(ConfigError, match="'eval.slide_stride': the stride 24 is larger than the window 16"):
+        slide_settings(cfg)
+    root = make_dataset(tmp_path / "data")
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_seg.main, ["--data", str(root), "--device", "cpu", "--output", str(tmp_path / "run"),
+                                 "--set", "eval.slide_crop=16", "--set", "eval.slide_stride=40"])
+    assert e.value.code == 2 and "eval.slide_stride" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # stopped before training
 
 
 def test_slide_and_whole_agree_for_a_pointwise_model():
@@ -115,8 +150,22 @@ def test_dataset_reads_the_layout(tmp_path):
     assert set(torch.unique(mask).tolist()) <= {0, 1, 2, 255}
 
 
+def read_all(ds: SegmentationDataset) -> list:
+    """Every item, as the training loop and the evaluation take them: a ``Skipped`` is the error
+    naming its file (``on_error='error'``), or dropped and recorded in ``ds.skipped``."""
+    from vitpe.engine.segmentation import drop_skipped
+
+    found = []
+    items = drop_skipped([ds[i] for i in range(len(ds))], ds.on_error, found, set())
+    ds.record_skipped(found)
+    return items
+
+
+@pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("fault", ["size", "missing", "values", "rgb"])
-def test_bad_masks_name_the_file_or_are_skipped(tmp_path, fault, caplog):
+def test_bad_masks_name_the_file_or_are_skipped(tmp_path, fault, cache, caplog):
+    """Headers are checked when the dataset is built; label values when the masks are decoded:
+    then too with ``cache``, else when an item is read, the same error or skip either way."""
     root = make_dataset(tmp_path)
     ann = root / "annotations" / "training" / "img1.png"
     if fault == "size":
@@ -130,11 +179,28 @@ def test_bad_masks_name_the_file_or_are_skipped(tmp_path, fault, caplog):
     expected = {"size": "30 but image img1.png is 56x40", "missing": "no mask", "values": r"label values \[7\]",
                 "rgb": "mode RGB"}[fault]
     with pytest.raises(DataError, match=expected) as info:
-        SegmentationDataset(root, "training", 3)
-    assert "img1.png" in str(info.value)
-    ds = SegmentationDataset(root, "training", 3, on_error="skip")
-    assert len(ds) == 3 and len(ds.skipped) == 1 and "img1" in ds.skipped[0].path
-    assert "skipped 1 of 4" in caplog.text
+        read_all(SegmentationDataset(root, "training", 3, cache=cache))
+    assert "img1.png" in str(info.value) and "on_error=skip" in str(info.value)
+    ds = SegmentationDataset(root, "training", 3, on_error="skip", cache=cache)
+    assert len(read_all(ds)) == 3 and len(ds.skipped) == 1 and "img1" in ds.skipped[0].path
+    if cache or fault != "values":
+        assert "skipped 1 of 4" in caplog.text
+
+
+def test_without_cache_no_mask_is_decoded_when_the_dataset_is_built(tmp_path, monkeypatch):
+    """ADE20K's 20k training masks are not decoded (nor held) up front unless ``cache`` asks."""
+    from vitpe.data import segmentation
+
+    root = make_dataset(tmp_path)
+
+    def no_decoding(*args):
+        raise AssertionError("a mask was decoded")
+
+    monkeypatch.setattr(segmentation, "read_mask", no_decoding)
+    ds = SegmentationDataset(root, "training", 3)
+    assert len(ds) == 4 and not hasattr(ds, "masks")
+    monkeypatch.undo()
+    assert ds[1][1].shape == (40, 56)
 
 
 def test_reduce_zero_label(tmp_path):
@@ -167,7 +233,7 @@ def test_layout_reads_sub_folders_and_passes_over_hidden_files(tmp_path):
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(images / ".thumbnails" / "a.jpg")
     ds = SegmentationDataset(tmp_path, "training", 3)
     assert [str(p.relative_to(images)) for p in ds.images] == ["B.PNG", "a.jpg", "scene1/a.jpg"]
-    assert [int(m.unique()) for m in ds.masks] == [1, 0, 2] and not ds.skipped
+    assert [int(mask.unique()) for _, mask in read_all(ds)] == [1, 0, 2] and not ds.skipped
 
 
 def test_two_images_sharing_a_mask_are_an_error(tmp_path):
@@ -185,8 +251,93 @@ def test_unreadable_mask_names_the_mask_not_the_image(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 3, (40, 56)).astype(np.uint8)).save(mask)
     mask.write_bytes(mask.read_bytes()[:300])  # truncated: the header reads, the pixels do not
     with pytest.raises(DataError, match="unreadable mask") as info:
-        SegmentationDataset(tmp_path, "training", 3)
+        SegmentationDataset(tmp_path, "training", 3, cache=True)
     assert str(info.value).startswith(f"{mask}: ")
+    with pytest.raises(DataError, match="unreadable mask") as info:
+        read_all(SegmentationDataset(tmp_path, "training", 3))
+    assert str(info.value).startswith(f"{mask}: ")
+
+
+def truncate_image(root: Path, split: str, stem: str) -> Path:
+    """Replace ``images/<split>/<stem>.png`` by a JPEG cut short: its header reads, its pixels do not."""
+    png, buf = root / "images" / split / f"{stem}.png", io.BytesIO()
+    with Image.open(png) as im:
+        im.save(buf, "JPEG")
+    png.unlink()
+    jpg = png.with_suffix(".jpg")
+    jpg.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 4])
+    return jpg
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_image_that_cannot_be_decoded_names_the_file_or_is_skipped(tmp_path, cache):
+    """A truncated image passes the header check; decoding it, when the dataset is built (cache)
+    or when it is read, stops naming it or, with on_error=skip, drops and records it."""
+    root = make_dataset(tmp_path)
+    bad = truncate_image(root, "training", "img2")
+    with pytest.raises(DataError, match="cannot decode image") as info:
+        read_all(SegmentationDataset(root, "training", 3, cache=cache))
+    assert str(bad) in str(info.value) and "on_error=skip" in str(info.value)
+    ds = SegmentationDataset(root, "training", 3, on_error="skip", cache=cache)
+    assert len(read_all(ds)) == 3 and [s.path for s in ds.skipped] == [str(bad)]
+
+
+def test_evaluate_leaves_out_and_records_images_that_cannot_be_decoded(tmp_path, caplog):
+    from vitpe.engine.segmentation import evaluate
+
+    root = make_dataset(tmp_path, n_train=0, n_val=3)
+    bad = truncate_image(root, "validation", "img1")
+    model = torch.nn.Conv2d(3, 3, 1)
+    ds = SegmentationDataset(root, "validation", 3, on_error="skip")
+    conf = evaluate(model, ds, torch.device("cpu"), amp=False)
+    labelled = sum(int((item[1] != 255).sum()) for item in (ds[0], ds[2]))
+    assert int(conf["whole"]["1.0"].sum()) == labelled and [s.path for s in ds.skipped] == [str(bad)]
+    assert str(bad) in caplog.text and "skipped 1 unreadable" in caplog.text
+    with pytest.raises(DataError, match="cannot decode image") as info:
+        evaluate(model, SegmentationDataset(root, "validation", 3), torch.device("cpu"), amp=False)
+    assert str(info.value).startswith(f"{bad}: ")
+
+
+def test_an_ignore_index_that_is_a_class_is_an_error(tmp_path):
+    """255 with more than 255 classes (ADE20K-full: 847, 16-bit masks) or 0 where 0 is a class
+    would drop that class from training and scoring silently; under reduce_zero_label the stored
+    value K is class K-1."""
+    save_pair(tmp_path, "a", 1)
+    with pytest.raises(ConfigError, match=r"'data.ignore_index': 255 is also one of the 300 classes \(0..299\).*"
+                                          r"--ignore-index"):
+        SegmentationDataset(tmp_path, "training", 300)
+    with pytest.raises(ConfigError, match=r"0 is also one of the 3 classes \(0..2\)"):
+        SegmentationDataset(tmp_path, "training", 3, ignore_index=0)
+    with pytest.raises(ConfigError, match="3 is also the stored value of class 2 under reduce_zero_label"):
+        SegmentationDataset(tmp_path, "training", 3, ignore_index=3, reduce_zero_label=True)
+    assert len(SegmentationDataset(tmp_path, "training", 300, ignore_index=65535)) == 1
+    assert len(SegmentationDataset(tmp_path, "training", 3, ignore_index=3)) == 1
+    assert len(SegmentationDataset(tmp_path, "training", 3, ignore_index=-1, reduce_zero_label=True)) == 1
+
+
+@pytest.mark.parametrize("value", [151, 256])
+def test_reduce_zero_label_errors_quote_the_stored_values(tmp_path, value):
+    """With 150 classes stored 1..150, a stored 151 is reported as 151 (not the shifted 150), and a
+    stored 256, which the shift would turn into the ignore index 255 unseen, is an error too; a
+    stored 255 is the ignore index itself."""
+    save_pair(tmp_path, "a", 0, size=(1, 5))
+    mask = tmp_path / "annotations" / "training" / "a.png"
+    Image.fromarray(np.array([[0, 1, 150, 255, 1]], np.uint16)).save(mask)
+    ds = SegmentationDataset(tmp_path, "training", 150, reduce_zero_label=True)
+    assert ds[0][1].tolist() == [[255, 0, 149, 255, 0]]
+    Image.fromarray(np.array([[0, 1, 150, 255, value]], np.uint16)).save(mask)
+    for cache in (True, False):
+        with pytest.raises(DataError, match=rf"label values \[{value}\] are not 0 \(other\), 1..150 \(classes "
+                                            rf"0..149 under reduce_zero_label\)") as info:
+            read_all(SegmentationDataset(tmp_path, "training", 150, reduce_zero_label=True, cache=cache))
+        assert str(info.value).startswith(f"{mask}: ")
+
+
+def test_an_empty_classes_json_says_so(tmp_path):
+    save_pair(tmp_path, "a", 0)
+    (tmp_path / "classes.json").write_text("[]")
+    with pytest.raises(DataError, match=r"classes\.json lists no classes"):
+        SegmentationDataset(tmp_path, "training", 0)
 
 
 def test_palette_and_16_bit_masks_give_class_indices(tmp_path):
@@ -199,9 +350,9 @@ def test_palette_and_16_bit_masks_give_class_indices(tmp_path):
     save_pair(tmp_path / "w", "w", 0, size=(2, 4))
     Image.fromarray(np.where(labels == 255, 255, labels + 1).astype(np.uint16)).save(
         tmp_path / "w" / "annotations" / "training" / "w.png")  # mode I;16, ADE20K-style 1-based
-    assert SegmentationDataset(tmp_path / "p", "training", 3).masks[0].tolist() == labels.tolist()
+    assert SegmentationDataset(tmp_path / "p", "training", 3)[0][1].tolist() == labels.tolist()
     wide = SegmentationDataset(tmp_path / "w", "training", 3, reduce_zero_label=True)
-    assert wide.masks[0].tolist() == labels.tolist()
+    assert wide[0][1].tolist() == labels.tolist()
 
 
 def test_evaluate_pools_the_dataset_at_label_resolution(tmp_path):
@@ -217,10 +368,30 @@ def test_evaluate_pools_the_dataset_at_label_resolution(tmp_path):
                     crop=12, stride=7)
     expected = sum(confusion_matrix(predict(model, normalize(img, IMAGENET_MEAN, IMAGENET_STD)[None])[0].argmax(0),
                                     mask.long(), 3) for img, mask in ds)
-    labelled = sum(int((m != 255).sum()) for m in ds.masks)
+    labelled = sum(int((mask != 255).sum()) for _, mask in ds)
     assert torch.equal(conf["whole"]["1.0"], expected) and torch.equal(conf["slide"]["1.0"], expected)
     for per in conf.values():
         assert {k: int(c.sum()) for k, c in per.items()} == {"0.7": labelled, "1.0": labelled, "ms": labelled}
+
+
+def test_multi_scale_fuses_only_the_listed_scales(tmp_path):
+    """mmseg fuses exactly the test scales it is given; scale 1.0, scored alone for the headline,
+    joins the fusion only when listed."""
+    from vitpe.engine.segmentation import evaluate
+
+    ds = SegmentationDataset(make_dataset(tmp_path, n_train=2, n_val=0), "training", 3)
+    model = torch.nn.Conv2d(3, 3, 3, padding=1)  # sees neighbours: each scale predicts differently
+    conf = evaluate(model, ds, torch.device("cpu"), amp=False, scales=(0.5, 1.0, 1.5), fuse=(0.5, 1.5))
+    assert set(conf["whole"]) == {"0.5", "1.0", "1.5", "ms"}
+    expected = 0
+    with torch.no_grad():
+        for image, mask in ds:
+            x = normalize(image, IMAGENET_MEAN, IMAGENET_STD)[None]
+            fused = sum(predict(model, x, scale=s).softmax(1) for s in (0.5, 1.5))
+            expected = expected + confusion_matrix(fused[0].argmax(0), mask.long(), 3)
+    assert torch.equal(conf["whole"]["ms"], expected)
+    with pytest.raises(ValueError, match="not all among the scales"):
+        evaluate(model, ds, torch.device("cpu"), amp=False, scales=(1.0,), fuse=(0.5, 1.0))
 
 
 def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
@@ -297,6 +468,32 @@ def test_cat_max_ratio_redraws_crops_one_class_fills():
                        scale_crop(image, mask, 8, 1.0, False, gen_b, cat_max_ratio=1.0)[1])
 
 
+@pytest.mark.parametrize("num_classes,count", [(11, 4), (150, 1), (150, 2)])
+def test_prediction_figure_colours_differ_and_the_legend_overlaps_no_panel(tmp_path, monkeypatch, num_classes, count):
+    """Every class its own colour (ADE20K's 150, ADE20K-full's 847), none near the black of ignored
+    pixels; the legend (here of all 150 classes: random labels) in a band below the panels."""
+    import matplotlib.pyplot as plt
+
+    from vitpe.engine.seg_plot import palette, plot_segmentation
+
+    for k in (11, 150, 847):
+        colours = np.round(palette(k) * 255)
+        assert len(np.unique(colours, axis=0)) == k and colours.max(1).min() >= 120
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    gen = torch.Generator().manual_seed(0)
+    samples = [(torch.zeros(3, 30, 40, dtype=torch.uint8), torch.randint(0, num_classes, (30, 40), generator=gen),
+                torch.randint(0, num_classes, (30, 40), generator=gen)) for _ in range(count)]
+    plot_segmentation(samples, [f"class {i}" for i in range(num_classes)], tmp_path / "p.png", "title")
+    monkeypatch.undo()
+    [fig] = figures
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert len(fig.legends[0].get_texts()) == num_classes + 1 and legend.y0 >= 0
+    assert not any(legend.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes if ax.get_images())
+    plt.close(fig)
+
+
 # -- heads -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kw", [("vitpe_mit_b0", dict(pos="peg")),
                                      ("vitpe_vit_tiny_patch16_224", dict(pos="rope_axial", depth=2))])
@@ -333,15 +530,16 @@ def test_train_seg_two_iterations(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     out = tmp_path / "run"
     args = ["--data", str(root), "--crop-size", "32", "--batch-size", "2", "--epochs", "1", "--device", "cpu",
-            "--output", str(out), "--eval-scales", "0.5,1.0", "--lr", "1e-3",
+            "--output", str(out), "--eval-scales", "0.5,1.5", "--lr", "1e-3",
             "--set", "model.kwargs={embed_dims: [8, 16, 40, 64]}", "--set", "model.head_dim=16",
             "--set", "eval.figure_images=2"]
     assert train_seg.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert {"mIoU", "aAcc", "mAcc", "per_class", "scales"} <= results.keys()
     assert set(results["per_class"]) == {"ground", "red", "blue"}
-    assert set(results["scales"]) == {"whole", "slide"} and set(results["scales"]["whole"]) == {"0.5", "1.0", "ms"}
-    assert results["mIoU"] == results["scales"]["whole"]["1.0"]["mIoU"]
+    assert set(results["scales"]) == {"whole", "slide"}
+    assert set(results["scales"]["whole"]) == {"0.5", "1.0", "1.5", "ms"} and results["ms_scales"] == [0.5, 1.5]
+    assert results["mIoU"] == results["scales"]["whole"]["1.0"]["mIoU"]  # the headline: scale 1.0, not fused
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "val_mIoU" in json.loads(lines[0])
     for f in ("checkpoint.pt", "config.yaml", "predictions.png"):
@@ -360,6 +558,56 @@ def test_train_seg_bad_mask_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert "annotations/validation/img1.png" in err and "label values [9]" in err
+
+
+TINY = ["--crop-size", "32", "--batch-size", "2", "--device", "cpu", "--set", "model.head_dim=16",
+        "--set", "model.kwargs={embed_dims: [8, 16, 40, 64]}", "--set", "eval.modes=[whole]",
+        "--set", "eval.figure_images=1"]
+
+
+def test_train_seg_skips_images_that_cannot_be_decoded(tmp_path):
+    """Without the cache, a truncated training or validation image is met when read: with
+    on_error=skip it is logged, counted per epoch and listed in results.json, and the run goes on."""
+    import train_seg
+
+    root, out = make_dataset(tmp_path / "data", n_train=4, n_val=3), tmp_path / "run"
+    bad_train, bad_val = truncate_image(root, "training", "img3"), truncate_image(root, "validation", "img1")
+    assert train_seg.main(["--data", str(root), "--epochs", "2", "--output", str(out), "--on-error", "skip",
+                           "--set", "data.cache=false", *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [s["path"] for s in results["skipped"]["train"]] == [str(bad_train)]
+    assert [s["path"] for s in results["skipped"]["val"]] == [str(bad_val)]
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["skipped"] for ln in lines] == [1, 1] and all("val_mIoU" in ln for ln in lines)
+
+
+def test_a_failing_validation_keeps_the_epoch_and_resume_validates_it(tmp_path, capsys):
+    """checkpoint.pt is written before validation: a validation that stops the run (here an image
+    that cannot be decoded, with on_error=error) loses no training, and --resume validates that
+    epoch first, so metrics.jsonl and best.pt end as in an uninterrupted run."""
+    import train_seg
+    from vitpe.cli import run_cli
+    from vitpe.engine.checkpoint import load_checkpoint
+
+    root, out = make_dataset(tmp_path / "data"), tmp_path / "run"
+    good = (root / "images" / "validation" / "img1.png").read_bytes()
+    bad = truncate_image(root, "validation", "img1")
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_seg.main, ["--data", str(root), "--epochs", "2", "--output", str(out),
+                                 "--set", "data.cache=false", *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(bad) in err and "cannot decode image" in err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["pending_val"]["epoch"] == 0 and not (out / "best.pt").exists()
+    bad.unlink()
+    (root / "images" / "validation" / "img1.png").write_bytes(good)
+    assert train_seg.main(["--resume", str(out / "checkpoint.pt")]) == 0
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [0, 1] and all("val_mIoU" in ln for ln in lines)
+    assert lines[0]["train_loss"] == state["pending_val"]["train_loss"]  # the interrupted run's training
+    final = load_checkpoint(out / "checkpoint.pt")
+    assert final["epoch"] == 2 and "pending_val" not in final
+    assert final["best_miou"] == max(ln["val_mIoU"] for ln in lines) == load_checkpoint(out / "best.pt")["best_miou"]
 
 
 def test_mask_dtype_holds_negative_and_large_ignore_indices():

@@ -1,17 +1,19 @@
-"""Semantic-segmentation data in the ADE20K layout, checked up front, and its augmentation.
+"""Semantic-segmentation data in the ADE20K layout, checked before it is scored, and its augmentation.
 
 ``DIR/images/<split>/*.jpg|png`` with ``DIR/annotations/<split>/<stem>.png`` beside them (sub-folders
 too, mirrored under ``annotations``, as mmseg lists them; hidden files such as ``.DS_Store`` or
 macOS's ``._*`` are passed over), one class index per pixel (``ignore_index``, 255 by default, is
-not scored); ``DIR/classes.json`` (a list of names) is optional. Every mask is decoded and checked
-when the dataset is built, so that a bad pair stops the run with one message naming the file, or,
-with ``on_error='skip'``, is dropped, logged and counted (``dataset.skipped``); a wrong mIoU is
-never computed silently:
+not scored; it must not be a class); ``DIR/classes.json`` (a list of names) is optional. A bad pair
+stops the run with one message naming the file, or, with ``on_error='skip'``, is dropped, logged and
+counted; a wrong mIoU is never computed silently:
 
 - an image without a mask; a mask whose size differs from its image's; two images sharing a mask
-  (``a.jpg`` and ``a.png``);
-- a mask with several channels (a colour rendering, not class indices);
-- a label value at or above ``num_classes`` that is not ``ignore_index``.
+  (``a.jpg`` and ``a.png``); a mask with several channels (a colour rendering, not class indices):
+  read from the files' headers when the dataset is built, for every pair (``dataset.skipped``);
+- an image or mask whose pixels cannot be decoded (a truncated file); a label value that is not a
+  class nor ``ignore_index``: found when the pixels are decoded, which is when the dataset is
+  built with ``cache``, else when an item is read (``__getitem__`` then returns a ``Skipped``,
+  which the training loop and the evaluation turn into the error, or drop, log and count).
 
 Samples are raw ``uint8`` tensors; augmentation (random scale, crop, flip) runs batched on the
 training device (``augment_batch``), so images decoded once into memory keep a GPU busy.
@@ -22,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -30,13 +33,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
+from ..config import ConfigError
 from ..errors import DataError
 from .folder import Skipped, load_rgb, walk_files
 
 _logger = logging.getLogger(__name__)
 OnError = Literal["error", "skip"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+MASK_MODES = ("L", "P", "I", "I;16", "1")  # one channel of class indices
 
 
 def read_classes(root: str | Path, num_classes: int) -> list[str]:
@@ -55,23 +61,58 @@ def read_classes(root: str | Path, num_classes: int) -> list[str]:
         raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{path}: expected a list of class names")
+    if not names:
+        raise DataError(f"{path} lists no classes: expected a list of class names, one per label value")
     if num_classes > 0 and num_classes != len(names):
         raise DataError(f"{path} lists {len(names)} classes but --num-classes is {num_classes}")
     return names
 
 
-def read_mask(path: Path, reduce_zero_label: bool, ignore_index: int) -> np.ndarray:
-    """``(H, W)`` int64 class indices; ADE20K's ``reduce_zero_label`` maps 0 (other) to ignore and
-    shifts the rest down by one."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16", "1"):
-            raise DataError(f"{path}: mask has mode {im.mode}, expected one channel of class indices "
-                            f"(a colour rendering of the labels cannot be read)")
-        mask = np.asarray(im, dtype=np.int64)
+def check_ignore_index(num_classes: int, ignore_index: int, reduce_zero_label: bool = False) -> None:
+    """``ConfigError`` when ``ignore_index`` is also a class: that class's pixels would be neither
+    trained on nor scored, silently (255 with more than 255 classes, e.g. ADE20K-full's 847 in
+    16-bit masks; 0 where 0 is a class). With ``reduce_zero_label`` the masks store classes one up
+    (1..K), so the stored value ``num_classes`` is a class too."""
+    top = num_classes if reduce_zero_label else num_classes - 1
+    if not 0 <= ignore_index <= top:
+        return
+    clash = (f"the stored value of class {ignore_index - 1} under reduce_zero_label (stored 1..{num_classes} are "
+             f"classes 0..{num_classes - 1})" if ignore_index == num_classes else
+             f"one of the {num_classes} classes (0..{num_classes - 1})")
+    raise ConfigError(f"key 'data.ignore_index': {ignore_index} is also {clash}: that class would be neither "
+                      f"trained nor scored; set --ignore-index (data.ignore_index) to the value the masks use for "
+                      f"unlabelled pixels, outside 0..{top} (e.g. 65535 in 16-bit masks, or -1 if they have none)")
+
+
+def read_mask(path: Path, num_classes: int, reduce_zero_label: bool = False, ignore_index: int = 255) -> np.ndarray:
+    """``(H, W)`` int64 class indices, checked: every value a class or ``ignore_index``, else a
+    ``DataError`` naming the file and the values as stored in it. ADE20K's ``reduce_zero_label``
+    maps 0 (other) to ignore and shifts the rest down by one (a stored ``ignore_index`` stays)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in MASK_MODES:
+                raise DataError(f"{path}: mask has mode {im.mode}, expected one channel of class indices "
+                                f"(a colour rendering of the labels cannot be read)")
+            raw = np.asarray(im, dtype=np.int64)
+    except (OSError, ValueError, SyntaxError) as e:  # the mask's file is named, not its image's
+        raise DataError(f"{path}: unreadable mask ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    top = num_classes if reduce_zero_label else num_classes - 1
+    valid = ((raw >= 0) & (raw <= top)) | (raw == ignore_index)
+    if not valid.all():
+        bad = np.unique(raw[~valid])[:8].tolist()
+        classes = (f"0 (other), 1..{top} (classes 0..{top - 1} under reduce_zero_label)" if reduce_zero_label
+                   else f"classes 0..{top}")
+        raise DataError(f"{path}: label values {bad} are not {classes} nor the ignore index {ignore_index}")
     if reduce_zero_label:
-        mask = np.where(mask == 0, ignore_index, mask - 1)
-        mask[mask == ignore_index - 1] = ignore_index
-    return mask
+        mask = raw - 1
+        mask[(raw == 0) | (raw == ignore_index)] = ignore_index
+        return mask
+    return raw
+
+
+def skip_error(skipped: Skipped) -> DataError:
+    """The error that stops a run at a bad file (``on_error='error'``)."""
+    return DataError(f"{skipped.path}: {skipped.reason} (set data.on_error=skip to drop such files)")
 
 
 def mask_dtype(num_classes: int, ignore_index: int) -> torch.dtype:
@@ -84,35 +125,53 @@ def mask_dtype(num_classes: int, ignore_index: int) -> torch.dtype:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Items are ``(image (3, H, W) uint8, mask (H, W) uint8|int16)``; ``cache`` keeps every decoded
-    image in memory (decoded once, here)."""
+    """Items are ``(image (3, H, W) uint8, mask (H, W) uint8|int16|int32)``, or a ``Skipped`` for a
+    pair whose pixels cannot be used.
+
+    What the files' headers tell is checked here for every pair (cheap: no pixel is decoded), and
+    a bad pair is a ``DataError`` naming its file, or with ``on_error='skip'`` dropped, logged and
+    counted in ``skipped``. ``cache`` decodes and checks every pair here too, once, and keeps them
+    in memory. Without it nothing decoded is held: each ``__getitem__`` decodes and checks its pair,
+    so building the dataset stays fast and small on a large set (ADE20K's 20k training masks would
+    take GBs and minutes to decode up front, in every process under torchrun). A pair found bad
+    then is returned as a ``Skipped`` whatever ``on_error`` says, and the caller raises
+    ``skip_error`` or skips it (``engine.segmentation.drop_skipped``): ``__getitem__`` may run in a
+    loader's worker process, whose errors reach the training process with the file's name buried
+    below their first line. ``record_skipped`` adds them to ``skipped`` (a worker's copy of the
+    dataset is not this one)."""
 
     def __init__(self, root: str | Path, split: str, num_classes: int, ignore_index: int = 255,
                  reduce_zero_label: bool = False, on_error: OnError = "error", cache: bool = False) -> None:
         self.root, self.split, self.ignore_index = Path(root), split, ignore_index
         self.classes = read_classes(root, num_classes)
         self.num_classes = len(self.classes)
+        check_ignore_index(self.num_classes, ignore_index, reduce_zero_label)
         self.reduce_zero_label, self.on_error = reduce_zero_label, on_error
+        self.dtype = mask_dtype(self.num_classes, ignore_index)
         self.skipped: list[Skipped] = []
         pairs = self._pairs()
         self.images: list[Path] = []
-        self.masks: list[Tensor] = []
+        self.mask_paths: list[Path] = []
         owner: dict[Path, Path] = {}
         for image, mask in pairs:
             if mask in owner:  # img.jpg and img.png: which one the mask labels is unknown
                 self._bad(image, f"its mask {mask} is also the mask of {owner[mask].name}")
                 continue
             owner[mask] = image
-            checked = self._check(image, mask)
-            if checked is not None:
+            fault = self._header_fault(image, mask)
+            if fault is not None:
+                self._bad(*fault)
+            else:
                 self.images.append(image)
-                self.masks.append(checked)
+                self.mask_paths.append(mask)
+        self._cache: list[tuple[Tensor, Tensor]] | None = None
+        if cache:
+            self._decode_all()
         if self.skipped:
-            _logger.warning("%s: skipped %d of %d image(s) with bad masks", self.root / "images" / split,
+            _logger.warning("%s: skipped %d of %d image(s) with bad masks or images", self.root / "images" / split,
                             len(self.skipped), len(pairs))
         if not self.images:
             raise DataError(f"{self.root / 'images' / split}: no usable image-mask pairs")
-        self._cache = [self.decode(i) for i in range(len(self.images))] if cache else None
 
     def _pairs(self) -> list[tuple[Path, Path]]:
         image_dir, mask_dir = self.root / "images" / self.split, self.root / "annotations" / self.split
@@ -128,50 +187,87 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise DataError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return [(p, mask_dir / p.relative_to(image_dir).with_suffix(".png")) for p in sorted(images)]
 
-    def _bad(self, path: Path, reason: str) -> None:
+    def _bad(self, path: Path | str, reason: str) -> None:
+        """A pair found bad while the dataset is built: an error, or dropped, logged and counted."""
+        skipped = Skipped(str(path), reason)
         if self.on_error == "error":
-            raise DataError(f"{path}: {reason} (set data.on_error=skip to drop such files)")
-        self.skipped.append(Skipped(str(path), reason))
+            raise skip_error(skipped)
+        self.skipped.append(skipped)
         _logger.warning("warning: skipped %s: %s", path, reason)
 
-    def _check(self, image: Path, mask_path: Path) -> Tensor | None:
-        """The checked mask as a compact tensor, or None (skipped)."""
+    def _header_fault(self, image: Path, mask_path: Path) -> tuple[Path, str] | None:
+        """What the headers tell: ``(file at fault, why)`` unless the mask exists, has one channel
+        and its image's size."""
         if not mask_path.is_file():
-            return self._bad(image, f"no mask {mask_path}")
-        try:
-            mask = read_mask(mask_path, self.reduce_zero_label, self.ignore_index)
-        except DataError as e:
-            return self._bad(mask_path, str(e).removeprefix(f"{mask_path}: "))
-        except (OSError, ValueError, SyntaxError) as e:  # the mask's file is named, not its image's
-            return self._bad(mask_path, f"unreadable mask ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-        try:
-            with Image.open(image) as im:
-                size = im.size  # (W, H) from the header; the pixels are decoded later
-        except (OSError, ValueError, SyntaxError) as e:
-            return self._bad(image, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-        if (mask.shape[1], mask.shape[0]) != size:
-            return self._bad(mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} but image {image.name} is "
-                                        f"{size[0]}x{size[1]}")
-        bad = np.unique(mask[(mask >= self.num_classes) & (mask != self.ignore_index)])
-        if bad.size:
-            return self._bad(mask_path, f"label values {bad[:8].tolist()} are not classes 0..{self.num_classes - 1} "
-                                        f"nor the ignore index {self.ignore_index}")
-        return torch.from_numpy(mask).to(mask_dtype(self.num_classes, self.ignore_index))
+            return image, f"no mask {mask_path}"
+        sizes = []
+        for path in (mask_path, image):
+            try:
+                with Image.open(path) as im:  # the header only; the pixels are decoded when read
+                    if path == mask_path and im.mode not in MASK_MODES:
+                        return mask_path, (f"mask has mode {im.mode}, expected one channel of class indices "
+                                           f"(a colour rendering of the labels cannot be read)")
+                    sizes.append(im.size)
+            except (OSError, ValueError, SyntaxError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                return path, f"unreadable mask ({reason})" if path == mask_path else f"unreadable ({reason})"
+        (mw, mh), (iw, ih) = sizes
+        if (mw, mh) != (iw, ih):
+            return mask_path, f"mask is {mw}x{mh} but image {image.name} is {iw}x{ih}"
+        return None
+
+    def _decode_all(self) -> None:
+        """Fill the cache; pairs whose pixels fail are dropped here, as the header checks' are."""
+        kept: list[tuple[Path, Path, tuple[Tensor, Tensor]]] = []
+        for i in tqdm(range(len(self.images)), desc=f"decoding {self.split}", leave=False,
+                      disable=not sys.stderr.isatty()):
+            item = self.load(i)
+            if isinstance(item, Skipped):
+                self._bad(*item)
+            else:
+                kept.append((self.images[i], self.mask_paths[i], item))
+        self.images = [k[0] for k in kept]
+        self.mask_paths = [k[1] for k in kept]
+        self._cache = [k[2] for k in kept]
 
     def decode(self, i: int) -> Tensor:
-        """``(3, H, W)`` uint8 RGB."""
+        """``(3, H, W)`` uint8 RGB; ``DataError`` naming the image when its pixels cannot be decoded."""
         path = self.images[i]
         try:
             return torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).contiguous()
         except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot decode image {path}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
+            reason = str(e).splitlines()[0] if str(e) else "unreadable"
+            raise DataError(f"{path}: cannot decode image: {reason}") from None
+
+    def load(self, i: int) -> tuple[Tensor, Tensor] | Skipped:
+        """Pair ``i`` decoded from its files and checked (``read_mask``)."""
+        mask_path, image_path = self.mask_paths[i], self.images[i]
+        try:
+            mask = read_mask(mask_path, self.num_classes, self.reduce_zero_label, self.ignore_index)
+        except DataError as e:
+            return Skipped(str(mask_path), str(e).removeprefix(f"{mask_path}: "))
+        try:
+            image = self.decode(i)
+        except DataError as e:
+            return Skipped(str(image_path), str(e).removeprefix(f"{image_path}: "))
+        return image, torch.from_numpy(mask).to(self.dtype)
+
+    def record_skipped(self, found: Sequence[Skipped]) -> list[Skipped]:
+        """Add pairs found bad when read (``__getitem__``'s ``Skipped``) to ``skipped``, each file
+        once; returns those not there before."""
+        known, new = {s.path for s in self.skipped}, []
+        for s in found:
+            if s.path not in known:
+                known.add(s.path)
+                new.append(s)
+        self.skipped += new
+        return new
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        image = self._cache[i] if self._cache is not None else self.decode(i)
-        return image, self.masks[i]
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor] | Skipped:
+        return self._cache[i] if self._cache is not None else self.load(i)
 
 
 def list_collate(items: list) -> list:
@@ -265,5 +361,5 @@ def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: 
     return images, masks
 
 
-__all__ = ["SegmentationDataset", "Skipped", "augment_batch", "list_collate", "normalize", "read_classes",
-           "read_mask", "scale_crop", "base_scale"]
+__all__ = ["SegmentationDataset", "Skipped", "augment_batch", "check_ignore_index", "list_collate", "normalize",
+           "read_classes", "read_mask", "scale_crop", "base_scale", "skip_error"]

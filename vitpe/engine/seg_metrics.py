@@ -63,7 +63,13 @@ def json_safe(value: Any) -> Any:
 # -- inference ---------------------------------------------------------------------------------
 def slide_windows(size: tuple[int, int], crop: int, stride: int) -> list[tuple[int, int, int, int]]:
     """``(y0, y1, x0, x1)`` windows of at most ``crop x crop`` every ``stride`` pixels covering an
-    image of ``size``; the last row and column of windows are moved back to end at the border (mmseg)."""
+    image of ``size``; the last row and column of windows are moved back to end at the border (mmseg),
+    and an image smaller than the window is one window. A stride larger than the window would leave
+    pixels between windows with no logits (NaN after averaging, class 0 after argmax): an error."""
+    if crop < 1 or not 1 <= stride <= crop:
+        raise ValueError(f"sliding window {crop} with stride {stride}: expected a positive window and a stride "
+                         f"from 1 to the window (eval.slide_crop, eval.slide_stride)")
+
     def starts(n: int) -> list[int]:
         count = max(n - crop + stride - 1, 0) // stride + 1
         return sorted({max(min(i * stride, n - crop), 0) for i in range(count)})

@@ -2,6 +2,7 @@
 and sliding window, at several scales and their fusion), with the figure of predictions."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
-from ..data.segmentation import SegmentationDataset, augment_batch, base_scale, list_collate, normalize
+from ..data.segmentation import (SegmentationDataset, Skipped, augment_batch, base_scale, list_collate, normalize,
+                                 skip_error)
 from ..errors import UserError
 from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
@@ -22,6 +24,8 @@ from .checkpoint import load_checkpoint
 from .loop import LossMeter, ShardSampler, autocast, optimizer_step, progress
 from .optim import adamw, param_groups
 from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,8 +46,12 @@ class SegDataConfig(DataConfig):
     num_classes: int = 0  # 0: as many as classes.json lists
     ignore_index: int = 255  # label value that is never scored nor trained on
     reduce_zero_label: bool = False  # ADE20K: label 0 ("other") -> ignore, the rest shift down by one
-    on_error: Literal["error", "skip"] = "error"  # bad masks (size, values, missing): stop, or drop and count
-    cache: bool = True  # decode every image once into memory (fine for CamVid; ADE20K needs ~20 GB)
+    # bad pairs (mask missing, of another size or with values that are no class; an image or mask
+    # that cannot be decoded): stop naming the file, or drop, log and count them
+    on_error: Literal["error", "skip"] = "error"
+    # decode (and check) every pair once into memory (fine for CamVid; ADE20K needs ~20 GB); else each
+    # pair is decoded and its mask checked when read, and nothing decoded is held
+    cache: bool = True
     batch_size: int = 16  # global batch (split over processes under torchrun)
     workers: int = 0  # loader processes; cached data needs none (augmentation runs on the device)
 
@@ -77,10 +85,11 @@ class SegOptimConfig(OptimConfig):
 @dataclass
 class SegEvalConfig:
     interval: int = 1  # epochs between validations (whole image at scale 1) during training
-    scales: list[float] = field(default_factory=lambda: [1.0])  # final evaluation scales; their fusion too if >1
+    # final evaluation scales, and the fusion of exactly these if several ('ms'); scale 1.0 is scored alone too
+    scales: list[float] = field(default_factory=lambda: [1.0])
     modes: list[Literal["whole", "slide"]] = field(default_factory=lambda: ["whole", "slide"])  # inference modes
     slide_crop: int | None = None  # sliding-window size (None: the training crop)
-    slide_stride: int | None = None  # sliding-window step (None: 2/3 of the window)
+    slide_stride: int | None = None  # sliding-window step, at most the window (None: 2/3 of the window)
     figure_images: int = 4  # validation images in the figure
 
 
@@ -91,6 +100,21 @@ class SegConfig:
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)  # AdamW, poly schedule
     run: RunConfig = field(default_factory=RunConfig)  # epochs, output, device, seed, resume
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)  # validation and final evaluation
+
+
+def slide_settings(cfg: SegConfig) -> tuple[int, int]:
+    """The sliding window's ``(crop, stride)``, checked before any training: a stride larger than
+    the window would leave pixels between windows without a prediction."""
+    crop = cfg.eval.slide_crop or cfg.data.crop_size
+    stride = cfg.eval.slide_stride or max(1, crop * 2 // 3)
+    if crop <= 0 or stride <= 0:
+        raise ConfigError(f"keys 'eval.slide_crop' and 'eval.slide_stride': expected positive sizes, got window "
+                          f"{crop} and stride {stride}")
+    if stride > crop:
+        raise ConfigError(f"key 'eval.slide_stride': the stride {stride} is larger than the window {crop} "
+                          f"(eval.slide_crop, by default data.crop_size), which would leave pixels between windows "
+                          f"unpredicted; set eval.slide_stride to at most {crop}")
+    return crop, stride
 
 
 def build_datasets(cfg: SegDataConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -161,14 +185,48 @@ def pixel_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return loss / (target != ignore_index).sum().clamp(min=1)
 
 
+def drop_skipped(items: list, on_error: str, found: list[Skipped], seen: set[str]) -> list:
+    """The readable samples of ``items``. A ``Skipped`` one is the error naming its file
+    (``on_error='error'``), or goes to ``found``, with a warning the first time a file is met
+    (``seen``)."""
+    samples = []
+    for item in items:
+        if not isinstance(item, Skipped):
+            samples.append(item)
+            continue
+        if on_error == "error":
+            raise skip_error(item)
+        found.append(item)
+        if item.path not in seen:
+            seen.add(item.path)
+            _logger.warning("warning: skipped %s: %s", item.path, item.reason)
+    return samples
+
+
+def record_skips(dataset: SegmentationDataset, found: list[Skipped], what: str) -> int:
+    """Gather the pairs every process skipped when reading, record them in ``dataset.skipped``
+    (results.json lists them) and log their number; returns it."""
+    every = [s for part in dist.gather_objects(found) for s in part]
+    dataset.record_skipped(every)
+    if every and dist.is_main():
+        _logger.warning("%s: skipped %d unreadable image(s) or mask(s)", what, len(every))
+    return len(every)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
                     device: torch.device, epoch: int, cfg: SegConfig) -> dict[str, float]:
-    """One pass; returns ``train_loss`` (mean of the batch losses over processes), ``lr`` and ``time``."""
+    """One pass; returns ``train_loss`` (mean of the batch losses over processes), ``lr``, ``skipped``
+    (samples that could not be read, summed over processes; under ``data.on_error=skip``) and ``time``."""
     model.train()
-    start, d = time.time(), cfg.data
+    start, d, found, seen = time.time(), cfg.data, [], set()
     meter = LossMeter(("loss",), device, epoch)  # sums on the device: no wait for the device every step
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
-    for step, samples in enumerate(bar):
+    for step, items in enumerate(bar):
+        samples = drop_skipped(items, d.on_error, found, seen)
+        # every process skips a step together, or the others would wait forever in the gradient
+        # all-reduce; with on_error=error nothing is ever skipped, and no vote is needed
+        if d.on_error == "skip" and dist.any_process(not samples):
+            continue
         x, y = augment_batch(samples, d.crop_size, d.scale_range, d.flip, IMAGENET_MEAN, IMAGENET_STD,
                              d.ignore_index, device, base_size=d.base_size, cat_max_ratio=d.cat_max_ratio)
         with autocast(device, cfg.run.amp):
@@ -179,8 +237,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if step % cfg.run.log_interval == 0:  # the only read on the host: the non-finite check, the bar
             bar.set_postfix(loss=f"{meter.means()['loss']:.4f}")
     totals = dist.reduce_sums(meter.sums(), device)  # raises on a non-finite loss
+    skipped = record_skips(loader.dataset, found, f"epoch {epoch + 1}")
     return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],
-            "time": time.time() - start}
+            "skipped": skipped, "time": time.time() - start}
 
 
 def _shard(dataset: SegmentationDataset) -> DataLoader:
@@ -192,17 +251,29 @@ def _shard(dataset: SegmentationDataset) -> DataLoader:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: SegmentationDataset, device: torch.device, amp: bool = True,
              modes: tuple[str, ...] = ("whole",), scales: tuple[float, ...] = (1.0,), crop: int = 512,
-             stride: int | None = None, desc: str = "eval",
-             base_size: tuple[int, int] | None = None) -> dict[str, dict[str, Tensor]]:
+             stride: int | None = None, desc: str = "eval", base_size: tuple[int, int] | None = None,
+             fuse: tuple[float, ...] | None = None) -> dict[str, dict[str, Tensor]]:
     """Confusion matrices ``{mode: {scale or 'ms': (K, K)}}`` summed over processes; ``'ms'`` fuses
-    the scales' softmax outputs (when there are several). Scales are of each image's own size, or
-    with ``base_size`` of its size fitted to that (``base_scale``, mmseg's test resize); either way
-    the logits are resized back to the label's size and scored there."""
+    the softmax outputs of the scales ``fuse`` (default: all of ``scales``; each must be one of
+    them) when there are several, as mmseg's multi-scale test fuses exactly the scales it is
+    given. Scales are of each image's own size, or with ``base_size`` of its size fitted to that
+    (``base_scale``, mmseg's test resize); either way the logits are resized back to the label's
+    size and scored there. Pairs that cannot be read (``data.on_error=skip``) are left out, logged
+    and recorded in ``dataset.skipped``."""
     model.eval()
     K, stride = dataset.num_classes, stride or max(1, crop * 2 // 3)
-    keys = [str(s) for s in scales] + (["ms"] if len(scales) > 1 else [])
+    fuse = tuple(scales) if fuse is None else tuple(fuse)
+    if not set(fuse) <= set(scales):
+        raise ValueError(f"scales to fuse {list(fuse)} are not all among the scales evaluated {list(scales)}")
+    keys = [str(s) for s in scales] + (["ms"] if len(fuse) > 1 else [])
     conf = {m: {k: torch.zeros(K, K, dtype=torch.long, device=device) for k in keys} for m in modes}
-    for [(image, mask)] in progress(_shard(dataset), desc):
+    found: list[Skipped] = []
+    seen: set[str] = set()
+    for items in progress(_shard(dataset), desc):
+        samples = drop_skipped(items, dataset.on_error, found, seen)
+        if not samples:
+            continue
+        [(image, mask)] = samples
         x = normalize(image.to(device), IMAGENET_MEAN, IMAGENET_STD)[None]
         target = mask.to(device).long()
         base = base_scale(x.shape[-2:], base_size)
@@ -212,9 +283,11 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, device: torch.devic
                 with autocast(device, amp):
                     logits = predict(model, x, mode, s * base, crop, stride)
                 conf[mode][str(s)] += confusion_matrix(logits[0].argmax(0), target, K, dataset.ignore_index)
-                fused = fused + logits.softmax(1)
+                if s in fuse:
+                    fused = fused + logits.softmax(1)
             if "ms" in keys:
                 conf[mode]["ms"] += confusion_matrix(fused[0].argmax(0), target, K, dataset.ignore_index)
+    record_skips(dataset, found, desc)
     return {m: {k: dist.all_reduce_sum(c).cpu() for k, c in per.items()} for m, per in conf.items()}
 
 
@@ -243,11 +316,14 @@ def results_table(scales: dict[str, dict[str, dict[str, float]]]) -> str:
 def figure_samples(model: nn.Module, dataset: SegmentationDataset, count: int, device: torch.device,
                    amp: bool = True, base_size: tuple[int, int] | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
     """``(image uint8 (3, H, W), label (H, W), prediction (H, W))`` for ``count`` images spread over
-    the set (neighbouring frames of a video look alike)."""
+    the set (neighbouring frames of a video look alike); one that cannot be read is left out."""
     model.eval()
     out = []
     for i in sorted({round(j * len(dataset) / max(count, 1)) for j in range(min(count, len(dataset)))}):
-        image, mask = dataset[i]
+        item = dataset[i]
+        if isinstance(item, Skipped):
+            continue
+        image, mask = item
         with autocast(device, amp):
             logits = predict(model, normalize(image.to(device), IMAGENET_MEAN, IMAGENET_STD)[None],
                              scale=base_scale(image.shape[-2:], base_size))
@@ -256,5 +332,6 @@ def figure_samples(model: nn.Module, dataset: SegmentationDataset, count: int, d
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
-           "SegOptimConfig", "build_datasets", "build_model", "build_optimizer", "compile_model", "evaluate",
-           "figure_samples", "results_table", "summarize", "train_one_epoch"]
+           "SegOptimConfig", "build_datasets", "build_model", "build_optimizer", "compile_model", "drop_skipped",
+           "evaluate", "figure_samples", "record_skips", "results_table", "slide_settings", "summarize",
+           "train_one_epoch"]
