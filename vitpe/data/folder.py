@@ -18,7 +18,7 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,15 @@ class Skipped(NamedTuple):
     """A sample that could not be read: its path and why."""
     path: str
     reason: str
+
+
+def warn_skipped(skipped: Iterable[Skipped], seen: set[str], logger: logging.Logger) -> None:
+    """Name each file of ``skipped`` in a warning once over the calls that share ``seen`` (a file
+    met again in a later epoch or at another size is not named again)."""
+    for s in skipped:
+        if s.path not in seen:
+            seen.add(s.path)
+            logger.warning("warning: skipped %s", s.reason if s.path in s.reason else f"{s.path} ({s.reason})")
 
 
 class Batch(NamedTuple):

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import EvalConfig, ModelConfig, OptimConfig, RunConfig
 from ..data.classification import AugConfig, ClsDataConfig, is_synthetic
-from ..data.folder import Batch, Skipped, collate_skipping
+from ..data.folder import Batch, collate_skipping, warn_skipped
 from ..data.gpu_decode import DeviceAugment, DeviceDecodeLoader, collate_encoded
 from ..errors import DataError, UserError
 from . import distributed as dist
@@ -108,13 +108,6 @@ def as_batch(item: Any) -> Batch:
     return item if isinstance(item, Batch) else Batch(item[0], item[1], [])
 
 
-def _report_skips(skipped: list[Skipped], seen: set[str]) -> None:
-    for s in skipped:
-        if s.path not in seen:
-            seen.add(s.path)
-            _logger.warning("warning: skipped unreadable image %s (%s)", s.path, s.reason)
-
-
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler: Any,
                     criterion: nn.Module, device: torch.device, epoch: int, cfg: ClsConfig,
                     mixup: Mixup | None = None, ema: nn.Module | None = None) -> dict[str, float]:
@@ -126,7 +119,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
     for step, item in enumerate(bar):
         batch = as_batch(item)
-        _report_skips(batch.skipped, seen)
+        warn_skipped(batch.skipped, seen, _logger)
         skipped += len(batch.skipped)
         if _empty_anywhere(batch):
             continue
@@ -171,7 +164,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
     totals = {"correct1": 0.0, "correct5": 0.0, "loss": 0.0, "n": 0.0, "skipped": 0.0}
     for item in progress(loader, desc):
         batch = as_batch(item)
-        _report_skips(batch.skipped, seen)
+        warn_skipped(batch.skipped, seen, _logger)
         totals["skipped"] += len(batch.skipped)
         if batch.images.numel() == 0:
             continue

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..config import EvalConfig, OptimConfig, RunConfig
 from ..data.coco import CocoDetection, PadCollate
 from ..data.det_transforms import eval_transform, train_transform
-from ..data.folder import Skipped
+from ..data.folder import Skipped, warn_skipped
 from ..errors import DataError, UserError
 from ..models.detr import DETR, postprocess
 from ..models.detr_convert import load_detr_checkpoint, load_detr_file
@@ -209,14 +209,6 @@ def to_device(targets: list[dict[str, Tensor]], device: torch.device) -> list[di
     return [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
 
 
-def _report_skips(skipped: list[Skipped], seen: set[str]) -> None:
-    """Names each image left out (``data.on_error=skip``) once over calls sharing ``seen``."""
-    for s in skipped:
-        if s.path not in seen:
-            seen.add(s.path)
-            _logger.warning("warning: skipped %s", s.reason)
-
-
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, device: torch.device, epoch: int, cfg: DetConfig) -> dict[str, float]:
     """One pass; returns the mean weighted ``loss`` and its unweighted parts (last decoder layer),
@@ -229,7 +221,7 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoade
     meter = LossMeter(keys, device, epoch)  # sums on the device: no wait for the device every step
     bar = progress(loader, f"epoch {epoch + 1}/{cfg.run.epochs}")
     for step, (images, mask, targets, skips) in enumerate(bar):
-        _report_skips(skips, seen)
+        warn_skipped(skips, seen, _logger)
         skipped += len(skips)
         # A batch left empty is passed over by every process together, or the others would wait
         # forever in the gradient all-reduce; the vote (on the hosts) only when images can be skipped.
@@ -307,7 +299,7 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, devic
     skipped = [s for _, _, shard_skipped, _ in shards for s in shard_skipped]
     main = not gather or dist.is_main()
     if main:
-        _report_skips(skipped, set())
+        warn_skipped(skipped, set(), _logger)
     if skipped and not image_ids:
         raise DataError(f"{desc}: none of the {len(skipped)} images could be used (each is named above)")
     if not main:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
+from ..data.folder import warn_skipped
 from ..data.segmentation import (SegmentationDataset, Skipped, augment_batch, base_scale, list_collate, normalize,
                                  skip_error)
 from ..errors import UserError
@@ -197,9 +198,7 @@ def drop_skipped(items: list, on_error: str, found: list[Skipped], seen: set[str
         if on_error == "error":
             raise skip_error(item)
         found.append(item)
-        if item.path not in seen:
-            seen.add(item.path)
-            _logger.warning("warning: skipped %s: %s", item.path, item.reason)
+        warn_skipped([item], seen, _logger)
     return samples
 
 
