@@ -10,7 +10,7 @@ from det_data import CAT_IDS, make_dataset, truncate
 from torchvision import tv_tensors
 
 from vitpe.data.coco import CocoDetection, CocoFormatError, PadCollate, load_coco
-from vitpe.data.det_transforms import eval_transform, train_transform
+from vitpe.data.det_transforms import DropBoxesWithoutArea, detr_size, eval_transform, train_transform
 from vitpe.data.folder import Skipped
 from vitpe.engine.coco_eval import STAT_NAMES, coco_evaluate, plot_detections, to_coco_results
 from vitpe.errors import DataError
@@ -54,6 +54,38 @@ def test_flip_and_resize_move_boxes_with_the_image(data) -> None:
     torch.testing.assert_close(t["boxes"][:, 0], 1 - torch.tensor([15 / 64, 45 / 64]), atol=1e-5, rtol=0)
     torch.testing.assert_close(t["boxes"][:, 1:], torch.tensor([[13 / 48, 20 / 64, 14 / 48],
                                                                 [29 / 48, 18 / 64, 16 / 48]]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("h, w, size, max_size, expected", [
+    (427, 640, 480, 1333, (480, 719)),   # the shorter side exactly the size, the longer floored
+    (200, 1000, 800, 1333, (267, 1335)),  # capped: the shorter side rounded from the cap, as DETR
+    (612, 612, 640, None, (640, 640)), (640, 427, 480, None, (719, 480)), (480, 640, 480, 1333, (480, 640))])
+def test_output_sizes_are_detrs(h, w, size, max_size, expected) -> None:
+    assert detr_size(h, w, size, max_size) == expected
+    image = tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8))
+    assert tuple(eval_transform(size, max_size or 10 ** 6)(image).shape[-2:]) == expected
+
+
+def test_boxes_touching_the_edges_survive_flip_and_every_training_scale() -> None:
+    """A resize scales box coordinates by a float32 ratio: an edge at the image's border can land
+    a rounding step past it, and must be clamped back, not dropped."""
+    t = train_transform(800, 1333, flip=0.5, crop_prob=0.0)
+    image = tv_tensors.Image(torch.zeros(3, 427, 640, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes([[600, 400, 640, 427], [0, 0, 10, 427], [0.5, 3, 0.9, 9]], format="XYXY",
+                                     canvas_size=(427, 640))
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out_image, out = t(image, {"boxes": boxes, "labels": torch.tensor([1, 2, 3])})
+        assert out["labels"].tolist() == [1, 2, 3], seed  # the 0.4 px wide box too
+        h, w = out_image.shape[-2:]
+        assert (out["boxes"][:, 2] <= w).all() and (out["boxes"][:, 3] <= h).all()
+
+
+def test_only_boxes_without_area_are_dropped_with_their_labels() -> None:
+    image = tv_tensors.Image(torch.zeros(3, 20, 20, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes([[2, 2, 2, 9], [1, 1, 1.2, 5], [3, 4, 8, 4]], format="XYXY", canvas_size=(20, 20))
+    _, out = DropBoxesWithoutArea()(image, {"boxes": boxes, "labels": torch.tensor([5, 6, 7])})
+    assert out["labels"].tolist() == [6] and isinstance(out["boxes"], tv_tensors.BoundingBoxes)
 
 
 def test_random_crop_keeps_boxes_inside_and_drops_emptied_ones(data) -> None:
