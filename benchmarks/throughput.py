@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -138,7 +139,10 @@ class Bench:
 
         self.train_step, self.infer_step = train_step, infer_step
         flops = FlopCounterMode(display=False)
-        with flops, torch.no_grad(), amp:  # one eager forward, counted once per model
+        # one eager forward, counted once per model, through torch's operators: the counter does not
+        # see into vitpe's Triton kernels (rpb's attention, the token convolution), whose products
+        # would go uncounted; torch's versions of them do the same arithmetic
+        with flops, torch.no_grad(), amp, torch_operators_only():
             model(x)
         # A training step is taken as 3x the forward (backward = 2x). Counting the backward directly
         # is wrong for grouped convolutions: torch's counter charges a depthwise kernel's weight
@@ -169,8 +173,9 @@ class Bench:
 
 
 def median_spread(times: list[float]) -> tuple[float, float]:
-    """The median window, and the spread (slowest minus fastest, over the median)."""
-    median = sorted(times)[len(times) // 2]
+    """The median window (of an even number, the mean of the middle two), and the spread (slowest
+    minus fastest, over the median)."""
+    median = statistics.median(times)
     return median, (max(times) - min(times)) / median
 
 
@@ -279,6 +284,22 @@ def sdpa_preference(names: list[str]) -> Any:
 KERNEL_MODULES = ("depthwise", "attention", "rope", "bias_gelu")  # vitpe.kernels' modules with tile constants
 
 
+@contextmanager
+def torch_operators_only() -> Iterator[None]:
+    """vitpe's Triton kernels switched off (each module's ``ENABLED``), restored afterwards."""
+    import importlib
+
+    modules = [importlib.import_module(f"vitpe.kernels.{name}") for name in KERNEL_MODULES]
+    saved = [m.ENABLED for m in modules]
+    try:
+        for m in modules:
+            m.ENABLED = False
+        yield
+    finally:
+        for m, v in zip(modules, saved):
+            m.ENABLED = v
+
+
 def parse_kernel_settings(spec: str) -> list[tuple[ModuleType, str]]:
     """``"depthwise:CONV_TILE=1024,CONV_WARPS=8;attention:BLOCK_M=64"`` -> (module, constants) pairs,
     each checked by ``parse_tiles``; ``""`` is the modules' own constants."""
@@ -328,13 +349,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[dict[str, Any]],
                  learned: dict[tuple, dict[str, float]], refs: dict[tuple, dict[str, float]]) -> None:
     """Every (size, resolution, mode, strategy) under one kernel setting, appended to ``rows``;
-    after the first setting, ``learned`` and timm's models are not measured again. With
-    ``--interleave`` the models of one (size, resolution, mode) are timed in turns."""
+    after the first setting, timm's models are not measured again. With ``--interleave`` the models
+    of one (size, resolution, mode) are timed in turns, and ``learned`` is timed again in each
+    setting's turns, so that the setting's ratios to it come from windows taken alongside (runs
+    drift by more than the differences measured); without it, and for settings that leave
+    ``learned`` alone, ``learned`` is measured once, under the first setting (a ``bias_gelu:``
+    setting, which changes it, times it again)."""
     tag = "" if label == "default" else f" [{label}]"
+    again = args.interleave or "bias_gelu:" in label
     for size in args.sizes:
         for res in args.resolutions:
             for mode in args.modes:
-                strategies = [s for s in args.strategies if first or s != "learned" or "bias_gelu:" in label]
+                strategies = [s for s in args.strategies if first or again or s != "learned"]
                 ref_names = {s: reference_name(s, size) for s in strategies}
                 # (kind, name) -> (builder, label), in the order they are measured
                 jobs: dict[tuple[str, str], tuple[Callable[[], torch.nn.Module], str]] = {}
@@ -357,7 +383,7 @@ def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[d
                         refs[ref_name, res, mode] = measured["timm", ref_name]
                     ours = measured["vitpe", strategy]
                     ref = refs.get((ref_name, res, mode))
-                    rows.append(make_row(size, strategy, res, mode, label, ref_name, ours, ref, learned))
+                    rows.append(make_row(size, strategy, res, mode, label, ref_name, ours, ref, learned, first))
                     print(markdown(rows[-1:], header=len(rows) == 1, kernels=len(args.kernel_settings) > 1), flush=True)
                     write(args, rows)
 
@@ -384,11 +410,19 @@ class LazyMeasure:
 
 
 def make_row(size: str, strategy: str, res: int, mode: str, label: str, ref_name: str, ours: dict[str, float],
-             ref: dict[str, float] | None, learned: dict[tuple, dict[str, float]]) -> dict[str, Any]:
+             ref: dict[str, float] | None, learned: dict[tuple, dict[str, float]], first: bool = True) -> dict[str, Any]:
     """A table row: vitpe's rates, timm's, and the ratios to timm and to vitpe's own ``learned``
-    (recorded here when ``strategy`` is ``learned``). A side that failed (``failure``) has no
-    ratios."""
-    own = learned.setdefault((size, res, mode), ours) if strategy == "learned" else learned.get((size, res, mode))
+    (recorded here when ``strategy`` is ``learned``): this setting's ``learned`` if it was timed,
+    else the first setting's; a ``learned`` row of a later setting is compared with the first's,
+    which shows what the setting changes. A side that failed (``failure``) has no ratios."""
+    key = (size, res, mode)
+    if strategy == "learned":
+        if first:
+            learned[key] = ours
+        learned[(*key, label)] = ours
+        own = learned.get(key, ours)
+    else:
+        own = learned.get((*key, label), learned.get(key))
     ok = "error" not in ours
     ref_ok, own_ok = ok and ref is not None and "error" not in ref, ok and own is not None and "error" not in own
     return dict(size=size, strategy=strategy, res=res, mode=mode, kernels=label,

@@ -106,6 +106,7 @@ def test_a_rate_is_the_median_window_with_the_windows_spread():
     bench = load("throughput")
     median, spread = bench.median_spread([0.3, 0.1, 0.2])  # windows of known length
     assert median == 0.2 and abs(spread - (0.3 - 0.1) / 0.2) < 1e-12
+    assert bench.median_spread([0.010, 0.012])[0] == pytest.approx(0.011)  # not the slower of two
 
 
 def test_throughput_profile_lists_each_measurement(tmp_path):
@@ -238,6 +239,22 @@ def test_throughput_times_the_models_again_under_each_kernel_setting(tmp_path, c
         assert said in capsys.readouterr().err
 
 
+def test_interleaved_settings_each_time_learned_alongside(tmp_path):
+    bench = load("throughput")
+    bench.main(["--sizes", "small", "--strategies", "learned,mixffn", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--no-reference", "--interleave", "--output", str(tmp_path),
+                "--kernel-settings", "", "depthwise:CONV_TILE=512"])
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert [(r["strategy"], r["kernels"]) for r in rows] == [
+        ("learned", "default"), ("mixffn", "default"), ("learned", "depthwise:CONV_TILE=512"),
+        ("mixffn", "depthwise:CONV_TILE=512")]
+    rate = [r["vitpe"]["train_img_s"] for r in rows]
+    assert rows[1]["train_vs_learned"] == rate[1] / rate[0]
+    assert rows[3]["train_vs_learned"] == rate[3] / rate[2]  # the learned timed in the same turns
+    assert rows[2]["train_vs_learned"] == rate[2] / rate[0]  # what the setting changes for learned
+
+
 def test_a_bias_gelu_setting_times_learned_again_against_the_first(tmp_path, monkeypatch):
     from vitpe.kernels import bias_gelu
 
@@ -277,3 +294,40 @@ def test_inductor_settings_are_checked_and_in_force_while_the_benchmark_runs(mon
         with pytest.raises(SystemExit):
             bench.parse(["--inductor", bad])
         assert message in capsys.readouterr().err
+
+
+
+def _flops_run(device: str, output: str) -> None:
+    load("throughput").main(["--sizes", "small", "--strategies", "learned,rpb,mixffn", "--resolutions", "32",
+                             "--modes", "eager", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                             "--repeats", "1", "--depth", "1", "--device", device, "--no-bf16", "--no-reference",
+                             "--output", output])
+
+
+def compare(device: str, output: str) -> None:
+    """The run of ``test_flops_include_the_work_of_vitpes_kernels`` in Triton's interpreter, where
+    vitpe's kernels take rpb's attention and mixffn's convolution."""
+    _flops_run(device, output)
+
+
+def test_flops_include_the_work_of_vitpes_kernels(tmp_path):
+    """The FLOPs counted per image are the same whether vitpe's kernels run (in the interpreter)
+    or torch's operators do (outside it): the counter does not see into the kernels."""
+    from pathlib import Path
+
+    from triton_interpreter import run_compare_in_interpreter
+
+    pytest.importorskip("triton")
+    run_compare_in_interpreter("test_benchmarks", output=str(tmp_path / "kernels"))
+    _flops_run("cpu", str(tmp_path / "torch"))
+
+    def per_image(run: str) -> dict[str, float]:
+        rows = json.loads((Path(tmp_path / run) / "throughput.json").read_text())["rows"]
+        return {r["strategy"]: r["vitpe"]["train_tflops"] * 1e12 / r["vitpe"]["train_img_s"] for r in rows}
+
+    kernels, torch_ops = per_image("kernels"), per_image("torch")
+    for strategy in ("learned", "rpb", "mixffn"):
+        assert kernels[strategy] == pytest.approx(torch_ops[strategy], rel=1e-9), strategy
+    # mixffn adds the 3x3 depthwise convolution of the hidden layer: 2 * 9 FLOPs per element, 3x for training
+    hidden = 4 * 384 * (32 // 16) ** 2
+    assert kernels["mixffn"] == pytest.approx(kernels["learned"] + 3 * 2 * 9 * hidden, rel=1e-6)
