@@ -205,8 +205,28 @@ def _check_scalar(value: Any, tp: Any, bad: ConfigError) -> Any:
     return value
 
 
+# Fields that have a range, by name in any section: (lowest, above the highest or None). A count
+# of zero or less (a batch, an interval, the epochs, test sizes) would fail late, mid-run, or do
+# nothing silently.
+_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "batch_size": (1, None), "workers": (0, None), "epochs": (1, None), "log_interval": (1, None),
+    "interval": (1, None), "num_queries": (1, None), "sizes": (1, None), "decay": (0, 1)}
+
+
+def _check_bounds(value: Any, key: str) -> None:
+    name = key.rsplit(".", 1)[-1]
+    if name not in _BOUNDS or value is None:
+        return
+    low, high = _BOUNDS[name]
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v < low or (high is not None and v >= high):
+            span = f"at least {low}" if high is None else f"in [{low}, {high})"
+            raise ConfigError(f"key {key!r}: {value!r} is out of range: must be {span}")
+
+
 def from_dict(cls: type[C], d: Mapping[str, Any], prefix: str = "") -> C:
-    """Build ``cls`` from a nested dict; missing keys keep their defaults, unknown keys are errors."""
+    """Build ``cls`` from a nested dict; missing keys keep their defaults, unknown keys and values
+    out of range (``_BOUNDS``) are errors."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"section {prefix.rstrip('.') or '<top>'!r}: expected a mapping, got {d!r}")
     hints = _hints(cls)
@@ -217,6 +237,7 @@ def from_dict(cls: type[C], d: Mapping[str, Any], prefix: str = "") -> C:
         if k not in names:
             raise ConfigError(f"unknown key {prefix + str(k)!r}{_suggest(prefix + str(k), root_keys)}")
         kwargs[k] = _check(v, hints[k], prefix + k)
+        _check_bounds(kwargs[k], prefix + k)
     return cls(**kwargs)
 
 
@@ -247,8 +268,13 @@ def load_config(path: str | Path, cls: type[C], base: C | None = None) -> C:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (what ``load_config`` reads back)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (what ``load_config`` reads back), as the run's recipe:
+    ``run.resume`` is an action, not part of it, and is left out, so that the file given as
+    ``--config`` starts a new run instead of continuing the old one."""
+    d = to_dict(cfg)
+    if isinstance(d.get("run"), dict) and "resume" in d["run"]:
+        d["run"]["resume"] = None
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
 
 
 def _field_type(cls: type, parts: list[str], valid: list[str]) -> Any:
@@ -289,6 +315,21 @@ def _is_str_type(tp: Any) -> bool:
     return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
 
 
+def _check_flow_mapping(value: Any, key: str) -> None:
+    """YAML reads ``{depth:1}`` as the key ``"depth:1"`` with no value (a flow mapping needs a space
+    after the colon): a model argument that would silently be dropped."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:
+                name, _, rest = k.partition(":")
+                raise ConfigError(f"--set {key}: {k!r} reads as a key without a value; YAML needs a space "
+                                  f"after the colon: {{{name}: {rest}}}")
+            _check_flow_mapping(v, key)
+    elif isinstance(value, list):
+        for v in value:
+            _check_flow_mapping(v, key)
+
+
 def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
     """Apply ``["optim.lr=1e-3", "model.kwargs.depth=2"]``: values are YAML, checked against the field type."""
     for item in overrides:
@@ -303,6 +344,7 @@ def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
             value = text
         if _is_str_type(tp) and value is not None and not isinstance(value, str):
             value = text  # keep "2024" or "yes" literally for a string field
+        _check_flow_mapping(value, key)
         cfg = override(cfg, key, value)
     return cfg
 
