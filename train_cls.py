@@ -91,13 +91,15 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
 
 
 def save_epoch(cfg, out, model, optimizer, scheduler, ema, epoch, classes, mean, std, val, best) -> float:
-    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation top-1 improves."""
+    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation top-1 improves; best
+    first: a run stopped between the two resumes from the previous checkpoint, and does not count
+    as best an epoch whose ``best.pt`` was never written."""
     best_now = max(best, val["top1"])
     state = training_state(model, optimizer, scheduler, epoch + 1, to_dict(cfg), ema.module if ema else None,
                            classes=classes, mean=list(mean), std=list(std), best_top1=best_now, val=val)
-    save_checkpoint(state, out / "checkpoint.pt")
     if val["top1"] > best:
         save_checkpoint(state, out / "best.pt")
+    save_checkpoint(state, out / "checkpoint.pt")
     return best_now
 
 

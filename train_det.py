@@ -98,13 +98,14 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
 
 
 def save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, val, best) -> float:
-    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation AP improves."""
+    """``checkpoint.pt`` every epoch (atomically), ``best.pt`` when validation AP improves (first,
+    as in train_cls.py)."""
     ap = val.get("AP", -1.0)
     state = training_state(model, optimizer, scheduler, epoch + 1, to_dict(cfg), classes=classes,
                            best_ap=max(best, ap), val={k: val[k] for k in ("AP", "stats") if k in val})
-    save_checkpoint(state, out / "checkpoint.pt")
     if ap > best:
         save_checkpoint(state, out / "best.pt")
+    save_checkpoint(state, out / "checkpoint.pt")
     return max(best, ap)
 
 

@@ -88,15 +88,15 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
         seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(net, loader, optimizer, scheduler, device, epoch, cfg)}
         due = (epoch + 1) % cfg.eval.interval == 0 or epoch + 1 == cfg.run.epochs
+        if not due:  # the metrics line first, then the checkpoint, as an epoch without validation ends
+            metrics.log(json_safe(record))
+            if dist.is_main():
+                log.info(summary_line(epoch, cfg.run.epochs, record))
         if dist.is_main():  # before validation, which may fail: the epoch's training is never lost
             save_checkpoint(epoch_state(cfg, model, optimizer, scheduler, val_set.classes, record, best, due),
                             out / "checkpoint.pt")
         if due:
             best = validate_epoch(cfg, out, model, optimizer, scheduler, val_set, device, record, best, metrics)
-        else:
-            metrics.log(json_safe(record))
-            if dist.is_main():
-                log.info(summary_line(epoch, cfg.run.epochs, record))
     dist.barrier()
     finish(cfg, out, model, train_set, val_set, device)
     dist.barrier()
@@ -124,9 +124,9 @@ def validate_epoch(cfg, out, model, optimizer, scheduler, val_set, device, recor
     log.info(summary_line(record["epoch"], cfg.run.epochs, record))
     miou = -1.0 if val["mIoU"] != val["mIoU"] else val["mIoU"]  # NaN (no labelled pixel) never counts as best
     state = epoch_state(cfg, model, optimizer, scheduler, val_set.classes, record, max(best, miou), False)
-    save_checkpoint(state, out / "checkpoint.pt")
-    if miou > best:
+    if miou > best:  # best first, as in train_cls.py
         save_checkpoint(state, out / "best.pt")
+    save_checkpoint(state, out / "checkpoint.pt")
     return max(best, miou)
 
 

@@ -190,3 +190,72 @@ def test_a_flow_mapping_without_a_space_after_the_colon_is_named():
     with pytest.raises(ConfigError, match=re.escape("YAML needs a space after the colon: {depth: 1}")):
         apply_overrides(Cfg(), ["model.kwargs={depth:1}"])
     assert apply_overrides(Cfg(), ["model.kwargs={depth: 1}"]).model.kwargs == {"depth": 1}
+
+
+# -- checkpoints of a training run ---------------------------------------------------------------
+def _state(model: torch.nn.Module) -> dict:
+    from vitpe.engine.loop import training_state
+
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return training_state(model, opt, sched, 1, {})
+
+
+def test_weights_that_are_not_finite_are_never_saved():
+    from vitpe.engine.loop import NonFiniteLossError
+
+    model = torch.nn.Linear(3, 2)
+    assert set(_state(model)) >= {"model", "optimizer", "scheduler", "epoch", "rng"}
+    with torch.no_grad():
+        model.weight[0, 1] = float("inf")  # an update overflowed on a step whose loss was finite
+    with pytest.raises(NonFiniteLossError, match="non-finite model weights after epoch 1.*last checkpoint is intact"):
+        _state(model)
+
+
+def test_resuming_into_another_model_or_from_a_partial_state_names_the_file_and_keys():
+    from vitpe.engine.loop import restore_training_state
+
+    state = {**_state(torch.nn.Linear(3, 2)), "source": "runs/a/checkpoint.pt"}
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    opt = torch.optim.AdamW(other.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(UserError, match=r"runs/a/checkpoint.pt: its weights do not fit this model \(missing "
+                                        r"\['0.weight', '0.bias'\]; unexpected \['weight', 'bias'\]\)"):
+        restore_training_state(state, other, opt, sched)
+    wider = torch.nn.Linear(3, 4)
+    opt = torch.optim.AdamW(wider.parameters())
+    with pytest.raises(UserError, match="do not fit this model.*size mismatch for weight"):
+        restore_training_state(state, wider, opt, sched)
+    with pytest.raises(UserError, match="not a vitpe training checkpoint \\(no optimizer, scheduler, epoch, rng\\)"):
+        restore_training_state({"model": state["model"], "source": "w.pt"}, wider, opt, sched)
+
+
+def test_resume_from_another_tasks_checkpoint_names_it(tmp_path):
+    from vitpe.cli import run_training
+    from vitpe.engine.classification import ClsConfig
+    from vitpe.engine.segmentation import SegConfig
+
+    path = tmp_path / "seg.pt"
+    save_checkpoint({"config": to_dict(SegConfig()), "model": {}}, path)
+    args = common_parser("t").parse_args(["--resume", str(path)])
+    with pytest.raises(CheckpointError, match=f"{path}: not a checkpoint of this script's task"):
+        run_training(ClsConfig, args, lambda *a: 0)
+    save_checkpoint({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="no 'config'"):
+        run_training(ClsConfig, args, lambda *a: 0)
+
+
+def test_temp_files_of_a_killed_save_are_removed_by_the_next(tmp_path):
+    (tmp_path / ".checkpoint.pt.k1l3d.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".best.pt.x.tmp").write_bytes(b"another file's")
+    save_checkpoint({"w": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.x.tmp", "checkpoint.pt"]
+
+
+def test_a_metrics_line_cut_short_is_left_out_on_resume(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"epoch": 0, "loss": 1.0}\n{"epoch": 1, "loss": 0.9}\n{"epoch": 2, "lo')
+    resumed = MetricsLog(path, resume_epoch=2)
+    assert [r["epoch"] for r in resumed.read()] == [0, 1]
+    resumed.log({"epoch": 2, "loss": 0.8})
+    assert [r["epoch"] for r in resumed.read()] == [0, 1, 2]

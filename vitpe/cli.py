@@ -99,12 +99,22 @@ def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any
     from .config import from_dict
     from .engine import distributed as dist
     from .engine.checkpoint import load_checkpoint
+    from .errors import CheckpointError
 
     cfg = resolve_config(cls, args, keymap)
     resumed = None
     if cfg.run.resume:  # from --resume, --set run.resume=... or the YAML alike
         resumed = load_checkpoint(cfg.run.resume)
-        cfg = resolve_config(cls, args, keymap, base=from_dict(cls, resumed["config"]))
+        resumed["source"] = str(cfg.run.resume)  # named in restore_training_state's errors
+        if not isinstance(resumed.get("config"), dict):
+            raise CheckpointError(f"{cfg.run.resume}: not a vitpe training checkpoint (no 'config'); --resume "
+                                  f"takes the checkpoint.pt a training run writes")
+        try:
+            base = from_dict(cls, resumed["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{cfg.run.resume}: not a checkpoint of this script's task: its config does not "
+                                  f"fit ({e})") from None
+        cfg = resolve_config(cls, args, keymap, base=base)
     device = dist.init_distributed(cfg.run.device)
     code = train(cfg, device, resumed)
     # Not on an error: leaving the group would close its connections before run_cli has reported

@@ -189,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None
                     else cfg.data.workers)
         cfg.data = from_dict(ClsDataConfig, {**vars(cfg.data), **data})
+        wrong = [item for item in args.set if not item.strip().startswith(("data.", "eval."))]
+        if wrong:  # the model is already built from the checkpoint: its entries cannot change here
+            raise UserError(f"--set {wrong[0]!r}: only data.* and eval.* entries can be set for an evaluation")
         cfg = apply_overrides(cfg, args.set)
         cfg.eval.batch_size = args.batch_size or cfg.eval.batch_size
         cfg.eval.throughput = not args.no_throughput

@@ -152,7 +152,14 @@ def progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm:
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
                    config: dict[str, Any], ema: nn.Module | None = None, **extra: Any) -> dict[str, Any]:
-    """Everything ``--resume`` needs, as plain data: ``epoch`` is the number of finished epochs."""
+    """Everything ``--resume`` needs, as plain data: ``epoch`` is the number of finished epochs.
+    Weights that are not all finite are never saved: a gradient or an update can overflow on a
+    step whose loss was finite, which the loss check cannot see (one read per checkpoint)."""
+    for name, module in (("model", model), ("EMA", ema)):
+        if module is not None and not all_finite(module):
+            raise NonFiniteLossError(f"non-finite {name} weights after epoch {epoch} although its losses were "
+                                     f"finite (a gradient or update overflowed); not saved: the last checkpoint "
+                                     f"is intact (try a lower optim.lr or optim.clip_grad)")
     state = {"model": dist.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config, "rng": rng_state()}
     if ema is not None:
@@ -161,11 +168,32 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     return state
 
 
+def all_finite(module: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``module`` is finite (one read)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any, ema: nn.Module | None = None) -> int:
     """Load what ``training_state`` saved (RNG last, so nothing after it disturbs the streams);
-    returns the epoch to start from."""
-    dist.unwrap_model(model).load_state_dict(state["model"])
+    returns the epoch to start from. Weights that do not fit the model (options changed since the
+    checkpoint) are an error naming the keys at fault."""
+    source = state.get("source", "the checkpoint")
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng") if k not in state]
+    if missing:
+        raise UserError(f"{source}: not a vitpe training checkpoint (no {', '.join(missing)}); --resume takes "
+                        f"the checkpoint.pt a training run writes")
+    hint = "resume without options that change the model (strategy, sizes) or start a new run"
+    try:
+        result = dist.unwrap_model(model).load_state_dict(state["model"], strict=False)
+    except RuntimeError as e:  # a shape that differs
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise UserError(f"{source}: its weights do not fit this model ({detail}); {hint}") from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = [f"{label} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for label, keys in
+                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+        raise UserError(f"{source}: its weights do not fit this model ({'; '.join(parts)}); {hint}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None:

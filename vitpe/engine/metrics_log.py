@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import distributed as dist
+
+_logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -25,9 +28,10 @@ class MetricsLog:
         if resume_epoch is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("epoch", -1) < resume_epoch]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in _records(self.path) if json.loads(ln).get("epoch", -1) < resume_epoch]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")  # rewritten atomically: no line lost on a crash
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(self.path)
 
     def log(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -40,8 +44,21 @@ class MetricsLog:
         return read_metrics(self.path)
 
 
+def _records(path: Path) -> list[str]:
+    """The file's complete lines; a last line cut short (a run killed while writing it) is left
+    out, with a warning, instead of failing the resume."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            _logger.warning("%s: its last line is incomplete (a run stopped while writing it); left out", path)
+            lines.pop()
+    return lines
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in _records(Path(path))]
 
 
 def _fmt(v: Any) -> str:

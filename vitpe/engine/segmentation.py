@@ -150,7 +150,10 @@ def load_backbone(backbone: nn.Module, path: str) -> None:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot load into {type(backbone).__name__}: {e}") from None
+        # torch's state-dict errors say what is wrong on their second and later lines: one line here
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3] if len(lines) > 1 and lines[0].endswith(":") else lines[:1])
+        raise UserError(f"{path}: cannot load into {type(backbone).__name__}: {detail[:400]}") from None
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise UserError(f"{path}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
