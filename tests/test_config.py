@@ -259,3 +259,11 @@ def test_a_metrics_line_cut_short_is_left_out_on_resume(tmp_path):
     assert [r["epoch"] for r in resumed.read()] == [0, 1]
     resumed.log({"epoch": 2, "loss": 0.8})
     assert [r["epoch"] for r in resumed.read()] == [0, 1, 2]
+
+
+def test_the_default_step_schedule_drops_at_two_thirds_of_training_as_detr():
+    from vitpe.engine.optim import lr_factor
+
+    total = 300 * 7  # DETR: x0.1 after 200 of 300 epochs
+    at = lambda step: lr_factor(step, total, 0, "step", step_at=OptimConfig().step_at)  # noqa: E731
+    assert at(200 * 7 - 1) == 1.0 and at(200 * 7) == pytest.approx(0.1)

@@ -308,3 +308,12 @@ def test_dropout_is_applied_where_detr_applies_it_once_each() -> None:
                 m.register_forward_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
     tr(torch.randn(2, 32, 3, 4), torch.zeros(2, 3, 4, dtype=torch.bool), torch.randn(5, 32))
     assert calls == {"encoder": 3, "decoder": 4}
+
+
+def test_a_pretrained_backbone_keeps_its_stem_fixed_as_detr():
+    from vitpe.engine.detection import DetModelConfig, stem_fixed
+
+    assert not stem_fixed(DetModelConfig())  # from scratch: the stem must learn
+    assert stem_fixed(DetModelConfig(backbone_weights="resnet50.pth"))
+    assert stem_fixed(DetModelConfig(weights="detr-r50.pth"))
+    assert not stem_fixed(DetModelConfig(backbone_weights="resnet50.pth", freeze_stem=False))

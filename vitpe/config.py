@@ -56,7 +56,7 @@ class OptimConfig:
     schedule: Literal["cosine", "poly", "constant", "step"] = "cosine"  # cosine: classification, poly: segmentation, step: DETR
     min_lr_ratio: float = 0.01  # the schedule ends at lr * this ratio
     poly_power: float = 1.0  # exponent of the polynomial schedule (SegFormer uses 1.0)
-    step_at: list[float] = field(default_factory=lambda: [0.67])  # step schedule: fractions of training where lr drops
+    step_at: list[float] = field(default_factory=lambda: [2 / 3])  # step schedule: fractions of training where lr drops
     step_gamma: float = 0.1  # step schedule: factor applied at each drop (DETR: x0.1 after 200 of 300 epochs)
     clip_grad: float | None = 1.0  # max global gradient norm; None disables clipping
 

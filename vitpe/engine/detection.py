@@ -58,7 +58,9 @@ class DetModelConfig:
     # which stays new (fine-tuning COCO's DETR on another dataset)
     weights: str | None = None
     frozen_bn: bool = True  # FrozenBatchNorm2d (right with pretrained weights; set false from scratch)
-    freeze_stem: bool = False  # keep stem and layer1 fixed, as DETR does when fine-tuning
+    freeze_stem: bool | None = None  # keep a ResNet's stem and layer1 fixed; None: as DETR, which trains only
+    # layer2-4 of its (pretrained) backbone: fixed when weights are loaded (backbone_weights or weights),
+    # trained when the backbone starts from random weights
     backbone_pos: str | None = None  # a vitpe ViT backbone's own positional strategy
     backbone_stages: int = 4  # ResNet stages kept: 4 ends at stride 32 (DETR), 3 at stride 16 (finer grid)
     pos: str = "sine"  # the encoder's strategy: sine, learned, none, rope_axial, rope_mixed, peg, or a+b
@@ -129,10 +131,16 @@ def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
     return train, val
 
 
+def stem_fixed(cfg: DetModelConfig) -> bool:
+    """``model.freeze_stem``, or where unset DETR's rule: a pretrained backbone's stem and layer1 stay
+    fixed, a backbone trained from scratch trains them."""
+    return cfg.freeze_stem if cfg.freeze_stem is not None else bool(cfg.backbone_weights or cfg.weights)
+
+
 def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
     try:
         model = DETR(num_classes=num_classes, backbone=cfg.backbone, backbone_weights=cfg.backbone_weights,
-                    frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem, backbone_pos=cfg.backbone_pos,
+                    frozen_bn=cfg.frozen_bn, freeze_stem=stem_fixed(cfg), backbone_pos=cfg.backbone_pos,
                     backbone_stages=cfg.backbone_stages, dim=cfg.dim,
                     num_heads=cfg.num_heads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
                     ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_queries=cfg.num_queries, pos=cfg.pos,

@@ -81,7 +81,7 @@ class ResNetBackbone(nn.Module):
 
     ``frozen_bn`` replaces batch norm by ``FrozenBatchNorm2d`` (DETR's choice with pretrained
     weights and small per-GPU batches); ``freeze_stem`` keeps the stem and ``layer1`` fixed, as DETR
-    does when fine-tuning. Weights and maps are channels-last, the layout in which cuDNN's
+    does with its pretrained backbone (training only ``layer2``-``layer4``). Weights and maps are channels-last, the layout in which cuDNN's
     convolutions are fastest (bf16 above all); the output map keeps it, so flattening it into
     tokens ``(B, H*W, C)`` is a view.
     """
