@@ -532,7 +532,7 @@ def test_train_seg_two_iterations(tmp_path, capsys):
     args = ["--data", str(root), "--crop-size", "32", "--batch-size", "2", "--epochs", "1", "--device", "cpu",
             "--output", str(out), "--eval-scales", "0.5,1.5", "--lr", "1e-3",
             "--set", "model.kwargs={embed_dims: [8, 16, 40, 64]}", "--set", "model.head_dim=16",
-            "--set", "eval.figure_images=2"]
+            "--set", "eval.figure_images=2", "--set", "data.photometric=true"]
     assert train_seg.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert {"mIoU", "aAcc", "mAcc", "per_class", "scales"} <= results.keys()
@@ -661,3 +661,33 @@ def test_train_seg_non_finite_loss_stops_naming_its_step_and_keeps_the_checkpoin
     assert e.value.code == 2
     assert "non-finite loss (nan) at epoch 2, step 1" in capsys.readouterr().err.strip().splitlines()[-1]
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the last good one, intact
+
+
+def test_photometric_distortion_follows_mmseg():
+    import colorsys
+
+    from vitpe.data.segmentation import _hsv_to_rgb, _rgb_to_hsv, photometric_distortion
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 8, 8) * 255
+    hsv = _rgb_to_hsv(x)
+    r, g, b = (x[:, 2, 3] / 255).tolist()
+    h, s, v = colorsys.rgb_to_hsv(r, g, b)
+    assert hsv[:, 2, 3].tolist() == pytest.approx([h * 360, s, v * 255], rel=1e-5)
+    torch.testing.assert_close(_hsv_to_rgb(hsv), x, atol=1e-3, rtol=0)
+    red = torch.tensor([255.0, 0, 0]).view(3, 1, 1)
+    shifted = _rgb_to_hsv(red)
+    shifted[0] = (shifted[0] + 120) % 360
+    torch.testing.assert_close(_hsv_to_rgb(shifted).flatten(), torch.tensor([0.0, 255, 0]))  # red -> green
+    gen = torch.Generator().manual_seed(1)
+    grey = torch.full((3, 4, 4), 100.0)
+    changed = 0
+    for _ in range(200):
+        out = photometric_distortion(grey, gen)
+        assert out.min() >= 0 and out.max() <= 255
+        assert (out[0] - out[1]).abs().max() < 1e-3 and (out[1] - out[2]).abs().max() < 1e-3  # grey stays grey
+        changed += not torch.equal(out, grey)
+    assert 0.6 < changed / 200 < 0.9  # brightness or contrast drawn: 1 - (1/2 * 1/2) = 3/4
+    colour = torch.rand(3, 16, 16, generator=gen) * 255
+    hues = [_rgb_to_hsv(photometric_distortion(colour, gen))[0].mean().item() for _ in range(100)]
+    assert len({round(h, 3) for h in hues}) > 10  # the hue moves too

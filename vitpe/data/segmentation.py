@@ -326,6 +326,56 @@ def scale_crop(image: Tensor, mask: Tensor, crop: int, scale: float, flip: bool,
     return img, lab, (oh, ow)
 
 
+def _rgb_to_hsv(img: Tensor) -> Tensor:
+    """``(3, h, w)`` RGB in 0..255 -> hue in degrees (0..360), saturation 0..1, value 0..255."""
+    r, g, b = img
+    v, _ = img.max(0)
+    c = v - img.min(0).values
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe % 6, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(c > 0, h * 60.0, torch.zeros_like(h))
+    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    return torch.stack([h, s, v])
+
+
+def _hsv_to_rgb(hsv: Tensor) -> Tensor:
+    h, s, v = hsv
+    k = torch.stack([(5 + h / 60) % 6, (3 + h / 60) % 6, (1 + h / 60) % 6])
+    return v - v * s * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def photometric_distortion(img: Tensor, gen: torch.Generator | None = None) -> Tensor:
+    """mmseg's ``PhotoMetricDistortion`` on a float RGB image ``(3, h, w)`` in 0..255, each step
+    with probability 1/2, in its order: brightness (+-32), contrast (x 0.5..1.5) either here or
+    last, saturation (x 0.5..1.5, in HSV), hue (+-18 of OpenCV's 180 units: +-36 degrees),
+    clipped to 0..255 after each. mmseg rounds to uint8 after each step; this keeps floats."""
+    def coin() -> bool:
+        return float(torch.rand((), generator=gen)) < 0.5
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    def contrast(x: Tensor) -> Tensor:
+        return (x * uniform(0.5, 1.5)).clamp(0, 255) if coin() else x
+
+    if coin():
+        img = (img + uniform(-32.0, 32.0)).clamp(0, 255)
+    contrast_first = coin()
+    if contrast_first:
+        img = contrast(img)
+    if coin():
+        hsv = _rgb_to_hsv(img)
+        hsv[1] = (hsv[1] * uniform(0.5, 1.5)).clamp(0, 1)
+        img = _hsv_to_rgb(hsv)
+    if coin():
+        hsv = _rgb_to_hsv(img)
+        hsv[0] = (hsv[0] + 2.0 * int(torch.randint(-18, 19, (), generator=gen))) % 360
+        img = _hsv_to_rgb(hsv)
+    if not contrast_first:
+        img = contrast(img)
+    return img
+
+
 def base_scale(size: Sequence[int], base_size: Sequence[int] | None) -> float:
     """The factor that makes an image of ``size`` ``(H, W)`` fit ``base_size`` keeping its aspect
     ratio, as mmseg's ``Resize(scale=(2048, 512), keep_ratio=True)``: its longer side at most the
@@ -342,12 +392,13 @@ def base_scale(size: Sequence[int], base_size: Sequence[int] | None) -> float:
 def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: tuple[float, float], flip_p: float,
                   mean: Sequence[float], std: Sequence[float], ignore_index: int, device: torch.device,
                   gen: torch.Generator | None = None, base_size: Sequence[int] | None = None,
-                  cat_max_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
+                  cat_max_ratio: float = 1.0, photometric: bool = False) -> tuple[Tensor, Tensor]:
     """Random scale in ``scale_range`` (of the image's own size, or with ``base_size`` of its size
     once fitted to it: ``base_scale``, mmseg's ``RandomResize`` with a ``ratio_range``), crop and
-    horizontal flip of each sample, on ``device`` (``cat_max_ratio``: see ``scale_crop``); windows
-    smaller than the crop are padded (image 0 after normalising, mask ``ignore_index``). Returns images ``(B, 3, crop, crop)`` float32 and
-    masks ``(B, crop, crop)`` int64."""
+    horizontal flip of each sample, then with ``photometric`` mmseg's colour distortion
+    (``photometric_distortion``), on ``device`` (``cat_max_ratio``: see ``scale_crop``); windows
+    smaller than the crop are padded (image 0 after normalising, mask ``ignore_index``). Returns
+    images ``(B, 3, crop, crop)`` float32 and masks ``(B, crop, crop)`` int64."""
     images = torch.zeros(len(samples), 3, crop, crop, device=device)
     masks = torch.full((len(samples), crop, crop), ignore_index, dtype=torch.long, device=device)
     lo, hi = scale_range
@@ -356,10 +407,12 @@ def augment_batch(samples: list[tuple[Tensor, Tensor]], crop: int, scale_range: 
         flip = float(torch.rand((), generator=gen)) < flip_p
         img, lab, (h, w) = scale_crop(image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
                                       crop, scale, flip, gen, cat_max_ratio, ignore_index)
+        if photometric:
+            img = photometric_distortion(img, gen)
         images[b, :, :h, :w] = normalize(img, mean, std)
         masks[b, :h, :w] = lab
     return images, masks
 
 
 __all__ = ["SegmentationDataset", "Skipped", "augment_batch", "check_ignore_index", "list_collate", "normalize",
-           "read_classes", "read_mask", "scale_crop", "base_scale", "skip_error"]
+           "photometric_distortion", "read_classes", "read_mask", "scale_crop", "base_scale", "skip_error"]

@@ -44,6 +44,7 @@ class SegDataConfig(DataConfig):
     # share of their labelled pixels or more (SegFormer on ADE20K: 0.75); 1.0: no redraw
     cat_max_ratio: float = 1.0
     flip: float = 0.5  # probability of a horizontal flip
+    photometric: bool = False  # mmseg's PhotoMetricDistortion after the crop (SegFormer's recipes use it)
     num_classes: int = 0  # 0: as many as classes.json lists
     ignore_index: int = 255  # label value that is never scored nor trained on
     reduce_zero_label: bool = False  # ADE20K: label 0 ("other") -> ignore, the rest shift down by one
@@ -230,7 +231,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if d.on_error == "skip" and dist.any_process(not samples):
             continue
         x, y = augment_batch(samples, d.crop_size, d.scale_range, d.flip, IMAGENET_MEAN, IMAGENET_STD,
-                             d.ignore_index, device, base_size=d.base_size, cat_max_ratio=d.cat_max_ratio)
+                             d.ignore_index, device, base_size=d.base_size, cat_max_ratio=d.cat_max_ratio,
+                             photometric=d.photometric)
         with autocast(device, cfg.run.amp):
             logits = model(x)
         loss = pixel_loss(logits, y, d.ignore_index)
