@@ -232,3 +232,12 @@ def test_crop_pct_evaluates_the_centre_of_the_shorter_side(tmp_path):
     assert from_dict(ClsDataConfig, {"crop_pct": 0.875}).crop_pct == 0.875
     with pytest.raises(ConfigError, match="data.crop_pct"):
         from_dict(ClsDataConfig, {"crop_pct": 1.5})
+
+
+def test_random_erasing_follows_timms_training_script():
+    from vitpe.data.classification import AugConfig, train_transform
+
+    erase = train_transform(32, AugConfig(re_prob=1.0), (0.5,) * 3, (0.5,) * 3).transforms[-1]
+    assert type(erase).__name__ == "RandomErasing" and (erase.mode, erase.max_count) == ("pixel", 1)
+    erase = train_transform(32, AugConfig(re_prob=0.5, re_mode="const", re_count=2), (0.5,) * 3, (0.5,) * 3).transforms[-1]
+    assert (erase.mode, erase.max_count, erase.probability) == ("const", 2, 0.5)

@@ -46,6 +46,9 @@ class AugConfig:
     color_jitter: float = 0.0  # timm colour jitter strength; 0 disables it
     auto_augment: str | None = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; None disables it
     re_prob: float = 0.0  # random-erasing probability
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"  # erased pixels: zeros, per-channel or per-pixel noise
+    # (timm's train.py and DeiT: pixel; timm's create_transform alone defaults to const)
+    re_count: int = 1  # erased boxes per image
     mixup: float = 0.0  # mixup alpha (0 disables); mixing needs soft targets, handled by the loss
     cutmix: float = 0.0  # cutmix alpha (0 disables)
     label_smoothing: float = 0.1  # smoothing of the one-hot targets (also used inside mixup)
@@ -60,8 +63,8 @@ def train_transform(img_size: int, aug: AugConfig, mean: tuple, std: tuple) -> C
     """timm's training pipeline: random-resized crop, flip, optional jitter/RandAugment/erasing."""
     return create_transform(img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
                             hflip=aug.hflip, vflip=0.0, color_jitter=aug.color_jitter or None,
-                            auto_augment=aug.auto_augment, re_prob=aug.re_prob, interpolation=aug.interpolation,
-                            mean=mean, std=std)
+                            auto_augment=aug.auto_augment, re_prob=aug.re_prob, re_mode=aug.re_mode,
+                            re_count=aug.re_count, interpolation=aug.interpolation, mean=mean, std=std)
 
 
 def eval_transform(size: int, mean: tuple, std: tuple, interpolation: str = "bicubic",
