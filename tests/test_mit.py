@@ -26,10 +26,21 @@ def stage_grids(h: int, w: int) -> list[tuple[int, int]]:
     return grids
 
 
-@pytest.mark.parametrize("size", list(_SIZES))
+# every strategy on B0 (the sizes differ only in widths and depths); every size with every
+# strategy with -m slow
+@pytest.mark.parametrize("size", [s if s == "b0" else pytest.param(s, marks=pytest.mark.slow) for s in _SIZES])
 def test_every_size_and_strategy_runs_forward_backward(size):
+    run_forward_backward(size, STRATEGY_SPECS)
+
+
+@pytest.mark.parametrize("size", list(_SIZES))
+def test_every_size_runs_forward_backward_with_its_default_strategy(size):
+    run_forward_backward(size, ["mixffn"])
+
+
+def run_forward_backward(size: str, specs: list[str]) -> None:
     torch.manual_seed(0)
-    for spec in STRATEGY_SPECS:
+    for spec in specs:
         m = timm.create_model(f"vitpe_mit_{size}", pos=spec, num_classes=3, img_size=32, **SMALL)
         assert m.stages[0].pos.name == spec and len(m.stages[2].blocks) == _SIZES[size]["depths"][2]
         for hw in [(32, 32), (72, 56)]:  # the native size and one that is no multiple of 32

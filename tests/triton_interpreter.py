@@ -17,7 +17,7 @@ def run_compare_in_interpreter(test_module: str, **kwargs: object) -> None:
     code = f"import sys; sys.path.insert(0, 'tests'); from {test_module} import compare; compare({call}); print('ok')"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=900)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
