@@ -34,18 +34,18 @@ class _RoundGrad(torch.autograd.Function):
 def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
     bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training. ``stages``:
-    the kernels' ``CONV_STAGES`` and ``WG_STAGES`` (0: the kernels that carry the next row in
-    registers; default: the module's own)."""
+    the convolution's ``CONV_STAGES`` (0: the kernel that carries the next row in registers, which
+    the GELU cases take anyway; default: the module's own)."""
     from vitpe.kernels import depthwise
 
-    saved = depthwise.CONV_STAGES, depthwise.WG_STAGES
+    saved = depthwise.CONV_STAGES
     if stages is not None:
-        depthwise.CONV_STAGES = depthwise.WG_STAGES = stages
+        depthwise.CONV_STAGES = stages
     try:
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             _compare(device, dtype)
     finally:
-        depthwise.CONV_STAGES, depthwise.WG_STAGES = saved
+        depthwise.CONV_STAGES = saved
 
 
 def _compare(device: str, dtype: torch.dtype) -> None:
@@ -117,13 +117,15 @@ def _compare(device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
-@pytest.mark.parametrize("stages", [0, 3])
+# the default (pipelined kernels without the GELU, the register-carrying one with it); with
+# -m slow also the register-carrying kernels throughout
+@pytest.mark.parametrize("stages", [pytest.param(0, marks=pytest.mark.slow), 4])
 def test_kernels_match_the_convolution_in_the_interpreter(stages):
     run_compare_in_interpreter('test_kernels', stages=stages)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stages", [0, 3])
+@pytest.mark.parametrize("stages", [0, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_the_convolution_on_gpu(dtype, stages):
     torch.backends.cudnn.allow_tf32 = False

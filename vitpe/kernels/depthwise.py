@@ -12,12 +12,14 @@ took 42 (sm_90a), and the two launches of ViT-S's convolution take 303 µs again
 backward is two kernels: the input gradient is the same convolution with the kernel flipped; the
 weight and bias gradients are per-program partial sums, added up afterwards.
 
-Those kernels hold the next row in registers, which caps them at 2 programs per multiprocessor
-and one row ahead: they wait on their loads. With ``CONV_STAGES`` / ``WG_STAGES`` above 0 the
-variants ``_conv_staged_kernel`` and ``_weight_grad_staged_kernel`` leave the rows ahead to
-Triton's software pipeliner (asynchronous copies into shared memory, no registers held), 2-3
-rows ahead at 3 programs per multiprocessor; not yet timed on a GPU, so not the default
-(docs/performance.md, ninth round).
+Holding the next row in registers caps those kernels at 2 programs per multiprocessor and one
+row ahead: they wait on their loads. ``_conv_staged_kernel`` and ``_weight_grad_staged_kernel``
+leave the rows ahead to Triton's software pipeliner instead (asynchronous copies into shared
+memory, no registers held; ``CONV_STAGES`` / ``WG_STAGES`` rows in flight). On an H200 they take
+the convolution and its backward without the GELU from 0.750 to 0.643 ms on ViT-S's Mix-FFN shape
+(10-15 % less on MiT-B2's): the weight gradient has only the pipelined kernel now, and the
+convolution takes it unless the GELU is inside (inference), where the register-carrying kernel
+measured faster (0.219 against 0.262 ms; docs/performance.md, eleventh round).
 
 Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x + 0``).
 
@@ -65,9 +67,12 @@ ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 CONV_TILE, CONV_WARPS, CONV_WAVES = 2048, 4, 4
 WG_TILE, WG_WARPS, WG_WAVES = 2048, 4, 2
 # rows in flight with Triton's software pipeliner (``_conv_staged_kernel``, ``_weight_grad_staged_kernel``:
-# the loads of the rows ahead copied asynchronously into shared memory); 0: the kernels that carry
-# the next row in registers
-CONV_STAGES, WG_STAGES = 0, 0
+# the loads of the rows ahead copied asynchronously into shared memory; the weight gradient's at
+# least 1). ``CONV_STAGES = 0``: the convolution's kernel that carries the next row in registers,
+# which the convolution with the GELU always takes. Measured on an H200, fwd+bwd ms on ViT-S's
+# shape: 0.750 with both kernels carrying rows in registers, 0.658 at 3, 0.643 at 4; with the
+# GELU, forward 0.219 in registers, 0.262 at 3 and 4
+CONV_STAGES, WG_STAGES = 4, 4
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 
 
@@ -216,21 +221,24 @@ if triton is not None:
             tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m)
 
     @triton.jit
-    def _conv_staged_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks,
-                            n_strips, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-                            EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
-        """``_conv_kernel``'s convolution with the loads of the rows ahead issued by Triton's
-        software pipeliner (``STAGES`` - 1 rows ahead, copied asynchronously into shared memory)
-        instead of carried in registers: each step loads input row ``s`` and completes output row
-        ``s - 1``, from the row above the program's first to the row below its last."""
+    def _conv_staged_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, H, W, C, sxb, syb, rows, n_chunks, n_strips,
+                            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+        """``_conv_kernel``'s convolution without the GELU (``ACT`` 0), with the loads of the rows
+        ahead issued by Triton's software pipeliner (``STAGES`` - 1 rows ahead, copied
+        asynchronously into shared memory) instead of carried in registers: each step loads input
+        row ``s`` and completes output row ``s - 1``, from the row above the program's first to the
+        row below its last."""
         b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8 = _conv_start(
             taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C, BLOCK_W, BLOCK_C)
         bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
-        ga_img = ga_ptr + skip + b * sgb
         row_len = W * C
-        # the output rows s - 1 and s so far, two zero tiles made apart (see _weight_grad3_kernel)
+        # the output rows s - 1 and s so far, two zero tiles made apart: Triton carries a name
+        # through a loop when the body changes its value, and a hand-over such as ``at = below``
+        # would not look like a change if both started as the same tile (a kernel row's sums then
+        # came out zero on the GPU, right in the interpreter)
         at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         below = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         for s in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
@@ -242,22 +250,23 @@ if triton is not None:
             out += bias
             if RESIDUAL:
                 out += tl.load(x_img + (s - 1) * row_len + offs, mask=m_m & done, other=0.0).to(tl.float32)
-            if ACT == 1:
-                out = _gelu(out)
-            if ACT == 2:
-                ga = tl.load(ga_img + (s - 1) * row_len + offs, mask=m_m & done, other=0.0).to(tl.float32)
-                out = ga * _gelu_grad(out)
             tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m & done)
 
     @triton.jit
     def _weight_grad_staged_kernel(x_ptr, g_ptr, part_ptr, skip, H, W, C, sxb, sgb, rows, n_chunks, n_units,
                                    units_per_prog, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
                                    BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
-        """``_weight_grad3_kernel``'s sums with the rows ahead loaded by Triton's software pipeliner
-        (as ``_conv_staged_kernel``): step ``s`` loads input row ``s`` and the gradients of output
-        rows ``s + 1`` and, again (from cache), ``s - 1``; it carries only the gradient row ``s``
-        to the next step, since the pipeliner leaves a loop alone when one carried row is handed on
-        to another (``g_up, g_at = g_at, g_dn``)."""
+        """``part[prog, strip, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]``
+        for the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient), over
+        its (image, ``rows`` rows) units within one strip of columns and block of channels. Each
+        program walks down the rows: input row ``s`` meets kernel row ``i`` at the gradient of
+        output row ``s + 1 - i``. Products are accumulated elementwise and reduced over columns
+        once. The rows ahead are loaded by Triton's software pipeliner (as ``_conv_staged_kernel``):
+        step ``s`` loads input row ``s`` and the gradients of output rows ``s + 1`` and, again (from
+        cache), ``s - 1``; it carries only the gradient row ``s`` to the next step, since the
+        pipeliner leaves a loop alone when one carried row is handed on to another (``g_up, g_at =
+        g_at, g_dn``; a kernel that carried both in registers measured 184 µs a launch against 156
+        on ViT-S's shape, H200)."""
         prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
         offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
         row_len = W * C
@@ -285,54 +294,6 @@ if triton is not None:
                 a7 += g_up * x_m
                 a8 += g_up * x_r
                 g_at = g_dn
-        _store_sums(part_ptr + (prog * tl.num_programs(1) + strip) * 10 * C + offs_c, C, cmask,
-                    a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
-
-    @triton.jit
-    def _weight_grad3_kernel(x_ptr, g_ptr, part_ptr, skip, H, W, C, sxb, sgb, rows, n_chunks, n_units,
-                             units_per_prog, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``part[prog, strip, tap, c]``: this program's share of ``sum_p g[p, c] * x[p + offset, c]``
-        for the 9 taps of a 3x3 kernel, and in row 9 of ``sum_p g[p, c]`` (the bias gradient), over
-        its (image, ``rows`` rows) units within one strip of columns and block of channels. Each
-        program walks down the rows reading each input row once (at three column shifts) and each
-        output-gradient row once, keeping the two gradient rows it still pairs with: input row
-        ``s`` meets kernel row ``i`` at the gradient of output row ``s + 1 - i``. Products are
-        accumulated elementwise and reduced over columns once."""
-        prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-        offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
-        row_len = W * C
-        zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-        for u in range(0, units_per_prog):
-            unit = prog + u * nprog
-            b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
-            r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
-            x_img = x_ptr + skip + b * sxb
-            g_img = g_ptr + skip + b * sgb
-            # the gradient rows of output rows s - 1 and s (zero outside the unit's rows), two zero
-            # tiles made apart: Triton carries a name through a loop when the body changes its value,
-            # and ``g_up = g_at`` would not look like a change if both started as the same tile (one
-            # kernel row's sums then came out zero on the GPU, right in the interpreter)
-            g_up = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            g_at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            n_g = tl.load(g_img + r0 * row_len + offs, mask=m_m & (r0 < r1), other=0.0)
-            n_l, n_m, n_r = _row3(x_img + (r0 - 1) * row_len, offs, C, m_l, m_m, m_r, (r0 > 0) & (r0 < r1))
-            for s in range(r0 - 1, r1 + 1):
-                g_dn = n_g.to(tl.float32)
-                x_l, x_m, x_r = _f32(n_l, n_m, n_r)
-                n_g = tl.load(g_img + (s + 2) * row_len + offs, mask=m_m & (s + 2 < r1), other=0.0)
-                n_l, n_m, n_r = _row3(x_img + (s + 1) * row_len, offs, C, m_l, m_m, m_r, (s + 1 < H) & (s + 1 <= r1))
-                ab += g_dn
-                a0 += g_dn * x_l
-                a1 += g_dn * x_m
-                a2 += g_dn * x_r
-                a3 += g_at * x_l
-                a4 += g_at * x_m
-                a5 += g_at * x_r
-                a6 += g_up * x_l
-                a7 += g_up * x_m
-                a8 += g_up * x_r
-                g_up, g_at = g_at, g_dn
         _store_sums(part_ptr + (prog * tl.num_programs(1) + strip) * 10 * C + offs_c, C, cmask,
                     a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
@@ -398,12 +359,19 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, CONV_TILE, CONV_WAVES)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
+    grid = (B * chunks * strips, c_blocks)
+    b = bias if bias is not None else taps
+    tiles = dict(HAS_BIAS=bias is not None, RESIDUAL=residual, EVEN_C=C % block_c == 0, BLOCK_W=block_w,
+                 BLOCK_C=block_c, num_warps=CONV_WARPS)
+    if CONV_STAGES and act == 0:
+        traceable(_conv_staged_kernel)[grid](
+            src, taps, b, out, num_prefix * C, H, W, C, src.stride(0), out.stride(0), rows, chunks, strips,
+            STAGES=CONV_STAGES, **tiles)
+        return
     grad = out if grad is None else grad  # read only with act 2
-    kernel, staged = (_conv_staged_kernel, dict(STAGES=CONV_STAGES)) if CONV_STAGES else (_conv_kernel, {})
-    traceable(kernel)[(B * chunks * strips, c_blocks)](
-        src, taps, bias if bias is not None else taps, out, grad, num_prefix * C, H, W, C, src.stride(0),
-        out.stride(0), grad.stride(0), rows, chunks, strips, HAS_BIAS=bias is not None, RESIDUAL=residual, ACT=act,
-        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=CONV_WARPS, **staged)
+    traceable(_conv_kernel)[grid](
+        src, taps, b, out, grad, num_prefix * C, H, W, C, src.stride(0), out.stride(0), grad.stride(0), rows,
+        chunks, strips, ACT=act, **tiles)
 
 
 def _programs(units: int, blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -421,10 +389,9 @@ def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Te
     units = B * chunks
     progs, per_prog = _programs(units, strips * c_blocks, WG_WAVES, x.device)
     part = torch.empty(progs * strips, 10, C, device=x.device, dtype=torch.float32)
-    kernel, staged = (_weight_grad_staged_kernel, dict(STAGES=WG_STAGES)) if WG_STAGES else (_weight_grad3_kernel, {})
-    traceable(kernel)[(progs, strips, c_blocks)](
+    traceable(_weight_grad_staged_kernel)[(progs, strips, c_blocks)](
         x, grad, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0), rows, chunks, units, per_prog,
-        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WG_WARPS, **staged)
+        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WG_WARPS, STAGES=WG_STAGES)
     return part
 
 
