@@ -8,7 +8,7 @@ turns them all off; or set ``ENABLED`` to False on ``vitpe.kernels.depthwise``, 
 - ``depthwise``: the 3x3 depthwise convolution on tokens (Mix-FFN, PEG);
 - ``attention``: attention with a learned bias shared by the batch (``rpb``);
 - ``rope``: rotary q and k out of the qkv projection, with the tables' gradient (``rope_*``);
-- ``bias_gelu``: the plain MLP's fc1 bias and GELU in one pass each way (off unless ``IN_MLP``).
+- ``bias_gelu``: the plain MLP's fc1 bias and GELU in one pass each way (``IN_MLP = 0`` for torch's).
 """
 from . import attention, bias_gelu, depthwise, rope
 from .depthwise import available, depthwise_conv_tokens
