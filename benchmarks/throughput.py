@@ -16,18 +16,19 @@ to build, compile or run is left out with its error in its row (and its tracebac
 the others are measured as before.
 
 ``--kernel-settings`` times the vitpe models again under other constants of its Triton kernel
-modules, each setting recompiled from scratch, e.g. a depthwise tile in the whole model:
+modules, each setting recompiled from scratch (torch's compile caches off, as their keys do not
+see these constants), e.g. a depthwise tile in the whole model:
 
     python benchmarks/throughput.py --no-reference --sizes small --modes compiled \
         --strategies learned,mixffn --kernel-settings '' 'depthwise:CONV_TILE=1024'
 
-``learned`` (and timm's models) run no vitpe kernel, so they are measured under the first setting
-only and stay every setting's baseline; rows say their setting in the column ``kernels``. A
-setting of ``bias_gelu`` (the plain MLP's bias and GELU, which ``learned`` runs when
-``bias_gelu:IN_MLP=1``) measures ``learned`` again, its ratio to the first ``learned``:
+``learned`` (and timm's models) run no vitpe kernel but the MLP's bias and GELU, so they are
+measured under the first setting only and stay every setting's baseline; rows say their setting
+in the column ``kernels``. A setting of ``bias_gelu`` measures ``learned`` again, its ratio to the
+first ``learned``:
 
     python benchmarks/throughput.py --no-reference --sizes base --modes compiled --strategies learned \
-        --kernel-settings '' 'bias_gelu:IN_MLP=1'
+        --kernel-settings '' 'bias_gelu:IN_MLP=0'
 
 By default each model is measured alone, one after another. A GPU's speed can drift between one
 model's measurement and the next's (on an H200 the same model's ratio to ``learned`` moved by up
@@ -318,14 +319,23 @@ def parse_kernel_settings(spec: str) -> list[tuple[ModuleType, str]]:
 
 
 @contextmanager
-def kernel_settings(spec: str) -> Iterator[None]:
+def kernel_settings(spec: str, uncached: bool = False) -> Iterator[None]:
     """The kernel modules' constants set as ``spec`` says, restored afterwards; compiled code is
-    dropped on entry and exit, since a compiled graph keeps the constants it was traced with."""
+    dropped on entry and exit, since a compiled graph keeps the constants it was traced with.
+
+    ``uncached``: with torch's compile caches off. Their keys are taken from the graph before
+    inductor traces into vitpe's ``triton_op``s, where the constants are read, so a graph compiled
+    under one setting would be found again under another (a constant that does not change the
+    model's Python, such as ``depthwise.CONV_STAGES``, would then seem to change nothing)."""
     from contextlib import ExitStack
 
     torch._dynamo.reset()
     try:
         with ExitStack() as stack:
+            if uncached:
+                from torch._inductor import config as inductor_config
+
+                stack.enter_context(inductor_config.patch(force_disable_caches=True))
             for module, consts in parse_kernel_settings(spec):
                 stack.enter_context(tile_settings(module, consts))
             yield
@@ -340,8 +350,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     (args.output / "throughput_profile.txt").unlink(missing_ok=True)  # appended to by every measurement
     learned: dict[tuple, dict[str, float]] = {}  # vitpe's own `learned` per (size, res, mode): list it first
     refs: dict[tuple, dict[str, float]] = {}  # timm's models per (name, res, mode)
+    uncached = args.kernel_settings != [""]  # any setting but the modules' own: no compile caches
     for i, spec in enumerate(args.kernel_settings):
-        with kernel_settings(spec):
+        with kernel_settings(spec, uncached):
             _run_setting(args, spec or "default", i == 0, rows, learned, refs)
     return rows
 

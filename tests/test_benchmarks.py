@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from script_modules import load_script
 
@@ -256,6 +257,8 @@ def test_interleaved_settings_each_time_learned_alongside(tmp_path):
 
 
 def test_a_bias_gelu_setting_times_learned_again_against_the_first(tmp_path, monkeypatch):
+    """Each setting is in force while its model is measured, with torch's compile caches off (their
+    keys do not see the kernels' constants), and everything is restored afterwards."""
     from vitpe.kernels import bias_gelu
 
     bench = load("throughput")
@@ -263,17 +266,19 @@ def test_a_bias_gelu_setting_times_learned_again_against_the_first(tmp_path, mon
     real = bench.measure
 
     def measure(model, args, res, compiled, label):
-        seen.append((label, bias_gelu.IN_MLP))
+        seen.append((label, bias_gelu.IN_MLP, torch.compiler.config.force_disable_caches))
         return real(model, args, res, compiled, label)
 
     monkeypatch.setattr(bench, "measure", measure)
     bench.main(["--sizes", "small", "--strategies", "learned", "--resolutions", "32", "--modes", "eager",
                 "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1", "--depth", "1",
                 "--device", "cpu", "--no-bf16", "--no-reference", "--output", str(tmp_path),
-                "--kernel-settings", "", "bias_gelu:IN_MLP=1"])
-    assert seen == [("vitpe small learned 32 eager", 0), ("vitpe small learned 32 eager [bias_gelu:IN_MLP=1]", 1)]
+                "--kernel-settings", "", "bias_gelu:IN_MLP=0"])
+    assert seen == [("vitpe small learned 32 eager", 1, True),
+                    ("vitpe small learned 32 eager [bias_gelu:IN_MLP=0]", 0, True)]
     first, again = json.loads((tmp_path / "throughput.json").read_text())["rows"]
-    assert again["kernels"] == "bias_gelu:IN_MLP=1" and bias_gelu.IN_MLP == 0
+    assert again["kernels"] == "bias_gelu:IN_MLP=0" and bias_gelu.IN_MLP == 1
+    assert not torch.compiler.config.force_disable_caches
     assert again["train_vs_learned"] == again["vitpe"]["train_img_s"] / first["vitpe"]["train_img_s"]
 
 
