@@ -37,6 +37,24 @@ def test_sincos2d_embed_leaves_prefix_alone_and_follows_grid():
     torch.testing.assert_close(out[0, 1:], sincos_2d((3, 5), 32))
 
 
+def test_sincos2d_native_table_is_a_buffer_not_saved_and_not_recomputed_in_the_compiled_graph():
+    """At the native grid the graph reads the table (inductor would otherwise fuse its sines into
+    the addition, once per image); at another grid the table still follows the grid."""
+    import torch._dynamo as dynamo
+
+    s = build("sincos2d", grid=(3, 5))
+    assert "native_table" not in s.state_dict()
+    x = torch.zeros(2, 1 + 3 * 5, 32)
+    dynamo.reset()
+    explained = dynamo.explain(lambda t: s.embed(t, (3, 5), 1))(x)
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+    assert not [op for op in ops if "sin" in op or "cos" in op], ops
+    torch.testing.assert_close(torch.compile(lambda t: s.embed(t, (3, 5), 1), backend="eager")(x)[0, 1:],
+                               sincos_2d((3, 5), 32))
+    torch.testing.assert_close(s.embed(torch.zeros(1, 1 + 4 * 2, 32), (4, 2), 1)[0, 1:], sincos_2d((4, 2), 32))
+    dynamo.reset()
+
+
 def rope_scores(spec, grid, num_prefix=1):
     """q.k for the same q and k vectors placed at every pair of positions: (heads, T, T) per block."""
     s = build(spec, grid=grid, num_prefix=num_prefix)
