@@ -9,6 +9,9 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+# How long a test waits for a script it runs as a subprocess: a limit for hangs only, generous
+# because a loaded 2-core machine can take minutes to start torch in each process.
+SUBPROCESS_LIMIT_S = 900
 
 
 def load_script(path: str) -> ModuleType:

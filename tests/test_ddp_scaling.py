@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from script_modules import load_script
+from script_modules import SUBPROCESS_LIMIT_S, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--no-amp", "--model", "vitpe_vit_tiny_patch4_32", "--img-size", "32", "--depth", "1",
@@ -32,7 +32,7 @@ def test_one_and_two_gloo_processes_fill_one_table(tmp_path, monkeypatch):
     bench.main([*TINY, "--output", str(out)])  # one process, no process group
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "benchmarks" / "ddp_scaling.py"), *TINY, "--output", str(out)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     one, two = data["runs"]["1"], data["runs"]["2"]
@@ -62,7 +62,7 @@ def test_the_driver_launches_each_count_and_prints_the_ratio(tmp_path):
     out = tmp_path / "scaling.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "ddp_scaling.py"), "--driver", "1,2", *TINY,
            "--output", str(out)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert set(json.loads(out.read_text())["runs"]) == {"1", "2"}
     assert "| 2 | 8 |" in proc.stdout and (tmp_path / "scaling.md").read_text().strip() in proc.stdout

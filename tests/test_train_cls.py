@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cls_data import ROOT, make_folder, tiny_argv, train_cls_module
+from script_modules import SUBPROCESS_LIMIT_S
 from vitpe.engine.checkpoint import load_checkpoint
 from vitpe.engine.metrics_log import read_metrics
 
@@ -85,7 +86,7 @@ def test_two_gloo_processes_match_one_at_the_same_global_batch(folder, tmp_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_cls.py"), *tiny_argv(folder, two, *NO_AUG, "--set", "eval.sizes=[]")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
     v1, v2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
@@ -157,7 +158,7 @@ def test_missing_or_empty_data_folder_is_one_line(tmp_path, capsys):
 def test_unreadable_config_in_a_real_process_is_one_line_without_traceback(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: {path: [unclosed\n")
     proc = subprocess.run([sys.executable, str(ROOT / "train_cls.py"), "--config", str(tmp_path / "bad.yaml")],
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "bad.yaml" in proc.stderr, proc.stderr
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from det_data import CAT_IDS, make_dataset, truncate
-from script_modules import load_script
+from script_modules import SUBPROCESS_LIMIT_S, load_script
 
 from vitpe.engine.checkpoint import load_checkpoint
 
@@ -164,7 +164,7 @@ def test_non_finite_loss_stops_at_the_next_read_naming_its_step_and_keeps_the_ch
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train_det.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          cwd=ROOT, timeout=SUBPROCESS_LIMIT_S, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
 def test_json_that_is_not_coco_is_one_line_error(tmp_path) -> None:
@@ -194,7 +194,7 @@ def test_two_gloo_processes_match_one_at_the_same_global_batch(tmp_path) -> None
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_det.py"), "--data", str(data), *fixed, "--output", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     read = lambda d: [json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     one, two = read("one"), read("two")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from script_modules import ROOT, SUBPROCESS_LIMIT_S
 
 
 def run_compare_in_interpreter(test_module: str, **kwargs: object) -> None:
@@ -17,7 +15,7 @@ def run_compare_in_interpreter(test_module: str, **kwargs: object) -> None:
     code = f"import sys; sys.path.insert(0, 'tests'); from {test_module} import compare; compare({call}); print('ok')"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=SUBPROCESS_LIMIT_S)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
