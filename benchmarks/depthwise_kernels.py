@@ -7,7 +7,9 @@
 Shapes ``B,H,W,C,P`` (batch, grid, channels, prefix tokens): Mix-FFN's hidden layer of ViT-S/16 at
 224 px (256,14,14,1536,1) and at 384 px with batch 64 (64,24,24,1536,1), and of MiT-B2's first two
 stages at 512 px, batch 8 (8,128,128,256,0 and 8,64,64,512,0). Each row is one way of computing
-``gelu(conv(x))`` on ``(B, P + H*W, C)`` tokens, with the gradients of ``x``, the weight and the bias:
+``gelu(conv(x))`` on ``(B, P + H*W, C)`` tokens, with the gradients of ``x``, the weight, the bias
+and of a bias added to ``x`` before (fc1's in Mix-FFN, handed to the convolution as ``input_bias``:
+summed by the kernels' backward with ``BWD_MERGED=1``, by torch otherwise):
 
 - ``unfused``: ``vitpe.kernels.depthwise_conv_tokens``, then torch's GELU;
 - ``fused``: the same kernel with ``gelu=True`` (the activation inside the convolution's kernels);
@@ -81,18 +83,19 @@ def median_ms(fn: Callable[[], Any], steps: int, warmup: int, device: torch.devi
     return statistics.median(times)
 
 
-def forward_of(variant: str, conv: GridConv, grid: tuple[int, int], num_prefix: int) -> Callable:
-    """``x -> gelu(conv(x))`` computed as ``variant`` says."""
+def forward_of(variant: str, conv: GridConv, grid: tuple[int, int], num_prefix: int,
+               input_bias: torch.Tensor) -> Callable:
+    """``x -> gelu(conv(x))`` computed as ``variant`` says, ``input_bias`` getting its gradient."""
     def unfused(x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(conv(x, grid, num_prefix))
+        return F.gelu(conv(x, grid, num_prefix, input_bias=input_bias))
 
     def fused(x: torch.Tensor) -> torch.Tensor:
-        return conv(x, grid, num_prefix, gelu=True)
+        return conv(x, grid, num_prefix, gelu=True, input_bias=input_bias)
 
     def cudnn(x: torch.Tensor) -> torch.Tensor:
         kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
         try:
-            return F.gelu(conv(x, grid, num_prefix))
+            return F.gelu(conv(x, grid, num_prefix, input_bias=input_bias))
         finally:
             kernels.depthwise.ENABLED = saved
 
@@ -109,14 +112,15 @@ def time_shape(shape: Shape, args: argparse.Namespace, tiles: str = "default") -
     x.requires_grad_()
     grad = torch.randn(x.shape, generator=g).to(device, x.dtype)
     conv = GridConv(C).to(device)
-    params = [x, conv.proj.weight, conv.proj.bias]
+    input_bias = torch.zeros(C, device=device, requires_grad=True)
+    params = [x, conv.proj.weight, conv.proj.bias, input_bias]
     src, out = x.detach(), x.detach().clone()
     copy_ms = median_ms(lambda: out.copy_(src), args.steps, args.warmup, device)
     pass_ms = copy_ms / 2
     rows = [dict(shape=list(shape), tiles=tiles, variant="copy", kernel=False, fwd_ms=copy_ms, fwd_bwd_ms=None,
                  passes=2.0, max_err=None)]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        fns = {v: forward_of(v, conv, (H, W), P) for v in VARIANTS[:3]}
+        fns = {v: forward_of(v, conv, (H, W), P, input_bias) for v in VARIANTS[:3]}
         ref = fns["cudnn"](x)
         ref_grad = torch.autograd.grad(ref, x, grad)[0]
         for variant, fn in fns.items():

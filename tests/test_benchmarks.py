@@ -158,8 +158,8 @@ def test_depthwise_kernels_a_variant_that_fails_is_a_row_with_its_error(tmp_path
     bench = load("depthwise_kernels")
     forward_of = bench.forward_of
 
-    def failing(variant, conv, grid, num_prefix):
-        fn = forward_of(variant, conv, grid, num_prefix)
+    def failing(variant, conv, grid, num_prefix, input_bias):
+        fn = forward_of(variant, conv, grid, num_prefix, input_bias)
         if variant != "fused":
             return fn
 

@@ -31,21 +31,25 @@ class _RoundGrad(torch.autograd.Function):
         return grad.to(ctx.dtype).to(grad.dtype), None
 
 
-def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None) -> None:
+def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None,
+            merged: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
     bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training. ``stages``:
     the convolution's ``CONV_STAGES`` (0: the kernel that carries the next row in registers, which
-    the GELU cases take anyway; default: the module's own)."""
+    the GELU cases take anyway; default: the module's own); ``merged``: ``BWD_MERGED`` (1: the
+    backward in one kernel)."""
     from vitpe.kernels import depthwise
 
-    saved = depthwise.CONV_STAGES
+    saved = depthwise.CONV_STAGES, depthwise.BWD_MERGED
     if stages is not None:
         depthwise.CONV_STAGES = stages
+    if merged is not None:
+        depthwise.BWD_MERGED = merged
     try:
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             _compare(device, dtype)
     finally:
-        depthwise.CONV_STAGES = saved
+        depthwise.CONV_STAGES, depthwise.BWD_MERGED = saved
 
 
 def _compare(device: str, dtype: torch.dtype) -> None:
@@ -65,7 +69,10 @@ def _compare(device: str, dtype: torch.dtype) -> None:
             conv = GridConv(C, k, residual=residual).to(device)
             x = torch.randn(B, P + H * W, C, device=device, dtype=dtype, requires_grad=True)
             params = [x, conv.proj.weight, conv.proj.bias]
-            ours = kernels.depthwise_conv_tokens(x, conv.proj.weight, conv.proj.bias, (H, W), P, residual, gelu)
+            # a bias the caller added to x: it gets x's gradient summed over all rows
+            in_bias = torch.randn(C, device=device, requires_grad=True)
+            ours = kernels.depthwise_conv_tokens(x, conv.proj.weight, conv.proj.bias, (H, W), P, residual, gelu,
+                                                 in_bias)
             kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
             try:
                 # the cuDNN / CPU convolution in float32 (no TF32) of the same inputs, as the kernels
@@ -83,9 +90,10 @@ def _compare(device: str, dtype: torch.dtype) -> None:
             torch.testing.assert_close(ours.float(), ref, **tol, msg=lambda m: f"{case} output: {m}")
             # output gradients that bfloat16 holds exactly, so that both sides get the same
             w = torch.randn_like(ref).to(dtype).float()
-            got = torch.autograd.grad((ours.float() * w).sum(), params)
+            got = torch.autograd.grad((ours.float() * w).sum(), params + [in_bias])
             want = torch.autograd.grad((ref.float() * w).sum(), params)
-            for name, a, b in zip(("x", "weight", "bias"), got, want):
+            want = (*want, want[0].float().sum((0, 1)))
+            for name, a, b in zip(("x", "weight", "bias", "input bias"), got, want):
                 torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{case} {name}: {m}")
     # without a bias, the GELU's pre-activation is recomputed without one
     conv = GridConv(8).to(device)
@@ -97,54 +105,75 @@ def _compare(device: str, dtype: torch.dtype) -> None:
     for a, b in zip(torch.autograd.grad((ours.float() * w).sum(), [x, conv.proj.weight]),
                     torch.autograd.grad((ref.float() * w).sum(), [x, conv.proj.weight])):
         torch.testing.assert_close(a, b, **tol)
-    # a Mix-FFN Mlp hands its GELU to the kernel: fc1 -> convolution -> GELU -> fc2 as before
-    mlp = Mlp(6, 16, GridConv(16)).to(device)
-    mlp.mixer.gelu_with_grad = True
+    # a Mix-FFN Mlp hands its GELU to the kernel (or not), and with the merged backward fc1's bias
+    # to the mixer for its gradient: fc1 -> convolution -> GELU -> fc2 as before, gradients included
     pos = BlockPos((3, 4), 1)
-    ours = mlp(x[..., :6], pos)
-    kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
-    try:
-        ref = mlp.fc2(F.gelu(mlp.mixer(mlp.fc1(x[..., :6]), pos.grid, pos.num_prefix)))
-    finally:
-        kernels.depthwise.ENABLED = saved
-    torch.testing.assert_close(ours, ref, **tol)
+    for gelu_with_grad in (True, False):
+        mlp = Mlp(6, 16, GridConv(16)).to(device)
+        mlp.mixer.gelu_with_grad = gelu_with_grad
+        assert mlp.mixer.sums_input_bias_grad(x) == bool(kernels.depthwise.BWD_MERGED)
+        inp = x[..., :6].detach().requires_grad_()
+        ours = mlp(inp, pos)
+        w = torch.randn_like(ours)
+        got = torch.autograd.grad((ours.float() * w).sum(), [inp, *mlp.parameters()])
+        kernels.depthwise.ENABLED, saved = False, kernels.depthwise.ENABLED
+        try:
+            with torch.autocast(device, enabled=False):
+                ref = mlp.fc2(F.gelu(mlp.mixer(mlp.fc1(inp.float()), pos.grid, pos.num_prefix)))
+        finally:
+            kernels.depthwise.ENABLED = saved
+        torch.testing.assert_close(ours.float(), ref, **tol)
+        want = torch.autograd.grad((ref * w).sum(), [inp, *mlp.parameters()])
+        names = ["input"] + [n for n, _ in mlp.named_parameters()]
+        for name, a, b in zip(names, got, want):
+            torch.testing.assert_close(a.float(), b, atol=tol["atol"] * 5, rtol=tol["rtol"] * 5,
+                                       msg=lambda m: f"Mlp {name}: {m}")
     # the schema, the autograd registration and (on a GPU) the shape-only version agree with the
     # kernels, as torch.compile relies on
     for residual, gelu in ((True, False), (False, True)):
-        torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens,
-                              (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, residual, gelu),
-                              test_utils=opcheck_utils(device))
+        for in_bias in (None, torch.randn(8, device=device, requires_grad=True)):
+            torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens,
+                                  (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, residual, gelu, in_bias),
+                                  test_utils=opcheck_utils(device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
 # the default (pipelined kernels without the GELU, the register-carrying one with it); with
 # -m slow also the register-carrying kernels throughout
-@pytest.mark.parametrize("stages", [pytest.param(0, marks=pytest.mark.slow), 4])
-def test_kernels_match_the_convolution_in_the_interpreter(stages):
-    run_compare_in_interpreter('test_kernels', stages=stages)
+@pytest.mark.parametrize("stages,merged", [pytest.param(0, 0, marks=pytest.mark.slow), (4, 0), (4, 1)])
+def test_kernels_match_the_convolution_in_the_interpreter(stages, merged):
+    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stages", [0, 4])
+@pytest.mark.parametrize("stages,merged", [(0, 0), (4, 0), (4, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_match_the_convolution_on_gpu(dtype, stages):
+def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged):
     torch.backends.cudnn.allow_tf32 = False
-    compare("cuda", dtype, stages)
+    compare("cuda", dtype, stages, merged)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks():
+@pytest.mark.parametrize("merged", [0, 1])
+def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks(merged, monkeypatch):
     import timm
     import torch._dynamo as dynamo
 
+    from vitpe.kernels import depthwise
+
+    monkeypatch.setattr(depthwise, "BWD_MERGED", merged)
     model = timm.create_model("vitpe_vit_tiny_patch16_224", pos="mixffn+peg", depth=2, num_classes=3).cuda()
     x = torch.randn(2, 3, 64, 96, device="cuda")
     explained = dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
     dynamo.reset()
     loss_c = torch.compile(model)(x).square().mean()
+    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
     loss_e = model(x).square().mean()
+    grads_e = torch.autograd.grad(loss_e, list(model.parameters()))
     torch.testing.assert_close(loss_c, loss_e, atol=1e-4, rtol=1e-4)
+    for (name, _), a, b in zip(model.named_parameters(), grads_c, grads_e):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
 def test_mixffn_mlp_with_the_gelu_in_the_mixer_computes_fc1_conv_gelu_fc2():
@@ -198,3 +227,18 @@ def test_other_kernel_sizes_keep_the_convolution():
     assert not kernels.available(x, 5)
     with pytest.raises(ValueError, match=r"3x3; got a \(5, 5\) weight"):
         kernels.depthwise_conv_tokens(x, torch.randn(8, 1, 5, 5), None, (2, 2))
+
+
+def test_a_bias_handed_to_the_mixer_gets_the_sum_of_the_inputs_gradient_without_the_kernels():
+    """The convolution path (CPU) gives ``input_bias`` the same gradient as the kernels: that of a
+    bias added to the input, and leaves the output unchanged."""
+    torch.manual_seed(0)
+    conv = GridConv(8)
+    x = torch.randn(2, 1 + 12, 8, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    out = conv(x, (3, 4), 1, input_bias=bias)
+    assert torch.equal(out, conv(x, (3, 4), 1))
+    w = torch.randn_like(out)
+    grad_x, grad_bias = torch.autograd.grad((out * w).sum(), [x, bias])
+    torch.testing.assert_close(grad_bias, grad_x.sum((0, 1)))
+    assert not conv.sums_input_bias_grad(x)  # no kernels here: the Mlp keeps fc1 whole

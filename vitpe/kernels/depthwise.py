@@ -21,6 +21,13 @@ the convolution and its backward without the GELU from 0.750 to 0.643 ms on ViT-
 convolution takes it unless the GELU is inside (inference), where the register-carrying kernel
 measured faster (0.219 against 0.262 ms; docs/performance.md, eleventh round).
 
+The backward can also be one kernel (``_backward_staged_kernel``, ``BWD_MERGED``; prepared without a
+GPU, off until timed): it reads the output gradient once for the input gradient and the weight and
+bias gradients, and sums the input gradient as it writes it, which is the gradient of a bias the
+caller added to the input (``input_bias``: Mix-FFN hands fc1's bias over, saving autograd's
+separate pass over the hidden layer for it). Three passes over the hidden layer where the two
+kernels and autograd's sum take five.
+
 Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x + 0``).
 
 With ``gelu`` the convolution also applies Mix-FFN's activation (the exact, erf GELU), which
@@ -73,6 +80,15 @@ WG_TILE, WG_WARPS, WG_WAVES = 2048, 4, 2
 # shape: 0.750 with both kernels carrying rows in registers, 0.658 at 3, 0.643 at 4; with the
 # GELU, forward 0.219 in registers, 0.262 at 3 and 4
 CONV_STAGES, WG_STAGES = 4, 4
+# the backward in one kernel (``_backward_staged_kernel``): the input gradient, the weight and bias
+# gradients, and the gradient of a bias the caller added to the input (Mix-FFN's fc1), from one
+# read of the output gradient; 0 keeps the two kernels (the convolution with the kernel flipped,
+# then the weight gradient, which read the output gradient once each) and a separate sum.
+# Prepared without a GPU, not yet timed: off by default (``benchmarks/depthwise_kernels.py --tiles
+# '' 'BWD_MERGED=1'``). Its tile is smaller than the others': 11 sums and the convolution's two
+# carried rows stay in registers (about 20 tiles; at 1024 elements in 4 warps, 8 of each a thread)
+BWD_MERGED = 0
+BWD_TILE, BWD_WARPS, BWD_WAVES, BWD_STAGES = 1024, 4, 2, 3
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 
 
@@ -298,6 +314,74 @@ if triton is not None:
                     a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
     @triton.jit
+    def _backward_staged_kernel(x_ptr, g_ptr, taps_ptr, gx_ptr, part_ptr, skip, H, W, C, sxb, sgb, sgxb, rows,
+                                n_chunks, n_units, units_per_prog, RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
+                                BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+        """The whole backward of ``_conv_kernel``'s convolution (no GELU) from one read of the
+        output gradient ``g``: the input gradient ``gx`` (the convolution of ``g`` with ``taps``,
+        the kernel already flipped; ``+ g`` with ``RESIDUAL``) and, as ``_weight_grad_staged_kernel``,
+        per-program partial sums in ``part[prog, strip]``: rows 0-8 the taps' gradients, 9 the
+        bias's (``sum_p g[p]``), 10 the sum of ``gx`` over the patch rows (the gradient of a bias
+        added to the input). Programs walk their (image, ``rows`` rows) units as the weight
+        gradient's do. Step ``s`` loads the gradient row ``s`` at three column shifts, which serve
+        both: the input gradient's convolution completes its row ``s - 1`` (as ``_conv_staged_kernel``),
+        and the taps' sums take the gradient row shifted against the input rows ``s - 1``, ``s``
+        and ``s + 1`` unshifted (the last two from cache): the tap ``(i, j)`` pairs ``g[h, w]``
+        with ``x[h + i - 1, w + j - 1]``, that is the input row ``s + i - 1`` with the gradient
+        shifted by ``1 - j`` columns. Only the gradient rows of the program's own rows count
+        towards the sums; the rows above and below its first and last serve the convolution."""
+        prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+        offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
+        t0, t1, t2 = _row(taps_ptr + offs_c, 0, C, cmask), _row(taps_ptr + offs_c, 1, C, cmask), \
+            _row(taps_ptr + offs_c, 2, C, cmask)
+        t3, t4, t5 = _row(taps_ptr + offs_c, 3, C, cmask), _row(taps_ptr + offs_c, 4, C, cmask), \
+            _row(taps_ptr + offs_c, 5, C, cmask)
+        t6, t7, t8 = _row(taps_ptr + offs_c, 6, C, cmask), _row(taps_ptr + offs_c, 7, C, cmask), \
+            _row(taps_ptr + offs_c, 8, C, cmask)
+        row_len = W * C
+        zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, ab, ai = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for u in range(0, units_per_prog):
+            unit = prog + u * nprog
+            b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
+            r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
+            x_img = x_ptr + skip + b * sxb
+            g_img = g_ptr + skip + b * sgb
+            gx_img = gx_ptr + skip + b * sgxb
+            # the input gradient's rows s - 1 and s so far (two zero tiles made apart, as in
+            # ``_conv_staged_kernel``)
+            at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            below = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            for s in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
+                g_l, g_m, g_r = _f32(*_row3(g_img + s * row_len, offs, C, m_l, m_m, m_r, (s >= 0) & (s < H)))
+                own = (s >= r0) & (s < r1)  # the gradient row is the program's: it counts towards the sums
+                x_up = tl.load(x_img + (s - 1) * row_len + offs, mask=m_m & own & (s >= 1), other=0.0).to(tl.float32)
+                x_at = tl.load(x_img + s * row_len + offs, mask=m_m & own, other=0.0).to(tl.float32)
+                x_dn = tl.load(x_img + (s + 1) * row_len + offs, mask=m_m & own & (s + 1 < H),
+                               other=0.0).to(tl.float32)
+                done = s > r0  # the input gradient's row s - 1 is the program's
+                out = at + g_l * t6 + g_m * t7 + g_r * t8
+                at = below + g_l * t3 + g_m * t4 + g_r * t5
+                below = g_l * t0 + g_m * t1 + g_r * t2
+                if RESIDUAL:
+                    out += tl.load(g_img + (s - 1) * row_len + offs, mask=m_m & done, other=0.0).to(tl.float32)
+                tl.store(gx_img + (s - 1) * row_len + offs, out.to(gx_ptr.dtype.element_ty), mask=m_m & done)
+                ai += tl.where(m_m & done, out, 0.0)
+                ab += tl.where(own, g_m, 0.0)
+                a0 += g_r * x_up
+                a1 += g_m * x_up
+                a2 += g_l * x_up
+                a3 += g_r * x_at
+                a4 += g_m * x_at
+                a5 += g_l * x_at
+                a6 += g_r * x_dn
+                a7 += g_m * x_dn
+                a8 += g_l * x_dn
+        out_ptr = part_ptr + (prog * tl.num_programs(1) + strip) * 11 * C + offs_c
+        _store_sums(out_ptr, C, cmask, a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
+        tl.store(out_ptr + 10 * C, tl.sum(ai, axis=0), mask=cmask)
+
+    @triton.jit
     def _prefix_kernel(src_ptr, x_ptr, dst_ptr, n, ssb, sxb, sdb, MODE: tl.constexpr, BLOCK: tl.constexpr):
         """The first ``n`` elements (the prefix rows) of each image: ``dst = src`` (``MODE`` 0),
         ``gelu(src)`` (1), or ``src * gelu'(x)`` (2, the GELU's backward), in the tensors
@@ -395,9 +479,26 @@ def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Te
     return part
 
 
+def _backward_merged(grad: Tensor, x: Tensor, weight: Tensor, grad_x: Tensor, H: int, W: int, num_prefix: int,
+                     residual: bool) -> Tensor:
+    """Write the patch rows of ``grad_x`` and return ``(programs x strips, 11, C)`` float32 partial
+    sums: the 9 taps', the bias's and the input bias's gradients (``_backward_staged_kernel``)."""
+    B, _, C = x.shape
+    block_w, block_c, strips, c_blocks, rows, chunks = _walk(x, H, W, BWD_TILE, BWD_WAVES)
+    units = B * chunks
+    progs, per_prog = _programs(units, strips * c_blocks, BWD_WAVES, x.device)
+    part = torch.empty(progs * strips, 11, C, device=x.device, dtype=torch.float32)
+    traceable(_backward_staged_kernel)[(progs, strips, c_blocks)](
+        x, grad, _taps(weight.flip(-1, -2)), grad_x, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0),
+        grad_x.stride(0), rows, chunks, units, per_prog, RESIDUAL=residual, EVEN_C=C % block_c == 0,
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_WARPS, STAGES=BWD_STAGES)
+    return part
+
+
 def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
-                residual: bool, gelu: bool) -> Tensor:
-    """The forward: a new contiguous ``(B, P + H*W, C)`` tensor."""
+                residual: bool, gelu: bool, input_bias: Optional[Tensor]) -> Tensor:
+    """The forward: a new contiguous ``(B, P + H*W, C)`` tensor (``input_bias`` is only given a
+    gradient, in the backward)."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_prefix:
         _launch_prefix(x, x, out, num_prefix, mode=1 if gelu else 0)
@@ -406,39 +507,52 @@ def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: in
 
 
 def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int,
-                         num_prefix: int, residual: bool, gelu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for ``x``, ``weight`` and the bias (float32 ``(C,)``, also when there is none);
-    ``bias`` is read only with ``gelu``, to recompute the pre-activation."""
+                         num_prefix: int, residual: bool, gelu: bool,
+                         input_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for ``x``, ``weight``, the bias (float32 ``(C,)``, also when there is none) and,
+    with ``input_bias_grad``, a bias added to ``x`` (``x``'s gradient summed over all its rows,
+    float32 ``(C,)``; empty without); ``bias`` is read only with ``gelu``, to recompute the
+    pre-activation."""
     grad = grad.contiguous()
     grad_pre = grad
     if gelu:
         # the pre-activation recomputed and its gradient written whole (prefix rows left unset and unread)
         grad_pre = torch.empty_like(grad)
         _launch_conv(x, weight, bias, grad_pre, (H, W), num_prefix, flip=False, residual=False, act=2, grad=grad)
-    part = _weight_grad(x, grad_pre, H, W, num_prefix)
     grad_x = torch.empty_like(grad)
     if num_prefix:
         _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)
-    # the input gradient: the same convolution of the output's (with gelu, the pre-activation's)
-    # gradient with the kernel flipped
-    _launch_conv(grad_pre, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
-    sums = part.sum(0)  # (10, C)
+    if BWD_MERGED:
+        sums = _backward_merged(grad_pre, x, weight, grad_x, H, W, num_prefix, residual).sum(0)  # (11, C)
+        input_sum = sums[10]
+    else:
+        sums = _weight_grad(x, grad_pre, H, W, num_prefix).sum(0)  # (10, C)
+        # the input gradient: the same convolution of the output's (with gelu, the pre-activation's)
+        # gradient with the kernel flipped
+        _launch_conv(grad_pre, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
+        input_sum = grad_x[:, num_prefix:].sum((0, 1), dtype=torch.float32) if input_bias_grad else None
+    if input_bias_grad:
+        grad_input_bias = input_sum + grad_x[:, :num_prefix].sum((0, 1), dtype=torch.float32)
+    else:
+        grad_input_bias = grad_x.new_empty(0, dtype=torch.float32)
     grad_w = sums[:9].t().reshape(weight.shape).to(weight.dtype).contiguous()
-    return grad_x, grad_w, sums[9].clone()
+    return grad_x, grad_w, sums[9].clone(), grad_input_bias
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, weight, bias, H, W, num_prefix, residual, gelu = inputs
+    x, weight, bias, H, W, num_prefix, residual, gelu, input_bias = inputs
     ctx.save_for_backward(x, weight, bias if gelu else None)
-    ctx.args = (H, W, num_prefix, residual, gelu)
+    ctx.args = (H, W, num_prefix, residual, gelu, input_bias is not None)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.input_bias_dtype = None if input_bias is None else input_bias.dtype
 
 
 def _grads(ctx, grad: Tensor, backward) -> tuple:
     x, weight, bias = ctx.saved_tensors
-    grad_x, grad_w, grad_b = backward(grad, x, weight, bias, *ctx.args)
+    grad_x, grad_w, grad_b, grad_ib = backward(grad, x, weight, bias, *ctx.args)
     grad_b = None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None
+    grad_ib = None if ctx.input_bias_dtype is None else grad_ib.to(ctx.input_bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None, grad_ib
 
 
 # the operators vitpe::depthwise_conv_tokens(_backward) when compiled, an autograd.Function eager
@@ -446,17 +560,27 @@ _call = kernel_op("depthwise_conv_tokens", conv_tokens, conv_tokens_backward, _s
 
 
 def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid: tuple[int, int],
-                          num_prefix: int = 0, residual: bool = False, gelu: bool = False) -> Tensor:
+                          num_prefix: int = 0, residual: bool = False, gelu: bool = False,
+                          input_bias: Optional[Tensor] = None) -> Tensor:
     """``x`` ``(B, P + H*W, C)`` -> same shape: the patch rows convolved depthwise (``weight``
     ``(C, 1, k, k)``, zero padding ``k // 2``), plus themselves with ``residual``; prefix rows
     unchanged. With ``gelu``, the exact (erf) GELU of all that, prefix rows included: Mix-FFN's
     ``gelu(conv(x))`` in one kernel (not with ``residual``). Computed in float32, returned in
-    ``x``'s dtype."""
+    ``x``'s dtype.
+
+    ``input_bias`` ``(C,)``: a bias the caller has already added to ``x`` with its gradient cut
+    (``F.linear(t, w, b.detach())``), whose gradient, ``x``'s summed over all rows, this call
+    returns instead: with ``BWD_MERGED`` the backward kernel sums it in passing, saving the
+    separate pass over ``x``'s gradient that autograd would make (Mix-FFN's fc1 bias). The output
+    does not depend on it."""
     if weight.shape[-2:] != (3, 3):
         raise ValueError(f"the token depthwise kernels are 3x3; got a {tuple(weight.shape[-2:])} weight")
     if gelu and residual:
         raise ValueError("the token depthwise kernels apply GELU only without the residual (Mix-FFN, not PEG)")
+    if input_bias is not None and input_bias.shape != (x.shape[-1],):
+        raise ValueError(f"input_bias must have one value per channel ({x.shape[-1]}); got {tuple(input_bias.shape)}")
     if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
         x = x.contiguous()
-    args = (x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual), bool(gelu))
+    args = (x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual), bool(gelu),
+            input_bias)
     return _call(*args)

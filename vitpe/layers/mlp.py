@@ -26,12 +26,20 @@ class Mlp(nn.Module):
             # pass back, the bias gradient included)
             x = bias_gelu.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
             return self.drop2(self.fc2(self.drop1(x)))
-        x = self.fc1(x)
+        mixer_kw = {}
+        if self.mixer is not None and self.fc1.bias is not None and \
+                getattr(self.mixer, "sums_input_bias_grad", lambda t: False)(x):
+            # the mixer's backward sums fc1's bias gradient as it computes its input gradient:
+            # the bias is added here without a gradient and handed over for its gradient
+            x = F.linear(x, self.fc1.weight, self.fc1.bias.detach())
+            mixer_kw["input_bias"] = self.fc1.bias
+        else:
+            x = self.fc1(x)
         if self._mixer_applies_act():
-            x = self.mixer(x, pos.grid, pos.num_prefix, gelu=True)
+            x = self.mixer(x, pos.grid, pos.num_prefix, gelu=True, **mixer_kw)
         else:
             if self.mixer is not None:
-                x = self.mixer(x, pos.grid, pos.num_prefix)
+                x = self.mixer(x, pos.grid, pos.num_prefix, **mixer_kw)
             x = self.act(x)
         return self.drop2(self.fc2(self.drop1(x)))
 

@@ -177,13 +177,26 @@ class GridConv(nn.Module):
         mixer), when no gradient is recorded (inference) or ``gelu_with_grad`` is set."""
         return not self.residual and (self.gelu_with_grad or not torch.is_grad_enabled())
 
-    def forward(self, x: Tensor, grid: Grid, num_prefix: int, gelu: bool = False) -> Tensor:
+    def sums_input_bias_grad(self, x: Tensor) -> bool:
+        """Whether ``forward(x, ..., input_bias=b)`` should be used for a bias ``b`` the caller adds
+        to ``x`` (Mix-FFN's fc1): when gradients are recorded and the kernels' merged backward
+        (``depthwise.BWD_MERGED``) sums ``b``'s gradient in passing, saving autograd's own pass."""
+        return bool(kernels.depthwise.BWD_MERGED) and torch.is_grad_enabled() and \
+            kernels.available(x, self.proj.kernel_size[0])
+
+    def forward(self, x: Tensor, grid: Grid, num_prefix: int, gelu: bool = False,
+                input_bias: Tensor | None = None) -> Tensor:
+        """``input_bias``: a bias already added to ``x`` with its gradient cut (``.detach()``), whose
+        gradient this call gives it (``sums_input_bias_grad``); the result does not depend on it."""
         if gelu and self.residual:
             raise ValueError("GridConv applies GELU only without the residual (Mix-FFN, not PEG)")
         if kernels.available(x, self.proj.kernel_size[0]):
             check_tokens(x, grid, num_prefix)
             return kernels.depthwise_conv_tokens(x, self.proj.weight, self.proj.bias, grid, num_prefix, self.residual,
-                                                 gelu)
+                                                 gelu, input_bias)
+        if input_bias is not None:
+            # the bias's gradient through autograd: zero added, with the gradient of adding it
+            x = x + (input_bias - input_bias.detach()).to(x.dtype)
         prefix, maps = to_map(x, grid, num_prefix)
         # tokens (B, N, C) already are a channels-last map, unless prefix tokens were sliced off;
         # keep that layout so the convolution runs channels-last without transposing copies
