@@ -32,24 +32,26 @@ class _RoundGrad(torch.autograd.Function):
 
 
 def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None,
-            merged: int | None = None) -> None:
+            merged: int | None = None, saved: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
     bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training. ``stages``:
     the convolution's ``CONV_STAGES`` (0: the kernel that carries the next row in registers, which
     the GELU cases take anyway; default: the module's own); ``merged``: ``BWD_MERGED`` (1: the
-    backward in one kernel)."""
+    backward in one kernel); ``saved``: ``SAVE_GELU_GRAD`` (1: the GELU cases keep the derivative
+    from the forward)."""
     from vitpe.kernels import depthwise
 
-    saved = depthwise.CONV_STAGES, depthwise.BWD_MERGED
-    if stages is not None:
-        depthwise.CONV_STAGES = stages
-    if merged is not None:
-        depthwise.BWD_MERGED = merged
+    settings = dict(CONV_STAGES=stages, BWD_MERGED=merged, SAVE_GELU_GRAD=saved)
+    before = {k: getattr(depthwise, k) for k in settings}
+    for k, v in settings.items():
+        if v is not None:
+            setattr(depthwise, k, v)
     try:
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             _compare(device, dtype)
     finally:
-        depthwise.CONV_STAGES, depthwise.BWD_MERGED = saved
+        for k, v in before.items():
+            setattr(depthwise, k, v)
 
 
 def _compare(device: str, dtype: torch.dtype) -> None:
@@ -130,38 +132,41 @@ def _compare(device: str, dtype: torch.dtype) -> None:
                                        msg=lambda m: f"Mlp {name}: {m}")
     # the schema, the autograd registration and (on a GPU) the shape-only version agree with the
     # kernels, as torch.compile relies on
-    for residual, gelu in ((True, False), (False, True)):
+    for residual, gelu, save in ((True, False, False), (False, True, False), (False, True, True)):
         for in_bias in (None, torch.randn(8, device=device, requires_grad=True)):
             torch.library.opcheck(torch.ops.vitpe.depthwise_conv_tokens,
-                                  (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, residual, gelu, in_bias),
+                                  (x, conv.proj.weight, conv.proj.bias, 3, 4, 1, residual, gelu, in_bias, save),
                                   test_utils=opcheck_utils(device))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
 # the default (pipelined kernels without the GELU, the register-carrying one with it); with
 # -m slow also the register-carrying kernels throughout
-@pytest.mark.parametrize("stages,merged", [pytest.param(0, 0, marks=pytest.mark.slow), (4, 0), (4, 1)])
-def test_kernels_match_the_convolution_in_the_interpreter(stages, merged):
-    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged)
+# the merged backward with the GELU's derivative kept (as prepared), and without either (the default)
+@pytest.mark.parametrize("stages,merged,saved", [pytest.param(0, 0, 0, marks=pytest.mark.slow), (4, 0, 0),
+                                                 pytest.param(4, 0, 1, marks=pytest.mark.slow), (4, 1, 1)])
+def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved):
+    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stages,merged", [(0, 0), (4, 0), (4, 1)])
+@pytest.mark.parametrize("stages,merged,saved", [(0, 0, 0), (4, 0, 0), (4, 0, 1), (4, 1, 0), (4, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged):
+def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved):
     torch.backends.cudnn.allow_tf32 = False
-    compare("cuda", dtype, stages, merged)
+    compare("cuda", dtype, stages, merged, saved)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("merged", [0, 1])
-def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks(merged, monkeypatch):
+@pytest.mark.parametrize("merged,saved", [(0, 0), (1, 1)])
+def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks(merged, saved, monkeypatch):
     import timm
     import torch._dynamo as dynamo
 
     from vitpe.kernels import depthwise
 
     monkeypatch.setattr(depthwise, "BWD_MERGED", merged)
+    monkeypatch.setattr(depthwise, "SAVE_GELU_GRAD", saved)
     model = timm.create_model("vitpe_vit_tiny_patch16_224", pos="mixffn+peg", depth=2, num_classes=3).cuda()
     x = torch.randn(2, 3, 64, 96, device="cuda")
     explained = dynamo.explain(model)(x)

@@ -44,7 +44,9 @@ ways). Prefix rows come out as ``gelu(x)``. Mix-FFN models fuse the GELU when no
 recorded, and in training only when asked (``GridConv.gelu_with_grad``, for the memory): on an
 H200 the fused forward is the faster one (0.220 against 0.260 ms on ViT-S's shape), the fused
 backward is not (forward and backward 0.875 against 0.788 ms: the recomputing convolution with
-GELU's derivative costs more than torch's GELU backward).
+GELU's derivative costs more than torch's GELU backward). With ``SAVE_GELU_GRAD`` (prepared, off
+until timed) the forward writes GELU's derivative beside the output instead, the backward
+multiplies it in (in the merged kernel, as it loads the gradient), and nothing is recomputed.
 """
 from __future__ import annotations
 
@@ -89,6 +91,13 @@ CONV_STAGES, WG_STAGES = 4, 4
 # carried rows stay in registers (about 20 tiles; at 1024 elements in 4 warps, 8 of each a thread)
 BWD_MERGED = 0
 BWD_TILE, BWD_WARPS, BWD_WAVES, BWD_STAGES = 1024, 4, 2, 3
+# with gradients recorded, the GELU inside the convolution's forward kernel, which also writes GELU's
+# derivative at the pre-activation for the backward (a tensor of the output's size, in its dtype,
+# kept instead of the pre-activation that torch's GELU keeps); the backward multiplies the output
+# gradient by it as it loads it (in the merged kernel) instead of running the GELU's backward. Three
+# passes over the hidden layer fewer than the GELU outside the kernel (with ``BWD_MERGED``).
+# Prepared without a GPU, not yet timed: off by default
+SAVE_GELU_GRAD = 0
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 
 
@@ -107,6 +116,12 @@ if triton is not None:
     def _gelu_grad(z):
         """GELU's derivative ``Phi(z) + z * phi(z)``."""
         return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+
+    @triton.jit
+    def _gelu_and_grad(z):
+        """The exact GELU and its derivative, sharing the ``erf``."""
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return z * cdf, cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
     @triton.jit
     def _row(ptr, i: tl.constexpr, C, cmask):
@@ -190,8 +205,9 @@ if triton is not None:
                      HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, EVEN_C: tl.constexpr,
                      BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * taps[3 i + j, c] (+ bias)
-        (+ x)``, zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1), or
-        ``ga * gelu'(z)`` (2: the GELU's backward, ``ga`` laid out as ``y``); positions are row-major
+        (+ x)``, zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1),
+        ``ga * gelu'(z)`` (2: the GELU's backward, ``ga`` laid out as ``y``), or ``gelu(z)`` with
+        ``gelu'(z)`` stored in ``ga`` (3: the forward that keeps the derivative); positions are row-major
         within an image, channels contiguous, starting ``skip`` elements into each image (after the
         prefix tokens). Each program walks down ``rows`` rows of one image within a strip of
         ``BLOCK_W`` columns and ``BLOCK_C`` channels, reading each input row once (at three column
@@ -234,6 +250,9 @@ if triton is not None:
                 out = _gelu(out)
             if ACT == 2:
                 out = ga * _gelu_grad(out)
+            if ACT == 3:
+                out, d = _gelu_and_grad(out)
+                tl.store(ga_img + (s - 1) * row_len + offs, d.to(ga_ptr.dtype.element_ty), mask=m_m)
             tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m)
 
     @triton.jit
@@ -314,9 +333,10 @@ if triton is not None:
                     a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
     @triton.jit
-    def _backward_staged_kernel(x_ptr, g_ptr, taps_ptr, gx_ptr, part_ptr, skip, H, W, C, sxb, sgb, sgxb, rows,
-                                n_chunks, n_units, units_per_prog, RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
-                                BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+    def _backward_staged_kernel(x_ptr, g_ptr, d_ptr, taps_ptr, gx_ptr, part_ptr, skip, H, W, C, sxb, sgb, sdb, sgxb,
+                                rows, n_chunks, n_units, units_per_prog, RESIDUAL: tl.constexpr,
+                                GATED: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
+                                BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """The whole backward of ``_conv_kernel``'s convolution (no GELU) from one read of the
         output gradient ``g``: the input gradient ``gx`` (the convolution of ``g`` with ``taps``,
         the kernel already flipped; ``+ g`` with ``RESIDUAL``) and, as ``_weight_grad_staged_kernel``,
@@ -329,7 +349,9 @@ if triton is not None:
         and ``s + 1`` unshifted (the last two from cache): the tap ``(i, j)`` pairs ``g[h, w]``
         with ``x[h + i - 1, w + j - 1]``, that is the input row ``s + i - 1`` with the gradient
         shifted by ``1 - j`` columns. Only the gradient rows of the program's own rows count
-        towards the sums; the rows above and below its first and last serve the convolution."""
+        towards the sums; the rows above and below its first and last serve the convolution. With
+        ``GATED`` the gradient is ``g * d`` (``d`` laid out as ``g``: the GELU's derivative kept by
+        the forward), multiplied as it is loaded."""
         prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
         offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
         t0, t1, t2 = _row(taps_ptr + offs_c, 0, C, cmask), _row(taps_ptr + offs_c, 1, C, cmask), \
@@ -348,12 +370,16 @@ if triton is not None:
             x_img = x_ptr + skip + b * sxb
             g_img = g_ptr + skip + b * sgb
             gx_img = gx_ptr + skip + b * sgxb
+            d_img = d_ptr + skip + b * sdb
             # the input gradient's rows s - 1 and s so far (two zero tiles made apart, as in
             # ``_conv_staged_kernel``)
             at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             below = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             for s in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
                 g_l, g_m, g_r = _f32(*_row3(g_img + s * row_len, offs, C, m_l, m_m, m_r, (s >= 0) & (s < H)))
+                if GATED:
+                    d_l, d_m, d_r = _f32(*_row3(d_img + s * row_len, offs, C, m_l, m_m, m_r, (s >= 0) & (s < H)))
+                    g_l, g_m, g_r = g_l * d_l, g_m * d_m, g_r * d_r
                 own = (s >= r0) & (s < r1)  # the gradient row is the program's: it counts towards the sums
                 x_up = tl.load(x_img + (s - 1) * row_len + offs, mask=m_m & own & (s >= 1), other=0.0).to(tl.float32)
                 x_at = tl.load(x_img + s * row_len + offs, mask=m_m & own, other=0.0).to(tl.float32)
@@ -435,8 +461,8 @@ def _walk(x: Tensor, H: int, W: int, tile: int, waves: int) -> tuple[int, int, i
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
                  num_prefix: int, flip: bool, residual: bool, act: int = 0, grad: Optional[Tensor] = None) -> None:
     """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape),
-    then (``act``) the GELU (1), or the GELU's backward of ``grad`` (2: ``out = grad * gelu'(z)``);
-    ``flip`` turns the kernel by 180 degrees (the input gradient)."""
+    then (``act``) the GELU (1), the GELU's backward of ``grad`` (2: ``out = grad * gelu'(z)``), or
+    the GELU with its derivative written into ``grad`` (3); ``flip`` turns the kernel by 180 degrees (the input gradient)."""
     B, _, C = src.shape
     H, W = grid_hw
     taps = _taps(weight.flip(-1, -2) if flip else weight)
@@ -452,7 +478,7 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
             src, taps, b, out, num_prefix * C, H, W, C, src.stride(0), out.stride(0), rows, chunks, strips,
             STAGES=CONV_STAGES, **tiles)
         return
-    grad = out if grad is None else grad  # read only with act 2
+    grad = out if grad is None else grad  # read with act 2, written with act 3
     traceable(_conv_kernel)[grid](
         src, taps, b, out, grad, num_prefix * C, H, W, C, src.stride(0), out.stride(0), grad.stride(0), rows,
         chunks, strips, ACT=act, **tiles)
@@ -480,42 +506,57 @@ def _weight_grad(x: Tensor, grad: Tensor, H: int, W: int, num_prefix: int) -> Te
 
 
 def _backward_merged(grad: Tensor, x: Tensor, weight: Tensor, grad_x: Tensor, H: int, W: int, num_prefix: int,
-                     residual: bool) -> Tensor:
+                     residual: bool, gate: Optional[Tensor] = None) -> Tensor:
     """Write the patch rows of ``grad_x`` and return ``(programs x strips, 11, C)`` float32 partial
-    sums: the 9 taps', the bias's and the input bias's gradients (``_backward_staged_kernel``)."""
+    sums: the 9 taps', the bias's and the input bias's gradients (``_backward_staged_kernel``), of
+    the output gradient ``grad`` or, given ``gate``, of ``grad * gate``."""
     B, _, C = x.shape
     block_w, block_c, strips, c_blocks, rows, chunks = _walk(x, H, W, BWD_TILE, BWD_WAVES)
     units = B * chunks
     progs, per_prog = _programs(units, strips * c_blocks, BWD_WAVES, x.device)
     part = torch.empty(progs * strips, 11, C, device=x.device, dtype=torch.float32)
+    d = grad if gate is None else gate
     traceable(_backward_staged_kernel)[(progs, strips, c_blocks)](
-        x, grad, _taps(weight.flip(-1, -2)), grad_x, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0),
-        grad_x.stride(0), rows, chunks, units, per_prog, RESIDUAL=residual, EVEN_C=C % block_c == 0,
+        x, grad, d, _taps(weight.flip(-1, -2)), grad_x, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0),
+        d.stride(0), grad_x.stride(0), rows, chunks, units, per_prog, RESIDUAL=residual, GATED=gate is not None,
+        EVEN_C=C % block_c == 0,
         BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_WARPS, STAGES=BWD_STAGES)
     return part
 
 
 def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
-                residual: bool, gelu: bool, input_bias: Optional[Tensor]) -> Tensor:
-    """The forward: a new contiguous ``(B, P + H*W, C)`` tensor (``input_bias`` is only given a
-    gradient, in the backward)."""
+                residual: bool, gelu: bool, input_bias: Optional[Tensor], save_gelu_grad: bool) -> tuple[Tensor, Tensor]:
+    """The forward: a new contiguous ``(B, P + H*W, C)`` tensor, and with ``save_gelu_grad`` (and
+    ``gelu``) GELU's derivative at the pre-activation of its patch rows for the backward (prefix
+    rows unset), else an empty tensor. ``input_bias`` is only given a gradient, in the backward."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_prefix:
         _launch_prefix(x, x, out, num_prefix, mode=1 if gelu else 0)
-    _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, act=1 if gelu else 0)
-    return out
+    if save_gelu_grad:
+        gelu_grad = torch.empty_like(out)
+        _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=False, act=3, grad=gelu_grad)
+    else:
+        gelu_grad = out.new_empty(0)
+        _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, act=1 if gelu else 0)
+    return out, gelu_grad
 
 
-def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int,
-                         num_prefix: int, residual: bool, gelu: bool,
+def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu_grad: Optional[Tensor],
+                         H: int, W: int, num_prefix: int, residual: bool, gelu: bool,
                          input_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for ``x``, ``weight``, the bias (float32 ``(C,)``, also when there is none) and,
     with ``input_bias_grad``, a bias added to ``x`` (``x``'s gradient summed over all its rows,
-    float32 ``(C,)``; empty without); ``bias`` is read only with ``gelu``, to recompute the
+    float32 ``(C,)``; empty without). With ``gelu``, the pre-activation's gradient is ``grad``
+    times ``gelu_grad`` where the forward kept it, else ``bias`` is read to recompute the
     pre-activation."""
     grad = grad.contiguous()
-    grad_pre = grad
-    if gelu:
+    grad_pre, gate = grad, None
+    if gelu and gelu_grad is not None:
+        if BWD_MERGED:
+            gate = gelu_grad  # multiplied in as the merged kernel loads the gradient
+        else:
+            grad_pre = grad * gelu_grad  # (prefix rows unset and unread)
+    elif gelu:
         # the pre-activation recomputed and its gradient written whole (prefix rows left unset and unread)
         grad_pre = torch.empty_like(grad)
         _launch_conv(x, weight, bias, grad_pre, (H, W), num_prefix, flip=False, residual=False, act=2, grad=grad)
@@ -523,7 +564,7 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
     if num_prefix:
         _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)
     if BWD_MERGED:
-        sums = _backward_merged(grad_pre, x, weight, grad_x, H, W, num_prefix, residual).sum(0)  # (11, C)
+        sums = _backward_merged(grad_pre, x, weight, grad_x, H, W, num_prefix, residual, gate).sum(0)  # (11, C)
         input_sum = sums[10]
     else:
         sums = _weight_grad(x, grad_pre, H, W, num_prefix).sum(0)  # (10, C)
@@ -540,23 +581,24 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, weight, bias, H, W, num_prefix, residual, gelu, input_bias = inputs
-    ctx.save_for_backward(x, weight, bias if gelu else None)
+    x, weight, bias, H, W, num_prefix, residual, gelu, input_bias, save_gelu_grad = inputs
+    gelu_grad = output[1] if save_gelu_grad else None
+    ctx.save_for_backward(x, weight, bias if gelu and gelu_grad is None else None, gelu_grad)
     ctx.args = (H, W, num_prefix, residual, gelu, input_bias is not None)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.input_bias_dtype = None if input_bias is None else input_bias.dtype
 
 
-def _grads(ctx, grad: Tensor, backward) -> tuple:
-    x, weight, bias = ctx.saved_tensors
-    grad_x, grad_w, grad_b, grad_ib = backward(grad, x, weight, bias, *ctx.args)
+def _grads(ctx, grad: Tensor, grad_gelu_grad: Optional[Tensor], backward) -> tuple:
+    x, weight, bias, gelu_grad = ctx.saved_tensors
+    grad_x, grad_w, grad_b, grad_ib = backward(grad, x, weight, bias, gelu_grad, *ctx.args)
     grad_b = None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype)
     grad_ib = None if ctx.input_bias_dtype is None else grad_ib.to(ctx.input_bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, grad_ib
+    return grad_x, grad_w, grad_b, None, None, None, None, None, grad_ib, None
 
 
 # the operators vitpe::depthwise_conv_tokens(_backward) when compiled, an autograd.Function eager
-_call = kernel_op("depthwise_conv_tokens", conv_tokens, conv_tokens_backward, _setup, _grads)
+_call = kernel_op("depthwise_conv_tokens", conv_tokens, conv_tokens_backward, _setup, _grads, non_differentiable=(1,))
 
 
 def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid: tuple[int, int],
@@ -566,7 +608,8 @@ def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], gri
     ``(C, 1, k, k)``, zero padding ``k // 2``), plus themselves with ``residual``; prefix rows
     unchanged. With ``gelu``, the exact (erf) GELU of all that, prefix rows included: Mix-FFN's
     ``gelu(conv(x))`` in one kernel (not with ``residual``). Computed in float32, returned in
-    ``x``'s dtype.
+    ``x``'s dtype. With ``gelu``, recording gradients and ``SAVE_GELU_GRAD`` set, the forward
+    also keeps GELU's derivative for the backward.
 
     ``input_bias`` ``(C,)``: a bias the caller has already added to ``x`` with its gradient cut
     (``F.linear(t, w, b.detach())``), whose gradient, ``x``'s summed over all rows, this call
@@ -581,6 +624,7 @@ def depthwise_conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], gri
         raise ValueError(f"input_bias must have one value per channel ({x.shape[-1]}); got {tuple(input_bias.shape)}")
     if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
         x = x.contiguous()
+    save_gelu_grad = bool(gelu and SAVE_GELU_GRAD and torch.is_grad_enabled())
     args = (x, weight.contiguous(), bias, int(grid[0]), int(grid[1]), int(num_prefix), bool(residual), bool(gelu),
-            input_bias)
-    return _call(*args)
+            input_bias, save_gelu_grad)
+    return _call(*args)[0]

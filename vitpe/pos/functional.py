@@ -174,8 +174,10 @@ class GridConv(nn.Module):
     @property
     def fuses_gelu(self) -> bool:
         """Whether ``Mlp`` should hand its GELU to ``forward``: without the residual (as Mix-FFN's
-        mixer), when no gradient is recorded (inference) or ``gelu_with_grad`` is set."""
-        return not self.residual and (self.gelu_with_grad or not torch.is_grad_enabled())
+        mixer), when no gradient is recorded (inference), ``gelu_with_grad`` is set, or the kernels
+        keep GELU's derivative for the backward (``depthwise.SAVE_GELU_GRAD``)."""
+        return not self.residual and (self.gelu_with_grad or bool(kernels.depthwise.SAVE_GELU_GRAD)
+                                      or not torch.is_grad_enabled())
 
     def sums_input_bias_grad(self, x: Tensor) -> bool:
         """Whether ``forward(x, ..., input_bias=b)`` should be used for a bias ``b`` the caller adds
