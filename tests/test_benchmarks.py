@@ -1,5 +1,6 @@
 """The throughput benchmark runs end to end on CPU with a tiny setting, so it does not rot."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,48 @@ def test_flops_include_the_work_of_vitpes_kernels(tmp_path):
     # mixffn adds the 3x3 depthwise convolution of the hidden layer: 2 * 9 FLOPs per element, 3x for training
     hidden = 4 * 384 * (32 // 16) ** 2
     assert kernels["mixffn"] == pytest.approx(kernels["learned"] + 3 * 2 * 9 * hidden, rel=1e-6)
+
+
+def test_depthwise_resources_records_the_kernels_each_setting_launches():
+    """The host code runs on data-less tensors and its launches are recorded, not made: the
+    settings route Mix-FFN's calls to the kernels they name, with the JIT's specialisation."""
+    pytest.importorskip("triton")
+    bench = load("depthwise_resources")
+    from vitpe.kernels import depthwise
+
+    def kernels(call, spec=""):
+        with bench.tile_settings(depthwise, spec):
+            return [(launch.kernel.fn.__name__, launch.kwargs.get("ACT"))
+                    for launch in bench.calls_of((2, 3, 4, 8, 1), call, torch.bfloat16)]
+
+    assert kernels("forward") == [("_prefix_kernel", None), ("_conv_staged_kernel", None)]
+    assert kernels("backward") == [("_prefix_kernel", None), ("_weight_grad_staged_kernel", None),
+                                   ("_conv_staged_kernel", None)]
+    assert kernels("gelu_forward") == [("_prefix_kernel", None), ("_conv_kernel", 1)]
+    assert kernels("gelu_backward")[0] == ("_conv_kernel", 2)  # the pre-activation recomputed
+    merged = "BWD_MERGED=1,SAVE_GELU_GRAD=1"
+    assert kernels("backward", merged) == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
+    assert kernels("gelu_forward", merged) == [("_prefix_kernel", None), ("_conv_kernel", 3)]
+    assert kernels("gelu_backward", merged) == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
+    launch = bench.calls_of((2, 3, 4, 8, 1), "forward", torch.bfloat16)[1]
+    sig, consts, attrs = bench.signature(launch)
+    names = [p.name for p in launch.kernel.params]
+    assert sig["x_ptr"] == "*bf16" and sig["taps_ptr"] == "*fp32" and sig["H"] == "i32"
+    assert (names.index("x_ptr"),) in attrs and (names.index("H"),) not in attrs  # 16-aligned pointers; H = 3
+    assert sig["n_chunks"] == "constexpr" and consts["n_chunks"] == 1  # an integer equal to 1
+    assert consts["BLOCK_W"] == 4 and consts["EVEN_C"] is False
+
+
+def test_depthwise_resources_compiles_for_the_gpu_offline(tmp_path):
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton ships no cuobjdump")
+    bench = load("depthwise_resources")
+    # ViT-S's Mix-FFN tile (16 columns x 128 channels) on two images of three rows
+    rows = bench.run(bench.parse(["--shapes", "2,3,14,1536,1", "--calls", "forward", "--output", str(tmp_path)]))
+    assert [r["kernel"] for r in rows] == ["_prefix_kernel", "_conv_staged_kernel"]
+    assert all(0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["warps"] == 4 for r in rows), rows
+    assert rows[1]["shared_bytes"] > 0  # the pipelined rows ahead are copied into shared memory
+    data = json.loads((tmp_path / "depthwise_resources.json").read_text())
+    assert data["target"] == "sm_90" and len(data["rows"]) == 2
+    assert (tmp_path / "depthwise_resources.md").read_text().count("\n") == 2 + len(rows)
