@@ -174,6 +174,21 @@ if triton is not None:
         return x_l.to(tl.float32), x_m.to(tl.float32), x_r.to(tl.float32)
 
     @triton.jit
+    def _taps9(ptr, C, cmask):
+        """The 9 taps' rows of a ``(9, C)`` table (``ptr`` already at the channel block), each
+        ``(1, BLOCK_C)`` float32."""
+        return _row(ptr, 0, C, cmask), _row(ptr, 1, C, cmask), _row(ptr, 2, C, cmask), _row(ptr, 3, C, cmask), \
+            _row(ptr, 4, C, cmask), _row(ptr, 5, C, cmask), _row(ptr, 6, C, cmask), _row(ptr, 7, C, cmask), \
+            _row(ptr, 8, C, cmask)
+
+    @triton.jit
+    def _unit(unit, n_chunks, n_units, rows, H):
+        """An (image, rows) unit of the programs that sum partial gradients: its image ``b`` and
+        rows ``r0`` to ``r1``; past the last unit, no rows (``r1 = r0 - 2``, so no steps)."""
+        b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
+        return b, r0, tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)
+
+    @triton.jit
     def _conv_start(taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_C: tl.constexpr):
         """What both convolution kernels set up: the program's image ``b`` and its rows ``r0`` to
@@ -183,12 +198,7 @@ if triton is not None:
         b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
         r1 = tl.minimum(r0 + rows, H)
         offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(1), C, W, BLOCK_W, BLOCK_C, EVEN_C)
-        t0, t1, t2 = _row(taps_ptr + offs_c, 0, C, cmask), _row(taps_ptr + offs_c, 1, C, cmask), \
-            _row(taps_ptr + offs_c, 2, C, cmask)
-        t3, t4, t5 = _row(taps_ptr + offs_c, 3, C, cmask), _row(taps_ptr + offs_c, 4, C, cmask), \
-            _row(taps_ptr + offs_c, 5, C, cmask)
-        t6, t7, t8 = _row(taps_ptr + offs_c, 6, C, cmask), _row(taps_ptr + offs_c, 7, C, cmask), \
-            _row(taps_ptr + offs_c, 8, C, cmask)
+        t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps9(taps_ptr + offs_c, C, cmask)
         return b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8
 
     @triton.jit
@@ -308,9 +318,7 @@ if triton is not None:
         zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a0, a1, a2, a3, a4, a5, a6, a7, a8, ab = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
         for u in range(0, units_per_prog):
-            unit = prog + u * nprog
-            b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
-            r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
+            b, r0, r1 = _unit(prog + u * nprog, n_chunks, n_units, rows, H)
             x_img = x_ptr + skip + b * sxb
             g_img = g_ptr + skip + b * sgb
             g_at = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # the gradient of output row s
@@ -354,19 +362,12 @@ if triton is not None:
         the forward), multiplied as it is loaded."""
         prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
         offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
-        t0, t1, t2 = _row(taps_ptr + offs_c, 0, C, cmask), _row(taps_ptr + offs_c, 1, C, cmask), \
-            _row(taps_ptr + offs_c, 2, C, cmask)
-        t3, t4, t5 = _row(taps_ptr + offs_c, 3, C, cmask), _row(taps_ptr + offs_c, 4, C, cmask), \
-            _row(taps_ptr + offs_c, 5, C, cmask)
-        t6, t7, t8 = _row(taps_ptr + offs_c, 6, C, cmask), _row(taps_ptr + offs_c, 7, C, cmask), \
-            _row(taps_ptr + offs_c, 8, C, cmask)
+        t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps9(taps_ptr + offs_c, C, cmask)
         row_len = W * C
         zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a0, a1, a2, a3, a4, a5, a6, a7, a8, ab, ai = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
         for u in range(0, units_per_prog):
-            unit = prog + u * nprog
-            b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
-            r1 = tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)  # past the last unit: no rows, no steps
+            b, r0, r1 = _unit(prog + u * nprog, n_chunks, n_units, rows, H)
             x_img = x_ptr + skip + b * sxb
             g_img = g_ptr + skip + b * sgb
             gx_img = gx_ptr + skip + b * sgxb
