@@ -463,7 +463,8 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
                  num_prefix: int, flip: bool, residual: bool, act: int = 0, grad: Optional[Tensor] = None) -> None:
     """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape),
     then (``act``) the GELU (1), the GELU's backward of ``grad`` (2: ``out = grad * gelu'(z)``), or
-    the GELU with its derivative written into ``grad`` (3); ``flip`` turns the kernel by 180 degrees (the input gradient)."""
+    the GELU with its derivative written into ``grad`` (3); ``flip`` turns the kernel by 180
+    degrees (the input gradient)."""
     B, _, C = src.shape
     H, W = grid_hw
     taps = _taps(weight.flip(-1, -2) if flip else weight)
@@ -520,13 +521,13 @@ def _backward_merged(grad: Tensor, x: Tensor, weight: Tensor, grad_x: Tensor, H:
     traceable(_backward_staged_kernel)[(progs, strips, c_blocks)](
         x, grad, d, _taps(weight.flip(-1, -2)), grad_x, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0),
         d.stride(0), grad_x.stride(0), rows, chunks, units, per_prog, RESIDUAL=residual, GATED=gate is not None,
-        EVEN_C=C % block_c == 0,
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_WARPS, STAGES=BWD_STAGES)
+        EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_WARPS, STAGES=BWD_STAGES)
     return part
 
 
 def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: int, num_prefix: int,
-                residual: bool, gelu: bool, input_bias: Optional[Tensor], save_gelu_grad: bool) -> tuple[Tensor, Tensor]:
+                residual: bool, gelu: bool, input_bias: Optional[Tensor],
+                save_gelu_grad: bool) -> tuple[Tensor, Tensor]:
     """The forward: a new contiguous ``(B, P + H*W, C)`` tensor, and with ``save_gelu_grad`` (and
     ``gelu``) GELU's derivative at the pre-activation of its patch rows for the backward (prefix
     rows unset), else an empty tensor. ``input_bias`` is only given a gradient, in the backward."""
