@@ -360,6 +360,11 @@ def test_depthwise_resources_records_the_kernels_each_setting_launches():
     assert kernels("backward", merged) == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
     assert kernels("gelu_forward", merged) == [("_prefix_kernel", None), ("_conv_kernel", 3)]
     assert kernels("gelu_backward", merged) == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
+    # GELU_TILE sizes the convolution with the GELU inside, CONV_TILE the one without
+    with bench.tile_settings(depthwise, "GELU_TILE=1024"):
+        plain, gelu = (bench.calls_of((2, 3, 16, 256, 1), call, torch.bfloat16)[1].kwargs["BLOCK_C"]
+                       for call in ("forward", "gelu_forward"))
+    assert (plain, gelu) == (128, 64)
     launch = bench.calls_of((2, 3, 4, 8, 1), "forward", torch.bfloat16)[1]
     sig, consts, attrs = bench.signature(launch)
     names = [p.name for p in launch.kernel.params]

@@ -74,6 +74,10 @@ ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 # loading two rows ahead instead of one, no faster. At the default the convolution uses 236
 # registers (16 x 128 tile), the weight gradient 255 and spills 128 bytes, and is still the fastest
 CONV_TILE, CONV_WARPS, CONV_WAVES = 2048, 4, 4
+# the tile of the convolution with the GELU inside (``_conv_kernel``, ``ACT`` 1-3): the ``erf``
+# raises its registers (213 a thread at 2048 elements, 157 at 1024; sm_90, offline), so it may
+# want a smaller tile than the convolution alone. Not yet swept on a GPU: the default is CONV_TILE's
+GELU_TILE = 2048
 WG_TILE, WG_WARPS, WG_WAVES = 2048, 4, 2
 # rows in flight with Triton's software pipeliner (``_conv_staged_kernel``, ``_weight_grad_staged_kernel``:
 # the loads of the rows ahead copied asynchronously into shared memory; the weight gradient's at
@@ -468,7 +472,7 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     B, _, C = src.shape
     H, W = grid_hw
     taps = _taps(weight.flip(-1, -2) if flip else weight)
-    block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, CONV_TILE, CONV_WAVES)
+    block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, GELU_TILE if act else CONV_TILE, CONV_WAVES)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
     grid = (B * chunks * strips, c_blocks)
