@@ -569,19 +569,20 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
     grad_x = torch.empty_like(grad)
     if num_prefix:
         _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)
+    grad_input_bias = grad_x.new_empty(0, dtype=torch.float32)
     if BWD_MERGED:
         sums = _backward_merged(grad_pre, x, weight, grad_x, H, W, num_prefix, residual, gate).sum(0)  # (11, C)
-        input_sum = sums[10]
+        if input_bias_grad:  # the kernel summed the patch rows; the prefix rows' gradient passed through
+            grad_input_bias = sums[10]
+            if num_prefix:
+                grad_input_bias = grad_input_bias + grad_x[:, :num_prefix].sum((0, 1), dtype=torch.float32)
     else:
         sums = _weight_grad(x, grad_pre, H, W, num_prefix).sum(0)  # (10, C)
         # the input gradient: the same convolution of the output's (with gelu, the pre-activation's)
         # gradient with the kernel flipped
         _launch_conv(grad_pre, weight, None, grad_x, (H, W), num_prefix, flip=True, residual=residual)
-        input_sum = grad_x[:, num_prefix:].sum((0, 1), dtype=torch.float32) if input_bias_grad else None
-    if input_bias_grad:
-        grad_input_bias = input_sum + grad_x[:, :num_prefix].sum((0, 1), dtype=torch.float32)
-    else:
-        grad_input_bias = grad_x.new_empty(0, dtype=torch.float32)
+        if input_bias_grad:
+            grad_input_bias = grad_x.sum((0, 1), dtype=torch.float32)
     grad_w = sums[:9].t().reshape(weight.shape).to(weight.dtype).contiguous()
     return grad_x, grad_w, sums[9].clone(), grad_input_bias
 
