@@ -26,11 +26,22 @@ def test_every_mode_loads_as_rgb(tmp_path, mode):
     assert out.mode == "RGB" and out.size == (6, 5)
 
 
-def test_transparent_pixels_become_black(tmp_path):
-    img = Image.new("RGBA", (2, 1), (255, 255, 255, 0))
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_keep_their_colour_as_torchvisions_loader_does(tmp_path, mode):
+    img = Image.new("RGBA", (3, 1), (200, 10, 30, 0))
     img.putpixel((1, 0), (255, 255, 255, 255))
+    img.putpixel((2, 0), (40, 50, 60, 128))
+    if mode == "P":  # a palette with one transparent entry
+        img = img.convert("RGB").quantize(3)
+        img.info["transparency"] = 0
+    elif mode == "LA":
+        img = img.convert("LA")
     img.save(tmp_path / "a.png")
-    assert np.asarray(load_rgb(tmp_path / "a.png")).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    out = np.asarray(load_rgb(tmp_path / "a.png"))
+    with Image.open(tmp_path / "a.png") as ref:  # torchvision.datasets.folder.pil_loader
+        expected = np.asarray(ref.convert("RGB"))
+    assert out.tolist() == expected.tolist()
+    assert out[0, 0].tolist() != [0, 0, 0] and (mode == "LA" or out[0, 0].tolist() == [200, 10, 30])
 
 
 def test_bad_files_are_returned_as_skipped_and_dropped_from_the_batch(tmp_path):

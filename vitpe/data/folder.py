@@ -53,17 +53,12 @@ class Batch(NamedTuple):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB whatever the mode; transparency (RGBA, LA, palette with alpha) is composited on black,
-    as a decoder without alpha support would show it."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode.startswith("I"):  # 16-bit grey ("I;16*"; "I" from PGM): convert() would clip at 255
+    """RGB whatever the mode, as torchvision's and timm's loaders give it (``convert('RGB')``:
+    transparency is dropped, the colour under it kept), except 16-bit grey, which ``convert`` would
+    clip at 255 and which is scaled to 8 bits here."""
+    if img.mode.startswith("I"):  # 16-bit grey ("I;16*"; "I" from PGM)
         grey = np.clip(np.asarray(img), 0, 65535) >> 8
         return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
