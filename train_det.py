@@ -126,7 +126,8 @@ def finish(cfg: DetConfig, out: Path, model, train_set, val_set, val: dict[str, 
     results = {"coco": strip(val), "eval_sizes": {s: strip(m) for s, m in sizes.items()}, "pos": cfg.model.pos,
                "backbone": cfg.model.backbone, "min_size": cfg.data.min_size, "max_size": cfg.data.max_size,
                "classes": val_set.index.class_names, "category_ids": val_set.index.cat_ids,
-               "dropped": {"train": dict(train_set.index.dropped), "val": dict(val_set.index.dropped)}}
+               "dropped": {"train": dict(train_set.index.dropped), "val": dict(val_set.index.dropped)},
+               "clipped": {"train": train_set.index.clipped, "val": val_set.index.clipped}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     samples = figure_samples(model, val_set, cfg.eval.figure_images, device, div, cfg.run.amp)
     plot_detections(samples, val_set.index.class_names, out / "detections.png", cfg.eval.score_threshold,

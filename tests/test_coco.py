@@ -230,13 +230,57 @@ def test_box_within_a_pixel_of_the_edge_is_clipped(fresh) -> None:
     assert box == [50.0, 10.0, 14.0, 10.0]
 
 
+def test_boxes_past_the_edge_are_clipped_with_clip_boxes_as_detr_does(fresh, caplog) -> None:
+    """Image 100 is 64x48. A box 16 px past its right edge is an error by default, naming the option;
+    with ``clip_boxes`` it is clipped and counted, and only a box with nothing left inside is bad."""
+    _rewrite(fresh, "train2017", lambda d: d["annotations"][0].update(bbox=[50.0, 10.0, 30.0, 10.0]))
+    with pytest.raises(CocoFormatError, match=r"reaches outside image 100 .*data.clip_boxes=true"):
+        _load(fresh)
+    path = fresh / "annotations" / "instances_train2017.json"
+    with caplog.at_level(logging.INFO):
+        index = load_coco(path, fresh / "train2017", clip_boxes=True)
+    assert index.annotations[0]["bbox"] == [50.0, 10.0, 14.0, 10.0] and index.clipped == 1
+    assert "outside image" not in index.dropped and "clipped 1 to their image" in caplog.text
+    _rewrite(fresh, "train2017", lambda d: d["annotations"][1].update(bbox=[70.0, 10.0, 5.0, 5.0]))
+    with pytest.raises(CocoFormatError, match=r"annotation 2: bbox \[70.0, 10.0, 5.0, 5.0\] lies wholly outside image"):
+        load_coco(path, fresh / "train2017", clip_boxes=True)
+    index = load_coco(path, fresh / "train2017", "skip", clip_boxes=True)
+    assert index.dropped["outside image"] == 1 and index.clipped == 1
+
+
+def test_a_crowd_box_past_the_edge_is_clipped_without_complaint(fresh) -> None:
+    """Crowd regions are never trained on; COCOeval scores them from the json as it is."""
+    _rewrite(fresh, "train2017", lambda d: d["annotations"][2].update(bbox=[2.0, 30.0, 24.0, 30.0]))
+    index = _load(fresh)
+    crowd = [a for a in index.annotations if a["iscrowd"]]
+    assert [a["bbox"] for a in crowd] == [[2.0, 30.0, 24.0, 18.0]]
+    assert index.clipped == 0 and dict(index.dropped) == {"zero size": 1}
+
+
 def test_missing_image_file_errors_or_is_skipped(fresh, caplog) -> None:
     (fresh / "train2017" / "0001.jpg").unlink()
     with pytest.raises(CocoFormatError, match="0001.jpg does not exist"):
         _load(fresh)
     with caplog.at_level(logging.INFO):
-        assert len(_load(fresh, "skip").images) == 1
+        index = _load(fresh, "skip")
+    assert len(index.images) == 1
     assert "1 of the json's 2 images left out of training and evaluation" in caplog.text
+    # its boxes go with it, counted apart from annotations that name an image the json lacks
+    assert index.dropped == {"missing file": 1, "of a left-out image": 2, "zero size": 1}
+    assert "unknown image" not in caplog.text
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["annotations"][0].update(image_id="100"), "names unknown image id '100'"),
+    (lambda d: d["annotations"][0].update(category_id="3"), r"names unknown category id '3' \(known: \[3, 17, 90\]\)"),
+    (lambda d: d["images"][0].update(width="64"), r"image 100 \(0000.jpg\) has width '64': expected a positive whole"),
+    (lambda d: d["images"][1].update(height=0), r"image 101 \(0001.jpg\) has height 0"),
+])
+def test_ids_and_sizes_of_the_wrong_kind_are_named_as_they_are(fresh, edit, match) -> None:
+    """An id given as a string where the json's are numbers reads as such in the message."""
+    _rewrite(fresh, "train2017", edit)
+    with pytest.raises(CocoFormatError, match=match):
+        _load(fresh)
 
 
 def test_unreadable_image_errors_or_is_skipped(fresh) -> None:
@@ -416,7 +460,7 @@ def test_evaluation_path_matches_pycocotools_on_the_original_file(tmp_path, capl
     raw = json.loads(ann_file.read_text())
     W, H = 64, 48
     ds = CocoDetection(root, "val2017", eval_transform(96, 1000), on_error="skip")  # inputs 2x the original size
-    assert ds.index.dropped == {"zero size": 1, "outside image": 1, "missing file": 1, "unknown image": 2}
+    assert ds.index.dropped == {"zero size": 1, "outside image": 1, "missing file": 1, "of a left-out image": 2}
 
     def run(dets: dict[int, list[tuple[int, list[float], float]]]) -> tuple[dict, list[dict]]:
         """``dets``: image id -> (category id, xywh in original pixels, score); returns our metrics

@@ -6,7 +6,9 @@ The json is checked once, up front, so that a bad file fails with one message na
 - a json that is not COCO (``images``, ``annotations``, ``categories`` missing, an id that is a list
   or an object, image ids of kinds that cannot be ordered) is always an error;
 - an annotation naming an unknown image or category, a box reaching outside its image by more
-  than a pixel, or an image file that does not exist: error, or skip by option;
+  than a pixel, or an image file that does not exist: error, or skip by option; with
+  ``clip_boxes`` a box reaching past the edge is clipped to the image instead, as DETR's loader
+  does (counted and logged), and only one wholly outside it is bad;
 - boxes of zero width or height (also once clipped to the image) are always dropped, with a
   count; boxes within a pixel past the edge are clipped; ``iscrowd`` boxes are never given to the
   matcher;
@@ -117,6 +119,7 @@ class CocoIndex:
     categories: list[dict[str, Any]]
     source: dict[str, Any]  # the json as read
     dropped: Counter = field(default_factory=Counter)  # reason -> count
+    clipped: int = 0  # training boxes clipped to their image (more than a pixel past it; ``clip_boxes``)
 
     @property
     def cat_ids(self) -> list[int]:
@@ -161,19 +164,21 @@ class CocoIndex:
 class _Checker:
     """Applies ``on_error`` to bad entries: raise, or drop, count and log the first few."""
 
-    def __init__(self, path: Path, on_error: OnError) -> None:
+    def __init__(self, path: Path, on_error: OnError, clip_boxes: bool = False) -> None:
         self.path, self.on_error, self.dropped = path, on_error, Counter()
+        self.clip_boxes, self.clipped = clip_boxes, 0
 
-    def bad(self, reason: str, message: str) -> None:
+    def bad(self, reason: str, message: str, hint: str = "") -> None:
         if self.on_error == "error":
-            raise CocoFormatError(f"{self.path}: {message} (set data.on_error=skip to drop such entries)")
+            raise CocoFormatError(f"{self.path}: {message} ({hint}set data.on_error=skip to drop such entries)")
         self.dropped[reason] += 1
         if self.dropped[reason] <= 3:
             _logger.warning("warning: %s: skipped %s", self.path.name, message)
 
 
 def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[float] | None:
-    """The box clipped to the image, or None when it is dropped (zero size) or bad."""
+    """The box clipped to the image, or None when it is dropped (zero size) or bad. A crowd box
+    (never trained on, scored from the json as it is) is clipped without complaint."""
     box = a["bbox"]
     if not _is_box(box):
         check.bad("bad bbox", f"annotation {a.get('id')}: bbox {box!r} is not [x, y, width, height] "
@@ -187,12 +192,23 @@ def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[
     if w == 0 or h == 0:
         check.dropped["zero size"] += 1  # always dropped: no box to learn or to score
         return None
+    x0, y0, x1, y1 = min(max(x, 0.0), W), min(max(y, 0.0), H), max(min(x + w, W), 0.0), max(min(y + h, H), 0.0)
+    where = f"image {img['id']!r} ({img['file_name']}, {img['width']}x{img['height']})"
     t = BOX_TOLERANCE
     if x < -t or y < -t or x + w > W + t or y + h > H + t:
-        check.bad("outside image", f"annotation {a.get('id')}: bbox {box} reaches outside image {img['id']} "
-                                   f"({img['file_name']}, {img['width']}x{img['height']})")
-        return None
-    x0, y0, x1, y1 = min(max(x, 0.0), W), min(max(y, 0.0), H), max(min(x + w, W), 0.0), max(min(y + h, H), 0.0)
+        crowd = bool(a.get("iscrowd", 0))
+        if not (check.clip_boxes or crowd):
+            check.bad("outside image", f"annotation {a.get('id')}: bbox {box} reaches outside {where}",
+                      "set data.clip_boxes=true to clip such boxes to the image, as DETR does, or ")
+            return None
+        if x1 <= x0 or y1 <= y0:
+            check.bad("outside image", f"annotation {a.get('id')}: bbox {box} lies wholly outside {where}")
+            return None
+        if not crowd:
+            check.clipped += 1
+            if check.clipped <= 3:
+                _logger.warning("warning: %s: clipped annotation %s: bbox %s to %s", check.path.name, a.get("id"),
+                                box, where)
     if x1 <= x0 or y1 <= y0:  # within the tolerance but wholly past the edge: nothing left in the image
         check.dropped["zero size"] += 1
         return None
@@ -204,6 +220,11 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
     for img in data["images"]:
         _need(img, ("id", "file_name", "width", "height"), "image", path)
         _need_ids(img, ("id",), "image", path)
+        for k in ("width", "height"):  # compared with the decoded pixels, and boxes checked against them
+            v = img[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v <= 0:
+                raise CocoFormatError(f"{path}: image {img['id']!r} ({img['file_name']}) has {k} {v!r}: expected a "
+                                      f"positive whole number of pixels")
         if img["id"] in seen:
             check.bad("duplicate image id", f"image id {img['id']} appears twice")
             continue
@@ -217,16 +238,22 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
 
 def _check_annotations(data: dict[str, Any], images: dict[Any, dict[str, Any]], cats: set[Any], path: Path,
                        check: _Checker) -> list[dict[str, Any]]:
-    kept = []
+    """The annotations kept for training; ``images``: the json's images kept (an annotation of one
+    left out, already named and counted, goes with it, counted under "of a left-out image")."""
+    kept, listed = [], {img["id"] for img in data["images"]}
     for i, a in enumerate(data["annotations"]):
         _need(a, ("image_id", "category_id", "bbox"), "annotation", path)
         _need_ids(a, ("image_id", "category_id"), "annotation", path)
         if a["image_id"] not in images:
-            check.bad("unknown image", f"annotation {a.get('id', f'#{i}')} names unknown image id {a['image_id']}")
+            if a["image_id"] in listed:
+                check.dropped["of a left-out image"] += 1
+            else:
+                check.bad("unknown image", f"annotation {a.get('id', f'#{i}')} names unknown image id "
+                                           f"{a['image_id']!r}")
             continue
         if a["category_id"] not in cats:
             check.bad("unknown category", f"annotation {a.get('id', f'#{i}')} names unknown category id "
-                                          f"{a['category_id']} (known: {sorted(cats)[:10]})")
+                                          f"{a['category_id']!r} (known: {sorted(cats)[:10]})")
             continue
         box = _check_box(a, images[a["image_id"]], check)
         if box is None:
@@ -235,13 +262,15 @@ def _check_annotations(data: dict[str, Any], images: dict[Any, dict[str, Any]], 
     return kept
 
 
-def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "error") -> CocoIndex:
-    """Read and check a COCO json against the images in ``image_dir``."""
+def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "error",
+              clip_boxes: bool = False) -> CocoIndex:
+    """Read and check a COCO json against the images in ``image_dir``; ``clip_boxes``: clip boxes
+    that reach more than a pixel past their image to it (else they are bad entries)."""
     path, image_dir = Path(ann_file), Path(image_dir)
     if not image_dir.is_dir():
         raise DataError(f"image folder not found: {image_dir}")
     data = _read_json(path)
-    check = _Checker(path, on_error)
+    check = _Checker(path, on_error, clip_boxes)
     for c in data["categories"]:
         _need(c, ("id", "name"), "category", path)
         _need_ids(c, ("id",), "category", path)
@@ -254,7 +283,7 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "
     images = _check_images(data, path, image_dir, check)
     _need_order([img["id"] for img in data["images"]], "image", path)
     anns = _check_annotations(data, {img["id"]: img for img in images}, set(cats), path, check)
-    index = CocoIndex(path, images, anns, data["categories"], data, check.dropped)
+    index = CocoIndex(path, images, anns, data["categories"], data, check.dropped, check.clipped)
     listed = {img["file_name"] for img in images}
     unlisted = sum(1 for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.name not in listed)
     boxed = {a["image_id"] for a in anns if not a["iscrowd"]}
@@ -262,7 +291,8 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "
     _logger.info("%s: %d images (%d without boxes to learn, kept), %d boxes (%d crowd), %d categories%s%s%s",
                  path.name, len(images), sum(img["id"] not in boxed for img in images), len(anns),
                  sum(a["iscrowd"] for a in anns), len(cats),
-                 "".join(f"; dropped {n} ({r})" for r, n in sorted(check.dropped.items())),
+                 "".join(f"; dropped {n} ({r})" for r, n in sorted(check.dropped.items()))
+                 + (f"; clipped {check.clipped} to their image" if check.clipped else ""),
                  f"; {left_out} of the json's {len(data['images'])} images left out of training and evaluation"
                  if left_out else "",
                  f"; ignored {unlisted} image file(s) the json does not list" if unlisted else "")
@@ -278,13 +308,16 @@ class CocoDetection(torch.utils.data.Dataset):
 
     ``transform`` takes and returns ``(tv_tensors.Image, {'boxes': BoundingBoxes, 'labels': ...})``.
     ``cache``: decode every image once into memory (uint8), for small datasets and many epochs.
+    ``clip_boxes``: see ``load_coco``.
     """
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
-                 on_error: OnError = "error", cache: bool = False, index: CocoIndex | None = None) -> None:
+                 on_error: OnError = "error", cache: bool = False, index: CocoIndex | None = None,
+                 clip_boxes: bool = False) -> None:
         self.root, self.split, self.transform, self.on_error = Path(root), split, transform, on_error
         self.image_dir = self.root / split
-        self.index = index or load_coco(self.root / "annotations" / f"instances_{split}.json", self.image_dir, on_error)
+        self.index = index or load_coco(self.root / "annotations" / f"instances_{split}.json", self.image_dir,
+                                        on_error, clip_boxes)
         self.label_of = {cid: i for i, cid in enumerate(self.index.cat_ids)}
         anns = self.index.by_image()
         self.samples = [(img, [a for a in anns[img["id"]] if not a["iscrowd"]]) for img in self.index.images]

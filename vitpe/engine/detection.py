@@ -44,6 +44,8 @@ class DetDataConfig:
     on_error: Literal["error", "skip"] = "error"  # bad json entries (unknown ids, boxes outside) and unreadable
     # images (corrupt, or of another size than the json says): stop, or drop them, named in the log and counted
     cache: bool = False  # decode every image once into memory (small datasets, many epochs)
+    clip_boxes: bool = False  # clip training boxes that reach more than a pixel past their image to it, as DETR's
+    # loader does, counted and logged (else they are bad entries, see on_error); COCOeval scores the json as it is
     pad_multiple: int = 0  # training batches padded to a multiple of this and of the backbone's stride (0: the
     # stride alone, the least padding); a coarser one (64, 128) leaves fewer distinct batch shapes for shape-
     # specialised kernels (cuDNN autotuning); run.compile needs none (compile_model: one graph for all sizes)
@@ -122,9 +124,10 @@ class DetConfig:
 def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
     if not cfg.path:
         raise DataError("no dataset: set --data DIR (COCO layout: DIR/annotations/instances_<split>.json, DIR/<split>/)")
-    train = CocoDetection(cfg.path, cfg.train_split, train_transform(cfg.min_size, cfg.max_size, cfg.flip,
-                          cfg.multiscale, cfg.crop_prob), cfg.on_error, cfg.cache)
-    val = CocoDetection(cfg.path, cfg.val_split, eval_transform(cfg.min_size, cfg.max_size), cfg.on_error, cfg.cache)
+    augment = train_transform(cfg.min_size, cfg.max_size, cfg.flip, cfg.multiscale, cfg.crop_prob)
+    train = CocoDetection(cfg.path, cfg.train_split, augment, cfg.on_error, cfg.cache, clip_boxes=cfg.clip_boxes)
+    val = CocoDetection(cfg.path, cfg.val_split, eval_transform(cfg.min_size, cfg.max_size), cfg.on_error, cfg.cache,
+                        clip_boxes=cfg.clip_boxes)
     if train.index.cat_ids != val.index.cat_ids:
         raise DataError(f"{cfg.path}: categories of {cfg.train_split} {train.index.cat_ids[:10]} and {cfg.val_split} "
                         f"{val.index.cat_ids[:10]} differ")
