@@ -103,6 +103,55 @@ def to_hugging_face(sd: dict, prefix: str = "segformer.") -> dict:
     return out
 
 
+def to_mmseg(sd: dict) -> dict:
+    """The same weights in mmseg's MiT layout (its tools/model_converters/mit2mmseg.py's mapping)."""
+    out = {}
+    for key, value in sd.items():
+        head, *rest = key.split(".")
+        if head.startswith("patch_embed"):
+            out[f"layers.{int(head[-1]) - 1}.0.{'projection' if rest[0] == 'proj' else 'norm'}.{rest[1]}"] = value
+        elif head.startswith("block"):
+            base, module, param = f"layers.{int(head[-1]) - 1}.1.{rest[0]}.", ".".join(rest[1:-1]), rest[-1]
+            if module == "attn.q":
+                out[base + f"attn.attn.in_proj_{param}"] = torch.cat([value, sd[key.replace(".q.", ".kv.")]])
+            elif module == "attn.proj":
+                out[base + f"attn.attn.out_proj.{param}"] = value
+            elif module.startswith("mlp."):
+                layer = {"mlp.fc1": 0, "mlp.dwconv.dwconv": 1, "mlp.fc2": 4}[module]
+                conv = value.reshape(*value.shape, 1, 1) if param == "weight" and layer != 1 else value
+                out[base + f"ffn.layers.{layer}.{param}"] = conv
+            elif module != "attn.kv":
+                out[base + f"{module}.{param}"] = value
+        elif head.startswith("norm"):
+            out[f"layers.{int(head[-1]) - 1}.2.{rest[0]}"] = value
+    return out
+
+
+def to_transformers5(sd: dict) -> dict:
+    """The same weights under transformers 5's module names (``SegformerModel.state_dict()``)."""
+    out = {}
+    names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.q": "attention.q_proj",
+             "attn.proj": "attention.o_proj", "attn.sr": "attention.sequence_reduction.sequence_reduction",
+             "attn.norm": "attention.sequence_reduction.layer_norm", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+             "mlp.dwconv.dwconv": "mlp.dwconv.dwconv"}
+    for key, value in sd.items():
+        head, *rest = key.split(".")
+        if head.startswith("patch_embed"):
+            layer = {"proj": "proj", "norm": "layer_norm"}[rest[0]]
+            out[f"segformer.stages.{int(head[-1]) - 1}.patch_embeddings.{layer}.{rest[1]}"] = value
+        elif head.startswith("block"):
+            base = f"segformer.stages.{int(head[-1]) - 1}.blocks.{rest[0]}."
+            module, param = ".".join(rest[1:-1]), rest[-1]
+            if module == "attn.kv":
+                c = value.shape[0] // 2
+                out[base + f"attention.k_proj.{param}"], out[base + f"attention.v_proj.{param}"] = value[:c], value[c:]
+            else:
+                out[base + f"{names[module]}.{param}"] = value
+        elif head.startswith("norm"):
+            out[f"segformer.stages.{int(head[-1]) - 1}.layer_norm.{rest[0]}"] = value
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference():
     return nvlabs_state_dict(**B0)
@@ -148,6 +197,46 @@ def test_mmseg_checkpoint_splits_backbone_and_decode_head(reference):
     m = timm.create_model("vitpe_mit_b0", num_classes=0)
     missing, unexpected = m.load_state_dict(checkpoint_filter_fn(wrapped, m), strict=False)
     assert missing == [] and unexpected == []
+
+
+@pytest.mark.parametrize("layout", [to_mmseg, to_transformers5])
+def test_mmseg_and_transformers5_layouts_convert_to_the_same_weights(reference, layout):
+    backbone = {k: v for k, v in reference.items() if not k.startswith("head.")}
+    from_nvlabs = convert_segformer_state_dict(backbone)
+    converted = convert_segformer_state_dict(layout(backbone))
+    assert converted.keys() == from_nvlabs.keys()
+    assert all(torch.equal(converted[k], from_nvlabs[k]) for k in converted)
+    m = timm.create_model("vitpe_mit_b0", num_classes=0)
+    m.load_state_dict(checkpoint_filter_fn({"state_dict": layout(backbone)}, m))  # strict
+
+
+def test_a_segmentation_checkpoint_of_transformers5_converts_its_head(reference):
+    sd = {**to_transformers5(reference), "decode_head.linear_projections.2.proj.weight": torch.zeros(256, 160),
+          "decode_head.linear_fuse.weight": torch.zeros(256, 1024, 1, 1), "decode_head.batch_norm.bias": torch.zeros(256),
+          "decode_head.classifier.weight": torch.zeros(150, 256, 1, 1)}
+    sd = {k: v for k, v in sd.items() if "head." not in k or k.startswith("decode_head.")}
+    out = convert_segformer_state_dict(sd)
+    assert {k for k in out if k.startswith("decode_head.")} == {
+        "decode_head.linear_c.2.proj.weight", "decode_head.fuse.weight", "decode_head.norm.bias",
+        "decode_head.classifier.weight"}
+    assert "backbone.stages.3.blocks.1.attn.kv.weight" in out
+
+
+def test_an_mmseg_segformer_head_is_refused_by_name_and_its_backbone_loads(reference):
+    """mmseg's SegformerHead (conv + BN + ReLU per stage) is not the All-MLP head vitpe builds."""
+    wrapped = {"meta": {}, "state_dict": {
+        **{f"backbone.{k}": v for k, v in to_mmseg(reference).items()},
+        "decode_head.convs.0.conv.weight": torch.zeros(256, 32, 1, 1), "decode_head.convs.0.bn.weight": torch.ones(256),
+        "decode_head.fusion_conv.conv.weight": torch.zeros(256, 1024, 1, 1),
+        "decode_head.conv_seg.weight": torch.zeros(150, 256, 1, 1)}}
+    with pytest.raises(KeyError, match=r"mmseg's SegformerHead \(decode_head.convs.0.bn.weight"):
+        convert_segformer_state_dict(wrapped)
+    m = timm.create_model("vitpe_mit_b0", num_classes=0)
+    m.load_state_dict(checkpoint_filter_fn(wrapped, m))  # strict: the backbone alone
+    x = torch.randn(1, 3, 64, 96)
+    ref = nvlabs_forward(reference, x, **B0)
+    with torch.no_grad():
+        assert (m.eval().forward_intermediates(x, intermediates_only=True)[-1] - ref[-1]).abs().max() < 1e-4
 
 
 def test_mixffn_checkpoint_refuses_a_model_without_mixffn(reference):

@@ -164,12 +164,12 @@ class MixTransformer(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: MixTransformer) -> dict[str, Tensor]:
-    """Map a SegFormer checkpoint (NVlabs/mmseg or Hugging Face layout, or a vitpe one) onto ``model``.
+    """Map a SegFormer checkpoint (NVlabs, mmseg or Hugging Face layout, or a vitpe one) onto ``model``.
 
     SegFormer's Mix-FFN convolutions need a model whose strategy includes ``mixffn``; decode-head
     entries of a segmentation checkpoint are dropped (load those with ``Segmentor``).
     """
-    sd = convert_segformer_state_dict(state_dict)
+    sd = convert_segformer_state_dict(state_dict, head=False)
     has_dwconv = any(".mlp.mixer." in k for k in sd)
     if has_dwconv and not any(s.pos.find("mixffn") is not None for s in model.stages):
         raise ValueError(f"the checkpoint has Mix-FFN convolutions (mlp.dwconv) but the model's strategy is "
