@@ -297,6 +297,21 @@ def test_box_refs_start_every_query_on_its_own_centre() -> None:
     assert len(set(centres[:, 0].tolist())) == 7  # spread: no two queries share a centre
 
 
+def test_heads_run_in_float32_under_autocast() -> None:
+    """Boxes in bfloat16 would be off by pixels at COCO's sizes; the heads leave autocast."""
+    model = DETR(num_classes=2, backbone="resnet18", frozen_bn=False, dim=32, num_heads=4, enc_layers=1,
+                 dec_layers=2, ffn_dim=64, num_queries=7).eval()
+    hs = torch.randn(2, 1, 7, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+        logits, boxes = model.heads(hs)
+    assert out["pred_boxes"].dtype == out["pred_logits"].dtype == torch.float32
+    assert out["aux_outputs"][0]["pred_boxes"].dtype == torch.float32
+    with torch.no_grad():
+        ref_logits, ref_boxes = model.class_embed(hs), model.bbox_embed(hs)
+    assert torch.equal(boxes, ref_boxes) and torch.equal(logits, ref_logits)
+
+
 def test_dropout_is_applied_where_detr_applies_it_once_each() -> None:
     """DETR drops out each residual branch once and the FFN's hidden layer once: 3 times per
     encoder layer, 4 per decoder layer (attention probabilities apart, inside the kernel)."""
