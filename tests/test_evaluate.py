@@ -68,6 +68,15 @@ def test_size_not_a_multiple_of_the_patch_is_one_line(runs, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "18" in err and "patch size 4" in err
 
 
+def test_a_model_that_pads_its_input_takes_any_size():
+    import timm
+
+    kw = dict(pos="learned", depth=1, num_classes=3)
+    ev.check_sizes([18, 32], timm.create_model("vitpe_vit_tiny_patch4_32", dynamic_img_pad=True, **kw))
+    with pytest.raises(ev.UserError, match=r"test sizes \[18\] are not multiples of the patch size 4"):
+        ev.check_sizes([18, 32], timm.create_model("vitpe_vit_tiny_patch4_32", **kw))
+
+
 def test_set_overrides_the_checkpoints_data_config_and_unreadable_images_are_counted(runs, tmp_path, capsys):
     import shutil
 

@@ -232,3 +232,64 @@ def test_set_input_size_resamples_like_timm(tmp_path):
         rpb.set_input_size(img_size=32)  # the tables resampled once give what resampling at run time gave
         assert rpb.pos.tables.shape[-2:] == (3, 3)
         torch.testing.assert_close(rpb(x), before)
+
+
+def test_deit3_checkpoint_with_layer_scale_gives_timms_logits(tmp_path):
+    """DeiT III: no class row in the table and layer scale (``ls1.gamma``, ``ls2.gamma``), folded
+    into ``attn.proj`` and ``mlp.fc2``."""
+    ref = _perturbed("deit3_small_patch16_224", depth=2, img_size=64)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand_like(p) + 0.5)  # away from the 1e-6 init, so that folding them matters
+    path = tmp_path / "deit3.pth"
+    torch.save(ref.state_dict(), path)
+    m = timm.create_model("vitpe_vit_small_patch16_224", pos="learned", depth=2, img_size=64, no_embed_class=True,
+                          pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_a_square_table_goes_to_a_grid_of_as_many_cells_resampled_like_timm(tmp_path):
+    """14x14 rows into a 7x28 model (196 cells both): resampled as timm does, not reshaped."""
+    _, path = timm_checkpoint(tmp_path)
+    kw = dict(depth=2, img_size=(112, 448), pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    ref = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", **kw).eval()
+    torch.testing.assert_close(m.pos.pos_embed, ref.pos_embed, atol=1e-5, rtol=0)
+    x = torch.randn(2, 3, 112, 448)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("pos", ["rope_axial", "sincos2d+rope_axial"])
+def test_set_input_size_keeps_a_strategy_of_buffers_on_the_models_device(pos):
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos=pos, depth=1, img_size=64).to("meta")
+    m.set_input_size(img_size=96)
+    assert {t.device.type for t in (*m.pos.parameters(), *m.pos.buffers())} == {"meta"}
+    assert m.pos.native_grid == (6, 6)
+
+
+def test_layer_decay_groups_match_timms_vit():
+    """timm's layer-wise learning-rate decay reads ``group_matcher``: the stem, then each block."""
+    from timm.optim import param_groups_layer_decay
+
+    def scales(model):
+        name = {id(p): n for n, p in model.named_parameters()}
+        return {name[id(p)]: g["lr_scale"] for g in param_groups_layer_decay(model, layer_decay=0.65)
+                for p in g["params"]}
+
+    ours = scales(timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", depth=3))
+    ref = scales(timm.create_model("vit_tiny_patch16_224", depth=3))
+    for name, scale in ref.items():
+        assert ours[name if name != "pos_embed" else "pos.pos_embed"] == pytest.approx(scale), name
+    rope = scales(timm.create_model("vitpe_vit_tiny_patch16_224", pos="rope_mixed+rpb", depth=3))
+    assert {n for n, s in rope.items() if s == pytest.approx(rope["patch_embed.proj.weight"])} >= {
+        n for n in rope if n.startswith("pos.")}
+    assert rope["blocks.2.mlp.fc2.weight"] > rope["blocks.0.attn.qkv.weight"] > rope["patch_embed.proj.weight"]
+
+
+def test_no_embed_class_reads_the_strategy_with_spaces():
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned + rope_axial", depth=1, no_embed_class=True)
+    assert m.pos.find("learned").pos_embed.shape[1] == 14 * 14

@@ -43,6 +43,10 @@ def patch_size(model: nn.Module) -> int:
 
 
 def check_sizes(sizes: Sequence[int], model: nn.Module) -> None:
+    """Sizes the model takes: multiples of its patch size, any size where it pads its input
+    (timm's ``dynamic_img_pad``)."""
+    if getattr(model, "dynamic_img_pad", False):
+        return
     p = patch_size(model)
     bad = [s for s in sizes if s % p]
     if bad:

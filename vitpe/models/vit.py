@@ -57,7 +57,7 @@ class VisionTransformer(nn.Module):
         grid = self.patch_embed.grid_of(*self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
-        if no_embed_class and "learned" in pos.split("+"):
+        if no_embed_class and "learned" in pos_lib.split(pos):
             pos_kwargs = dict(pos_kwargs or {})
             pos_kwargs["learned"] = {**pos_kwargs.get("learned", {}), "prefix_pos": False}
         self._pos_args = dict(spec=pos, dim=embed_dim, num_heads=num_heads, depth=depth,
@@ -90,6 +90,13 @@ class VisionTransformer(nn.Module):
         names = {"cls_token", "reg_token"}
         names |= {f"pos.{n}" for n, _ in self.pos.named_parameters()}
         return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups as timm's ViT names them (layer-wise learning-rate decay): the stem
+        (patch embedding, prefix tokens and the strategy's parameters), then one group a block."""
+        return dict(stem=r"^cls_token|^reg_token|^pos\.|^patch_embed", blocks=[(r"^blocks\.(\d+)", None),
+                                                                               (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -181,10 +188,10 @@ class VisionTransformer(nn.Module):
         grid = self.patch_embed.grid_of(*self.img_size)
         if grid != self.pos.native_grid:
             old_pos = self.pos
-            ref = next(iter(old_pos.parameters()), None)
-            self.pos = pos_lib.build(**self._pos_args, grid=grid)
-            if ref is not None:
-                self.pos.to(ref.device, ref.dtype)
+            # the new strategy where the old one's tensors were (a strategy of buffers alone too)
+            ref = next((t for t in (*old_pos.parameters(), *old_pos.buffers()) if t.is_floating_point()),
+                       self.patch_embed.proj.weight)
+            self.pos = pos_lib.build(**self._pos_args, grid=grid).to(ref.device, ref.dtype)
             self.pos.load_state_dict(old_pos.state_dict())  # grid-shaped tables resampled on load
         cfg = getattr(self, "pretrained_cfg", None)
         if cfg is not None:
@@ -243,14 +250,18 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
     """Map a timm ViT/DeiT checkpoint (or a vitpe one) onto ``model``.
 
     timm's ``pos_embed`` goes to the model's ``learned`` strategy (resampled to its grid on load);
-    a model without one drops it with a warning. A patch-embedding kernel of another patch size is
+    a model without one drops it with a warning. Layer scale (DeiT III's ``blocks.i.ls1.gamma`` /
+    ``ls2.gamma``, the RoPE ViTs' ``gamma_1`` / ``gamma_2``) is folded into ``attn.proj`` / ``mlp.fc2``,
+    which computes the same function. A patch-embedding kernel of another patch size is
     resampled as timm does. timm's RoPE ViTs (``vit_*_patch16_rope_224``, ``..._rope_mixed_224``)
     go through ``_from_timm_rope``.
     """
     from timm.layers import resample_patch_embed
 
     sd = dict(_unwrap(state_dict))
-    if "rope.freqs" in sd or any(k.endswith((".gamma_1", ".gamma_2")) for k in sd):
+    eva = "rope.freqs" in sd or any(k.endswith((".gamma_1", ".gamma_2")) for k in sd)  # timm's RoPE ViTs
+    sd = _fold_layer_scale(sd)
+    if eva:
         sd = _from_timm_rope(sd, model)
     if "pos_embed" in sd:
         learned = model.pos.find("learned")
@@ -269,24 +280,36 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
     return sd
 
 
-def _from_timm_rope(sd: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
-    """A timm RoPE ViT (eva.py's blocks) -> vitpe's keys, computing the same function.
+def _fold_layer_scale(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``x + gamma * proj(y)`` is ``x + proj'(y)`` with ``proj``'s rows scaled by ``gamma``: timm's
+    layer scale (``blocks.i.ls1.gamma`` / ``ls2.gamma``; eva.py's ``gamma_1`` / ``gamma_2``) folded
+    into ``attn.proj`` / ``mlp.fc2``."""
+    scales = {".ls1.gamma": "attn.proj", ".ls2.gamma": "mlp.fc2", ".gamma_1": "attn.proj", ".gamma_2": "mlp.fc2"}
+    for key in [k for k in sd if k.endswith(tuple(scales))]:
+        suffix = next(s for s in scales if key.endswith(s))
+        linear = f"{key[: -len(suffix)]}.{scales[suffix]}"
+        gamma = sd.pop(key)
+        if f"{linear}.weight" not in sd:
+            raise ValueError(f"checkpoint key {key!r}: layer scale without {linear}.weight to fold it into")
+        sd[f"{linear}.weight"] = sd[f"{linear}.weight"] * gamma[:, None]
+        if f"{linear}.bias" in sd:
+            sd[f"{linear}.bias"] = sd[f"{linear}.bias"] * gamma
+    return sd
 
-    - Layer scale (``blocks.i.gamma_1`` / ``gamma_2``) is folded into ``attn.proj`` / ``mlp.fc2``.
+
+def _from_timm_rope(sd: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
+    """A timm RoPE ViT (eva.py's blocks, layer scale already folded) -> vitpe's keys, computing the
+    same function.
+
     - ``rope.freqs`` (``rope_mixed``'s learned frequencies, same shape and order) goes to the model's
       ``rope_mixed``; a model without one drops it with a warning.
     - timm rotates channel pairs ``(2i, 2i+1)`` of a head, vitpe pairs ``(i, i + D/2)``, both by
       frequency ``i``: each head's q and k rows of ``qkv`` are relabelled to match (a permutation of
       q and k alike, which leaves attention without rotation unchanged too)."""
     sd = dict(sd)
-    for key in [k for k in sd if k.endswith((".gamma_1", ".gamma_2"))]:
-        block, which = key.rsplit(".", 1)
-        gamma = sd.pop(key)
-        linear = f"{block}.attn.proj" if which == "gamma_1" else f"{block}.mlp.fc2"
-        if f"{linear}.weight" not in sd:
-            raise ValueError(f"checkpoint key {key!r}: layer scale without {linear}.weight to fold it into")
-        sd[f"{linear}.weight"] = sd[f"{linear}.weight"] * gamma[:, None]
-        sd[f"{linear}.bias"] = sd[f"{linear}.bias"] * gamma
+    if model.pos.find("rope_axial") is None and model.pos.find("rope_mixed") is None:
+        _logger.warning("checkpoint is a timm RoPE ViT (eva.py's blocks) but the model's strategy %r has no rotary "
+                        "embedding: q and k will not be rotated as they were in training", model.pos.name)
     if "rope.freqs" in sd:
         freqs = sd.pop("rope.freqs")
         mixed = model.pos.find("rope_mixed")
