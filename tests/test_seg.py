@@ -333,6 +333,32 @@ def test_reduce_zero_label_errors_quote_the_stored_values(tmp_path, value):
         assert str(info.value).startswith(f"{mask}: ")
 
 
+def test_masks_stored_from_one_name_reduce_zero_label(tmp_path):
+    """ADE20K's masks read without reduce_zero_label: the top class, stored one up, is out of
+    range, and the message names the option."""
+    save_pair(tmp_path, "a", 0, size=(1, 3))
+    Image.fromarray(np.array([[0, 1, 150]], np.uint8)).save(tmp_path / "annotations" / "training" / "a.png")
+    with pytest.raises(DataError, match=r"label values \[150\] are not classes 0..149 .*reduce_zero_label=true"):
+        read_all(SegmentationDataset(tmp_path, "training", 150))
+    Image.fromarray(np.array([[0, 1, 151]], np.uint8)).save(tmp_path / "annotations" / "training" / "a.png")
+    with pytest.raises(DataError, match=r"label values \[151\]") as info:
+        read_all(SegmentationDataset(tmp_path, "training", 150))
+    assert "reduce_zero_label" not in str(info.value)
+
+
+def test_ade20ks_object_info_names_the_classes(tmp_path):
+    from vitpe.data.segmentation import read_classes
+
+    save_pair(tmp_path, "a", 0)
+    rows = ["Idx\tRatio\tTrain\tVal\tName", "2\t0.1\t10\t1\tbuilding, edifice", "1\t0.2\t20\t2\twall",
+            "3\t0.05\t5\t1\tsky"]
+    (tmp_path / "objectInfo150.txt").write_text("\n".join(rows) + "\n")
+    assert read_classes(tmp_path, 3) == ["wall", "building", "sky"]
+    assert read_classes(tmp_path, 4) == ["class_0", "class_1", "class_2", "class_3"]  # another class count
+    (tmp_path / "classes.json").write_text('["a", "b", "c"]')
+    assert read_classes(tmp_path, 3) == ["a", "b", "c"]  # classes.json first
+
+
 def test_an_empty_classes_json_says_so(tmp_path):
     save_pair(tmp_path, "a", 0)
     (tmp_path / "classes.json").write_text("[]")

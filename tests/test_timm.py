@@ -293,3 +293,20 @@ def test_layer_decay_groups_match_timms_vit():
 def test_no_embed_class_reads_the_strategy_with_spaces():
     m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned + rope_axial", depth=1, no_embed_class=True)
     assert m.pos.find("learned").pos_embed.shape[1] == 14 * 14
+
+
+def test_a_rope_checkpoint_into_a_model_without_rotary_warns(tmp_path, caplog):
+    import logging
+
+    ref = timm.create_model("vit_small_patch16_rope_224", depth=1)
+    path = tmp_path / "rope.pth"
+    torch.save(ref.state_dict(), path)
+    with caplog.at_level(logging.WARNING):
+        timm.create_model("vitpe_vit_small_patch16_224", pos="sincos2d", depth=1, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    assert "has no rotary embedding" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        timm.create_model("vitpe_vit_small_patch16_224", pos="rope_axial", depth=1, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    assert "rotary" not in caplog.text

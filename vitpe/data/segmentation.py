@@ -3,7 +3,8 @@
 ``DIR/images/<split>/*.jpg|png`` with ``DIR/annotations/<split>/<stem>.png`` beside them (sub-folders
 too, mirrored under ``annotations``, as mmseg lists them; hidden files such as ``.DS_Store`` or
 macOS's ``._*`` are passed over), one class index per pixel (``ignore_index``, 255 by default, is
-not scored; it must not be a class); ``DIR/classes.json`` (a list of names) is optional. A bad pair
+not scored; it must not be a class); ``DIR/classes.json`` (a list of names) is optional (without it,
+ADE20K's own ``objectInfo150.txt`` names the classes). A bad pair
 stops the run with one message naming the file, or, with ``on_error='skip'``, is dropped, logged and
 counted; a wrong mIoU is never computed silently:
 
@@ -24,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Literal, Sequence
@@ -45,13 +47,30 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MASK_MODES = ("L", "P", "I", "I;16", "1")  # one channel of class indices
 
 
+def _object_info(path: Path) -> list[str] | None:
+    """Class names from ADEChallengeData2016's ``objectInfo150.txt`` (tab-separated ``Idx Ratio Train
+    Val Name``, the name's synonyms after commas or semicolons), in ``Idx`` order; None if it is not
+    such a table."""
+    try:
+        rows = [line.split("\t") for line in path.read_text(errors="replace").splitlines()[1:] if line.strip()]
+        named = sorted((int(r[0]), re.split(r"[,;]", r[-1])[0].strip()) for r in rows)
+    except (ValueError, IndexError, OSError):
+        return None
+    return [n for _, n in named] if [i for i, _ in named] == list(range(1, len(named) + 1)) else None
+
+
 def read_classes(root: str | Path, num_classes: int) -> list[str]:
-    """Names from ``root/classes.json`` (a list) when present, else ``class_0..``; ``num_classes``
-    0 means "as many as classes.json lists"."""
+    """Names from ``root/classes.json`` (a list) when present, else from ADE20K's own
+    ``objectInfo150.txt`` when it names ``num_classes`` classes, else ``class_0..``;
+    ``num_classes`` 0 means "as many as classes.json lists"."""
     if not Path(root).is_dir():
         raise DataError(f"data folder not found: {root}")
     path = Path(root) / "classes.json"
     if not path.is_file():
+        info = Path(root) / "objectInfo150.txt"
+        names = _object_info(info) if info.is_file() else None
+        if names is not None and len(names) == num_classes:
+            return names
         if num_classes <= 0:
             raise DataError(f"{root}: no classes.json, so the number of classes must be given (--num-classes)")
         return [f"class_{i}" for i in range(num_classes)]
@@ -102,7 +121,9 @@ def read_mask(path: Path, num_classes: int, reduce_zero_label: bool = False, ign
         bad = np.unique(raw[~valid])[:8].tolist()
         classes = (f"0 (other), 1..{top} (classes 0..{top - 1} under reduce_zero_label)" if reduce_zero_label
                    else f"classes 0..{top}")
-        raise DataError(f"{path}: label values {bad} are not {classes} nor the ignore index {ignore_index}")
+        hint = ("; masks that store 0 for 'other' and classes from 1 (ADE20K) need data.reduce_zero_label=true "
+                "(--reduce-zero-label)" if not reduce_zero_label and bad == [num_classes] else "")
+        raise DataError(f"{path}: label values {bad} are not {classes} nor the ignore index {ignore_index}{hint}")
     if reduce_zero_label:
         mask = raw - 1
         mask[(raw == 0) | (raw == ignore_index)] = ignore_index
