@@ -346,6 +346,14 @@ def test_masks_stored_from_one_name_reduce_zero_label(tmp_path):
     assert "reduce_zero_label" not in str(info.value)
 
 
+def test_the_decoder_width_defaults_to_segformers():
+    from vitpe.engine.segmentation import SegModelConfig, head_width
+
+    assert [head_width(SegModelConfig(name=f"vitpe_mit_b{i}")) for i in range(6)] == [256, 256, 768, 768, 768, 768]
+    assert head_width(SegModelConfig(name="vitpe_vit_tiny_patch16_224")) == 256
+    assert head_width(SegModelConfig(name="vitpe_mit_b2", head_dim=128)) == 128
+
+
 def test_ade20ks_object_info_names_the_classes(tmp_path):
     from vitpe.data.segmentation import read_classes
 

@@ -3,6 +3,7 @@ and sliding window, at several scales and their fusion), with the figure of pred
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -69,7 +70,8 @@ class SegDataConfig(DataConfig):
 class SegModelConfig(ModelConfig):
     name: str = "vitpe_mit_b0"  # vitpe_mit_b0..b5 (All-MLP head) or vitpe_vit_* (simple head)
     pos: str = "mixffn"  # SegFormer's Mix-FFN by default
-    head_dim: int = 256  # All-MLP decoder width (SegFormer: 256 for B0/B1, 768 for B2..B5)
+    head_dim: int | None = None  # All-MLP decoder width; None: SegFormer's, 256 for B0/B1 and 768 for B2..B5
+    # (256 for a ViT's simple head)
     head_dropout: float = 0.1
     backbone_weights: str | None = None  # local file of backbone weights (e.g. SegFormer's mit_b0.pth)
 
@@ -125,10 +127,17 @@ def build_datasets(cfg: SegDataConfig) -> tuple[SegmentationDataset, Segmentatio
     return SegmentationDataset(cfg.path, cfg.train_split, **kw), SegmentationDataset(cfg.path, cfg.val_split, **kw)
 
 
+def head_width(cfg: SegModelConfig) -> int:
+    """``model.head_dim``, or where unset SegFormer's: 768 for MiT-B2..B5, else 256."""
+    if cfg.head_dim is not None:
+        return cfg.head_dim
+    return 768 if re.fullmatch(r"vitpe_mit_b[2-5]", cfg.name) else 256
+
+
 def build_model(cfg: SegModelConfig, num_classes: int, crop_size: int) -> Segmentor:
     """The segmentor; ``backbone_weights`` (any layout ``checkpoint_filter_fn`` reads) are loaded strictly."""
     try:
-        model = build_segmentor(cfg.name, num_classes, cfg.pos, cfg.pos_kwargs, crop_size, cfg.head_dim,
+        model = build_segmentor(cfg.name, num_classes, cfg.pos, cfg.pos_kwargs, crop_size, head_width(cfg),
                                 cfg.head_dropout, **cfg.kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
