@@ -346,6 +346,23 @@ def test_masks_stored_from_one_name_reduce_zero_label(tmp_path):
     assert "reduce_zero_label" not in str(info.value)
 
 
+def test_test_time_scales_resize_as_mmseg():
+    """mmcv rounds halves up (2.5 -> 3, where Python's round gives 2) and cv2's bilinear resize does
+    not antialias when shrinking."""
+    import torch.nn.functional as F
+
+    seen = []
+
+    def model(x):
+        seen.append(x)
+        return x
+
+    image = torch.rand(1, 3, 5, 9)
+    predict(model, image, scale=0.5)
+    assert seen[0].shape[-2:] == (3, 5)
+    torch.testing.assert_close(seen[0], F.interpolate(image, size=(3, 5), mode="bilinear", align_corners=False))
+
+
 def test_the_decoder_width_defaults_to_segformers():
     from vitpe.engine.segmentation import SegModelConfig, head_width
 

@@ -311,6 +311,12 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (images.float() - m) / s
 
 
+def scaled_size(H: int, W: int, scale: float) -> tuple[int, int]:
+    """``(H, W)`` times ``scale``, rounded half up as mmcv's ``rescale_size`` rounds (not Python's
+    ``round``, which takes halves to even)."""
+    return max(1, int(H * scale + 0.5)), max(1, int(W * scale + 0.5))
+
+
 def scale_crop(image: Tensor, mask: Tensor, crop: int, scale: float, flip: bool,
                gen: torch.Generator | None = None, cat_max_ratio: float = 1.0,
                ignore_index: int = 255) -> tuple[Tensor, Tensor, tuple[int, int]]:
@@ -321,7 +327,7 @@ def scale_crop(image: Tensor, mask: Tensor, crop: int, scale: float, flip: bool,
     the last one drawn is kept). Returns the float image ``(3, h, w)`` (0..255), the int64 mask
     ``(h, w)`` and ``(h, w)``."""
     H, W = image.shape[-2:]
-    th, tw = max(1, round(H * scale)), max(1, round(W * scale))
+    th, tw = scaled_size(H, W, scale)
     oh, ow = min(crop, th), min(crop, tw)
 
     def window() -> tuple[int, int, int, int]:
@@ -339,8 +345,9 @@ def scale_crop(image: Tensor, mask: Tensor, crop: int, scale: float, flip: bool,
         if len(counts) > 1 and counts.max() < cat_max_ratio * counts.sum():
             break
         ys, ye, xs, xe = window()
+    # bilinear without antialiasing, as mmseg resizes (cv2's INTER_LINEAR), also when shrinking
     img = F.interpolate(image[None, :, ys:ye, xs:xe].float(), size=(oh, ow), mode="bilinear",
-                        align_corners=False, antialias=scale < 1)[0]
+                        align_corners=False)[0]
     lab = F.interpolate(mask[None, None, ys:ye, xs:xe].float(), size=(oh, ow), mode="nearest")[0, 0].long()
     if flip:
         img, lab = img.flip(-1), lab.flip(-1)

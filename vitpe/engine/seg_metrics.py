@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.segmentation import scaled_size
+
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """``(K, K)`` int64 counts, rows = true class, columns = predicted class, over pixels whose
@@ -103,8 +105,8 @@ def predict(model: nn.Module, image: Tensor, mode: str = "whole", scale: float =
     H, W = image.shape[-2:]
     x = image
     if scale != 1.0:
-        x = F.interpolate(image, size=(max(1, round(H * scale)), max(1, round(W * scale))), mode="bilinear",
-                          align_corners=False, antialias=scale < 1)
+        # mmseg's test-time resize: mmcv's rounding, bilinear without antialiasing (cv2's INTER_LINEAR)
+        x = F.interpolate(image, size=scaled_size(H, W, scale), mode="bilinear", align_corners=False)
     if mode == "whole":
         logits = model(x).float()
     elif mode == "slide":
