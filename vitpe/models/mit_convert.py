@@ -42,39 +42,36 @@ _NVLABS = [
     (r"norm(\d)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.norm.{m[2]}"),
     (r"head\.(.+)", lambda m: f"head.{m[1]}"),
 ]
-_HF_BLOCK = {"layer_norm_1": "norm1", "layer_norm_2": "norm2", "attention.self.query": "attn.q",
-             "attention.self.sr": "attn.sr", "attention.self.layer_norm": "attn.norm",
-             "attention.output.dense": "attn.proj", "mlp.dense1": "mlp.fc1", "mlp.dwconv.dwconv": "mlp.mixer.proj",
-             "mlp.dense2": "mlp.fc2", "attention.self.key": "attn.k", "attention.self.value": "attn.v"}
-_HF = [
-    (r"encoder\.patch_embeddings\.(\d)\.(proj|layer_norm)\.(.+)",
-     lambda m: f"stages.{m[1]}.patch_embed.{'norm' if m[2] == 'layer_norm' else 'proj'}.{m[3]}"),
-    (r"encoder\.block\.(\d)\.(\d+)\.(.+)\.(weight|bias)",
-     lambda m: f"stages.{m[1]}.blocks.{m[2]}.{_HF_BLOCK[m[3]]}.{m[4]}" if m[3] in _HF_BLOCK else None),
-    (r"encoder\.layer_norm\.(\d)\.(.+)", lambda m: f"stages.{m[1]}.norm.{m[2]}"),
-    (r"classifier\.(.+)", lambda m: f"head.{m[1]}"),
-]
-_MMSEG_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.attn.in_proj": "attn.in_proj",
-                "attn.attn.out_proj": "attn.proj", "attn.sr": "attn.sr", "attn.norm": "attn.norm",
-                "ffn.layers.0": "mlp.fc1", "ffn.layers.1": "mlp.mixer.proj", "ffn.layers.4": "mlp.fc2"}
-_MMSEG = [
-    (r"layers\.(\d)\.0\.(projection|norm)\.(.+)",
-     lambda m: f"stages.{m[1]}.patch_embed.{'proj' if m[2] == 'projection' else 'norm'}.{m[3]}"),
-    (r"layers\.(\d)\.1\.(\d+)\.(.+)[._](weight|bias)",
-     lambda m: f"stages.{m[1]}.blocks.{m[2]}.{_MMSEG_BLOCK[m[3]]}.{m[4]}" if m[3] in _MMSEG_BLOCK else None),
-    (r"layers\.(\d)\.2\.(.+)", lambda m: f"stages.{m[1]}.norm.{m[2]}"),
-]
-_HF5_BLOCK = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.q_proj": "attn.q",
-              "attention.k_proj": "attn.k", "attention.v_proj": "attn.v", "attention.o_proj": "attn.proj",
-              "attention.sequence_reduction.sequence_reduction": "attn.sr",
-              "attention.sequence_reduction.layer_norm": "attn.norm", "mlp.dwconv.dwconv": "mlp.mixer.proj"}
-_HF5 = [  # transformers 5's module names; a key they do not name is vitpe's own (``stages.`` too)
-    (r"stages\.(\d)\.patch_embeddings\.(proj|layer_norm)\.(.+)",
-     lambda m: f"stages.{m[1]}.patch_embed.{'norm' if m[2] == 'layer_norm' else 'proj'}.{m[3]}"),
-    (r"stages\.(\d)\.blocks\.(\d+)\.(.+)\.(weight|bias)",
-     lambda m: f"stages.{m[1]}.blocks.{m[2]}.{_HF5_BLOCK[m[3]]}.{m[4]}" if m[3] in _HF5_BLOCK else None),
-    (r"stages\.(\d)\.layer_norm\.(.+)", lambda m: f"stages.{m[1]}.norm.{m[2]}"),
-]
+def _stage_rules(patch: str, proj: str, norm: str, block: str, renames: dict[str, str], final: str) -> list:
+    """The rules of a layout that names, for stage ``s`` (each pattern's first group), a patch
+    embedding ``patch`` with its ``proj`` and ``norm`` layers, blocks ``block.{i}`` whose modules
+    ``renames`` maps to vitpe's, and a final norm ``final``."""
+    return [
+        (rf"{patch}\.({proj}|{norm})\.(.+)",
+         lambda m: f"stages.{m[1]}.patch_embed.{'proj' if m[2] == proj else 'norm'}.{m[3]}"),
+        (rf"{block}\.(\d+)\.(.+)[._](weight|bias)",  # mmseg's in_proj_weight: an underscore
+         lambda m: f"stages.{m[1]}.blocks.{m[2]}.{renames[m[3]]}.{m[4]}" if m[3] in renames else None),
+        (rf"{final}\.(.+)", lambda m: f"stages.{m[1]}.norm.{m[2]}"),
+    ]
+
+
+_HF = _stage_rules(r"encoder\.patch_embeddings\.(\d)", "proj", "layer_norm", r"encoder\.block\.(\d)", {
+    "layer_norm_1": "norm1", "layer_norm_2": "norm2", "attention.self.query": "attn.q",
+    "attention.self.sr": "attn.sr", "attention.self.layer_norm": "attn.norm", "attention.output.dense": "attn.proj",
+    "mlp.dense1": "mlp.fc1", "mlp.dwconv.dwconv": "mlp.mixer.proj", "mlp.dense2": "mlp.fc2",
+    "attention.self.key": "attn.k", "attention.self.value": "attn.v"}, r"encoder\.layer_norm\.(\d)") + [
+    (r"classifier\.(.+)", lambda m: f"head.{m[1]}")]
+_MMSEG = _stage_rules(r"layers\.(\d)\.0", "projection", "norm", r"layers\.(\d)\.1", {
+    "norm1": "norm1", "norm2": "norm2", "attn.attn.in_proj": "attn.in_proj", "attn.attn.out_proj": "attn.proj",
+    "attn.sr": "attn.sr", "attn.norm": "attn.norm", "ffn.layers.0": "mlp.fc1", "ffn.layers.1": "mlp.mixer.proj",
+    "ffn.layers.4": "mlp.fc2"}, r"layers\.(\d)\.2")
+# transformers 5's module names; a key they do not name is vitpe's own (``stages.`` too)
+_HF5 = _stage_rules(r"stages\.(\d)\.patch_embeddings", "proj", "layer_norm", r"stages\.(\d)\.blocks", {
+    "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.q_proj": "attn.q",
+    "attention.k_proj": "attn.k", "attention.v_proj": "attn.v", "attention.o_proj": "attn.proj",
+    "attention.sequence_reduction.sequence_reduction": "attn.sr",
+    "attention.sequence_reduction.layer_norm": "attn.norm", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "mlp.dwconv.dwconv": "mlp.mixer.proj"}, r"stages\.(\d)\.layer_norm")
 _MMSEG_HEAD = r"(convs\.\d+|fusion_conv)\..+"  # mmseg's SegformerHead
 _HEAD = [
     (r"linear_c(\d)\.proj\.(.+)", lambda m: f"linear_c.{int(m[1]) - 1}.proj.{m[2]}"),  # NVlabs
