@@ -80,6 +80,27 @@ def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatc
         [r["val_top1"] for r in read_metrics(full / "metrics.jsonl")]
 
 
+def test_resume_of_a_copied_run_goes_on_in_the_copy_with_the_options_given(folder, tmp_path):
+    """A run copied elsewhere resumes where its checkpoint is (the original stays as it was), and a
+    learning rate or weight decay given with --resume is the one the optimizer then uses."""
+    import shutil
+
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    assert run(tiny_argv(folder, first, epochs=1)) == 0
+    shutil.copytree(first, copy)
+    before = (first / "checkpoint.pt").read_bytes()
+    assert run(["--resume", str(copy / "checkpoint.pt"), "--epochs", "2", "--lr", "0.1",
+                "--set", "optim.weight_decay=0.3"]) == 0
+    assert (first / "checkpoint.pt").read_bytes() == before and len(losses(first)) == 1
+    assert len(losses(copy)) == 2
+    state = load_checkpoint(copy / "checkpoint.pt")
+    groups = state["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.1] * len(groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.3]
+    assert state["scheduler"]["base_lrs"] == [0.1] * len(groups)
+    assert state["config"]["optim"]["lr"] == 0.1 and state["config"]["run"]["output"] == str(copy)
+
+
 def test_two_gloo_processes_match_one_at_the_same_global_batch(folder, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert run(tiny_argv(folder, one, *NO_AUG, "--set", "eval.sizes=[]")) == 0
@@ -108,6 +129,12 @@ def test_corrupt_truncated_and_empty_files_are_skipped_and_counted(tmp_path, cap
     for name in ("garbage.jpg", "empty.png", "truncated.jpg"):
         assert name in caplog.text
     assert "skipped 3 unreadable image(s)" in caplog.text
+    # decoded up front (data.cache): the same counts, validation's too
+    (data / "val" / "red" / "garbage.jpg").write_bytes(b"this is not an image")
+    assert run(tiny_argv(data, tmp_path / "cached", "--set", "eval.sizes=[]", "--set", "data.cache=true")) == 0
+    records = read_metrics(tmp_path / "cached" / "metrics.jsonl")
+    assert [(r["skipped"], r["val_skipped"]) for r in records] == [(3, 1), (3, 1)]
+    assert json.loads((tmp_path / "cached" / "results.json").read_text())["skipped"] == 1
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(folder, tmp_path, monkeypatch,
@@ -139,6 +166,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(fold
     (["--config", "missing.yaml"], "missing.yaml"),
     (["--pos", "pegg"], "peg"),
     (["--eval-sizes", "10,16"], "patch size 4"),
+    (["--set", "aug.interpolation=random"], "bilinear"),
 ])
 def test_config_errors_exit_non_zero_with_one_line(folder, tmp_path, capsys, extra, expected):
     assert run(tiny_argv(folder, tmp_path / "o", *extra)) == 2

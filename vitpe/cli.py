@@ -10,10 +10,13 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .config import ConfigError, apply_overrides, load_config, override
 from .errors import CheckpointError, DataError, UserError
+
+_logger = logging.getLogger(__name__)
 
 C = TypeVar("C")
 
@@ -115,6 +118,13 @@ def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any
             raise CheckpointError(f"{cfg.run.resume}: not a checkpoint of this script's task: its config does not "
                                   f"fit ({e})") from None
         cfg = resolve_config(cls, args, keymap, base=base)
+        here = str(Path(cfg.run.resume).parent)
+        if cfg.run.output == base.run.output and Path(here).resolve() != Path(cfg.run.output).resolve():
+            # a run copied or moved (or a relative path from another folder): it goes on where its
+            # checkpoint is, not in the folder it was first written to (--output chooses another)
+            _logger.info("resuming in %s, the checkpoint's folder (the run was written to %s)", here,
+                         cfg.run.output)
+            cfg.run.output = here
     device = dist.init_distributed(cfg.run.device)
     code = train(cfg, device, resumed)
     # Not on an error: leaving the group would close its connections before run_cli has reported

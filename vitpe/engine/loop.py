@@ -4,6 +4,7 @@ training state that goes into a checkpoint and comes back on ``--resume``."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import sys
 from typing import Any, Callable, ContextManager, Iterable, Sequence
@@ -18,6 +19,8 @@ from ..errors import DataError, UserError
 from . import distributed as dist
 from .checkpoint import rng_state, set_rng_state
 from .optim import clip_gradients
+
+_logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -194,8 +197,22 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
         parts = [f"{label} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for label, keys in
                  (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
         raise UserError(f"{source}: its weights do not fit this model ({'; '.join(parts)}); {hint}")
+    # the run's own settings, as the optimizer and schedule were just built from the config: a
+    # learning rate, weight decay or betas given with --resume apply from here (as recorded in
+    # config.yaml), where the saved state would bring back the old ones
+    fresh = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if len(fresh) == len(optimizer.param_groups):
+        changed = {k for g, f in zip(optimizer.param_groups, fresh) for k, v in f.items() if g.get(k) != v}
+        if changed:
+            for g, f in zip(optimizer.param_groups, fresh):
+                g.update(f)
+            scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+            for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                g["lr"] = base * fn(scheduler.last_epoch)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+            _logger.info("resumed with this run's %s (the checkpoint's differed)", ", ".join(sorted(changed)))
     if ema is not None:
         if "ema" not in state:
             raise UserError("the checkpoint has no EMA weights but this run has EMA enabled (set ema.enabled=false)")
