@@ -76,6 +76,8 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
         seed_epoch(cfg.run.seed, epoch)  # per process and epoch: exact resume under DDP too
         stats = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, device, epoch, cfg, mixup, ema)
         val = evaluate(ema.module if ema else eval_net, val_loader, device, cfg.run.amp)
+        stats["skipped"] += cached_skips(train_set)  # data.cache: files that failed to decode up front
+        val["skipped"] += cached_skips(val_set)
         record = {"epoch": epoch, **stats,
                   **{f"val_{k}": v for k, v in val.items() if k in ("top1", "top5", "loss", "skipped")}}
         metrics.log(record)
@@ -103,11 +105,18 @@ def save_epoch(cfg, out, model, optimizer, scheduler, ema, epoch, classes, mean,
     return best_now
 
 
+def cached_skips(dataset) -> int:
+    """Files a cached dataset (``data.cache``) could not decode when it was built: they are in no
+    batch, so the loops do not count them."""
+    return len(getattr(dataset, "skipped", ()))
+
+
 def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:
     """Final validation, the resolution evaluation, results.json and the printed table."""
     final_loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=cfg.eval.batch_size,
                                   num_workers=cfg.data.workers, collate_fn=collate_skipping)
     val = evaluate(model, final_loader, device, cfg.run.amp, reduce=False)
+    val["skipped"] += cached_skips(val_loader.dataset)
     results = {"top1": val["top1"], "top5": val["top5"], "n": val["n"], "skipped": val["skipped"],
                "pos": cfg.model.pos, "model": cfg.model.name, "train_size": cfg.data.img_size, "resolution": {}}
     if cfg.eval.sizes:

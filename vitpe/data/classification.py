@@ -52,7 +52,8 @@ class AugConfig:
     mixup: float = 0.0  # mixup alpha (0 disables); mixing needs soft targets, handled by the loss
     cutmix: float = 0.0  # cutmix alpha (0 disables)
     label_smoothing: float = 0.1  # smoothing of the one-hot targets (also used inside mixup)
-    interpolation: str = "bicubic"  # resize interpolation, for training and evaluation
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = "bicubic"  # resize
+    # interpolation, for training and evaluation (the GPU decoding path: bilinear, else bicubic)
 
 
 def is_synthetic(data: DataConfig) -> bool:
