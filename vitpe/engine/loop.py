@@ -204,7 +204,9 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if len(fresh) == len(optimizer.param_groups):
-        changed = {k for g, f in zip(optimizer.param_groups, fresh) for k, v in f.items() if g.get(k) != v}
+        plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (betas: a tuple or a list)
+        changed = {k for g, f in zip(optimizer.param_groups, fresh) for k, v in f.items()
+                   if plain(g.get(k)) != plain(v)}
         if changed:
             for g, f in zip(optimizer.param_groups, fresh):
                 g.update(f)
