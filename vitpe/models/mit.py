@@ -174,8 +174,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MixTransformer) -> d
     if has_dwconv and not any(s.pos.find("mixffn") is not None for s in model.stages):
         raise ValueError(f"the checkpoint has Mix-FFN convolutions (mlp.dwconv) but the model's strategy is "
                          f"{model.stages[0].pos.name!r}; build it with pos='mixffn' (or a combination with it)")
-    return {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in sd.items()
-            if not k.startswith("decode_head.")}
+    return sd
 
 
 # -- timm registry ---------------------------------------------------------------------------

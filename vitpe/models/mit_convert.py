@@ -93,8 +93,10 @@ def _rename(key: str, rules: list) -> str | None:
     return None
 
 
-def _stack_kv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Hugging Face's separate ``attn.k`` / ``attn.v`` -> one ``attn.kv`` (keys first)."""
+def _fuse_projections(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Projections to vitpe's ``attn.q`` and ``attn.kv`` (keys first, as NVlabs stores them):
+    Hugging Face's separate ``attn.k`` / ``attn.v`` stacked, mmseg's ``attn.in_proj`` (q, then k
+    and v) split; mmseg's FFN, 1x1 convolutions, as linear weights."""
     out = {}
     for key, value in sd.items():
         if ".attn.v." in key:
@@ -104,17 +106,7 @@ def _stack_kv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
             if partner not in sd:
                 raise KeyError(f"checkpoint has {key!r} but no {partner!r}")
             out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([value, sd[partner]], dim=0)
-        else:
-            out[key] = value
-    return out
-
-
-def _split_in_proj(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """mmseg's stacked ``attn.in_proj`` (q, then k and v) -> ``attn.q`` and ``attn.kv``; its 1x1
-    convolutions of the FFN -> linear weights."""
-    out = {}
-    for key, value in sd.items():
-        if ".attn.in_proj." in key:
+        elif ".attn.in_proj." in key:
             c = value.shape[0] // 3
             out[key.replace(".in_proj.", ".q.")] = value[:c]
             out[key.replace(".in_proj.", ".kv.")] = value[c:]
@@ -163,4 +155,4 @@ def convert_segformer_state_dict(state_dict: dict[str, Any], head: bool = True) 
     if unknown:
         raise KeyError(f"{len(unknown)} checkpoint keys are neither SegFormer (NVlabs, mmseg, Hugging Face) nor "
                        f"vitpe MiT keys, e.g. {unknown[:3]}")
-    return _stack_kv(_split_in_proj(out))
+    return _fuse_projections(out)
