@@ -193,9 +193,9 @@ def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[
         check.dropped["zero size"] += 1  # always dropped: no box to learn or to score
         return None
     x0, y0, x1, y1 = min(max(x, 0.0), W), min(max(y, 0.0), H), max(min(x + w, W), 0.0), max(min(y + h, H), 0.0)
-    where = f"image {img['id']!r} ({img['file_name']}, {img['width']}x{img['height']})"
     t = BOX_TOLERANCE
     if x < -t or y < -t or x + w > W + t or y + h > H + t:
+        where = f"image {img['id']!r} ({img['file_name']}, {img['width']}x{img['height']})"
         crowd = bool(a.get("iscrowd", 0))
         if not (check.clip_boxes or crowd):
             check.bad("outside image", f"annotation {a.get('id')}: bbox {box} reaches outside {where}",

@@ -203,18 +203,16 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
     fresh = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if len(fresh) == len(optimizer.param_groups):
-        plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (betas: a tuple or a list)
-        changed = {k for g, f in zip(optimizer.param_groups, fresh) for k, v in f.items()
-                   if plain(g.get(k)) != plain(v)}
-        if changed:
-            for g, f in zip(optimizer.param_groups, fresh):
-                g.update(f)
-            scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-            for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                g["lr"] = base * fn(scheduler.last_epoch)
-            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-            _logger.info("resumed with this run's %s (the checkpoint's differed)", ", ".join(sorted(changed)))
+    plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (betas: a tuple or a list)
+    changed = {k for g, f in zip(optimizer.param_groups, fresh) for k, v in f.items() if plain(g.get(k)) != plain(v)}
+    if changed:  # (load_state_dict has checked that the groups are as many)
+        for g, f in zip(optimizer.param_groups, fresh):
+            g.update(f)
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            g["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        _logger.info("resumed with this run's %s (the checkpoint's differed)", ", ".join(sorted(changed)))
     if ema is not None:
         if "ema" not in state:
             raise UserError("the checkpoint has no EMA weights but this run has EMA enabled (set ema.enabled=false)")
