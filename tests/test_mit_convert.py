@@ -74,33 +74,39 @@ def nvlabs_forward(sd, x, dims, depths, heads, srs) -> list:
     return outs
 
 
-def to_hugging_face(sd: dict, prefix: str = "segformer.") -> dict:
-    """The same weights in Hugging Face's SegformerForImageClassification layout."""
+def _hugging_face_layout(sd: dict, patch: str, block: str, final: str, names: dict, kv: tuple) -> dict:
+    """``sd`` (NVlabs' layout) renamed: stage ``s``'s patch embedding to ``patch.format(s=s)`` (its
+    ``proj`` and ``layer_norm``), block ``i`` to ``block.format(s=s).i`` (modules renamed by
+    ``names``, ``attn.kv`` split into the two names ``kv``), its norm to ``final.format(s=s)``; the
+    classifier ``head`` to ``classifier``."""
     out = {}
-    names = {"norm1": "layer_norm_1", "norm2": "layer_norm_2", "attn.q": "attention.self.query",
-             "attn.sr": "attention.self.sr", "attn.norm": "attention.self.layer_norm",
-             "attn.proj": "attention.output.dense", "mlp.fc1": "mlp.dense1", "mlp.fc2": "mlp.dense2",
-             "mlp.dwconv.dwconv": "mlp.dwconv.dwconv"}
     for key, value in sd.items():
         head, *rest = key.split(".")
-        enc = prefix + "encoder."
+        s = int(head[-1]) - 1 if head[-1].isdigit() else None
         if head.startswith("patch_embed"):
-            layer = {"proj": "proj", "norm": "layer_norm"}[rest[0]]
-            out[f"{enc}patch_embeddings.{int(head[-1]) - 1}.{layer}.{rest[1]}"] = value
+            out[f"{patch.format(s=s)}.{'proj' if rest[0] == 'proj' else 'layer_norm'}.{rest[1]}"] = value
         elif head.startswith("block"):
-            base = f"{enc}block.{int(head[-1]) - 1}.{rest[0]}."
-            module, param = ".".join(rest[1:-1]), rest[-1]
+            base, module, param = f"{block.format(s=s)}.{rest[0]}.", ".".join(rest[1:-1]), rest[-1]
             if module == "attn.kv":
                 c = value.shape[0] // 2
-                out[base + f"attention.self.key.{param}"] = value[:c]
-                out[base + f"attention.self.value.{param}"] = value[c:]
+                out[base + f"{kv[0]}.{param}"], out[base + f"{kv[1]}.{param}"] = value[:c], value[c:]
             else:
-                out[base + f"{names[module]}.{param}"] = value
+                out[base + f"{names.get(module, module)}.{param}"] = value
         elif head.startswith("norm"):
-            out[f"{enc}layer_norm.{int(head[-1]) - 1}.{rest[0]}"] = value
+            out[f"{final.format(s=s)}.{rest[0]}"] = value
         else:
             out[f"classifier.{rest[0]}"] = value
     return out
+
+
+def to_hugging_face(sd: dict, prefix: str = "segformer.") -> dict:
+    """The same weights in Hugging Face's SegformerForImageClassification layout (its files')."""
+    names = {"norm1": "layer_norm_1", "norm2": "layer_norm_2", "attn.q": "attention.self.query",
+             "attn.sr": "attention.self.sr", "attn.norm": "attention.self.layer_norm",
+             "attn.proj": "attention.output.dense", "mlp.fc1": "mlp.dense1", "mlp.fc2": "mlp.dense2"}
+    enc = prefix + "encoder."
+    return _hugging_face_layout(sd, enc + "patch_embeddings.{s}", enc + "block.{s}", enc + "layer_norm.{s}", names,
+                                ("attention.self.key", "attention.self.value"))
 
 
 def to_mmseg(sd: dict) -> dict:
@@ -129,27 +135,12 @@ def to_mmseg(sd: dict) -> dict:
 
 def to_transformers5(sd: dict) -> dict:
     """The same weights under transformers 5's module names (``SegformerModel.state_dict()``)."""
-    out = {}
     names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.q": "attention.q_proj",
              "attn.proj": "attention.o_proj", "attn.sr": "attention.sequence_reduction.sequence_reduction",
-             "attn.norm": "attention.sequence_reduction.layer_norm", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-             "mlp.dwconv.dwconv": "mlp.dwconv.dwconv"}
-    for key, value in sd.items():
-        head, *rest = key.split(".")
-        if head.startswith("patch_embed"):
-            layer = {"proj": "proj", "norm": "layer_norm"}[rest[0]]
-            out[f"segformer.stages.{int(head[-1]) - 1}.patch_embeddings.{layer}.{rest[1]}"] = value
-        elif head.startswith("block"):
-            base = f"segformer.stages.{int(head[-1]) - 1}.blocks.{rest[0]}."
-            module, param = ".".join(rest[1:-1]), rest[-1]
-            if module == "attn.kv":
-                c = value.shape[0] // 2
-                out[base + f"attention.k_proj.{param}"], out[base + f"attention.v_proj.{param}"] = value[:c], value[c:]
-            else:
-                out[base + f"{names[module]}.{param}"] = value
-        elif head.startswith("norm"):
-            out[f"segformer.stages.{int(head[-1]) - 1}.layer_norm.{rest[0]}"] = value
-    return out
+             "attn.norm": "attention.sequence_reduction.layer_norm"}
+    stage = "segformer.stages.{s}."
+    return _hugging_face_layout({k: v for k, v in sd.items() if not k.startswith("head.")}, stage + "patch_embeddings",
+                                stage + "blocks", stage + "layer_norm", names, ("attention.k_proj", "attention.v_proj"))
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +203,8 @@ def test_mmseg_and_transformers5_layouts_convert_to_the_same_weights(reference, 
 
 def test_a_segmentation_checkpoint_of_transformers5_converts_its_head(reference):
     sd = {**to_transformers5(reference), "decode_head.linear_projections.2.proj.weight": torch.zeros(256, 160),
-          "decode_head.linear_fuse.weight": torch.zeros(256, 1024, 1, 1), "decode_head.batch_norm.bias": torch.zeros(256),
+          "decode_head.linear_fuse.weight": torch.zeros(256, 1024, 1, 1),
+          "decode_head.batch_norm.bias": torch.zeros(256),
           "decode_head.classifier.weight": torch.zeros(150, 256, 1, 1)}
     sd = {k: v for k, v in sd.items() if "head." not in k or k.startswith("decode_head.")}
     out = convert_segformer_state_dict(sd)
