@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV2
 from vitpe.cli import common_parser, run_cli, run_training
 from vitpe.config import save_config, to_dict
 from vitpe.data.classification import build_train_val, norm_stats
-from vitpe.data.folder import collate_skipping
+from vitpe.data.folder import cached_skips, collate_skipping
 from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import save_checkpoint
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, build_train_loader,
@@ -103,12 +103,6 @@ def save_epoch(cfg, out, model, optimizer, scheduler, ema, epoch, classes, mean,
         save_checkpoint(state, out / "best.pt")
     save_checkpoint(state, out / "checkpoint.pt")
     return best_now
-
-
-def cached_skips(dataset) -> int:
-    """Files a cached dataset (``data.cache``) could not decode when it was built: they are in no
-    batch, so the loops do not count them."""
-    return len(getattr(dataset, "skipped", ()))
 
 
 def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from .cli import parse_sizes, run_cli
 from .config import apply_overrides, from_dict
 from .data.classification import ClsDataConfig, eval_dataset, norm_stats
-from .data.folder import collate_skipping
+from .data.folder import cached_skips, collate_skipping
 from .engine import distributed as dist
 from .engine.checkpoint import load_checkpoint
 from .engine.classification import ClsConfig, build_model, evaluate
@@ -86,7 +86,7 @@ def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], devic
         loader = DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
                             collate_fn=collate_skipping)
         m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False, seen=seen)
-        skipped = m["skipped"] + len(getattr(ds, "skipped", ()))  # a cache leaves them out when it is made
+        skipped = m["skipped"] + cached_skips(ds)
         out[size] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "skipped": skipped}
         if cfg.eval.throughput:
             gpu = device.type == "cuda"  # a GPU needs full batches to be measured, not launch overhead

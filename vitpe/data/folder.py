@@ -136,6 +136,12 @@ class ImageFolder(Dataset):
         return (self.transform(img) if self.transform else img), self.samples[index][1]
 
 
+def cached_skips(dataset: Dataset) -> int:
+    """Files a cached dataset (``CachedImages``, ``data.cache``) could not decode when it was built:
+    they are in no batch, so the loops that count skipped files do not meet them."""
+    return len(getattr(dataset, "skipped", ()))
+
+
 class CachedImages(Dataset):
     """A folder decoded once into one uint8 array ``(N, H, W, 3)``: decoding JPEGs every epoch costs
     more than training a small model on them. Needs every image at the same size (e.g. CIFAR)."""
@@ -204,4 +210,5 @@ def collate_skipping(items: list[Any]) -> Batch:
     return Batch(images, targets, skipped)
 
 
-__all__ = ["Batch", "CachedImages", "ImageFolder", "Skipped", "collate_skipping", "load_rgb", "scan_folder", "to_rgb"]
+__all__ = ["Batch", "CachedImages", "ImageFolder", "Skipped", "cached_skips", "collate_skipping", "load_rgb",
+           "scan_folder", "to_rgb"]
