@@ -56,6 +56,36 @@ def test_bad_files_are_returned_as_skipped_and_dropped_from_the_batch(tmp_path):
     assert [s.path for s in batch.skipped] == [skipped[0].path]
 
 
+class Flaky:
+    """A transform that raises on the calls whose number is in ``fails`` (counted from 0)."""
+
+    def __init__(self, fails) -> None:
+        self.calls, self.fails = 0, fails
+
+    def __call__(self, img):
+        self.calls += 1
+        if (self.calls - 1) in self.fails:
+            raise ValueError("bits must be between or equal to 1 and 8")
+        return torch.from_numpy(np.asarray(img).copy())
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_transform_that_raises_is_drawn_again_then_its_image_skipped(tmp_path, caplog, cached):
+    root = make_folder(tmp_path, per_class=2, val_per_class=1)
+    folder = ImageFolder(root, "train")
+    ds = CachedImages(folder) if cached else folder
+    caplog.set_level("WARNING")
+    ds.transform = Flaky({0, 1, 4})  # image 0 fails twice, then passes; image 1 fails once
+    items = [ds[i] for i in range(len(ds))]
+    assert not any(isinstance(it, Skipped) for it in items) and ds.transform.calls == len(ds) + 3
+    assert [it[1] for it in items] == [0, 0, 1, 1]
+    assert "drawing it again" in caplog.text and caplog.text.count("bits must be") == 1  # named once
+    ds.transform = Flaky(range(1000))  # fails every time: skipped, not raised
+    item = ds[2]
+    assert isinstance(item, Skipped) and item.path == folder.samples[2][0] and ds.transform.calls == 3
+    assert "failed 3 times" in item.reason and "ValueError: bits must be" in item.reason
+
+
 def test_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(DataError, match="not found"):
         ImageFolder(tmp_path / "none", "train")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,13 +129,34 @@ def test_corrupt_truncated_and_empty_files_are_skipped_and_counted(tmp_path, cap
     assert [r["skipped"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl")] == [3, 3]
     for name in ("garbage.jpg", "empty.png", "truncated.jpg"):
         assert name in caplog.text
-    assert "skipped 3 unreadable image(s)" in caplog.text
+    assert "skipped 3 image(s) that could not be read or transformed" in caplog.text
     # decoded up front (data.cache): the same counts, validation's too
     (data / "val" / "red" / "garbage.jpg").write_bytes(b"this is not an image")
     assert run(tiny_argv(data, tmp_path / "cached", "--set", "eval.sizes=[]", "--set", "data.cache=true")) == 0
     records = read_metrics(tmp_path / "cached" / "metrics.jsonl")
     assert [(r["skipped"], r["val_skipped"]) for r in records] == [(3, 1), (3, 1)]
     assert json.loads((tmp_path / "cached" / "results.json").read_text())["skipped"] == 1
+
+
+def test_a_transform_that_raises_is_drawn_again_and_one_that_always_raises_stops_the_run(folder, tmp_path,
+                                                                                         monkeypatch, capsys, caplog):
+    resize, calls = Image.Image.resize, [0]
+
+    def flaky_resize(self, *args, **kwargs):  # every third resize raises, as a random augmentation can
+        calls[0] += 1
+        if calls[0] % 3 == 0:
+            raise ValueError("bits must be between or equal to 1 and 8")
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", flaky_resize)
+    assert run(tiny_argv(folder, tmp_path / "flaky", "--set", "eval.sizes=[]")) == 0
+    assert [r["skipped"] for r in read_metrics(tmp_path / "flaky" / "metrics.jsonl")] == [0, 0]
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: (_ for _ in ()).throw(ValueError("no")))
+    assert run(tiny_argv(folder, tmp_path / "broken", "--set", "eval.sizes=[]")) != 0
+    err = capsys.readouterr().err
+    # a crop that needs no resize can pass now and then: the run stops at the first epoch with none
+    assert re.search(r"epoch \d: none of the 16 training images could be read and transformed", err)
+    assert "failed 3 times (ValueError: no)" in caplog.text and "Traceback" not in err
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(folder, tmp_path, monkeypatch,

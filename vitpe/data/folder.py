@@ -10,6 +10,11 @@ Any image PIL opens is read and converted to RGB (grayscale, 16-bit grayscale sc
 palette, RGBA, CMYK). A corrupt, truncated or empty file does not stop an epoch: ``__getitem__``
 returns a ``Skipped`` for it, and ``collate_skipping`` drops it from the batch while recording its
 path, so the training loop can warn once per file and count the skips at the end of the epoch.
+
+A transform that raises (a random augmentation can draw parameters its library refuses, such as
+timm's RandAugment ``posterize`` at 0 bits under Pillow 13) is drawn again, up to
+``TRANSFORM_TRIES`` times; an image it fails on every time is skipped like an unreadable one, its
+reason naming the transform's error.
 """
 from __future__ import annotations
 
@@ -44,6 +49,25 @@ def warn_skipped(skipped: Iterable[Skipped], seen: set[str], logger: logging.Log
         if s.path not in seen:
             seen.add(s.path)
             logger.warning("warning: skipped %s", s.reason if s.path in s.reason else f"{s.path} ({s.reason})")
+
+
+TRANSFORM_TRIES = 3
+
+
+def transformed(transform: Callable | None, img: Image.Image, path: str, named: set[str]) -> Any:
+    """``transform(img)``, drawn again when it raises; a ``Skipped`` when it raises every time. Each
+    error is named in a warning once over the calls that share ``named``."""
+    if transform is None:
+        return img
+    for _ in range(TRANSFORM_TRIES):
+        try:
+            return transform(img)
+        except Exception as e:  # noqa: BLE001 - any library's error: the image is skipped, not the epoch
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+            if reason not in named:
+                named.add(reason)
+                _logger.warning("the transform raised %s on %s; drawing it again (named once)", reason, path)
+    return Skipped(path, f"the transform failed {TRANSFORM_TRIES} times ({reason})")
 
 
 class Batch(NamedTuple):
@@ -107,6 +131,7 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
                  classes: list[str] | None = None) -> None:
         self.root, self.split, self.transform = Path(root), split, transform
+        self._named: set[str] = set()  # transform errors already named (per process: workers copy it)
         found, self.samples = scan_folder(root, split)
         self.classes = found if classes is None else classes
         if classes is None:  # the split that defines the classes: each must have images (as torchvision's)
@@ -133,7 +158,8 @@ class ImageFolder(Dataset):
         img = self.load(index)
         if isinstance(img, Skipped):
             return img
-        return (self.transform(img) if self.transform else img), self.samples[index][1]
+        out = transformed(self.transform, img, self.samples[index][0], self._named)
+        return out if isinstance(out, Skipped) else (out, self.samples[index][1])
 
 
 def cached_skips(dataset: Dataset) -> int:
@@ -148,9 +174,10 @@ class CachedImages(Dataset):
 
     def __init__(self, folder: ImageFolder, workers: int = 0) -> None:
         self.classes, self.transform, self.skipped = folder.classes, folder.transform, []
+        self._named: set[str] = set()
         loader = torch.utils.data.DataLoader(_Decode(folder), batch_size=256, num_workers=workers,
                                              collate_fn=_as_list)
-        arrays, targets = [], []
+        arrays, targets, paths = [], [], []
         for chunk in loader:
             for item in chunk:
                 if isinstance(item, Skipped):
@@ -159,6 +186,7 @@ class CachedImages(Dataset):
                 else:
                     arrays.append(item[0])
                     targets.append(item[1])
+                    paths.append(item[2])
         if self.skipped:
             _logger.warning("skipped %d unreadable image(s) of %s", len(self.skipped), folder.root / folder.split)
         if not arrays:
@@ -168,7 +196,7 @@ class CachedImages(Dataset):
             raise DataError(f"{folder.root / folder.split}: images have {len(shapes)} different sizes "
                             f"(e.g. {sorted(shapes)[:3]}); caching needs one size (set data.cache=false)")
         self.images = np.stack(arrays)  # (N, H, W, 3) uint8
-        self.targets = targets
+        self.targets, self.paths = targets, paths
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -179,9 +207,9 @@ class CachedImages(Dataset):
         other.transform = transform
         return other
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = Image.fromarray(self.images[index])
-        return (self.transform(img) if self.transform else img), self.targets[index]
+    def __getitem__(self, index: int) -> tuple[Any, int] | Skipped:
+        out = transformed(self.transform, Image.fromarray(self.images[index]), self.paths[index], self._named)
+        return out if isinstance(out, Skipped) else (out, self.targets[index])
 
 
 def _as_list(items: list[Any]) -> list[Any]:
@@ -195,9 +223,10 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int] | Skipped:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, str] | Skipped:
         img = self.folder.load(index)
-        return img if isinstance(img, Skipped) else (np.asarray(img, dtype=np.uint8), self.folder.samples[index][1])
+        path, target = self.folder.samples[index]
+        return img if isinstance(img, Skipped) else (np.asarray(img, dtype=np.uint8), target, path)
 
 
 def collate_skipping(items: list[Any]) -> Batch:
@@ -211,4 +240,4 @@ def collate_skipping(items: list[Any]) -> Batch:
 
 
 __all__ = ["Batch", "CachedImages", "ImageFolder", "Skipped", "cached_skips", "collate_skipping", "load_rgb",
-           "scan_folder", "to_rgb"]
+           "scan_folder", "to_rgb", "transformed"]

@@ -138,8 +138,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if step % cfg.run.log_interval == 0:  # the only read on the host: the non-finite check, the bar
             bar.set_postfix(loss=f"{meter.means()['loss']:.4f}")
     totals = dist.reduce_sums({**meter.sums(), "skipped": skipped}, device)  # raises on a non-finite loss
+    if totals["n"] == 0 and totals["skipped"]:  # every image skipped: nothing was trained
+        raise DataError(f"epoch {epoch + 1}: none of the {int(totals['skipped'])} training images could be "
+                        f"read and transformed (each is named above)")
     if totals["skipped"] and dist.is_main():
-        _logger.warning("epoch %d: skipped %d unreadable image(s)", epoch + 1, int(totals["skipped"]))
+        _logger.warning("epoch %d: skipped %d image(s) that could not be read or transformed", epoch + 1, int(totals["skipped"]))
     return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],
             "skipped": int(totals["skipped"]), "time": time.time() - start}
 
