@@ -125,3 +125,19 @@ def test_sweep_trains_every_strategy_at_once_and_merges_the_reports(tmp_path):
         assert set(r["sizes"]) == {"16", "32"} and all(v["img_per_s"] > 0 for v in r["sizes"].values())
         assert len(r["metrics"]) == 1  # one epoch, read back from the run's metrics.jsonl
     assert json.loads((out / "sweep.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_a_segmentation_or_detection_checkpoint_is_named_as_one(tmp_path, capsys, task):
+    from vitpe.config import to_dict
+    from vitpe.engine.checkpoint import save_checkpoint
+    from vitpe.engine.detection import DetConfig
+    from vitpe.engine.segmentation import SegConfig
+    cfg = SegConfig() if task == "segmentation" else DetConfig()
+    save_checkpoint({"config": to_dict(cfg), "model": {}, "classes": ["a"]}, tmp_path / "other.pt")
+    assert run_eval(["--checkpoint", str(tmp_path / "other.pt"), "--data", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert f"other.pt: a {task} run's checkpoint" in err and "Traceback" not in err
+    save_checkpoint({"config": {"nonsense": 1}, "model": {}, "classes": ["a"]}, tmp_path / "odd.pt")
+    assert run_eval(["--checkpoint", str(tmp_path / "odd.pt"), "--data", str(tmp_path)]) != 0
+    assert "odd.pt: its config is not a classification run's (unknown key 'nonsense'" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .cli import parse_sizes, run_cli
-from .config import apply_overrides, from_dict
+from .config import ConfigError, apply_overrides, from_dict
 from .data.classification import ClsDataConfig, eval_dataset, norm_stats
 from .data.folder import cached_skips, collate_skipping
 from .engine import distributed as dist
@@ -153,12 +153,30 @@ def write_report(results: Results, output: str | Path) -> str:
 
 
 # -- command line ------------------------------------------------------------------------------
+def _classification_config(path: str, config: Any) -> ClsConfig:
+    """The checkpoint's ``ClsConfig``; a segmentation or detection run's checkpoint is named as one."""
+    try:
+        return from_dict(ClsConfig, config)
+    except ConfigError as e:
+        from .engine.detection import DetConfig
+        from .engine.segmentation import SegConfig
+        for cls, task, script in ((SegConfig, "segmentation", "train_seg.py --eval-scales"),
+                                  (DetConfig, "detection", "train_det.py --eval-sizes")):
+            try:
+                from_dict(cls, config)
+            except ConfigError:
+                continue
+            raise UserError(f"{path}: a {task} run's checkpoint; vitpe.evaluate evaluates classification "
+                            f"checkpoints ({task} is evaluated at other sizes by {script})") from None
+        raise UserError(f"{path}: its config is not a classification run's ({e})") from None
+
+
 def load_model(path: str, device: torch.device, weights: str = "auto") -> tuple[nn.Module, ClsConfig, dict]:
     """Rebuild the model a training checkpoint describes; ``weights``: model, ema, or auto (EMA if saved)."""
     state = load_checkpoint(path)
     if "config" not in state or "model" not in state:
         raise UserError(f"{path}: not a vitpe classification checkpoint (no 'config'/'model' entries)")
-    cfg = from_dict(ClsConfig, state["config"])
+    cfg = _classification_config(path, state["config"])
     model = build_model(cfg.model, len(state["classes"]), cfg.data.img_size)
     key = "ema" if weights == "ema" or (weights == "auto" and "ema" in state) else "model"
     if key not in state:
