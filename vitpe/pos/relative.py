@@ -4,7 +4,8 @@ Each block has, per head, a table over 2D offsets ``(2H-1) x (2W-1)``; the bias 
 and n is the entry at their offset. For another grid the table is resized bicubically, with
 antialiasing (``resample_map``, as the learned table): Swin's own code resizes with plain bicubic
 interpolation, BEiT's and timm's on a geometric grid of offsets that keeps the nearest offsets'
-values, so a table resized here is close to theirs but not equal. Prefix tokens get zero bias
+values. Enlarged, a table resized here is close to theirs but not equal; shrunk, it differs more
+(the antialiasing averages neighbouring offsets that theirs keeps apart). Prefix tokens get zero bias
 (BEiT's three learned class-token entries are not kept).
 """
 from __future__ import annotations
