@@ -596,6 +596,14 @@ def test_train_seg_two_iterations(tmp_path, capsys):
     for f in ("checkpoint.pt", "config.yaml", "predictions.png"):
         assert (out / f).is_file()
     assert "| whole | 1.0 |" in capsys.readouterr().out
+    # a finished run, resumed with other scales into another folder: trains nothing, evaluates again
+    before = (out / "checkpoint.pt").read_bytes()
+    assert train_seg.main(["--resume", str(out / "checkpoint.pt"), "--eval-scales", "0.75,2.0",
+                           "--output", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert set(again["scales"]["whole"]) == {"0.75", "1.0", "2.0", "ms"}
+    assert again["scales"]["whole"]["1.0"] == results["scales"]["whole"]["1.0"]  # the same weights
+    assert (out / "checkpoint.pt").read_bytes() == before and not (tmp_path / "again" / "checkpoint.pt").exists()
 
 
 def test_train_seg_bad_mask_is_one_line_error(tmp_path, capsys):

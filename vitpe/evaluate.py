@@ -160,14 +160,15 @@ def _classification_config(path: str, config: Any) -> ClsConfig:
     except ConfigError as e:
         from .engine.detection import DetConfig
         from .engine.segmentation import SegConfig
-        for cls, task, script in ((SegConfig, "segmentation", "train_seg.py --eval-scales"),
-                                  (DetConfig, "detection", "train_det.py --eval-sizes")):
+        for cls, task, script in ((SegConfig, "segmentation", "train_seg.py"), (DetConfig, "detection", "train_det.py")):
             try:
                 from_dict(cls, config)
             except ConfigError:
                 continue
+            sizes = "--eval-scales" if cls is SegConfig else "--eval-sizes"
             raise UserError(f"{path}: a {task} run's checkpoint; vitpe.evaluate evaluates classification "
-                            f"checkpoints ({task} is evaluated at other sizes by {script})") from None
+                            f"checkpoints (evaluate this one at other sizes with {script} --resume {path} "
+                            f"{sizes} ... --output DIR)") from None
         raise UserError(f"{path}: its config is not a classification run's ({e})") from None
 
 
