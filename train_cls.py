@@ -57,7 +57,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     ema = ModelEmaV2(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
     train_loader = build_train_loader(cfg, train_set, device, mean, std)  # data.decode=gpu: decoded on the device
     val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate_skipping)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader), cfg.run.epochs)
     start = restore_training_state(resumed, model, optimizer, scheduler, ema.module if ema else None) if resumed else 0
     best = resumed.get("best_top1", -1.0) if resumed else -1.0

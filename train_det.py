@@ -55,7 +55,7 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
     model = build_model(cfg.model, len(classes)).to(device)
     criterion = build_criterion(cfg.loss, len(classes)).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
     train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,
                                train_collate(model, cfg.data), source=cfg.data.path)
     val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers,

@@ -66,7 +66,7 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
     model = build_model(cfg.model, train_set.num_classes, cfg.data.crop_size).to(device)
     if dist.is_distributed() and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the decoder's BN sees the global batch
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
     loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers, list_collate,
                                source=cfg.data.path)
     scheduler = build_scheduler(optimizer, cfg.optim, len(loader), cfg.run.epochs)

@@ -153,6 +153,28 @@ def test_schedules_warm_up_then_decay_to_the_floor():
     assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0]) and lrs[-1] < 0.1
 
 
+def test_lr_base_batch_scales_every_groups_rate_to_the_global_batch():
+    from vitpe.engine import detection, segmentation
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    assert [g["lr"] for g in build_optimizer(model, OptimConfig(lr=5e-4), 256).param_groups] == [5e-4, 5e-4]
+    opt = build_optimizer(model, OptimConfig(lr=5e-4, lr_base_batch=512), 256)  # DeiT's rule
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4, 2.5e-4])
+    with pytest.raises(ValueError, match="lr_base_batch"):
+        build_optimizer(model, OptimConfig(lr_base_batch=512))
+    seg = segmentation.build_model(segmentation.SegModelConfig(name="vitpe_mit_b0", head_dim=16), 3, 64)
+    cfg = segmentation.SegOptimConfig(lr=6e-5, head_lr_mult=10.0, lr_base_batch=16)
+    lrs = {g["lr"] for g in segmentation.build_optimizer(seg, cfg, 8).param_groups}
+    assert sorted(lrs) == pytest.approx([3e-5, 3e-4])  # the head keeps its ten times the backbone's
+    det = detection.build_model(detection.DetModelConfig(backbone="resnet18", dim=16, num_heads=2, enc_layers=1,
+                                                          dec_layers=1, ffn_dim=16, num_queries=4), 2)
+    cfg = detection.DetOptimConfig(lr=1e-4, backbone_lr=1e-5, lr_base_batch=64)
+    lrs = {g["lr"] for g in detection.build_optimizer(det, cfg, 32).param_groups}
+    assert sorted(lrs) == pytest.approx([5e-6, 5e-5])
+    with pytest.raises(ConfigError, match="lr_base_batch"):
+        from_dict(OptimConfig, {"lr_base_batch": 0})
+
+
 # -- metrics log ---------------------------------------------------------------------------------
 def test_metrics_log_drops_epochs_past_the_resumed_checkpoint(tmp_path):
     log = MetricsLog(tmp_path / "m.jsonl")

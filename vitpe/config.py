@@ -49,6 +49,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate for the global batch, reached after warm-up
+    lr_base_batch: int | None = None  # set: lr is for this global batch, scaled linearly to data.batch_size
+    # (DeiT: lr 5e-4 for a batch of 512, so 2.5e-4 at 256); every group's rate is scaled alike
     weight_decay: float = 0.05  # AdamW decay; never applied to norms, biases or position tables
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moments, as in DeiT
     warmup_epochs: float = 1.0  # linear warm-up keeps early attention from collapsing (may be fractional)
@@ -210,7 +212,8 @@ def _check_scalar(value: Any, tp: Any, bad: ConfigError) -> Any:
 # nothing silently.
 _BOUNDS: dict[str, tuple[float, float | None]] = {
     "batch_size": (1, None), "workers": (0, None), "epochs": (1, None), "log_interval": (1, None),
-    "interval": (1, None), "num_queries": (1, None), "sizes": (1, None), "decay": (0, 1)}
+    "interval": (1, None), "num_queries": (1, None), "sizes": (1, None), "decay": (0, 1),
+    "lr_base_batch": (1, None)}
 
 
 def _check_bounds(value: Any, key: str) -> None:

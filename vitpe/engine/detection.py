@@ -24,7 +24,7 @@ from ..models.detr_matcher import HungarianMatcher
 from . import distributed as dist
 from .coco_eval import coco_evaluate, to_coco_results, write_results
 from .loop import LossMeter, autocast, optimizer_step, progress
-from .optim import adamw, param_groups
+from .optim import adamw, lr_scale, param_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -200,8 +200,9 @@ def build_criterion(cfg: LossConfig, num_classes: int) -> SetCriterion:
                         num_boxes_reduce=lambda n: dist.all_reduce_mean(n))
 
 
-def build_optimizer(model: DETR, cfg: DetOptimConfig) -> torch.optim.AdamW:
-    """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest."""
+def build_optimizer(model: DETR, cfg: DetOptimConfig, batch_size: int | None = None) -> torch.optim.AdamW:
+    """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest
+    (all scaled as ``lr_scale`` says)."""
     backbone = {id(p) for p in model.backbone.parameters()}
     groups = []
     for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos", "box_refs", "spatial_prior"]):
@@ -212,7 +213,7 @@ def build_optimizer(model: DETR, cfg: DetOptimConfig) -> torch.optim.AdamW:
             elif ps:
                 for p in ps:
                     p.requires_grad_(False)
-    return adamw(groups, cfg.lr, cfg.betas)
+    return adamw(groups, cfg.lr, cfg.betas, lr_scale(cfg, batch_size))
 
 
 def to_device(targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:

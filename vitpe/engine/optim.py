@@ -1,6 +1,7 @@
 """AdamW with weight-decay groups, per-step learning-rate schedules, and gradient clipping."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Iterable, Sequence
 
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import OptimConfig
+
+_logger = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
@@ -28,16 +31,32 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``param_groups(model, cfg.weight_decay)`` at the peak rate ``cfg.lr``."""
-    return adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int | None = None) -> torch.optim.AdamW:
+    """AdamW over ``param_groups(model, cfg.weight_decay)`` at the peak rate ``cfg.lr`` (scaled to
+    ``batch_size``, the global batch, when ``cfg.lr_base_batch`` is set)."""
+    return adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, lr_scale(cfg, batch_size))
 
 
-def adamw(groups: list[dict[str, Any]], lr: float, betas: Sequence[float]) -> torch.optim.AdamW:
-    """AdamW over parameter groups; on the GPU as one fused kernel per group, fewer launches than
-    torch's default multi-tensor path (the same update)."""
+def lr_scale(cfg: OptimConfig, batch_size: int | None) -> float:
+    """``batch_size / cfg.lr_base_batch`` (the linear scaling rule of DeiT and timm's ``--lr-base``),
+    or 1 when ``lr_base_batch`` is not set."""
+    if cfg.lr_base_batch is None:
+        return 1.0
+    if batch_size is None:
+        raise ValueError("optim.lr_base_batch is set: the global batch size is needed to scale the rate")
+    scale = batch_size / cfg.lr_base_batch
+    _logger.info("learning rate %g for a batch of %d, scaled to %g for the global batch of %d (optim.lr_base_batch)",
+                 cfg.lr, cfg.lr_base_batch, cfg.lr * scale, batch_size)
+    return scale
+
+
+def adamw(groups: list[dict[str, Any]], lr: float, betas: Sequence[float], scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over parameter groups, every rate (``lr`` and any group's own) times ``scale``; on the
+    GPU as one fused kernel per group, fewer launches than torch's default multi-tensor path (the
+    same update)."""
     fused = True if all(p.is_cuda for g in groups for p in g["params"]) else None
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
+    groups = [dict(g, lr=g["lr"] * scale) if "lr" in g else g for g in groups]
+    return torch.optim.AdamW(groups, lr=lr * scale, betas=tuple(betas), fused=fused)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
@@ -83,4 +102,4 @@ def clip_gradients(parameters: Iterable[Tensor] | nn.Module, max_norm: float | N
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-__all__ = ["adamw", "build_optimizer", "build_scheduler", "clip_gradients", "lr_factor", "param_groups"]
+__all__ = ["adamw", "build_optimizer", "build_scheduler", "clip_gradients", "lr_factor", "lr_scale", "param_groups"]

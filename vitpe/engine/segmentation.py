@@ -24,7 +24,7 @@ from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
 from .checkpoint import load_checkpoint
 from .loop import LossMeter, ShardSampler, autocast, optimizer_step, progress
-from .optim import adamw, param_groups
+from .optim import adamw, lr_scale, param_groups
 from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
 
 _logger = logging.getLogger(__name__)
@@ -170,14 +170,14 @@ def load_backbone(backbone: nn.Module, path: str) -> None:
                         f"(e.g. {unexpected[:3]})")
 
 
-def build_optimizer(model: Segmentor, cfg: SegOptimConfig) -> torch.optim.AdamW:
-    """AdamW; the decode head's groups get ``lr * head_lr_mult``."""
+def build_optimizer(model: Segmentor, cfg: SegOptimConfig, batch_size: int | None = None) -> torch.optim.AdamW:
+    """AdamW; the decode head's groups get ``lr * head_lr_mult`` (all scaled as ``lr_scale`` says)."""
     skip = model.no_weight_decay()
     groups = param_groups(model.backbone, cfg.weight_decay, {s.removeprefix("backbone.") for s in skip})
     for g in param_groups(model.decode_head, cfg.weight_decay):
         groups.append(dict(g, lr=cfg.lr * cfg.head_lr_mult))
     groups = [g for g in groups if g["params"]]
-    return adamw(groups, cfg.lr, cfg.betas)
+    return adamw(groups, cfg.lr, cfg.betas, lr_scale(cfg, batch_size))
 
 
 def compile_model(model: nn.Module, backend: str = "inductor", mode: str = "default") -> nn.Module:
