@@ -14,7 +14,7 @@ from typing import Sequence
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.utils import ModelEmaV2
+from timm.utils import ModelEmaV3
 
 from vitpe.cli import common_parser, run_cli, run_training
 from vitpe.config import save_config, to_dict
@@ -54,7 +54,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
     model = build_model(cfg.model, len(classes), cfg.data.img_size).to(device)
     check_sizes(cfg.eval.sizes, model)  # fail now, not after training
-    ema = ModelEmaV2(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
+    ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
     train_loader = build_train_loader(cfg, train_set, device, mean, std)  # data.decode=gpu: decoded on the device
     val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.run.seed, cfg.data.workers, collate_skipping)
     optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)

@@ -56,7 +56,7 @@ def test_two_epoch_run_writes_every_output(folder, tmp_path, capsys):
     assert "| peg |" in printed and "16*" in printed
 
 
-@pytest.mark.parametrize("extra", [[], ["--set", "ema.enabled=true", "--set", "ema.decay=0.9",
+@pytest.mark.parametrize("extra", [[], ["--set", "ema.enabled=true", "--set", "ema.decay=0.9", "--set", "ema.warmup=true",
                                          "--set", "aug.mixup=0.8", "--set", "aug.cutmix=1.0"]], ids=["plain", "ema_mixup"])
 def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatch, extra):
     full, part = tmp_path / "full", tmp_path / "part"
@@ -79,6 +79,35 @@ def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatc
     assert [r["epoch"] for r in read_metrics(part / "metrics.jsonl")] == [0, 1, 2]
     assert [r["val_top1"] for r in read_metrics(part / "metrics.jsonl")] == \
         [r["val_top1"] for r in read_metrics(full / "metrics.jsonl")]
+    for key in ("model", "ema") if extra else ("model",):  # the averaged weights too, warm-up included
+        a, b = load_checkpoint(part / "checkpoint.pt")[key], load_checkpoint(full / "checkpoint.pt")[key]
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_warm_up_starts_from_the_trained_weights(warmup):
+    from timm.utils import ModelEmaV3
+
+    from vitpe.engine.classification import ClsConfig, train_one_epoch
+    from vitpe.engine.optim import build_optimizer, build_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    cfg = ClsConfig()
+    cfg.ema.warmup, cfg.optim.warmup_epochs, cfg.optim.clip_grad = warmup, 0.0, None
+    initial = [p.detach().clone() for p in model.parameters()]
+    ema = ModelEmaV3(model, decay=0.9, use_warmup=warmup)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, 2, 1)
+    loader = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+    train_one_epoch(model, loader, optimizer, scheduler, torch.nn.CrossEntropyLoss(), torch.device("cpu"), 0, cfg,
+                    ema=ema)
+    trained, averaged = list(model.parameters()), list(ema.module.parameters())
+    if warmup:  # step 1 copies, step 2 averages with decay 1 - 2^(-2/3) = 0.37: close to the weights
+        assert all((e - t).abs().max() < (i - t).abs().max() * 0.5 for e, t, i in zip(averaged, trained, initial))
+    else:  # decay 0.9 from the first step: still 0.81 of the random start
+        assert all(torch.allclose(e, 0.81 * i + 0.19 * t, atol=0.1 * float((i - t).abs().max()))
+                   for e, t, i in zip(averaged, trained, initial))
 
 
 def test_resume_of_a_copied_run_goes_on_in_the_copy_with_the_options_given(folder, tmp_path):

@@ -29,6 +29,8 @@ _logger = logging.getLogger(__name__)
 class EmaConfig:
     enabled: bool = False  # keep an exponential moving average of the weights (evaluated instead of the raw ones)
     decay: float = 0.999  # per-step decay; ~1/(1-decay) steps of memory, so short runs want a lower value
+    warmup: bool = False  # the decay grows from 0 with the step (timm's --model-ema-warmup: 1 - (1 + step)^-2/3,
+    # capped at ``decay``), so the average is not held back by the random initial weights
 
 
 def _default_model() -> ModelConfig:
@@ -133,8 +135,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             loss = criterion(model(x), y)
         meter.update(step, loss, weight=len(x))
         optimizer_step(loss, model, optimizer, scheduler, cfg.optim.clip_grad)
-        if ema is not None:
-            ema.update(dist.unwrap_model(model))
+        if ema is not None:  # the step (restored on resume with the schedule) sets the decay in warm-up
+            ema.update(dist.unwrap_model(model), step=scheduler.last_epoch if cfg.ema.warmup else None)
         if step % cfg.run.log_interval == 0:  # the only read on the host: the non-finite check, the bar
             bar.set_postfix(loss=f"{meter.means()['loss']:.4f}")
     totals = dist.reduce_sums({**meter.sums(), "skipped": skipped}, device)  # raises on a non-finite loss
