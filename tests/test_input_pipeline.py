@@ -59,6 +59,17 @@ def test_whole_image_box_without_flip_is_a_plain_resize():
     assert diff.mean() < 1.0 and diff.max() < 8
 
 
+@pytest.mark.parametrize("name, pil", [("bilinear", Image.BILINEAR), ("nearest", Image.NEAREST)])
+def test_the_interpolation_asked_for_is_the_one_used(name, pil):
+    arr = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)  # detail: modes differ
+    out = resized_crops([as_tensor(arr)], torch.tensor([[0, 0, 30, 40]]), torch.tensor([False]), 20, name)
+    ref = {m: np.asarray(Image.fromarray(arr).resize((20, 20), m), np.float32) for m in (pil, Image.BICUBIC)}
+    diff = {m: (out[0].permute(1, 2, 0) - torch.from_numpy(r)).abs().mean() for m, r in ref.items()}
+    assert diff[pil] < 1.0 < diff[Image.BICUBIC]
+    with pytest.raises(UserError, match="'lanczos'.*data.decode=cpu"):
+        resized_crops([as_tensor(arr)], torch.tensor([[0, 0, 30, 40]]), torch.tensor([False]), 20, "lanczos")
+
+
 def test_flip_mirrors_and_box_selects_its_region():
     img = as_tensor(smooth_image(40, 64))
     boxes = torch.tensor([[8, 16, 24, 24], [8, 16, 24, 24]])
@@ -139,6 +150,8 @@ def test_gpu_decode_refuses_what_it_would_ignore(mixed):
     data = ClsDataConfig(path=str(mixed), decode="gpu")
     with pytest.raises(UserError, match="aug.auto_augment"):
         build_train_val(data, AugConfig(auto_augment="rand-m9"), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(UserError, match="aug.interpolation='box'"):
+        build_train_val(data, AugConfig(interpolation="box"), (0.5,) * 3, (0.5,) * 3)
     data.cache = True
     with pytest.raises(UserError, match="data.cache=false"):
         build_train_val(data, AugConfig(), (0.5,) * 3, (0.5,) * 3)

@@ -53,7 +53,7 @@ class AugConfig:
     cutmix: float = 0.0  # cutmix alpha (0 disables)
     label_smoothing: float = 0.1  # smoothing of the one-hot targets (also used inside mixup)
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = "bicubic"  # resize
-    # interpolation, for training and evaluation (the GPU decoding path: bilinear, else bicubic)
+    # interpolation, for training and evaluation (the GPU decoding path: bicubic, bilinear or nearest)
 
 
 def is_synthetic(data: DataConfig) -> bool:

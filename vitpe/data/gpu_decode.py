@@ -139,16 +139,24 @@ def sample_boxes(hw: Tensor, scale: tuple[float, float], ratio: tuple[float, flo
     return torch.stack([top, left, h, w], 1).long()
 
 
+# aug.interpolation -> F.interpolate's mode; nearest as PIL picks it (pixel centres), without antialiasing
+DEVICE_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}
+
+
 def resized_crops(images: list[Tensor], boxes: Tensor, flips: Tensor, size: int,
                   interpolation: str = "bicubic") -> Tensor:
     """Crop ``boxes`` (B, 4) ``(top, left, height, width)`` out of ``images`` (each ``(3, H, W)``,
     sizes differ), resize each to ``size`` x ``size`` (antialiased, as PIL does when shrinking) and
     mirror those where ``flips`` (B,) is true. Returns ``(B, 3, size, size)`` float in [0, 255]."""
-    mode = "bilinear" if interpolation == "bilinear" else "bicubic"
+    if interpolation not in DEVICE_MODES:
+        raise UserError(f"aug.interpolation={interpolation!r}: data.decode=gpu resizes with {sorted(DEVICE_MODES)} "
+                        f"only (set data.decode=cpu)")
+    mode, smooth = DEVICE_MODES[interpolation], interpolation != "nearest"
     out = []
     for img, (top, left, h, w) in zip(images, boxes.tolist()):
         crop = img[None, :, top:top + h, left:left + w].float()
-        out.append(F.interpolate(crop, size=(size, size), mode=mode, align_corners=False, antialias=True))
+        kw = {"align_corners": False, "antialias": True} if smooth else {}
+        out.append(F.interpolate(crop, size=(size, size), mode=mode, **kw))
     x = torch.cat(out).clamp_(0, 255)  # bicubic overshoots
     flips = flips.to(x.device)
     return torch.where(flips[:, None, None, None], x.flip(-1), x)
@@ -183,6 +191,9 @@ def check_aug(aug: Any) -> None:
     if unsupported:
         raise UserError(f"data.decode=gpu does random-resized crop and flip only; {unsupported} need "
                         f"data.decode=cpu (or set them to 0/null)")
+    if aug.interpolation not in DEVICE_MODES:
+        raise UserError(f"aug.interpolation={aug.interpolation!r}: data.decode=gpu resizes with "
+                        f"{sorted(DEVICE_MODES)} only (set data.decode=cpu)")
 
 
 class DeviceDecodeLoader:
