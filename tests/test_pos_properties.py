@@ -274,3 +274,22 @@ def test_rpb_checkpoint_without_grid_entry_infers_it_from_the_table():
     from vitpe.pos.functional import resample_map
 
     torch.testing.assert_close(dst.tables, resample_map(src.tables, (11, 11)))
+
+
+@pytest.mark.parametrize("spec", ["rope_axial", "sincos2d"])
+def test_fixed_tables_stay_float32_exact_when_the_model_is_cast(spec):
+    """A model cast to bf16 and back (or cast after a forward filled the cache) computes the same
+    fixed tables as a fresh one: a cast must not round the fixed frequencies or the native table."""
+    def tables(s, grids=((14, 14), (10, 17), (32, 32))):
+        if spec == "rope_axial":
+            return [s.context(g, 1).rope[0] for g in grids]
+        return [s.table(g, 1, torch.device("cpu")) for g in grids]
+
+    fresh = tables(build(spec, grid=(14, 14), dim=256, heads=4).eval())
+    s = build(spec, grid=(14, 14), dim=256, heads=4).eval()
+    tables(s, [(10, 17)])  # cached before the cast
+    s.bfloat16()
+    assert all(t.dtype == torch.float32 for t in tables(s))
+    s.float()
+    for a, b in zip(tables(s), fresh):
+        assert torch.equal(a, b)

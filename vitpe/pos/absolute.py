@@ -34,13 +34,20 @@ class SinCos2d(PosStrategy):
         # `learned` with the table in the graph).
         self.register_buffer("native_table", self._make(self.native_grid, self.num_prefix, None), persistent=False)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SinCos2d:
+        """Moved or cast with the model, the native table is made again in float32 (a cast would
+        round it for good, and it would then differ from every other grid's table)."""
+        super()._apply(fn, recurse)
+        self.native_table = self._make(self.native_grid, self.num_prefix, self.native_table.device)
+        self._cache.clear()
+        return self
+
     def _make(self, grid: Grid, num_prefix: int, device: torch.device | None) -> Tensor:
         t = sincos_2d(grid, self.dim, self.temperature, device)
         return F.pad(t, (0, 0, num_prefix, 0))[None]
 
     def table(self, grid: Grid, num_prefix: int, device: torch.device) -> Tensor:
-        """``(1, P + H*W, C)``, zeros on the prefix rows; float32 (the buffer in the model's dtype
-        where the model was cast)."""
+        """``(1, P + H*W, C)``, zeros on the prefix rows; float32, whatever the model's dtype."""
         native = self.native_table
         if tuple(grid) == self.native_grid and num_prefix == self.num_prefix and native.device == device:
             return native

@@ -40,9 +40,20 @@ class RopeAxial(_Rope):
 
     def __init__(self, *, theta: float = 100.0, **kw: Any) -> None:
         super().__init__(**kw)
+        self.theta = theta
+        self.register_buffer("freqs", self._freqs(None), persistent=False)
+
+    def _freqs(self, device: torch.device | None) -> Tensor:
         q = self.head_dim // 4
-        freqs = theta ** (-torch.arange(0, self.head_dim, 4, dtype=torch.float32)[:q] / self.head_dim)
-        self.register_buffer("freqs", freqs, persistent=False)
+        return self.theta ** (-torch.arange(0, self.head_dim, 4, dtype=torch.float32, device=device)[:q] / self.head_dim)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RopeAxial:
+        """Moved or cast with the model (``.to``, ``.half()``), the fixed frequencies are made again
+        in float32 on the new device, as timm keeps its bands: a cast would round them for good."""
+        super()._apply(fn, recurse)
+        self.freqs = self._freqs(self.freqs.device)
+        self._cache.clear()
+        return self
 
     def tables(self, grid: Grid, num_prefix: int, stride: int = 1) -> tuple[Tensor, Tensor]:
         """``(cos, sin)`` each ``(1, 1, P + H*W, D)``; ``stride``: see ``grid_coords``."""
