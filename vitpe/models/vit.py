@@ -267,8 +267,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
         learned = model.pos.find("learned")
         table = sd.pop("pos_embed")
         if learned is None:
-            _logger.warning("checkpoint has a learned 'pos_embed' but the model's strategy is %r; dropped",
-                            model.pos.name)
+            _logger.warning("checkpoint has a 'pos_embed' table (learned, or a fixed sin-cos table saved as MoCo "
+                            "v3's and MAE's are) but the model's strategy is %r; dropped (pos='learned' loads it "
+                            "as it is)", model.pos.name)
         else:
             sd[f"{_module_path(model, learned)}.pos_embed"] = table
     key = "patch_embed.proj.weight"

@@ -2,6 +2,11 @@
 
 Neither adds a table: position leaks in through the zero padding of a depthwise convolution, so
 both follow the grid of any input with nothing to resample.
+
+Initialisation: in the MiT the convolutions get SegFormer's He normal over the fan-out (std
+``sqrt(2/9)`` for 3x3 depthwise, zero bias); in the ViT they keep torch's default (std about 0.19,
+bias uniform in +-1/3), as the ViT initialises its linear layers only. Twins' ``PosConv`` uses the
+fan-out normal for its PEG.
 """
 from __future__ import annotations
 
