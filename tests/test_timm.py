@@ -263,6 +263,24 @@ def test_a_square_table_goes_to_a_grid_of_as_many_cells_resampled_like_timm(tmp_
         assert (m(x) - ref(x)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("img_size", [(64, 256), (32, 128)])
+def test_a_non_square_checkpoint_with_a_square_cell_count_loads_as_timms_loader_keeps_it(tmp_path, img_size):
+    """4x16 (64 rows, a square count) saved by a model trained at 64x256, loaded at that size: timm
+    keeps the table as it is (its cell count matches, and 224 px accounts for 196 rows, not 64)."""
+    src = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=img_size).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(src.state_dict(), tmp_path / "wide.pth")
+    kw = dict(depth=2, img_size=img_size, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "wide.pth")))
+    ref = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", **kw).eval()
+    assert torch.equal(ref.pos_embed, src.pos_embed) and torch.equal(m.pos.pos_embed, src.pos_embed)
+    x = torch.randn(2, 3, *img_size)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("pos", ["rope_axial", "sincos2d+rope_axial"])
 def test_set_input_size_keeps_a_strategy_of_buffers_on_the_models_device(pos):
     m = timm.create_model("vitpe_vit_tiny_patch16_224", pos=pos, depth=1, img_size=64).to("meta")

@@ -271,7 +271,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
                             "v3's and MAE's are) but the model's strategy is %r; dropped (pos='learned' loads it "
                             "as it is)", model.pos.name)
         else:
-            sd[f"{_module_path(model, learned)}.pos_embed"] = table
+            path = _module_path(model, learned)
+            sd[f"{path}.pos_embed"] = table
+            grid = _pretrained_grid(model, sd.get("patch_embed.proj.weight"), table.shape[1] - learned.table_prefix)
+            if grid is not None and f"{path}.grid" not in sd:
+                sd[f"{path}.grid"] = torch.tensor(grid)
     key = "patch_embed.proj.weight"
     if key in sd and sd[key].shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
         sd[key] = resample_patch_embed(sd[key], list(model.patch_embed.proj.weight.shape[-2:]))
@@ -279,6 +283,21 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
         if k in sd:
             raise ValueError(f"checkpoint key {k!r}: distilled DeiT checkpoints are not supported")
     return sd
+
+
+def _pretrained_grid(model: nn.Module, patch_weight: Tensor | None, rows: int) -> tuple[int, int] | None:
+    """The grid of a checkpoint's table as timm's loader recovers it (``get_pretrained_grid_size``):
+    the image size the checkpoint was made at (the model's ``pretrained_model_args``, else its
+    ``pretrained_cfg`` input size) over the checkpoint's patch size, where that accounts for every
+    row of the table; else None."""
+    if patch_weight is None or patch_weight.ndim != 4:
+        return None
+    size = (getattr(model, "pretrained_model_args", None) or {}).get("img_size")
+    if size is None:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-2:]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    grid = (int(size[0]) // patch_weight.shape[-2], int(size[1]) // patch_weight.shape[-1])
+    return grid if grid[0] * grid[1] == rows else None
 
 
 def _fold_layer_scale(sd: dict[str, Tensor]) -> dict[str, Tensor]:

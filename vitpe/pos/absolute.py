@@ -96,13 +96,15 @@ class Learned(GridShapedStrategy):
     table_key = "pos_embed"
 
     def _grid_of(self, n: int) -> Grid | None:
-        """The grid of a table of ``n`` patch rows without a ``grid`` entry (timm's checkpoints): a
-        square one if ``n`` is a square, as timm takes it (so 14x14 rows go to a 7x28 model
-        resampled, not reshaped), else the model's own grid if it has ``n`` cells, else None."""
+        """The grid of a table of ``n`` patch rows without a ``grid`` entry, as timm's loader takes
+        it: the model's own grid if it has ``n`` cells (kept as it is), else a square one if ``n``
+        is a square, else None. (``vit.checkpoint_filter_fn`` first writes the grid the checkpoint's
+        image size gives, where that accounts for every row, as timm does: 14x14 rows from a 224
+        checkpoint go to a 7x28 model resampled, not reshaped.)"""
+        if n == self.native_grid[0] * self.native_grid[1]:
+            return self.native_grid
         side = math.isqrt(max(n, 0))
-        if side * side == n:
-            return side, side
-        return self.native_grid if n == self.native_grid[0] * self.native_grid[1] else None
+        return (side, side) if side * side == n else None
 
     def grid_from_table(self, table: Tensor, key: str) -> Grid:
         n = table.shape[1] - self.table_prefix

@@ -186,7 +186,7 @@ class GridShapedStrategy(PosStrategy):
 
     It stores its grid in the state dict (buffer ``grid``) so that a checkpoint made at another
     resolution is recognised and resampled on load, even when the token count is the same
-    (2x8 and 4x4). Checkpoints without the buffer (timm's) are taken as square grids.
+    (2x8 and 4x4). Checkpoints without the buffer (timm's): see ``grid_from_table``.
     """
 
     def __init__(self, **kw: Any) -> None:
