@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 
 from vitpe.cli import common_parser, run_cli, run_training
 from vitpe.config import save_config, to_dict
-from vitpe.data.classification import build_train_val, norm_stats
+from vitpe.data.classification import build_train_val, norm_stats, resolve_crop_pct
 from vitpe.data.folder import cached_skips, collate_skipping
 from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import save_checkpoint
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     out = Path(cfg.run.output)
+    resolve_crop_pct(cfg.data, cfg.model.name)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

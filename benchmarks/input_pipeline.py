@@ -35,7 +35,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cls  # noqa: E402  (the script's own helpers: model_stats)
 from vitpe.config import ModelConfig, OptimConfig, RunConfig  # noqa: E402
-from vitpe.data.classification import AugConfig, ClsDataConfig, build_train_val  # noqa: E402
+from vitpe.data.classification import AugConfig, ClsDataConfig, build_train_val, resolve_crop_pct  # noqa: E402
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_model, build_train_loader,  # noqa: E402
                                          train_one_epoch)
 from vitpe.engine.loop import seed_epoch, seed_everything  # noqa: E402
@@ -149,6 +149,7 @@ def run_mode(net: torch.nn.Module, cfg: ClsConfig, mode: str, device: torch.devi
         loader: Any = SyntheticBatches(x.contiguous(memory_format=torch.channels_last),
                                        torch.randint(0, num_classes, (n,), device=device), warmup + steps)
     else:
+        resolve_crop_pct(cfg.data, cfg.model.name)
         train_set, _, _ = build_train_val(cfg.data, cfg.aug, mean, std, cfg.run.seed)
         loader = build_train_loader(cfg, train_set, device, mean, std)
     timed = Timed(loader, warmup, device)
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folder = Path(args.data) if args.data else Path(tmp)
         w, h = (int(v) for v in args.image_size.split("x"))
         made = {} if args.data else write_folder(folder, total, args.unique, args.classes, (w, h), os.cpu_count() or 1)
-        num_classes = len(build_train_val(ClsDataConfig(path=str(folder)), AugConfig(), (0,) * 3, (1,) * 3)[2])
+        num_classes = len(build_train_val(ClsDataConfig(path=str(folder), crop_pct=1.0), AugConfig(), (0,) * 3,
+                                           (1,) * 3)[2])
         seed_everything(0)
         cfg0 = config(args, folder, "cpu", 0)
         model = build_model(cfg0.model, num_classes, args.img_size).to(device)

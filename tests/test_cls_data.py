@@ -266,13 +266,32 @@ def test_crop_pct_evaluates_the_centre_of_the_shorter_side(tmp_path):
         img[5:35, 15:45] = 255  # a white centre, 3/4 of the height: the central half lies well inside
         Image.fromarray(img).save(root / split / "a" / "x.png")
     stats = ((0.0,) * 3, (1 / 255,) * 3)  # pixel values back
-    whole = eval_dataset(ClsDataConfig(path=str(root)), 8, *stats)[0][0]
+    whole = eval_dataset(ClsDataConfig(path=str(root), crop_pct=1.0), 8, *stats)[0][0]
     centre = eval_dataset(ClsDataConfig(path=str(root), crop_pct=0.5), 8, *stats)[0][0]
     assert whole.shape == centre.shape == (3, 8, 8)
     assert centre.min() > 250 and whole.min() < 5  # only the white centre, against the whole shorter side
     assert from_dict(ClsDataConfig, {"crop_pct": 0.875}).crop_pct == 0.875
     with pytest.raises(ConfigError, match="data.crop_pct"):
         from_dict(ClsDataConfig, {"crop_pct": 1.5})
+
+
+@pytest.mark.parametrize("name", ["vitpe_vit_small_patch16_224", "vitpe_vit_tiny_patch4_32", "vit_base_patch16_384",
+                                  "deit_small_patch16_224"])
+def test_crop_pct_left_unset_is_the_models_as_timms_validate_resolves_it(name):
+    import timm
+    from timm.data import resolve_data_config
+
+    from vitpe.data.classification import ClsDataConfig, eval_dataset, resolve_crop_pct
+
+    model = timm.create_model(name, pretrained=False, num_classes=2, **({"depth": 1} if "vitpe" in name else {}))
+    data = ClsDataConfig(path="unused")
+    with pytest.raises(ValueError, match="crop_pct"):
+        eval_dataset(data, 32, (0.5,) * 3, (0.5,) * 3)
+    resolve_crop_pct(data, name)
+    assert data.crop_pct == resolve_data_config({}, model=model)["crop_pct"]
+    given = ClsDataConfig(path="unused", crop_pct=0.5)
+    resolve_crop_pct(given, name)
+    assert given.crop_pct == 0.5
 
 
 def test_random_erasing_follows_timms_training_script():

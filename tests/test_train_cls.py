@@ -52,6 +52,7 @@ def test_two_epoch_run_writes_every_output(folder, tmp_path, capsys):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == 2 and state["classes"] == ["blue", "red"]
     assert state["config"]["model"]["pos"] == "peg" and state["config"]["run"]["epochs"] == 2
+    assert state["config"]["data"]["crop_pct"] == 1.0  # the 32-px model's own, resolved and recorded
     printed = capsys.readouterr().out
     assert "| peg |" in printed and "16*" in printed
 

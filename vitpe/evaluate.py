@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from .cli import parse_sizes, run_cli
 from .config import ConfigError, apply_overrides, from_dict
-from .data.classification import ClsDataConfig, eval_dataset, norm_stats
+from .data.classification import ClsDataConfig, eval_dataset, norm_stats, resolve_crop_pct
 from .data.folder import cached_skips, collate_skipping
 from .engine import distributed as dist
 from .engine.checkpoint import load_checkpoint
@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wrong:  # the model is already built from the checkpoint: its entries cannot change here
             raise UserError(f"--set {wrong[0]!r}: only data.* and eval.* entries can be set for an evaluation")
         cfg = apply_overrides(cfg, args.set)
+        resolve_crop_pct(cfg.data, cfg.model.name)  # a checkpoint's config has it, unless set to null here
         cfg.eval.batch_size = args.batch_size or cfg.eval.batch_size
         cfg.eval.throughput = not args.no_throughput
         mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)

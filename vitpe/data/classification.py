@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from timm.data import create_transform
+from timm.data import DEFAULT_CROP_PCT, create_transform
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
@@ -30,11 +30,13 @@ class ClsDataConfig(DataConfig):
     synthetic_train: int = 1600  # samples of the synthetic training set (enough for a tiny ViT to learn it)
     synthetic_val: int = 500  # samples of the synthetic validation set
     # evaluation of folders at a size S: the shorter side resized to S / crop_pct, then the centre S x S
-    # (timm's crop_pct; DeiT and timm's ImageNet evaluation: 0.875 or 0.9; 1.0: the whole shorter side)
-    crop_pct: float = 1.0
+    # (timm's crop_pct; 1.0: the whole shorter side). None: the model's own, as timm's validate.py takes
+    # it (its pretrained config: 0.9 for vitpe's ViTs at 224 px and up, 1.0 for the 32-px ones; 0.875
+    # for a model without one), written into the run's config.yaml
+    crop_pct: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.crop_pct <= 1.0:
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"key 'data.crop_pct': expected a fraction in (0, 1], got {self.crop_pct}")
 
 
@@ -80,6 +82,23 @@ def norm_stats(data: DataConfig, model_mean: tuple, model_std: tuple) -> tuple[t
     return (synthetic.MEAN, synthetic.STD) if is_synthetic(data) else (tuple(model_mean), tuple(model_std))
 
 
+def model_crop_pct(name: str) -> float:
+    """The crop fraction of model ``name``'s timm pretrained config, as ``resolve_data_config`` takes
+    it (timm's default, 0.875, for a model without one)."""
+    import timm
+
+    import vitpe  # noqa: F401  (registers vitpe's models, so their configs are found)
+
+    pc = timm.get_pretrained_cfg(name)
+    return float(pc.crop_pct) if pc is not None and pc.crop_pct else DEFAULT_CROP_PCT
+
+
+def resolve_crop_pct(data: ClsDataConfig, model_name: str) -> None:
+    """Set ``data.crop_pct`` from the model where the config leaves it None."""
+    if data.crop_pct is None:
+        data.crop_pct = model_crop_pct(model_name)
+
+
 def build_train_val(data: ClsDataConfig, aug: AugConfig, mean: tuple, std: tuple,
                     seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
     """Training and validation sets at ``data.img_size`` and the class names."""
@@ -105,6 +124,8 @@ def eval_dataset(data: ClsDataConfig, size: int, mean: tuple, std: tuple, interp
     """The validation set seen at ``size`` (the resolution evaluation calls this once per size)."""
     if is_synthetic(data):
         return synthetic.SyntheticPositions(data.synthetic_val, size, seed, "val")
+    if data.crop_pct is None:
+        raise ValueError("data.crop_pct is None: resolve it from the model first (model_crop_pct)")
     transform = eval_transform(size, mean, std, interpolation, data.crop_pct)
     if data.cache:
         return _decoded(data.path, data.val_split, data.workers, tuple(classes or ())).with_transform(transform)
@@ -118,4 +139,4 @@ def _decoded(path: str, split: str, workers: int, classes: tuple[str, ...]) -> C
 
 
 __all__ = ["AugConfig", "ClsDataConfig", "build_train_val", "eval_dataset", "eval_transform", "is_synthetic",
-           "norm_stats", "train_transform"]
+           "model_crop_pct", "norm_stats", "resolve_crop_pct", "train_transform"]
