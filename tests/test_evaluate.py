@@ -141,3 +141,31 @@ def test_a_segmentation_or_detection_checkpoint_is_named_as_one(tmp_path, capsys
     save_checkpoint({"config": {"nonsense": 1}, "model": {}, "classes": ["a"]}, tmp_path / "odd.pt")
     assert run_eval(["--checkpoint", str(tmp_path / "odd.pt"), "--data", str(tmp_path)]) != 0
     assert "odd.pt: its config is not a classification run's (unknown key 'nonsense'" in capsys.readouterr().err
+
+
+def test_ema_weights_are_where_timms_tools_look_and_old_checkpoints_still_load(tmp_path):
+    import timm
+    import torch
+
+    from vitpe.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    data = make_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    module = train_cls_module()
+    with pytest.raises(SystemExit) as e:
+        module.run_cli(module.main, tiny_argv(data, tmp_path / "run", "--set", "ema.enabled=true", "--set",
+                                              "ema.decay=0.5", "--set", "eval.sizes=[]", epochs=1))
+    assert e.value.code == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    ema, raw = state["state_dict_ema"], state["model"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    model, _, _ = ev.load_model(str(path), torch.device("cpu"))  # auto: the EMA
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    cfg = state["config"]["model"]
+    other = timm.create_model(cfg["name"], pos=cfg["pos"], num_classes=2, img_size=16, **cfg["kwargs"])
+    timm.models.load_checkpoint(other, str(path), use_ema=True)  # validate.py --use-ema
+    assert all(torch.equal(v, ema[k]) for k, v in other.state_dict().items())
+    state["ema"] = state.pop("state_dict_ema")  # a checkpoint written before the rename
+    save_checkpoint(state, tmp_path / "old.pt")
+    model, _, _ = ev.load_model(str(tmp_path / "old.pt"), torch.device("cpu"), "ema")
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())

@@ -80,7 +80,7 @@ def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatc
     assert [r["epoch"] for r in read_metrics(part / "metrics.jsonl")] == [0, 1, 2]
     assert [r["val_top1"] for r in read_metrics(part / "metrics.jsonl")] == \
         [r["val_top1"] for r in read_metrics(full / "metrics.jsonl")]
-    for key in ("model", "ema") if extra else ("model",):  # the averaged weights too, warm-up included
+    for key in ("model", "state_dict_ema") if extra else ("model",):  # the averaged weights too, warm-up included
         a, b = load_checkpoint(part / "checkpoint.pt")[key], load_checkpoint(full / "checkpoint.pt")[key]
         assert all(torch.equal(a[k], b[k]) for k in b)
 

@@ -28,7 +28,7 @@ from .data.folder import cached_skips, collate_skipping
 from .engine import distributed as dist
 from .engine.checkpoint import load_checkpoint
 from .engine.classification import ClsConfig, build_model, evaluate
-from .engine.loop import autocast
+from .engine.loop import EMA_KEY, autocast, ema_weights
 from .errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -179,10 +179,11 @@ def load_model(path: str, device: torch.device, weights: str = "auto") -> tuple[
         raise UserError(f"{path}: not a vitpe classification checkpoint (no 'config'/'model' entries)")
     cfg = _classification_config(path, state["config"])
     model = build_model(cfg.model, len(state["classes"]), cfg.data.img_size)
-    key = "ema" if weights == "ema" or (weights == "auto" and "ema" in state) else "model"
-    if key not in state:
-        raise UserError(f"{path}: has no {key!r} weights")
-    model.load_state_dict(state[key])
+    ema = ema_weights(state)
+    use_ema = weights == "ema" or (weights == "auto" and ema is not None)
+    if use_ema and ema is None:
+        raise UserError(f"{path}: has no EMA weights ({EMA_KEY!r})")
+    model.load_state_dict(ema if use_ema else state["model"])
     return model.to(device).eval(), cfg, state
 
 

@@ -153,6 +153,14 @@ def progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm:
                 disable=not (dist.is_main() and sys.stderr.isatty()))
 
 
+EMA_KEY = "state_dict_ema"  # the EMA weights' entry in a checkpoint, as timm's train.py names it
+
+
+def ema_weights(state: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's EMA weights (``state_dict_ema``; ``ema`` in checkpoints written before), or None."""
+    return state.get(EMA_KEY, state.get("ema"))
+
+
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
                    config: dict[str, Any], ema: nn.Module | None = None, **extra: Any) -> dict[str, Any]:
     """Everything ``--resume`` needs, as plain data: ``epoch`` is the number of finished epochs.
@@ -165,8 +173,8 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
                                      f"is intact (try a lower optim.lr or optim.clip_grad)")
     state = {"model": dist.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config, "rng": rng_state()}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
+    if ema is not None:  # timm's name for it: its tools load it with use_ema (validate.py --use-ema)
+        state[EMA_KEY] = ema.state_dict()
     state.update(extra)
     return state
 
@@ -214,12 +222,13 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         _logger.info("resumed with this run's %s (the checkpoint's differed)", ", ".join(sorted(changed)))
     if ema is not None:
-        if "ema" not in state:
+        weights = ema_weights(state)
+        if weights is None:
             raise UserError("the checkpoint has no EMA weights but this run has EMA enabled (set ema.enabled=false)")
-        ema.load_state_dict(state["ema"])
+        ema.load_state_dict(weights)
     set_rng_state(state["rng"])
     return int(state["epoch"])
 
 
-__all__ = ["LossMeter", "NonFiniteLossError", "ShardSampler", "autocast", "make_loader",
+__all__ = ["EMA_KEY", "LossMeter", "NonFiniteLossError", "ShardSampler", "autocast", "ema_weights", "make_loader",
            "optimizer_step", "progress", "restore_training_state", "seed_epoch", "seed_everything", "training_state"]
