@@ -169,3 +169,24 @@ def test_ema_weights_are_where_timms_tools_look_and_old_checkpoints_still_load(t
     save_checkpoint(state, tmp_path / "old.pt")
     model, _, _ = ev.load_model(str(tmp_path / "old.pt"), torch.device("cpu"), "ema")
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+
+
+def test_timms_own_models_are_built_at_the_training_size_and_take_any_size():
+    import timm
+    import torch
+
+    from vitpe.config import ModelConfig
+    from vitpe.engine.classification import build_model
+    from vitpe.errors import UserError
+
+    vit = build_model(ModelConfig(name="vit_tiny_patch16_224", kwargs={"depth": 1}), 3, 64)
+    ev.check_sizes([32, 64, 96], vit)
+    with torch.no_grad():
+        assert vit(torch.randn(1, 3, 96, 48)).shape == (1, 3)
+    resnet = build_model(ModelConfig(name="resnet18"), 3, 64)  # takes neither option: built without them
+    assert resnet.fc.out_features == 3
+    fixed = build_model(ModelConfig(name="vit_tiny_patch16_224", kwargs={"depth": 1, "dynamic_img_size": False}),
+                        3, 64)
+    with pytest.raises(UserError, match=r"test sizes \[32\]: the model takes 64x64 inputs only"):
+        ev.check_sizes([32, 64], fixed)
+    assert timm.create_model("vit_tiny_patch16_224", depth=1).patch_embed.strict_img_size  # timm's default

@@ -47,6 +47,13 @@ def check_sizes(sizes: Sequence[int], model: nn.Module) -> None:
     (timm's ``dynamic_img_pad``)."""
     if getattr(model, "dynamic_img_pad", False):
         return
+    pe = getattr(model, "patch_embed", None)
+    if getattr(pe, "strict_img_size", False):  # a timm model built for one size
+        fixed = tuple(pe.img_size)
+        bad = [s for s in sizes if (s, s) != fixed]
+        if bad:
+            raise UserError(f"test sizes {bad}: the model takes {fixed[0]}x{fixed[1]} inputs only (build it with "
+                            f"--set model.kwargs.dynamic_img_size=true)")
     p = patch_size(model)
     bad = [s for s in sizes if s % p]
     if bad:

@@ -60,6 +60,8 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     if cfg.name.startswith("vitpe_"):
         kwargs.update(pos=cfg.pos, pos_kwargs=cfg.pos_kwargs or None, img_size=img_size)
     try:
+        if not cfg.name.startswith("vitpe_"):
+            return _timm_model(cfg.name, kwargs, img_size)
         return timm.create_model(cfg.name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
@@ -70,6 +72,21 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     except (KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}, kwargs={cfg.kwargs}: {msg}") from None
+
+
+def _timm_model(name: str, kwargs: dict[str, Any], img_size: int) -> nn.Module:
+    """One of timm's own models at the training size and, where it takes them, at any size
+    (``dynamic_img_size``, as the resolution evaluation needs): the options it does not take
+    (a ResNet takes neither) are left out; those given in ``model.kwargs`` are kept."""
+    extra = {k: v for k, v in (("img_size", img_size), ("dynamic_img_size", True)) if k not in kwargs}
+    while True:
+        try:
+            return timm.create_model(name, **kwargs, **extra)
+        except TypeError as e:
+            refused = [k for k in extra if repr(k) in str(e)]
+            if not refused:
+                raise
+            del extra[refused[0]]
 
 
 def build_train_loader(cfg: ClsConfig, train_set: Dataset, device: torch.device, mean: tuple,
