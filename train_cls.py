@@ -52,6 +52,8 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
         save_config(cfg, out / "config.yaml")
     mean, std = norm_stats(cfg.data, *model_stats(cfg.model.name))
     train_set, val_set, classes = build_train_val(cfg.data, cfg.aug, mean, std, cfg.run.seed)
+    if dist.is_main():  # class names in index order: timm's validate.py --class-map reads this file
+        (out / "class_map.txt").write_text("".join(f"{c}\n" for c in classes))
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
     model = build_model(cfg.model, len(classes), cfg.data.img_size).to(device)
     check_sizes(cfg.eval.sizes, model)  # fail now, not after training

@@ -42,6 +42,9 @@ def test_two_epoch_run_writes_every_output(folder, tmp_path, capsys):
     for name in ("config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "results.json", "resolution.png",
                  "resolution.json"):
         assert (out / name).is_file(), name
+    from timm.data import ImageDataset
+    timm_view = ImageDataset(str(folder / "val"), class_map=str(out / "class_map.txt"))  # validate.py --class-map
+    assert sorted(set(timm_view.reader.class_to_idx.items())) == [("blue", 0), ("red", 1)]
     records = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(r["skipped"] == 0 and 0 <= r["val_top1"] <= 100 for r in records)
