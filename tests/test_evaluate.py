@@ -100,6 +100,7 @@ def test_set_overrides_the_checkpoints_data_config_and_unreadable_images_are_cou
     assert run_eval([*argv, "--set", "data.cache=false"]) == 0
     assert run_eval([*argv, "--set", "data.nope=1"]) == 2
     assert run_eval([*argv, "--set", "model.pos=none"]) == 2  # the model comes from the checkpoint
+    assert run_eval([*argv, "--set", "run.amp=false"]) == 0  # float32 on a GPU, as timm's validate.py
 
 
 def test_markdown_table_marks_the_training_size():

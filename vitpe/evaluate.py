@@ -220,9 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None
                     else cfg.data.workers)
         cfg.data = from_dict(ClsDataConfig, {**vars(cfg.data), **data})
-        wrong = [item for item in args.set if not item.strip().startswith(("data.", "eval."))]
+        wrong = [item for item in args.set if not item.strip().startswith(("data.", "eval.", "run.amp="))]
         if wrong:  # the model is already built from the checkpoint: its entries cannot change here
-            raise UserError(f"--set {wrong[0]!r}: only data.* and eval.* entries can be set for an evaluation")
+            raise UserError(f"--set {wrong[0]!r}: only data.*, eval.* and run.amp can be set for an evaluation")
         cfg = apply_overrides(cfg, args.set)
         resolve_crop_pct(cfg.data, cfg.model.name)  # a checkpoint's config has it, unless set to null here
         cfg.eval.batch_size = args.batch_size or cfg.eval.batch_size
