@@ -328,3 +328,31 @@ def test_a_rope_checkpoint_into_a_model_without_rotary_warns(tmp_path, caplog):
         timm.create_model("vitpe_vit_small_patch16_224", pos="rope_axial", depth=1, pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(path)))
     assert "rotary" not in caplog.text
+
+
+@pytest.mark.parametrize("name, pos", [("vitpe_vit_tiny_patch16_224", "rope_mixed"), ("vitpe_vit_tiny_patch16_224", "rpb"),
+                                       ("vitpe_vit_tiny_patch16_224", "learned+peg"),
+                                       ("vitpe_vit_tiny_patch16_224", "mixffn"), ("vitpe_mit_b0", "mixffn")])
+def test_grad_checkpointing_gives_the_same_gradients(name, pos):
+    """timm's --grad-checkpointing: each block recomputed in the backward, drop path replayed."""
+    kw = dict(drop_path_rate=0.5) if "mit" in name else dict(depth=2, drop_path_rate=0.5)
+    torch.manual_seed(0)
+    model = timm.create_model(name, pos=pos, num_classes=3, **kw).train()
+    x = torch.randn(2, 3, 64, 96)
+
+    def grads():
+        torch.manual_seed(1)  # the same drop-path draws
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    next(b for b in model.modules() if hasattr(b, "attn")).attn.register_forward_hook(lambda *_: calls.append(1))
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing and all(b.grad_checkpointing for b in model.modules() if hasattr(b, "attn"))
+    again = grads()
+    assert len(calls) == 3  # once without, twice with: the backward ran the block again
+    assert plain.keys() == again.keys() and len(plain) > 10
+    for n in plain:
+        torch.testing.assert_close(again[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -88,6 +88,13 @@ def test_resume_reproduces_the_uninterrupted_losses(folder, tmp_path, monkeypatc
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_grad_checkpointing_trains_to_the_same_losses(folder, tmp_path):
+    assert run(tiny_argv(folder, tmp_path / "plain", "--set", "eval.sizes=[]", epochs=1)) == 0
+    assert run(tiny_argv(folder, tmp_path / "ckpt", "--set", "eval.sizes=[]", "--set", "model.grad_checkpointing=true",
+                         epochs=1)) == 0
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+
+
 @pytest.mark.parametrize("warmup", [False, True])
 def test_ema_warm_up_starts_from_the_trained_weights(warmup):
     from timm.utils import ModelEmaV3

@@ -44,6 +44,7 @@ class ModelConfig:
     pos: str = "sincos2d"  # positional strategy (vitpe.pos.names(), or combinations like "peg+rope_mixed")
     pos_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-strategy options, e.g. {peg: {after: [0]}}
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (depth, drop_path_rate)
+    grad_checkpointing: bool = False  # recompute each block in the backward: less memory for one more forward a step
 
 
 @dataclass

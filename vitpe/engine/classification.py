@@ -60,9 +60,8 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     if cfg.name.startswith("vitpe_"):
         kwargs.update(pos=cfg.pos, pos_kwargs=cfg.pos_kwargs or None, img_size=img_size)
     try:
-        if not cfg.name.startswith("vitpe_"):
-            return _timm_model(cfg.name, kwargs, img_size)
-        return timm.create_model(cfg.name, **kwargs)
+        model = _timm_model(cfg.name, kwargs, img_size) if not cfg.name.startswith("vitpe_") else \
+            timm.create_model(cfg.name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             close = difflib.get_close_matches(cfg.name, timm.list_models(), n=4, cutoff=0.5)
@@ -72,6 +71,9 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     except (KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}, kwargs={cfg.kwargs}: {msg}") from None
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def _timm_model(name: str, kwargs: dict[str, Any], img_size: int) -> nn.Module:

@@ -148,6 +148,8 @@ def build_model(cfg: SegModelConfig, num_classes: int, crop_size: int) -> Segmen
         raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}: {msg}") from None
     if cfg.backbone_weights:
         load_backbone(model.backbone, cfg.backbone_weights)
+    if cfg.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)
     return model
 
 

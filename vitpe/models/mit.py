@@ -66,6 +66,8 @@ class MixTransformer(nn.Module):
     """MiT-B0..B5 with ``pos`` any strategy of ``vitpe.pos`` (``a+b`` too), options in ``pos_kwargs``
     (given to every stage). ``img_size`` sets only the native grids of grid-shaped strategies."""
 
+    grad_checkpointing = False  # set_grad_checkpointing
+
     def __init__(self, img_size: int | Sequence[int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
                  depths: Sequence[int] = (3, 4, 6, 3), mlp_ratios: Sequence[float] = (4, 4, 4, 4),
@@ -108,8 +110,12 @@ class MixTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError("gradient checkpointing is not supported by vitpe's MiT yet")
+        """Recompute each block in the backward instead of keeping its activations (timm's
+        ``--grad-checkpointing``): less memory for a second forward's time."""
+        self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.grad_checkpointing = enable
 
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:

@@ -30,6 +30,8 @@ _POOLS = ("token", "avg", "max", "avgmax", "")
 class VisionTransformer(nn.Module):
     """ViT with ``pos`` any strategy of ``vitpe.pos`` (a name or ``a+b``), options in ``pos_kwargs``."""
 
+    grad_checkpointing = False  # set_grad_checkpointing
+
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
@@ -100,8 +102,12 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError("gradient checkpointing is not supported by vitpe's ViT yet")
+        """Recompute each block in the backward instead of keeping its activations (timm's
+        ``--grad-checkpointing``): less memory for a second forward's time."""
+        self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.grad_checkpointing = enable
 
     # -- trunk -------------------------------------------------------------------------------
     def _embed(self, x: Tensor) -> tuple[Tensor, Grid]:
