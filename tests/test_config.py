@@ -289,3 +289,30 @@ def test_the_default_step_schedule_drops_at_two_thirds_of_training_as_detr():
     total = 300 * 7  # DETR: x0.1 after 200 of 300 epochs
     at = lambda step: lr_factor(step, total, 0, "step", step_at=OptimConfig().step_at)  # noqa: E731
     assert at(200 * 7 - 1) == 1.0 and at(200 * 7) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("key, value", [("optim.lr", "-0.1"), ("optim.lr", "nan"), ("optim.betas", "[0.9, 1.5]"),
+                                        ("aug.label_smoothing", "1.0"), ("run.seed", "99999999999999999999"),
+                                        ("data.synthetic_train", "-4")])
+def test_values_out_of_range_are_named_at_start(key, value):
+    from vitpe.engine.classification import ClsConfig
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        apply_overrides(ClsConfig(), [f"{key}={value}"])
+
+
+def test_a_file_torch_cannot_read_and_a_damaged_state_are_named(tmp_path):
+    from vitpe.engine.loop import restore_training_state, training_state
+    from vitpe.engine.optim import build_optimizer, build_scheduler
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint at all\n" * 20)
+    with pytest.raises(CheckpointError, match="notes.txt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "notes.txt")
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, OptimConfig())
+    sched = build_scheduler(opt, OptimConfig(), 2, 1)
+    state = training_state(model, opt, sched, 1, {})
+    state["rng"] = {"torch": state["rng"]["torch"]}  # damaged: generators missing
+    state["source"] = "run/checkpoint.pt"
+    with pytest.raises(UserError, match="run/checkpoint.pt: its training state does not fit this run"):
+        restore_training_state(state, model, opt, sched)

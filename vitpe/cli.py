@@ -145,7 +145,8 @@ def run_cli(main: Callable[..., Any], argv: Sequence[str] | None = None) -> None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         code = _recorded(main)(argv)
-    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
         msg = _user_message(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
         line = f"error: {process_label()}{msg}".splitlines()[0]
         print(line, file=sys.stderr)

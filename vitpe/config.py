@@ -214,7 +214,8 @@ def _check_scalar(value: Any, tp: Any, bad: ConfigError) -> Any:
 _BOUNDS: dict[str, tuple[float, float | None]] = {
     "batch_size": (1, None), "workers": (0, None), "epochs": (1, None), "log_interval": (1, None),
     "interval": (1, None), "num_queries": (1, None), "sizes": (1, None), "decay": (0, 1),
-    "lr_base_batch": (1, None)}
+    "lr_base_batch": (1, None), "lr": (0, None), "backbone_lr": (0, None), "betas": (0, 1),
+    "label_smoothing": (0, 1), "synthetic_train": (1, None), "synthetic_val": (1, None), "seed": (0, 2**31)}
 
 
 def _check_bounds(value: Any, key: str) -> None:
@@ -223,6 +224,8 @@ def _check_bounds(value: Any, key: str) -> None:
         return
     low, high = _BOUNDS[name]
     for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, float) and v != v:
+            raise ConfigError(f"key {key!r}: {value!r} is not a number")
         if v < low or (high is not None and v >= high):
             span = f"at least {low}" if high is None else f"in [{low}, {high})"
             raise ConfigError(f"key {key!r}: {value!r} is out of range: must be {span}")

@@ -64,10 +64,14 @@ def is_synthetic(data: DataConfig) -> bool:
 
 def train_transform(img_size: int, aug: AugConfig, mean: tuple, std: tuple) -> Callable:
     """timm's training pipeline: random-resized crop, flip, optional jitter/RandAugment/erasing."""
-    return create_transform(img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
-                            hflip=aug.hflip, vflip=0.0, color_jitter=aug.color_jitter or None,
-                            auto_augment=aug.auto_augment, re_prob=aug.re_prob, re_mode=aug.re_mode,
-                            re_count=aug.re_count, interpolation=aug.interpolation, mean=mean, std=std)
+    try:
+        return create_transform(img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+                                hflip=aug.hflip, vflip=0.0, color_jitter=aug.color_jitter or None,
+                                auto_augment=aug.auto_augment, re_prob=aug.re_prob, re_mode=aug.re_mode,
+                                re_count=aug.re_count, interpolation=aug.interpolation, mean=mean, std=std)
+    except (AssertionError, ValueError, KeyError) as e:  # timm refuses a policy string with an assertion
+        raise UserError(f"aug: timm's training transform refused these settings (auto_augment="
+                        f"{aug.auto_augment!r}): {type(e).__name__}: {e}") from None
 
 
 def eval_transform(size: int, mean: tuple, std: tuple, interpolation: str = "bicubic",

@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CheckpointError(f"{path}: not a readable checkpoint ({detail})") from None
         raise CheckpointError(f"{path}: refused to load: the checkpoint holds objects other than plain data "
                               f"(code or custom classes), which are never executed ({code})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a file torch.load cannot read: RuntimeError, EOFError, KeyError...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
     if not isinstance(state, dict):

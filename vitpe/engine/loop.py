@@ -189,7 +189,19 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
                            scheduler: Any, ema: nn.Module | None = None) -> int:
     """Load what ``training_state`` saved (RNG last, so nothing after it disturbs the streams);
     returns the epoch to start from. Weights that do not fit the model (options changed since the
-    checkpoint) are an error naming the keys at fault."""
+    checkpoint) are an error naming the keys at fault; an entry of the wrong shape or kind (a
+    damaged or foreign checkpoint) is an error naming the file."""
+    try:
+        return _restore(state, model, optimizer, scheduler, ema)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{state.get('source', 'the checkpoint')}: its training state does not fit this run "
+                        f"({type(e).__name__}: {msg}); resume from a checkpoint.pt of this run's task and "
+                        f"options") from None
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             ema: nn.Module | None) -> int:
     source = state.get("source", "the checkpoint")
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng") if k not in state]
     if missing:
