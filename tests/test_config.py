@@ -293,7 +293,7 @@ def test_the_default_step_schedule_drops_at_two_thirds_of_training_as_detr():
 
 @pytest.mark.parametrize("key, value", [("optim.lr", "-0.1"), ("optim.lr", "nan"), ("optim.betas", "[0.9, 1.5]"),
                                         ("aug.label_smoothing", "1.0"), ("run.seed", "99999999999999999999"),
-                                        ("data.synthetic_train", "-4")])
+                                        ("data.synthetic_train", "-4"), ("run.device", "tpu")])
 def test_values_out_of_range_are_named_at_start(key, value):
     from vitpe.engine.classification import ClsConfig
 

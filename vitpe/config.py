@@ -79,6 +79,15 @@ class RunConfig:
     # after the backward, or one graph per gradient bucket (torch's DDPOptimizer; overlaps the all-reduces)
     log_interval: int = 50  # steps between reads of the loss on the host (progress bar, non-finite check)
 
+    def __post_init__(self) -> None:
+        if self.device != "auto":
+            import torch
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"key 'run.device': {self.device!r} is not a device (cpu, cuda, cuda:1 or auto)") \
+                    from None
+
 
 @dataclass
 class EvalConfig:
