@@ -68,6 +68,21 @@ def test_size_not_a_multiple_of_the_patch_is_one_line(runs, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "18" in err and "patch size 4" in err
 
 
+def test_data_with_other_classes_and_bad_flags_are_one_line(runs, tmp_path, capsys):
+    """A folder model scored on the synthetic set (other classes, more of them) would index
+    outputs it does not have; a batch size below 1 or negative workers are refused up front."""
+    _, out = runs
+    argv = ["--checkpoint", str(out["peg"] / "checkpoint.pt"), "--sizes", "16", "--output", str(tmp_path),
+            "--device", "cpu", "--workers", "0", "--no-throughput"]
+    assert run_eval([*argv, "--data", "synthetic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "synthetic" in err and "['blue', 'red']" in err
+    for flag, value in (("--batch-size", "0"), ("--batch-size", "-1"), ("--workers", "-2")):
+        assert run_eval([*argv, flag, value]) == 2
+        assert f"{flag} {value}: must be at least" in capsys.readouterr().err
+    assert not (tmp_path / "resolution.json").exists()
+
+
 def test_a_model_that_pads_its_input_takes_any_size():
     import timm
 

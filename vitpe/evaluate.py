@@ -90,6 +90,9 @@ def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], devic
     out, seen = {}, set()  # each unreadable file is named once, not at every size
     for size in sizes:
         ds = eval_dataset(cfg.data, size, mean, std, cfg.aug.interpolation, cfg.run.seed, classes=classes)
+        if classes is not None and list(ds.classes) != list(classes):  # a folder is checked as it is read
+            raise UserError(f"{cfg.data.path}: its classes {list(ds.classes)[:5]} are not the checkpoint's "
+                            f"{list(classes)[:5]}; evaluate on data with the classes the model was trained on")
         loader = DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
                             collate_fn=collate_skipping)
         m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False, seen=seen)
@@ -212,6 +215,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value}: must be at least {least}")
     device = dist.resolve_device(args.device)
     results: Results = {}
     entries = []
@@ -225,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--set {wrong[0]!r}: only data.*, eval.* and run.amp can be set for an evaluation")
         cfg = apply_overrides(cfg, args.set)
         resolve_crop_pct(cfg.data, cfg.model.name)  # a checkpoint's config has it, unless set to null here
-        cfg.eval.batch_size = args.batch_size or cfg.eval.batch_size
+        cfg.eval.batch_size = args.batch_size if args.batch_size is not None else cfg.eval.batch_size
         cfg.eval.throughput = not args.no_throughput
         mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)
         sizes = evaluate_sizes(model, cfg, args.sizes, device, tuple(mean), tuple(std), state["classes"])
