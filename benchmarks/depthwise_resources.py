@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of the depthwise kernels, compiled for a GPU without one.
 
     python benchmarks/depthwise_resources.py --output runs/resources                   # sm_90, ViT-S's shape
-    python benchmarks/depthwise_resources.py --tiles '' 'BWD_MERGED=1,SAVE_GELU_GRAD=1' --output runs/resources
+    python benchmarks/depthwise_resources.py --tiles '' 'BWD_MERGED=0,SAVE_GELU_GRAD=0' --output runs/resources
 
 A kernel's registers per thread decide how many of its programs a multiprocessor holds, and a
 kernel past 255 spills to local memory; both can be read off the compiled binary, so tile settings

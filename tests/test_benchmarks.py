@@ -351,15 +351,16 @@ def test_depthwise_resources_records_the_kernels_each_setting_launches():
             return [(launch.kernel.fn.__name__, launch.kwargs.get("ACT"))
                     for launch in bench.calls_of((2, 3, 4, 8, 1), call, torch.bfloat16)]
 
-    assert kernels("forward") == [("_prefix_kernel", None), ("_conv_staged_kernel", None)]
-    assert kernels("backward") == [("_prefix_kernel", None), ("_weight_grad_staged_kernel", None),
-                                   ("_conv_staged_kernel", None)]
-    assert kernels("gelu_forward") == [("_prefix_kernel", None), ("_conv_kernel", 1)]
-    assert kernels("gelu_backward")[0] == ("_conv_kernel", 2)  # the pre-activation recomputed
-    merged = "BWD_MERGED=1,SAVE_GELU_GRAD=1"
-    assert kernels("backward", merged) == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
-    assert kernels("gelu_forward", merged) == [("_prefix_kernel", None), ("_conv_kernel", 3)]
-    assert kernels("gelu_backward", merged) == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
+    two = "BWD_MERGED=0,SAVE_GELU_GRAD=0"  # the backward in two kernels, the GELU's derivative recomputed
+    assert kernels("forward") == kernels("forward", two) == [("_prefix_kernel", None), ("_conv_staged_kernel", None)]
+    assert kernels("backward", two) == [("_prefix_kernel", None), ("_weight_grad_staged_kernel", None),
+                                        ("_conv_staged_kernel", None)]
+    assert kernels("gelu_forward", two) == [("_prefix_kernel", None), ("_conv_kernel", 1)]
+    assert kernels("gelu_backward", two)[0] == ("_conv_kernel", 2)  # the pre-activation recomputed
+    # the default: one backward kernel, the GELU's derivative written by the forward
+    assert kernels("backward") == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
+    assert kernels("gelu_forward") == [("_prefix_kernel", None), ("_conv_kernel", 3)]
+    assert kernels("gelu_backward") == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
     # GELU_TILE sizes the convolution with the GELU inside, CONV_TILE the one without
     with bench.tile_settings(depthwise, "GELU_TILE=1024"):
         plain, gelu = (bench.calls_of((2, 3, 16, 256, 1), call, torch.bfloat16)[1].kwargs["BLOCK_C"]

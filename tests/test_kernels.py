@@ -31,6 +31,28 @@ class _RoundGrad(torch.autograd.Function):
         return grad.to(ctx.dtype).to(grad.dtype), None
 
 
+class _GeluKeptDerivative(torch.autograd.Function):
+    """GELU whose backward multiplies by its derivative rounded to ``dtype``, as the kernels do
+    when the forward keeps the derivative (``SAVE_GELU_GRAD``) in the tokens' dtype."""
+
+    @staticmethod
+    def forward(t, dtype):
+        return F.gelu(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.dtype = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        with torch.enable_grad():
+            t = t.detach().requires_grad_()
+            derivative = torch.autograd.grad(F.gelu(t).sum(), t)[0]
+        return grad * derivative.to(ctx.dtype).to(grad.dtype), None
+
+
 def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None,
             merged: int | None = None, saved: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
@@ -85,8 +107,13 @@ def _compare(device: str, dtype: torch.dtype) -> None:
                 kernels.depthwise.ENABLED = saved
             if gelu:
                 # the kernels hand the pre-activation's gradient from the GELU's backward to the
-                # convolution's in the tokens' dtype, as torch's GELU after the convolution does
-                ref = F.gelu(_RoundGrad.apply(ref, dtype))
+                # convolution's in the tokens' dtype, as torch's GELU after the convolution does;
+                # a derivative kept from the forward is kept in that dtype too, and the merged
+                # backward multiplies it in as it loads the gradient, rounding nothing
+                kept = kernels.depthwise.SAVE_GELU_GRAD and dtype != torch.float32
+                if not (kept and kernels.depthwise.BWD_MERGED):
+                    ref = _RoundGrad.apply(ref, dtype)
+                ref = _GeluKeptDerivative.apply(ref, dtype) if kept else F.gelu(ref)
             case = (B, H, W, C, P, residual, k, gelu)
             assert ours.dtype == x.dtype, case
             torch.testing.assert_close(ours.float(), ref, **tol, msg=lambda m: f"{case} output: {m}")
@@ -128,7 +155,7 @@ def _compare(device: str, dtype: torch.dtype) -> None:
         want = torch.autograd.grad((ref * w).sum(), [inp, *mlp.parameters()])
         names = ["input"] + [n for n, _ in mlp.named_parameters()]
         for name, a, b in zip(names, got, want):
-            torch.testing.assert_close(a.float(), b, atol=tol["atol"] * 5, rtol=tol["rtol"] * 5,
+            torch.testing.assert_close(a.float(), b.float(), atol=tol["atol"] * 5, rtol=tol["rtol"] * 5,
                                        msg=lambda m: f"Mlp {name}: {m}")
     # the schema, the autograd registration and (on a GPU) the shape-only version agree with the
     # kernels, as torch.compile relies on
@@ -181,7 +208,9 @@ def test_compiled_mixffn_vit_uses_the_kernel_without_graph_breaks(merged, saved,
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_mixffn_mlp_with_the_gelu_in_the_mixer_computes_fc1_conv_gelu_fc2():
+def test_mixffn_mlp_with_the_gelu_in_the_mixer_computes_fc1_conv_gelu_fc2(monkeypatch):
+    from vitpe.kernels import depthwise
+
     torch.manual_seed(0)
     mlp = Mlp(6, 16, GridConv(16), drop=0.0)
     x, pos = torch.randn(2, 1 + 12, 6), BlockPos((3, 4), 1)
@@ -199,7 +228,11 @@ def test_mixffn_mlp_with_the_gelu_in_the_mixer_computes_fc1_conv_gelu_fc2():
     assert calls == ["GridConv"]
     assert torch.equal(out, mlp.fc2(F.gelu(hidden)))
     calls.clear()
-    out = mlp(x, pos)  # with gradients the GELU stays the Mlp's, unless the mixer is told otherwise
+    out = mlp(x, pos)  # with gradients too, by default: the kernels keep the GELU's derivative
+    assert calls == ["GridConv"] and torch.equal(out, mlp.fc2(F.gelu(hidden)))
+    monkeypatch.setattr(depthwise, "SAVE_GELU_GRAD", 0)
+    calls.clear()
+    out = mlp(x, pos)  # without that, the GELU stays the Mlp's, unless the mixer is told otherwise
     assert calls == ["GridConv", "GELU"] and torch.equal(out, mlp.fc2(F.gelu(hidden)))
     mlp.mixer.gelu_with_grad = True
     calls.clear()

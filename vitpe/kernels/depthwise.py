@@ -21,8 +21,8 @@ the convolution and its backward without the GELU from 0.750 to 0.643 ms on ViT-
 convolution takes it unless the GELU is inside (inference), where the register-carrying kernel
 measured faster (0.219 against 0.262 ms; docs/performance.md, eleventh round).
 
-The backward can also be one kernel (``_backward_staged_kernel``, ``BWD_MERGED``; prepared without a
-GPU, off until timed): it reads the output gradient once for the input gradient and the weight and
+The backward is one kernel (``_backward_staged_kernel``, ``BWD_MERGED``, the default; 0 keeps the
+two kernels): it reads the output gradient once for the input gradient and the weight and
 bias gradients, and sums the input gradient as it writes it, which is the gradient of a bias the
 caller added to the input (``input_bias``: Mix-FFN hands fc1's bias over, saving autograd's
 separate pass over the hidden layer for it). Three passes over the hidden layer where the two
@@ -44,9 +44,10 @@ ways). Prefix rows come out as ``gelu(x)``. Mix-FFN models fuse the GELU when no
 recorded, and in training only when asked (``GridConv.gelu_with_grad``, for the memory): on an
 H200 the fused forward is the faster one (0.220 against 0.260 ms on ViT-S's shape), the fused
 backward is not (forward and backward 0.875 against 0.788 ms: the recomputing convolution with
-GELU's derivative costs more than torch's GELU backward). With ``SAVE_GELU_GRAD`` (prepared, off
-until timed) the forward writes GELU's derivative beside the output instead, the backward
-multiplies it in (in the merged kernel, as it loads the gradient), and nothing is recomputed.
+GELU's derivative costs more than torch's GELU backward). With ``SAVE_GELU_GRAD`` (the default)
+the forward writes GELU's derivative beside the output instead, the backward multiplies it in (in
+the merged kernel, ``BWD_MERGED``, as it loads the gradient), and nothing is recomputed: Mix-FFN
+then hands its GELU to the kernel in training too.
 """
 from __future__ import annotations
 
@@ -90,18 +91,19 @@ CONV_STAGES, WG_STAGES = 4, 4
 # gradients, and the gradient of a bias the caller added to the input (Mix-FFN's fc1), from one
 # read of the output gradient; 0 keeps the two kernels (the convolution with the kernel flipped,
 # then the weight gradient, which read the output gradient once each) and a separate sum.
-# Prepared without a GPU, not yet timed: off by default (``benchmarks/depthwise_kernels.py --tiles
-# '' 'BWD_MERGED=1'``). Its tile is smaller than the others': 11 sums and the convolution's two
+# The default since it was timed with ``SAVE_GELU_GRAD`` (H100, compiled ViT-S Mix-FFN training
+# 0.84 -> 0.94 of ``learned``, docs/performance.md "Thirteenth round"). Its tile is smaller than the others': 11 sums and the convolution's two
 # carried rows stay in registers (about 20 tiles; at 1024 elements in 4 warps, 8 of each a thread)
-BWD_MERGED = 0
+BWD_MERGED = 1
 BWD_TILE, BWD_WARPS, BWD_WAVES, BWD_STAGES = 1024, 4, 2, 3
 # with gradients recorded, the GELU inside the convolution's forward kernel, which also writes GELU's
 # derivative at the pre-activation for the backward (a tensor of the output's size, in its dtype,
 # kept instead of the pre-activation that torch's GELU keeps); the backward multiplies the output
 # gradient by it as it loads it (in the merged kernel) instead of running the GELU's backward. Three
 # passes over the hidden layer fewer than the GELU outside the kernel (with ``BWD_MERGED``).
-# Prepared without a GPU, not yet timed: off by default
-SAVE_GELU_GRAD = 0
+# The default with ``BWD_MERGED``; the derivative in bfloat16 rounds the gradient no more than the
+# GELU's backward in bfloat16 does (``tests/test_kernels.py``)
+SAVE_GELU_GRAD = 1
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 
 

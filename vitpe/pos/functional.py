@@ -157,11 +157,12 @@ class GridConv(nn.Module):
     that GELU and ``fuses_gelu`` says so).
     """
 
-    # With gradients, the GELU stays outside the kernel unless this is set: the fused backward keeps
-    # no pre-activation (1.9 GiB less at the peak for ViT-S at batch 256) but recomputes it, and
-    # measured slower than torch's GELU backward plus the weight-gradient kernel: 0.875 against
-    # 0.788 ms a call on ViT-S's shape, 0.81 of `learned` in training against 0.82 (H200;
-    # docs/performance.md, eighth round)
+    # With gradients, the GELU is inside the kernel by default because the kernels keep its
+    # derivative (``depthwise.SAVE_GELU_GRAD``). Without that, it stays outside unless this is set:
+    # the fused backward then keeps no pre-activation (1.9 GiB less at the peak for ViT-S at batch
+    # 256) but recomputes it, and measured slower than torch's GELU backward plus the
+    # weight-gradient kernel: 0.875 against 0.788 ms a call on ViT-S's shape, 0.81 of `learned` in
+    # training against 0.82 (H200; docs/performance.md, eighth round)
     gelu_with_grad = False
 
     def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
