@@ -38,6 +38,12 @@ median of ``--repeats`` windows, and ``--repeats 5`` or more gives the medians s
 
     python benchmarks/throughput.py --no-reference --sizes small --modes compiled --interleave \
         --repeats 5 --strategies learned,mixffn,rpb
+
+``--grad-checkpointing`` recomputes every block in the backward on both sides (timm's and vitpe's
+``set_grad_checkpointing``): the time it costs and the peak memory it saves, against a run without:
+
+    python benchmarks/throughput.py --sizes base --modes eager,compiled --strategies learned,rope_mixed \
+        --grad-checkpointing --output runs/throughput_ckpt
 """
 from __future__ import annotations
 
@@ -64,9 +70,11 @@ REFERENCE = {"learned": "vit_{size}_patch16_224", "rope_axial": "vit_{size}_patc
              "rope_mixed": "vit_{size}_patch16_rope_mixed_224"}
 
 
-def build(name: str, res: int, depth: int | None, **kw: Any) -> torch.nn.Module:
+def build(name: str, res: int, depth: int | None, grad_checkpointing: bool = False, **kw: Any) -> torch.nn.Module:
     extra = {"depth": depth} if depth else {}
-    return timm.create_model(name, img_size=res, num_classes=1000, **extra, **kw)
+    model = timm.create_model(name, img_size=res, num_classes=1000, **extra, **kw)
+    model.set_grad_checkpointing(grad_checkpointing)  # timm's and vitpe's: each block run again in the backward
+    return model
 
 
 def warm_up(step: Callable[[], Any], calls: int, device: torch.device) -> None:
@@ -378,10 +386,11 @@ def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[d
                 for strategy in strategies:
                     ref_name = ref_names[strategy]
                     if args.reference and (ref_name, res, mode) not in refs:
-                        jobs["timm", ref_name] = (lambda n=ref_name: build(n, res, args.depth),
+                        jobs["timm", ref_name] = (lambda n=ref_name: build(n, res, args.depth, args.grad_checkpointing),
                                                   f"{ref_name} {res} {mode}")
                     jobs["vitpe", strategy] = (
-                        lambda s=strategy: build(f"vitpe_vit_{size}_patch16_224", res, args.depth, pos=s),
+                        lambda s=strategy: build(f"vitpe_vit_{size}_patch16_224", res, args.depth,
+                                                 args.grad_checkpointing, pos=s),
                         f"vitpe {size} {strategy} {res} {mode}{tag}")
                 compiled = mode == "compiled"
                 if args.interleave:
@@ -534,6 +543,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--sdpa", type=csv, default=[], help="attention backends to try first, in order, for both "
                    "models: cudnn, flash, efficient, math (default: torch's own choice)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="both sides' blocks recomputed in the backward "
+                   "(set_grad_checkpointing): its cost in time, and the peak memory it saves")
     p.add_argument("--fused-adamw", action="store_true", help="AdamW as one fused kernel (as vitpe's training "
                    "scripts run it) for both models, instead of torch's default multi-tensor AdamW")
     p.add_argument("--interleave", action="store_true",

@@ -43,6 +43,38 @@ def test_throughput_without_reference_times_only_vitpe(tmp_path):
     assert "| rpb | 32 | eager | - |" in (tmp_path / "throughput.md").read_text()
 
 
+def test_throughput_grad_checkpointing_builds_both_sides_with_it(tmp_path, monkeypatch):
+    bench = load("throughput")
+    built, build = [], bench.build
+
+    def recording(*a, **kw):
+        built.append(build(*a, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(bench, "build", recording)
+    bench.main(["--sizes", "small", "--strategies", "rope_mixed", "--resolutions", "32", "--modes", "eager",
+                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1", "--depth", "1",
+                "--device", "cpu", "--no-bf16", "--grad-checkpointing", "--output", str(tmp_path)])
+    assert sorted(type(m).__module__.split(".")[0] for m in built) == ["timm", "vitpe"]
+    assert all(m.grad_checkpointing for m in built)
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["args"]["grad_checkpointing"] == "True" and data["rows"][0]["vitpe"]["train_img_s"] > 0
+
+
+def test_checkpoint_memory_counts_what_autograd_keeps_with_and_without(tmp_path):
+    bench = load("checkpoint_memory")
+    bench.main(["--models", "vitpe_vit_tiny_patch16_224:rope_mixed,vit_tiny_patch16_224", "--batch", "1",
+                "--size", "32", "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "checkpoint_memory.json").read_text())["rows"]
+    assert [(r["model"], r["pos"]) for r in rows] == [("vitpe_vit_tiny_patch16_224", "rope_mixed"),
+                                                       ("vit_tiny_patch16_224", "-")]
+    assert all(0 < r["checkpointed_mib"] < 0.5 * r["kept_mib"] for r in rows)
+    # the count by hand for one linear layer: its input (the weight is a parameter, left out)
+    x = torch.randn(4, 8, requires_grad=True)
+    assert bench.saved_activation_bytes(torch.nn.Linear(8, 3), x) == 4 * 8 * 4
+    assert (tmp_path / "checkpoint_memory.md").read_text().count("\n") == 2 + len(rows)
+
+
 def test_throughput_interleaves_the_models_windows(tmp_path, monkeypatch):
     bench = load("throughput")
     calls = []

@@ -4,6 +4,7 @@ import timm
 import torch
 
 import vitpe  # noqa: F401  (registers the models)
+from script_modules import load_script
 
 NAMES = ["vitpe_vit_tiny_patch16_224", "vitpe_vit_small_patch16_224", "vitpe_vit_base_patch16_224",
          "vitpe_vit_tiny_patch4_32", "vitpe_vit_small_patch4_32"]
@@ -356,3 +357,10 @@ def test_grad_checkpointing_gives_the_same_gradients(name, pos):
     assert plain.keys() == again.keys() and len(plain) > 10
     for n in plain:
         torch.testing.assert_close(again[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)
+    # what it is for: autograd keeps the blocks' inputs only, not their activations
+    saved_activation_bytes = load_script("benchmarks/checkpoint_memory.py").saved_activation_bytes
+    model.set_grad_checkpointing(False)
+    kept = saved_activation_bytes(model, x)
+    model.set_grad_checkpointing(True)
+    assert saved_activation_bytes(model, x) < 0.35 * kept
+
