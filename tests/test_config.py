@@ -308,6 +308,10 @@ def test_a_file_torch_cannot_read_and_a_damaged_state_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint at all\n" * 20)
     with pytest.raises(CheckpointError, match="notes.txt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "notes.txt")
+    (tmp_path / "run").mkdir()  # a run folder given for its checkpoint
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"run is a folder \(it holds checkpoint.pt\): give the checkpoint"):
+        load_checkpoint(tmp_path / "run")
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer(model, OptimConfig())
     sched = build_scheduler(opt, OptimConfig(), 2, 1)

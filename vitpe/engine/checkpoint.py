@@ -58,6 +58,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint with ``weights_only=True``; a missing, corrupt or code-carrying file is a
     ``CheckpointError`` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds checkpoint.pt)" if (path / "checkpoint.pt").is_file() else ""
+        raise CheckpointError(f"{path} is a folder{inside}: give the checkpoint file, e.g. {path / 'checkpoint.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
