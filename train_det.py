@@ -52,6 +52,11 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
         save_config(cfg, out / "config.yaml")
     train_set, val_set = build_datasets(cfg.data)
     classes = train_set.index.class_names
+    most = max((len(boxes) for _, boxes in train_set.samples), default=0)
+    if most > cfg.model.num_queries and dist.is_main():  # each query is matched to one box at most
+        log.warning("warning: an image of %s has %d boxes, more than model.num_queries=%d: the boxes past "
+                    "that are never matched to a query (DETR: 100 queries for COCO's at most 63 boxes)",
+                    cfg.data.train_split, most, cfg.model.num_queries)
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
     model = build_model(cfg.model, len(classes)).to(device)
     criterion = build_criterion(cfg.loss, len(classes)).to(device)
@@ -78,11 +83,12 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
         if last or (epoch + 1) % cfg.eval.interval == 0:
             try:
                 val = evaluate(model, val_loader, val_set, device, cfg.run.amp, detections=out / DETECTIONS)
-            except DataError:  # an unreadable validation image: the epoch's training is kept before the run stops
-                metrics.log(record)
+            except Exception as e:  # (an unreadable validation image, COCOeval refusing the json): the epoch's
+                metrics.log(record)  # training is kept before the run stops
                 if dist.is_main():
                     save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, {}, best)
-                dist.barrier()  # every process raised (evaluate): none ends the run before the checkpoint is written
+                if isinstance(e, DataError):
+                    dist.barrier()  # every process raised (evaluate): none ends the run before the checkpoint is written
                 raise
             record.update({f"val_{k}": v for k, v in val.items() if k in SHOWN or k == "stats"})
         metrics.log(record)
@@ -135,7 +141,8 @@ def finish(cfg: DetConfig, out: Path, model, train_set, val_set, val: dict[str, 
                     f"and ground truth (dashed green)")
     print(val.get("summary", ""))
     print(metrics_table(rows))
-    print(f"final val AP {100 * val.get('AP', 0):.1f}  AP50 {100 * val.get('AP50', 0):.1f}  (outputs in {out})")
+    ap = {k: f"{100 * val[k]:.1f}" if val.get(k, -1) >= 0 else "n/a" for k in ("AP", "AP50")}  # COCO's -1: no boxes
+    print(f"final val AP {ap['AP']}  AP50 {ap['AP50']}  (outputs in {out})")
 
 
 if __name__ == "__main__":

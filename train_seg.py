@@ -150,6 +150,9 @@ def finish(cfg: SegConfig, out: Path, model, train_set, val_set, device: torch.d
     plot_segmentation(samples, val_set.classes, out / "predictions.png",
                       f"{cfg.model.name}, pos={cfg.model.pos}: whole-image predictions", val_set.ignore_index)
     print(results_table(results["scales"]))
+    if results["aAcc"] != results["aAcc"]:  # NaN: nothing to score
+        log.warning("warning: %s: no pixel of the validation masks is labelled (every one is ignore_index %d "
+                    "or reduced to it): mIoU, mAcc and aAcc are undefined", cfg.data.val_split, val_set.ignore_index)
     print(f"final val mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}  "
           f"(whole image, scale 1.0; outputs in {out})")
 

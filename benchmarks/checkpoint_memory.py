@@ -65,7 +65,7 @@ def measure(spec: str, batch: int, size: int, device: str, amp: bool) -> dict:
 
 
 def markdown(rows: list[dict], batch: int, size: int) -> str:
-    lines = [f"| model | strategy | input | kept MiB | checkpointed MiB | ratio |", "|---|---|---|---|---|---|"]
+    lines = ["| model | strategy | input | kept MiB | checkpointed MiB | ratio |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['pos']} | {batch}x{size}x{size} | {r['kept_mib']:.1f} | "
               f"{r['checkpointed_mib']:.1f} | {r['ratio']:.3f} |" for r in rows]
     return "\n".join(lines)

@@ -386,11 +386,12 @@ def _run_setting(args: argparse.Namespace, label: str, first: bool, rows: list[d
                 for strategy in strategies:
                     ref_name = ref_names[strategy]
                     if args.reference and (ref_name, res, mode) not in refs:
-                        jobs["timm", ref_name] = (lambda n=ref_name: build(n, res, args.depth, args.grad_checkpointing),
+                        jobs["timm", ref_name] = (lambda n=ref_name: build(n, res, args.depth,
+                                                                           grad_checkpointing=args.grad_checkpointing),
                                                   f"{ref_name} {res} {mode}")
                     jobs["vitpe", strategy] = (
                         lambda s=strategy: build(f"vitpe_vit_{size}_patch16_224", res, args.depth,
-                                                 args.grad_checkpointing, pos=s),
+                                                 grad_checkpointing=args.grad_checkpointing, pos=s),
                         f"vitpe {size} {strategy} {res} {mode}{tag}")
                 compiled = mode == "compiled"
                 if args.interleave:

@@ -214,6 +214,11 @@ def test_a_json_that_is_not_coco_names_the_missing_key(fresh) -> None:
     (lambda d: d["annotations"][0].update(category_id=5), "names unknown category id 5", "unknown category"),
     (lambda d: d["annotations"][0].update(bbox=[50.0, 10.0, 30.0, 10.0]), r"reaches outside image 100 \(0000.jpg, 64x48\)",
      "outside image"),
+    # COCOeval compares these as numbers: a string or null would stop it after an epoch of training
+    (lambda d: d["annotations"][0].update(area="big"), r"area 'big' is not a non-negative number", "bad iscrowd or area"),
+    (lambda d: d["annotations"][0].update(area=None), r"area None is not", "bad iscrowd or area"),
+    (lambda d: d["annotations"][0].update(iscrowd="no"), r"iscrowd 'no' is not 0 or 1", "bad iscrowd or area"),
+    (lambda d: d["annotations"][0].update(bbox=[True, 10, 20, 20]), r"is not \[x, y, width, height\]", "bad bbox"),
 ])
 def test_bad_annotations_error_or_skip_by_option(fresh, edit, match, reason) -> None:
     _rewrite(fresh, "train2017", edit)
@@ -222,6 +227,16 @@ def test_bad_annotations_error_or_skip_by_option(fresh, edit, match, reason) -> 
     index = _load(fresh, "skip")
     assert index.dropped[reason] == 1
     assert len(index.annotations) == 3 + 2 - 1  # image 0: 2 + crowd, image 1: 2; one dropped, zero-size gone
+
+
+def test_an_annotation_cocoeval_cannot_compare_is_left_out_of_the_ground_truth_under_skip(fresh) -> None:
+    _rewrite(fresh, "train2017", lambda d: d["annotations"][1].update(area="big"))
+    index = _load(fresh, "skip")
+    kept = [a for a in index.gt.dataset["annotations"]]
+    assert all(isinstance(a["area"], (int, float)) for a in kept)
+    assert len(kept) == len(index.source["annotations"]) - 1  # only that one
+    from vitpe.engine.coco_eval import coco_evaluate
+    assert coco_evaluate(index.gt, [])["AP"] == 0.0  # COCOeval runs on it
 
 
 def test_box_within_a_pixel_of_the_edge_is_clipped(fresh) -> None:
@@ -275,6 +290,8 @@ def test_missing_image_file_errors_or_is_skipped(fresh, caplog) -> None:
     (lambda d: d["annotations"][0].update(category_id="3"), r"names unknown category id '3' \(known: \[3, 17, 90\]\)"),
     (lambda d: d["images"][0].update(width="64"), r"image 100 \(0000.jpg\) has width '64': expected a positive whole"),
     (lambda d: d["images"][1].update(height=0), r"image 101 \(0001.jpg\) has height 0"),
+    (lambda d: d["images"][0].update(file_name=5), r"image 100 has file_name 5: expected the image's file name"),
+    (lambda d: d["images"][0].update(file_name=None), r"image 100 has file_name None"),
 ])
 def test_ids_and_sizes_of_the_wrong_kind_are_named_as_they_are(fresh, edit, match) -> None:
     """An id given as a string where the json's are numbers reads as such in the message."""

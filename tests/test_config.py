@@ -293,12 +293,53 @@ def test_the_default_step_schedule_drops_at_two_thirds_of_training_as_detr():
 
 @pytest.mark.parametrize("key, value", [("optim.lr", "-0.1"), ("optim.lr", "nan"), ("optim.betas", "[0.9, 1.5]"),
                                         ("aug.label_smoothing", "1.0"), ("run.seed", "99999999999999999999"),
-                                        ("data.synthetic_train", "-4"), ("run.device", "tpu")])
+                                        ("data.synthetic_train", "-4"), ("run.device", "tpu"),
+                                        # a negative schedule factor or decay: a negative learning rate
+                                        ("optim.poly_power", "-2"), ("optim.weight_decay", "-1"),
+                                        ("optim.warmup_lr_ratio", "-1"), ("optim.step_gamma", "-1"),
+                                        ("optim.min_lr_ratio", "2"), ("optim.warmup_epochs", "-5"),
+                                        ("optim.clip_grad", "0"), ("aug.mixup", "-1"), ("aug.re_prob", "2"),
+                                        ("aug.hflip", "5"), ("aug.scale", "[0, 0]"), ("aug.scale", "[1.0, 0.1]"),
+                                        ("model.kwargs.depth", "-1"), ("model.kwargs.num_heads", "0"),
+                                        ("model.kwargs.drop_path_rate", "2"), ("model.kwargs.depth", "abc")])
 def test_values_out_of_range_are_named_at_start(key, value):
     from vitpe.engine.classification import ClsConfig
 
     with pytest.raises(ConfigError, match=re.escape(key)):
         apply_overrides(ClsConfig(), [f"{key}={value}"])
+
+
+def test_the_edges_of_the_ranges_are_allowed():
+    from vitpe.engine.classification import ClsConfig
+
+    cfg = apply_overrides(ClsConfig(), ["optim.min_lr_ratio=0", "optim.warmup_lr_ratio=1", "aug.hflip=1",
+                                        "optim.clip_grad=null", "aug.scale=[1.0, 1.0]", "optim.poly_power=0",
+                                        "model.kwargs.drop_path_rate=0.0", "model.kwargs.global_pool=avg"])
+    assert cfg.aug.hflip == 1.0 and cfg.optim.clip_grad is None and cfg.model.kwargs["global_pool"] == "avg"
+
+
+@pytest.mark.parametrize("override, match", [("eval.modes=[]", "'eval.modes': empty"),
+                                             ("eval.scales=[]", "'eval.scales': empty"),
+                                             ("eval.scales=[0]", "'eval.scales'"),
+                                             ("model.kwargs.depths=[2, 0]", "'model.kwargs.depths'")])
+def test_segmentation_evaluation_needs_a_mode_and_positive_scales(override, match):
+    from vitpe.engine.segmentation import SegConfig
+
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        apply_overrides(SegConfig(), [override])
+
+
+def test_a_strategy_spec_is_recorded_without_spaces_and_an_empty_part_is_refused():
+    from vitpe import pos
+    from vitpe.engine.classification import ClsConfig
+    from vitpe.engine.detection import DetConfig
+
+    assert apply_overrides(ClsConfig(), ["model.pos= peg + rope_mixed"]).model.pos == "peg+rope_mixed"
+    assert apply_overrides(DetConfig(), ["model.backbone_pos=learned + peg"]).model.backbone_pos == "learned+peg"
+    for spec in ("peg+", "+rpb", "peg++rope_axial"):
+        with pytest.raises(KeyError, match="has an empty part"):
+            pos.split(spec)
+    assert pos.split("peg + rope_mixed") == ["peg", "rope_mixed"]
 
 
 def test_a_file_torch_cannot_read_and_a_damaged_state_are_named(tmp_path):

@@ -81,6 +81,14 @@ def test_data_with_other_classes_and_bad_flags_are_one_line(runs, tmp_path, caps
         assert run_eval([*argv, flag, value]) == 2
         assert f"{flag} {value}: must be at least" in capsys.readouterr().err
     assert not (tmp_path / "resolution.json").exists()
+    import torch
+
+    state = torch.load(out["peg"] / "checkpoint.pt", weights_only=True)
+    del state["classes"]  # not one a training run writes
+    torch.save(state, tmp_path / "no_classes.pt")
+    argv[1] = str(tmp_path / "no_classes.pt")
+    assert run_eval(argv) == 2
+    assert "not a vitpe classification checkpoint (no 'classes' entry)" in capsys.readouterr().err
 
 
 def test_a_model_that_pads_its_input_takes_any_size():

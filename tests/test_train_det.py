@@ -110,6 +110,41 @@ def test_unreadable_validation_image_stops_naming_it_and_keeps_the_epoch(tmp_pat
     assert err.startswith(f"error: cannot decode image {data / 'val2017' / '0001.jpg'}") and "on_error=skip" in err
 
 
+def test_an_evaluation_that_fails_otherwise_keeps_the_epoch_too(tmp_path, monkeypatch) -> None:
+    """Whatever stops the validation (here COCOeval on a json it cannot compare), the epoch's
+    training is saved before the error reaches the user."""
+    data = make_dataset(tmp_path / "data", 2, 2)
+    td = train_det()
+
+    def refuses(*args, **kwargs):
+        raise TypeError("'<' not supported between instances of 'str' and 'int'")
+
+    monkeypatch.setattr(td, "evaluate", refuses)
+    out = tmp_path / "run"
+    with pytest.raises(TypeError):
+        td.main(["--data", str(data), *TINY, "--epochs", "1", "--output", str(out)])
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_validation_without_images_is_refused_without_boxes_named_and_too_few_queries_warned(tmp_path, caplog, capsys) -> None:
+    data = make_dataset(tmp_path / "data", 2, 2)
+    ann = data / "annotations" / "instances_val2017.json"
+    original = json.loads(ann.read_text())
+    ann.write_text(json.dumps({**original, "images": [], "annotations": []}))
+    td = train_det()
+    with pytest.raises(SystemExit) as exc:
+        td.run_cli(td.main, ["--data", str(data), *TINY, "--epochs", "1", "--output", str(tmp_path / "a")])
+    assert exc.value.code == 2 and "instances_val2017.json: no validation images" in capsys.readouterr().err
+    ann.write_text(json.dumps({**original, "annotations": []}))
+    with caplog.at_level("WARNING"):
+        assert td.main(["--data", str(data), *TINY, "--epochs", "1", "--num-queries", "1",
+                        "--output", str(tmp_path / "b")]) == 0
+    assert "no boxes in the validation images" in caplog.text
+    assert "boxes, more than model.num_queries=1" in caplog.text  # the training images have 2 or 3
+    assert "final val AP n/a  AP50 n/a" in capsys.readouterr().out  # COCO's -1, not "-100.0"
+
+
 def test_resume_continues_exactly(data, tmp_path) -> None:
     """Two epochs straight, and one epoch then ``--resume`` for the second: the same losses. (A
     constant rate, so that stopping early does not change the schedule of the first epoch.)"""

@@ -46,6 +46,14 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (depth, drop_path_rate)
     grad_checkpointing: bool = False  # recompute each block in the backward: less memory for one more forward a step
 
+    def __post_init__(self) -> None:
+        self.pos = plus_joined(self.pos)  # recorded as the models name it: 'peg + rope_mixed' -> 'peg+rope_mixed'
+
+
+def plus_joined(spec: str | None) -> str | None:
+    """A strategy spec without spaces around its names (the names are checked when the model is built)."""
+    return spec if not isinstance(spec, str) else "+".join(p.strip() for p in spec.split("+"))
+
 
 @dataclass
 class OptimConfig:
@@ -217,27 +225,59 @@ def _check_scalar(value: Any, tp: Any, bad: ConfigError) -> Any:
     return value
 
 
-# Fields that have a range, by name in any section: (lowest, above the highest or None). A count
-# of zero or less (a batch, an interval, the epochs, test sizes) would fail late, mid-run, or do
-# nothing silently.
-_BOUNDS: dict[str, tuple[float, float | None]] = {
+# Fields that have a range, by name in any section: (lowest, highest or None, the interval's kind:
+# "[)" by default, "[]", "(]" or "()" for open or closed ends). A count of zero or less (a batch, an
+# interval, the epochs, test sizes) would fail late, mid-run, or do nothing silently; a negative
+# decay, warm-up or schedule factor would make the learning rate negative; a probability past 1
+# or a scale of 0 would be applied as it stands.
+_BOUNDS: dict[str, tuple] = {
     "batch_size": (1, None), "workers": (0, None), "epochs": (1, None), "log_interval": (1, None),
     "interval": (1, None), "num_queries": (1, None), "sizes": (1, None), "decay": (0, 1),
     "lr_base_batch": (1, None), "lr": (0, None), "backbone_lr": (0, None), "betas": (0, 1),
-    "label_smoothing": (0, 1), "synthetic_train": (1, None), "synthetic_val": (1, None), "seed": (0, 2**31)}
+    "label_smoothing": (0, 1), "synthetic_train": (1, None), "synthetic_val": (1, None), "seed": (0, 2**31),
+    "weight_decay": (0, None), "warmup_epochs": (0, None), "warmup_lr_ratio": (0, 1, "[]"),
+    "min_lr_ratio": (0, 1, "[]"), "poly_power": (0, None), "step_gamma": (0, 1, "(]"), "clip_grad": (0, None, "()"),
+    "head_lr_mult": (0, None), "mixup": (0, None), "cutmix": (0, None), "color_jitter": (0, None),
+    "re_prob": (0, 1, "[]"), "hflip": (0, 1, "[]"), "flip": (0, 1, "[]"), "re_count": (0, None),
+    "scale": (0, 1, "(]"), "ratio": (0, None, "()"), "scale_range": (0, None, "()"), "scales": (0, None, "()"),
+    "dropout": (0, 1), "head_dropout": (0, 1), "eos_coef": (0, None), "dim": (1, None), "num_heads": (1, None),
+    "enc_layers": (0, None), "dec_layers": (1, None), "ffn_dim": (1, None), "pos_grid": (1, None),
+    "head_dim": (1, None), "backbone_stages": (1, 4, "[]"), "figure_images": (0, None)}
+_ORDERED = {"scale", "ratio", "scale_range"}  # (min, max) pairs
+# timm.create_model arguments in ``model.kwargs`` (a number, or one per stage as MiT's lists): a
+# drop rate past 1 fails at the first training step, a zero depth or width at the model's build
+_MODEL_KWARG_BOUNDS: dict[str, tuple] = {
+    "depth": (1, None), "depths": (1, None), "num_heads": (1, None), "embed_dim": (1, None),
+    "embed_dims": (1, None), "patch_size": (1, None), "mlp_ratio": (0, None, "()"), "mlp_ratios": (0, None, "()"),
+    "sr_ratios": (1, None), "reg_tokens": (0, None), "drop_rate": (0, 1), "pos_drop_rate": (0, 1),
+    "patch_drop_rate": (0, 1), "proj_drop_rate": (0, 1), "attn_drop_rate": (0, 1), "drop_path_rate": (0, 1)}
 
 
-def _check_bounds(value: Any, key: str) -> None:
+def _check_bounds(value: Any, key: str, bounds: dict[str, tuple] = _BOUNDS) -> None:
     name = key.rsplit(".", 1)[-1]
-    if name not in _BOUNDS or value is None:
+    if name == "kwargs" and isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_bounds(v, f"{key}.{k}", _MODEL_KWARG_BOUNDS)
         return
-    low, high = _BOUNDS[name]
-    for v in value if isinstance(value, (list, tuple)) else [value]:
+    if name not in bounds or value is None:
+        return
+    low, high, kind = (*bounds[name], "[)")[:3]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if bounds is _BOUNDS:
+            return  # typed fields were checked before; a wrong type is reported there
+        raise ConfigError(f"key {key!r}: {value!r} is not a number (or a list of numbers)")
+    for v in values:
         if isinstance(v, float) and v != v:
             raise ConfigError(f"key {key!r}: {value!r} is not a number")
-        if v < low or (high is not None and v >= high):
-            span = f"at least {low}" if high is None else f"in [{low}, {high})"
+        below = v <= low if kind[0] == "(" else v < low
+        above = high is not None and (v > high if kind[1] == "]" else v >= high)
+        if below or above:
+            span = (f"{'above' if kind[0] == '(' else 'at least'} {low}" if high is None
+                    else f"in {kind[0]}{low}, {high}{kind[1]}")
             raise ConfigError(f"key {key!r}: {value!r} is out of range: must be {span}")
+    if name in _ORDERED and len(values) == 2 and values[0] > values[1]:
+        raise ConfigError(f"key {key!r}: {list(value)!r} is (min, max): the first must not exceed the second")
 
 
 def from_dict(cls: type[C], d: Mapping[str, Any], prefix: str = "") -> C:

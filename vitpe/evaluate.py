@@ -185,8 +185,10 @@ def _classification_config(path: str, config: Any) -> ClsConfig:
 def load_model(path: str, device: torch.device, weights: str = "auto") -> tuple[nn.Module, ClsConfig, dict]:
     """Rebuild the model a training checkpoint describes; ``weights``: model, ema, or auto (EMA if saved)."""
     state = load_checkpoint(path)
-    if "config" not in state or "model" not in state:
-        raise UserError(f"{path}: not a vitpe classification checkpoint (no 'config'/'model' entries)")
+    missing = [k for k in ("config", "model", "classes") if k not in state]
+    if missing:
+        raise UserError(f"{path}: not a vitpe classification checkpoint (no {'/'.join(map(repr, missing))} "
+                        f"entr{'y' if len(missing) == 1 else 'ies'})")
     cfg = _classification_config(path, state["config"])
     model = build_model(cfg.model, len(state["classes"]), cfg.data.img_size)
     ema = ema_weights(state)

@@ -102,10 +102,31 @@ def _need_order(ids: list[Any], what: str, path: Path) -> None:
                               f"({', '.join(f'{v!r} ({k})' for k, v in kinds.items())})") from None
 
 
+def _is_number(v: Any) -> bool:
+    """A finite int or float, not a bool (json.loads reads NaN and Infinity, and true as True)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _is_box(box: Any) -> bool:
-    """``[x, y, width, height]`` as four finite numbers (json.loads reads NaN and Infinity)."""
-    return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                           for v in box)
+    """``[x, y, width, height]`` as four finite numbers."""
+    return isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)
+
+
+def _extras_problem(a: dict[str, Any]) -> str | None:
+    """What is wrong with an annotation's ``iscrowd`` or ``area``, which COCOeval compares as numbers
+    (either may be absent: 0 and the box's area are filled in)."""
+    crowd = a.get("iscrowd", 0)
+    if not (isinstance(crowd, int) and crowd in (0, 1)):
+        return f"iscrowd {crowd!r} is not 0 or 1"
+    if "area" in a and not (_is_number(a["area"]) and a["area"] >= 0):
+        return f"area {a['area']!r} is not a non-negative number"
+    return None
+
+
+def _scored(a: dict[str, Any]) -> bool:
+    """Whether COCOeval can score the annotation as it stands (else it is left out of the ground truth,
+    having been named or counted when the json was read)."""
+    return _is_box(a["bbox"]) and _extras_problem(a) is None
 
 
 @dataclass
@@ -141,8 +162,9 @@ class CocoIndex:
     def gt(self) -> Any:
         """A pycocotools ``COCO`` over the json as read, for COCOeval: every image and every box, the
         crowd regions and the boxes training drops or clips included, scored as pycocotools run on
-        the file scores them. Left out are only boxes that are not four finite numbers (dropped
-        under ``on_error='skip'``), which COCOeval cannot score; a missing ``iscrowd`` or ``area``
+        the file scores them. Left out are only boxes that are not four finite numbers or whose
+        ``iscrowd`` or ``area`` is not a number (dropped under ``on_error='skip'``), which COCOeval
+        cannot score; a missing ``iscrowd`` or ``area``
         is filled in (0, the box's area), where pycocotools would stop. Annotation ids are
         renumbered from 1: pycocotools takes a ground-truth id of 0 for "unmatched" and looks
         repeated ids up as one box, so a file with such ids would lose AP for its ids alone (with
@@ -151,7 +173,7 @@ class CocoIndex:
 
         anns: list[dict[str, Any]] = []
         for a in self.source["annotations"]:
-            if _is_box(a["bbox"]):
+            if _scored(a):
                 anns.append(dict(a, id=len(anns) + 1, iscrowd=int(a.get("iscrowd", 0)),
                                  area=a.get("area", a["bbox"][2] * a["bbox"][3])))
         coco = COCO()
@@ -220,6 +242,9 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
     for img in data["images"]:
         _need(img, ("id", "file_name", "width", "height"), "image", path)
         _need_ids(img, ("id",), "image", path)
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise CocoFormatError(f"{path}: image {img['id']!r} has file_name {img['file_name']!r}: expected the "
+                                  f"image's file name (a path relative to the image folder)")
         for k in ("width", "height"):  # compared with the decoded pixels, and boxes checked against them
             v = img[k]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v <= 0:
@@ -244,6 +269,10 @@ def _check_annotations(data: dict[str, Any], images: dict[Any, dict[str, Any]], 
     for i, a in enumerate(data["annotations"]):
         _need(a, ("image_id", "category_id", "bbox"), "annotation", path)
         _need_ids(a, ("image_id", "category_id"), "annotation", path)
+        problem = _extras_problem(a)
+        if problem:
+            check.bad("bad iscrowd or area", f"annotation {a.get('id', f'#{i}')}: {problem}")
+            continue
         if a["image_id"] not in images:
             if a["image_id"] in listed:
                 check.dropped["of a left-out image"] += 1

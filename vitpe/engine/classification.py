@@ -67,8 +67,10 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
             close = difflib.get_close_matches(cfg.name, timm.list_models(), n=4, cutoff=0.5)
             hint = f" (closest: {', '.join(close)})" if close else " (see timm.list_models())"
             raise UserError(f"unknown model {cfg.name!r}{hint}") from None
+        if cfg.kwargs:  # e.g. a tensor of a size the model.kwargs make impossible
+            raise UserError(f"model {cfg.name!r} with kwargs={cfg.kwargs}: {e}") from None
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AssertionError, ZeroDivisionError) as e:  # arguments it refuses
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}, kwargs={cfg.kwargs}: {msg}") from None
     if cfg.grad_checkpointing:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import EvalConfig, OptimConfig, RunConfig
+from ..config import EvalConfig, OptimConfig, RunConfig, plus_joined
 from ..data.coco import CocoDetection, PadCollate
 from ..data.det_transforms import eval_transform, train_transform
 from ..data.folder import Skipped, warn_skipped
@@ -80,6 +80,9 @@ class DetModelConfig:
     # encoder's additive encoding at each centre added to the cross-attention's query (Conditional DETR)
     spatial_prior: bool = False  # a Gaussian around each reference centre on the cross-attention's logits (SMCA)
 
+    def __post_init__(self) -> None:
+        self.pos, self.backbone_pos = plus_joined(self.pos), plus_joined(self.backbone_pos)
+
 
 @dataclass
 class LossConfig:
@@ -128,6 +131,11 @@ def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
     train = CocoDetection(cfg.path, cfg.train_split, augment, cfg.on_error, cfg.cache, clip_boxes=cfg.clip_boxes)
     val = CocoDetection(cfg.path, cfg.val_split, eval_transform(cfg.min_size, cfg.max_size), cfg.on_error, cfg.cache,
                         clip_boxes=cfg.clip_boxes)
+    if len(val) == 0:
+        raise DataError(f"{val.index.path}: no validation images (the json lists none that can be used)")
+    if not any(boxes for _, boxes in val.samples):
+        _logger.warning("warning: %s: no boxes in the validation images: COCO AP is undefined (n/a)",
+                        val.index.path.name)
     if train.index.cat_ids != val.index.cat_ids:
         raise DataError(f"{cfg.path}: categories of {cfg.train_split} {train.index.cat_ids[:10]} and {cfg.val_split} "
                         f"{val.index.cat_ids[:10]} differ")

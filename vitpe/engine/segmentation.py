@@ -96,6 +96,12 @@ class SegEvalConfig:
     slide_stride: int | None = None  # sliding-window step, at most the window (None: 2/3 of the window)
     figure_images: int = 4  # validation images in the figure
 
+    def __post_init__(self) -> None:
+        for key, default in (("scales", [1.0]), ("modes", ["whole", "slide"])):
+            if not getattr(self, key):
+                raise ConfigError(f"key 'eval.{key}': empty; the final evaluation needs at least one "
+                                  f"(default {default})")
+
 
 @dataclass
 class SegConfig:
@@ -142,8 +148,10 @@ def build_model(cfg: SegModelConfig, num_classes: int, crop_size: int) -> Segmen
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"unknown model {cfg.name!r} (use vitpe_mit_b0..b5 or a vitpe_vit_* model)") from None
+        if cfg.kwargs:  # e.g. a tensor of a size the model.kwargs make impossible
+            raise UserError(f"model {cfg.name!r} with kwargs={cfg.kwargs}: {e}") from None
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AssertionError, ZeroDivisionError) as e:  # arguments it refuses
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}: {msg}") from None
     if cfg.backbone_weights:

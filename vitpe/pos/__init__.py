@@ -26,9 +26,11 @@ def names() -> list[str]:
 
 def split(spec: str, registry: Registry[PosStrategy] = STRATEGIES) -> list[str]:
     """``'peg + rope_mixed'`` -> ``['peg', 'rope_mixed']``, each checked against ``registry``."""
-    parts = [p.strip() for p in str(spec).split("+") if p.strip()]
-    if not parts:
+    parts = [p.strip() for p in str(spec).split("+")]
+    if not any(parts):
         raise KeyError(f"empty positional strategy {spec!r}; valid: {', '.join(registry.names())}")
+    if not all(parts):
+        raise KeyError(f"positional strategy {spec!r} has an empty part: join names with one '+', e.g. 'peg+rope_mixed'")
     for p in parts:
         registry.get(p)
     if len(parts) > 1 and "none" in parts:
