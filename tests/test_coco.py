@@ -525,3 +525,13 @@ def test_evaluation_path_matches_pycocotools_on_the_original_file(tmp_path, capl
     want = pycocotools_stats(expected)
     assert 0.1 < want[0] < 0.9  # shifted by 3 px: hits at low IoU thresholds only
     assert ours["stats"] == pytest.approx(want, abs=1e-6)
+
+
+def test_category_names_that_differ_between_the_splits_are_named(tmp_path, caplog) -> None:
+    from vitpe.engine.detection import DetDataConfig, build_datasets
+
+    root = make_dataset(tmp_path, 2, 2)
+    _rewrite(root, "val2017", lambda d: d["categories"][0].update(name="renamed"))
+    with caplog.at_level("WARNING"):
+        build_datasets(DetDataConfig(path=str(root)))
+    assert "category names differ between train2017 and val2017" in caplog.text and "'renamed'" in caplog.text

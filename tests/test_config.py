@@ -309,6 +309,16 @@ def test_values_out_of_range_are_named_at_start(key, value):
         apply_overrides(ClsConfig(), [f"{key}={value}"])
 
 
+def test_a_key_given_twice_in_a_config_file_is_named(tmp_path):
+    from vitpe.engine.classification import ClsConfig
+
+    (tmp_path / "twice.yaml").write_text("optim:\n  lr: 0.1\ndata:\n  batch_size: 8\noptim:\n  epochs_unused: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: cannot read YAML: key 'optim' given twice \(again on line 5\)"):
+        load_config(tmp_path / "twice.yaml", ClsConfig)
+    (tmp_path / "once.yaml").write_text("optim:\n  lr: 0.1\ndata:\n  batch_size: 8\n")
+    assert load_config(tmp_path / "once.yaml", ClsConfig).data.batch_size == 8
+
+
 def test_the_edges_of_the_ranges_are_allowed():
     from vitpe.engine.classification import ClsConfig
 

@@ -121,17 +121,23 @@ def test_ema_warm_up_starts_from_the_trained_weights(warmup):
                    for e, t, i in zip(averaged, trained, initial))
 
 
-def test_resume_of_a_copied_run_goes_on_in_the_copy_with_the_options_given(folder, tmp_path):
+def test_resume_of_a_copied_run_goes_on_in_the_copy_with_the_options_given(folder, tmp_path, caplog):
     """A run copied elsewhere resumes where its checkpoint is (the original stays as it was), and a
-    learning rate or weight decay given with --resume is the one the optimizer then uses."""
+    learning rate or weight decay given with --resume is the one the optimizer then uses; the log
+    lists what differs from the run's own settings."""
+    import logging
     import shutil
 
     first, copy = tmp_path / "first", tmp_path / "copy"
     assert run(tiny_argv(folder, first, epochs=1)) == 0
     shutil.copytree(first, copy)
     before = (first / "checkpoint.pt").read_bytes()
-    assert run(["--resume", str(copy / "checkpoint.pt"), "--epochs", "2", "--lr", "0.1",
-                "--set", "optim.weight_decay=0.3"]) == 0
+    with caplog.at_level(logging.INFO, logger="vitpe.cli"):
+        assert run(["--resume", str(copy / "checkpoint.pt"), "--epochs", "2", "--lr", "0.1",
+                    "--set", "optim.weight_decay=0.3"]) == 0
+    line = next(r.getMessage() for r in caplog.records if "resuming with settings" in r.getMessage())
+    assert "optim.lr: 0.002 -> 0.1" in line and "optim.weight_decay: 0.05 -> 0.3" in line and "run.epochs: 1 -> 2" in line
+    assert "run.output" not in line and "steps per epoch" not in line
     assert (first / "checkpoint.pt").read_bytes() == before and len(losses(first)) == 1
     assert len(losses(copy)) == 2
     state = load_checkpoint(copy / "checkpoint.pt")

@@ -94,6 +94,21 @@ def resolve_config(cls: type[C], args: argparse.Namespace, keymap: Mapping[str, 
     return apply_overrides(cfg, getattr(args, "set", None) or [])
 
 
+def changed_settings(before: Any, after: Any, skip: Sequence[str] = ()) -> list[str]:
+    """``key: old -> new`` for every config entry that differs between two configs of one kind."""
+    from .config import to_dict
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(to_dict(before)), flat(to_dict(after))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in skip]
+
+
 def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any, dict | None], int],
                  keymap: Mapping[str, str] = CLI_KEYS) -> int:
     """The body of every training script's ``main``: resolve the config (on ``--resume`` the
@@ -118,6 +133,11 @@ def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any
             raise CheckpointError(f"{cfg.run.resume}: not a checkpoint of this script's task: its config does not "
                                   f"fit ({e})") from None
         cfg = resolve_config(cls, args, keymap, base=base)
+        changed = changed_settings(base, cfg, skip=("run.resume", "run.output", "run.device", "data.workers"))
+        if changed:
+            note = " (the schedule's steps per epoch change with the batch)" if any(
+                c.startswith("data.batch_size") for c in changed) else ""
+            _logger.info("resuming with settings other than the run's own: %s%s", "; ".join(changed), note)
         here = str(Path(cfg.run.resume).parent)
         if cfg.run.output == base.run.output and Path(here).resolve() != Path(cfg.run.output).resolve():
             # a run copied or moved (or a relative path from another folder): it goes on where its

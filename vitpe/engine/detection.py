@@ -139,6 +139,12 @@ def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
     if train.index.cat_ids != val.index.cat_ids:
         raise DataError(f"{cfg.path}: categories of {cfg.train_split} {train.index.cat_ids[:10]} and {cfg.val_split} "
                         f"{val.index.cat_ids[:10]} differ")
+    renamed = [(i, a, b) for i, a, b in zip(train.index.cat_ids, train.index.class_names, val.index.class_names)
+               if a != b]
+    if renamed:  # the same ids: scored alike, but the tables and figures name the validation json's
+        _logger.warning("warning: %s: category names differ between %s and %s (id: train / val): %s",
+                        cfg.path, cfg.train_split, cfg.val_split,
+                        ", ".join(f"{i}: {a!r} / {b!r}" for i, a, b in renamed[:5]))
     return train, val
 
 
