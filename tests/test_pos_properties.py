@@ -266,6 +266,38 @@ def test_context_cache_returns_same_tables_when_grid_unchanged():
     assert s.context((6, 5), 1).rope[0].shape[-2] == 31
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope_mixed", "rpb"])
+def test_cached_tables_follow_the_parameters_and_a_data_edit_is_cleared_by_hand(pos):
+    """Forwards without gradients reuse the tables: an update autograd sees (as timm's EMA makes
+    through the state dict) refreshes them; one through ``.data`` does not until the cache is cleared."""
+    import timm
+
+    model = timm.create_model("vitpe_vit_tiny_patch4_32", pos=pos, depth=2, num_classes=3).eval()
+    x = torch.randn(1, 3, 48, 40)  # another grid than the native 8x8: learned and rpb resample
+
+    def out():
+        with torch.no_grad():
+            return model(x)
+
+    def fresh():
+        other = timm.create_model("vitpe_vit_tiny_patch4_32", pos=pos, depth=2, num_classes=3).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            return other(x)
+
+    before = out()
+    with torch.no_grad():
+        for v in model.pos.state_dict().values():  # as ModelEmaV3 updates the EMA copy
+            if v.is_floating_point():
+                v.mul_(1.5)
+    torch.testing.assert_close(out(), fresh())
+    assert not torch.allclose(out(), before)
+    table = next(t for t in model.pos.parameters())
+    table.data.mul_(2.0)  # invisible to version counters
+    model.clear_pos_cache()
+    torch.testing.assert_close(out(), fresh())
+
+
 def test_rpb_checkpoint_without_grid_entry_infers_it_from_the_table():
     src = build("rpb", grid=(3, 5))
     sd = {k: v for k, v in src.state_dict().items() if k != "grid"}

@@ -364,3 +364,56 @@ def test_grad_checkpointing_gives_the_same_gradients(name, pos):
     model.set_grad_checkpointing(True)
     assert saved_activation_bytes(model, x) < 0.35 * kept
 
+
+
+def test_bad_model_arguments_are_named_before_anything_runs():
+    kw = dict(depth=1, num_classes=3)
+    for pos, opts, match in (("rope_axial", {"theta": 0}, "rope_axial: theta must be a positive number"),
+                             ("rope_mixed", {"theta": -10}, "rope_mixed: theta must be a positive"),
+                             ("sincos2d", {"temperature": 0}, "sincos2d: temperature must be a positive")):
+        with pytest.raises(ValueError, match=match):  # these gave NaN logits
+            timm.create_model("vitpe_vit_tiny_patch4_32", pos=pos, pos_kwargs={pos: opts}, **kw)
+    with pytest.raises(ValueError, match="embed_dim 192 must be a multiple of num_heads 5"):
+        timm.create_model("vitpe_vit_tiny_patch4_32", pos="rope_axial", num_heads=5, **kw)
+    model = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned", patch_size=(4, 4), **kw)  # as timm takes it
+    assert model.patch_embed.patch_size == (4, 4) and model.feature_info[0]["reduction"] == 4
+    mit = timm.create_model("vitpe_mit_b0", num_classes=3)
+    with pytest.raises(ValueError, match="global_pool must be 'avg' or ''"):
+        mit.reset_classifier(3, "max")
+    feats = model.forward_intermediates(torch.randn(0, 3, 32, 32), intermediates_only=True)
+    assert feats[0].shape == (0, 192, 8, 8)
+
+
+def test_set_input_size_checks_first_and_keeps_the_strategys_state():
+    model = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned", depth=1, num_classes=3)
+    with pytest.raises(ValueError, match="img_size 32x32 is not a multiple of the patch size 5"):
+        model.set_input_size(patch_size=5)
+    assert model.patch_embed.patch_size == (4, 4) and model.patch_embed.proj.kernel_size == (4, 4)  # unchanged
+    model.pos.pos_embed.requires_grad_(False)
+    model.eval().set_input_size(48)
+    assert model.pos.native_grid == (12, 12) and not model.pos.pos_embed.requires_grad and not model.pos.training
+
+
+def test_own_no_embed_class_checkpoints_load_into_the_default_model():
+    """The README's promise for vitpe's own files too, which carry a grid entry."""
+    kw = dict(pos="learned", depth=1, num_classes=3)
+    src = timm.create_model("vitpe_vit_tiny_patch4_32", no_embed_class=True, **kw).eval()
+    dst = timm.create_model("vitpe_vit_tiny_patch4_32", **kw).eval()
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+    assert dst.pos.pos_embed[0, 0].abs().sum() == 0  # the class token's row: no position, as before
+
+
+def test_strategy_options_that_do_not_fit_are_named_with_the_strategy():
+    kw = dict(pos="peg", depth=2, num_classes=3)
+    for opts, exc, match in (({"peg": {"kernel": 5}}, TypeError, r"peg: unknown option\(s\) \['kernel'\] in pos_kwargs; "
+                                                                  r"its options: \['after', 'kernel_size'\]"),
+                             ({"peg": 5}, TypeError, r"pos_kwargs\['peg'\] must be a mapping"),
+                             ({"peg": {"after": "01"}}, ValueError, "peg: after must be block indices"),
+                             ({"peg": {"kernel_size": 3.0}}, ValueError, "kernel_size must be a positive odd")):
+        with pytest.raises(exc, match=match):
+            timm.create_model("vitpe_vit_tiny_patch4_32", pos_kwargs=opts, **kw)
+    model = timm.create_model("vitpe_vit_tiny_patch4_32", pos_kwargs={"peg": {"after": 1}}, **kw)
+    assert model.pos.after == [1]

@@ -9,7 +9,14 @@ from ..pos.base import Grid
 class PatchEmbed(nn.Module):
     """``(B, C, H, W)`` -> tokens ``(B, H/p * W/p, dim)`` and the grid ``(H/p, W/p)``."""
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, dim: int = 768) -> None:
+    def __init__(self, patch_size: int | tuple[int, int] = 16, in_chans: int = 3, dim: int = 768) -> None:
+        if not isinstance(patch_size, int):  # timm's models take (p, p) too
+            sizes = tuple(patch_size)
+            if len(sizes) != 2 or sizes[0] != sizes[1]:
+                raise ValueError(f"patch_size must be one size or a square (p, p), got {patch_size!r}")
+            patch_size = int(sizes[0])
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be at least 1, got {patch_size}")
         super().__init__()
         self.patch_size = (patch_size, patch_size)
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)

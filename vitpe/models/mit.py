@@ -23,7 +23,7 @@ from ..layers import Block
 from ..layers.init import init_weights_
 from ..layers.overlap_patch_embed import OverlapPatchEmbed, overlap_grid
 from ..layers.sr_attention import SRAttention
-from ..pos.base import Grid
+from ..pos.base import Grid, clear_caches
 from .mit_convert import convert_segformer_state_dict
 
 
@@ -138,9 +138,16 @@ class MixTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def clear_pos_cache(self) -> None:
+        """Drop the positional tables cached for forwards without gradients; needed only after the
+        strategy's parameters were edited through ``.data`` (``vitpe.pos.base.GridCache``)."""
+        clear_caches(self)
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import pos as pos_lib
 from ..layers import Block, PatchEmbed
 from ..layers.init import init_weights_
-from ..pos.base import Grid
+from ..pos.base import Grid, clear_caches
 
 _logger = logging.getLogger(__name__)
 _POOLS = ("token", "avg", "max", "avgmax", "")
@@ -54,6 +54,8 @@ class VisionTransformer(nn.Module):
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.dynamic_img_pad = dynamic_img_pad
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be a multiple of num_heads {num_heads}")
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.img_size = tuple(int(v) for v in to_2tuple(img_size))
         grid = self.patch_embed.grid_of(*self.img_size)
@@ -76,7 +78,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
                              for i in range(depth)]
         self.init_weights()
 
@@ -161,6 +163,11 @@ class VisionTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def clear_pos_cache(self) -> None:
+        """Drop the positional tables cached for forwards without gradients; needed only after the
+        strategy's parameters were edited through ``.data`` (``vitpe.pos.base.GridCache``)."""
+        clear_caches(self)
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
@@ -177,10 +184,14 @@ class VisionTransformer(nn.Module):
         this resamples the grid-shaped tables (learned, relative bias) to the new grid once, so
         that it runs without resampling, and a new patch size resamples the patch embedding's
         kernel as timm does. The data config reports the new size."""
+        p = tuple(int(v) for v in to_2tuple(patch_size)) if patch_size is not None else self.patch_embed.patch_size
+        if p[0] != p[1] or p[0] < 1:
+            raise ValueError(f"set_input_size: patch_size must be a positive square, got {patch_size!r}")
+        new_size = tuple(int(v) for v in to_2tuple(img_size)) if img_size is not None else self.img_size
+        if new_size[0] % p[0] or new_size[1] % p[0]:  # checked before anything changes
+            raise ValueError(f"set_input_size: img_size {new_size[0]}x{new_size[1]} is not a multiple of the "
+                             f"patch size {p[0]}")
         if patch_size is not None:
-            p = tuple(int(v) for v in to_2tuple(patch_size))
-            if p[0] != p[1]:
-                raise ValueError(f"patch_size must be square, got {p}")
             old = self.patch_embed.proj
             proj = nn.Conv2d(old.in_channels, old.out_channels, p, p).to(old.weight.device, old.weight.dtype)
             with torch.no_grad():
@@ -199,6 +210,11 @@ class VisionTransformer(nn.Module):
                        self.patch_embed.proj.weight)
             self.pos = pos_lib.build(**self._pos_args, grid=grid).to(ref.device, ref.dtype)
             self.pos.load_state_dict(old_pos.state_dict())  # grid-shaped tables resampled on load
+            # the old strategy's state apart from its values: train or eval, and which tensors train
+            self.pos.train(old_pos.training)
+            frozen = {n for n, t in old_pos.named_parameters() if not t.requires_grad}
+            for n, t in self.pos.named_parameters():
+                t.requires_grad_(n not in frozen)
         cfg = getattr(self, "pretrained_cfg", None)
         if cfg is not None:
             self.pretrained_cfg = self.default_cfg = dict(cfg, input_size=(cfg["input_size"][0], *self.img_size))
@@ -220,7 +236,7 @@ class VisionTransformer(nn.Module):
         prefixes = [f[:, :P] for f in feats]
         feats = [f[:, P:] for f in feats]
         if output_fmt == "NCHW":
-            feats = [f.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+            feats = [f.reshape(B, grid[0], grid[1], f.shape[-1]).permute(0, 3, 1, 2).contiguous() for f in feats]
         if return_prefix_tokens and P:
             feats = list(zip(feats, prefixes))
         if intermediates_only:

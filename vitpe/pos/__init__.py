@@ -4,7 +4,8 @@
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Mapping
 
 from ..registry import Registry
 from .absolute import Learned, SinCos2d
@@ -38,6 +39,16 @@ def split(spec: str, registry: Registry[PosStrategy] = STRATEGIES) -> list[str]:
     return parts
 
 
+def _options(cls: type) -> set[str]:
+    """The keyword options a strategy's class and its bases take."""
+    names: set[str] = set()
+    for c in cls.__mro__:
+        if "__init__" in vars(c) and c is not object:
+            params = inspect.signature(vars(c)["__init__"]).parameters.values()
+            names |= {q.name for q in params if q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD) and q.name != "self"}
+    return names
+
+
 def build(spec: str, *, dim: int, num_heads: int, depth: int, grid: Grid, num_prefix: int = 0,
           pos_kwargs: dict[str, dict[str, Any]] | None = None,
           registry: Registry[PosStrategy] = STRATEGIES) -> PosStrategy:
@@ -51,6 +62,14 @@ def build(spec: str, *, dim: int, num_heads: int, depth: int, grid: Grid, num_pr
     if unknown:
         raise KeyError(f"pos_kwargs names {sorted(unknown)}, which are not part of {spec!r}")
     common = dict(dim=dim, num_heads=num_heads, depth=depth, grid=grid, num_prefix=num_prefix)
+    for p in parts:
+        opts = pos_kwargs.get(p, {})
+        if not isinstance(opts, Mapping):
+            raise TypeError(f"pos_kwargs[{p!r}] must be a mapping of options, e.g. {{'{p}': {{...}}}}, got {opts!r}")
+        options = _options(registry.get(p)) - set(common)
+        bad = sorted(set(opts) - options)
+        if bad:
+            raise TypeError(f"{p}: unknown option(s) {bad} in pos_kwargs; its options: {sorted(options) or 'none'}")
     built = [registry.build(p, **common, **pos_kwargs.get(p, {})) for p in parts]
     return built[0] if len(built) == 1 else Compose(built)
 

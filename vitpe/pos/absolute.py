@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Grid, GridShapedStrategy, PosStrategy
+from .base import Grid, GridShapedStrategy, PosStrategy, check_positive
 from .functional import resample_table, sincos_2d
 
 _logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ class SinCos2d(PosStrategy):
 
     def __init__(self, *, temperature: float = 10000.0, **kw: Any) -> None:
         super().__init__(**kw)
+        check_positive(self.name, temperature=temperature)
         self.temperature = temperature
         # Compiled, a table computed in the graph is fused by inductor into the addition to the
         # tokens, so its sines and cosines are computed again for every image of the batch; the
@@ -122,9 +123,13 @@ class Learned(GridShapedStrategy):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # type: ignore[override]
         key, p = prefix + "pos_embed", self.table_prefix
-        t = state_dict.get(key)
-        if (p and t is not None and t.dim() == 3 and prefix + "grid" not in state_dict
-                and self._grid_of(t.shape[1] - p) is None and self._grid_of(t.shape[1]) is not None):
+        t, g = state_dict.get(key), state_dict.get(prefix + "grid")
+        if p and t is not None and t.dim() == 3:
+            if g is not None and g.numel() == 2:  # a vitpe table: its grid says whether prefix rows are there
+                no_prefix_rows = t.shape[1] == int(g[0]) * int(g[1])
+            else:
+                no_prefix_rows = self._grid_of(t.shape[1] - p) is None and self._grid_of(t.shape[1]) is not None
+        if p and t is not None and t.dim() == 3 and no_prefix_rows:
             # a timm table without prefix rows (no_embed_class=True: DeiT III, the RoPE ViTs' "ape"
             # tables): its prefix tokens got no position, which zero prefix rows give exactly
             _logger.info("%s: %d rows, a grid without prefix rows (timm's no_embed_class); the "

@@ -86,11 +86,22 @@ class PosContext:
                           self.rope_k if mine else other.rope_k)
 
 
+def check_positive(strategy: str, **values: float) -> None:
+    """A strategy's option that must be a positive number (a base of frequencies, a temperature)."""
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise ValueError(f"{strategy}: {key} must be a positive number, got {v!r}")
+
+
 class GridCache:
     """A small LRU cache of tensors derived per grid (tables, indices).
 
     Derived tables depend only on the grid and on parameters; while gradients are needed for those
-    parameters the cache is bypassed, otherwise an unchanged grid costs nothing. Under
+    parameters the cache is bypassed, otherwise an unchanged grid costs nothing. A table is made
+    again when its parameters change by any operation autograd sees (an optimizer step, an in-place
+    update under ``torch.no_grad()``, timm's EMA, ``load_state_dict``, ``.to()``). An edit through
+    ``.data`` (``p.data.mul_(m)``, as some momentum-teacher code does) is invisible to it: call
+    ``clear_caches(model)`` (``model.clear_pos_cache()``) after such an edit. Under
     ``torch.compile`` it is bypassed too: the tables become part of the graph (where they are cheap
     and fused), and a lookup keyed by a symbolic grid would only cause recompilations.
     """
@@ -118,6 +129,15 @@ class GridCache:
 
     def clear(self) -> None:
         self._items.clear()
+
+
+def clear_caches(module: nn.Module) -> None:
+    """Drop every table cached by ``module``'s positional strategies (see ``GridCache``): needed only
+    after parameters were edited through ``.data``, which no version counter records."""
+    for m in module.modules():
+        cache = getattr(m, "_cache", None)
+        if isinstance(cache, GridCache):
+            cache.clear()
 
 
 class PosStrategy(nn.Module):

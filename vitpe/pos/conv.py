@@ -26,6 +26,12 @@ class PEG(PosStrategy):
 
     def __init__(self, *, after: Sequence[int] = (0,), kernel_size: int = 3, **kw: Any) -> None:
         super().__init__(**kw)
+        if isinstance(after, int) and not isinstance(after, bool):
+            after = [after]  # one block
+        if isinstance(after, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in after):
+            raise ValueError(f"peg: after must be block indices (e.g. [0, 1]), got {after!r}")
+        if self.depth < 1:
+            raise ValueError(f"peg: the model has no blocks (depth {self.depth}) to put a convolution after")
         bad = [i for i in after if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"peg: block indices {bad} are outside 0..{self.depth - 1}")

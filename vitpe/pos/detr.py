@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..registry import Registry
 from . import STRATEGIES, build
-from .base import Grid, PosStrategy
+from .base import Grid, PosStrategy, check_positive
 from .functional import filter_weights, sincos_1d
 
 
@@ -76,6 +76,7 @@ class SineMasked(AdditiveQK):
         super().__init__(**kw)
         if self.dim % 4:
             raise ValueError(f"sine: width {self.dim} must be divisible by 4")
+        check_positive(self.name, temperature=temperature, scale=scale)
         self.temperature, self.scale = temperature, scale
 
     def qk_embed(self, mask: Tensor) -> Tensor:

@@ -167,6 +167,8 @@ class GridConv(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 3, residual: bool = False) -> None:
         super().__init__()
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive odd whole number, got {kernel_size!r}")
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd so the grid keeps its size, got {kernel_size}")
         self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Grid, PosContext, PosStrategy
+from .base import Grid, PosContext, PosStrategy, check_positive
 from .functional import grid_coords, reduced_grid, rope_tables
 
 
@@ -40,6 +40,7 @@ class RopeAxial(_Rope):
 
     def __init__(self, *, theta: float = 100.0, **kw: Any) -> None:
         super().__init__(**kw)
+        check_positive(self.name, theta=theta)
         self.theta = theta
         self.register_buffer("freqs", self._freqs(None), persistent=False)
 
@@ -72,6 +73,7 @@ class RopeMixed(_Rope):
 
     def __init__(self, *, theta: float = 10.0, **kw: Any) -> None:
         super().__init__(**kw)
+        check_positive(self.name, theta=theta)
         self.freqs = nn.Parameter(self.init_freqs(theta))  # (2, depth, heads, D/2): x and y parts
 
     def init_freqs(self, theta: float) -> Tensor:
