@@ -87,8 +87,8 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
                 metrics.log(record)  # training is kept before the run stops
                 if dist.is_main():
                     save_epoch(cfg, out, model, optimizer, scheduler, epoch, classes, {}, best)
-                if isinstance(e, DataError):
-                    dist.barrier()  # every process raised (evaluate): none ends the run before the checkpoint is written
+                if isinstance(e, DataError):  # every process raised (evaluate): none ends the run before
+                    dist.barrier()  # the checkpoint is written
                 raise
             record.update({f"val_{k}": v for k, v in val.items() if k in SHOWN or k == "stats"})
         metrics.log(record)

@@ -127,7 +127,8 @@ def test_an_evaluation_that_fails_otherwise_keeps_the_epoch_too(tmp_path, monkey
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_validation_without_images_is_refused_without_boxes_named_and_too_few_queries_warned(tmp_path, caplog, capsys) -> None:
+def test_validation_without_images_is_refused_without_boxes_named_and_too_few_queries_warned(tmp_path, caplog,
+                                                                                           capsys) -> None:
     data = make_dataset(tmp_path / "data", 2, 2)
     ann = data / "annotations" / "instances_val2017.json"
     original = json.loads(ann.read_text())

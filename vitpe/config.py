@@ -314,8 +314,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (again on line {key_node.start_mark.line + 1})",
+            if not isinstance(key, typing.Hashable):
+                continue  # a complex key: yaml's own constructor names it
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (again on line {line})",
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
