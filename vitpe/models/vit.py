@@ -183,7 +183,9 @@ class VisionTransformer(nn.Module):
         """timm's: make ``img_size`` (and ``patch_size``) the model's own. Every size runs anyway;
         this resamples the grid-shaped tables (learned, relative bias) to the new grid once, so
         that it runs without resampling, and a new patch size resamples the patch embedding's
-        kernel as timm does. The data config reports the new size."""
+        kernel as timm does. The data config reports the new size. A strategy whose tables change
+        shape is built again (its values resampled, its frozen parameters and mode kept): build the
+        optimizer after this call, as its parameters are new tensors."""
         p = tuple(int(v) for v in to_2tuple(patch_size)) if patch_size is not None else self.patch_embed.patch_size
         if p[0] != p[1] or p[0] < 1:
             raise ValueError(f"set_input_size: patch_size must be a positive square, got {patch_size!r}")
