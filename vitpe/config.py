@@ -10,13 +10,14 @@ extends them (dataclass inheritance) with what only it needs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
@@ -48,6 +49,23 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.pos = plus_joined(self.pos)  # recorded as the models name it: 'peg + rope_mixed' -> 'peg+rope_mixed'
+
+
+@contextlib.contextmanager
+def model_build_errors(cfg: ModelConfig, unknown_hint: Callable[[], str]) -> Iterator[None]:
+    """Errors of building ``cfg``'s model as one-line user errors: an unknown name (with
+    ``unknown_hint()`` after it), arguments the model refuses, and a failure the ``kwargs`` caused."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"unknown model {cfg.name!r}{unknown_hint()}") from None
+        if cfg.kwargs:  # e.g. a tensor of a size the model.kwargs make impossible
+            raise UserError(f"model {cfg.name!r} with kwargs={cfg.kwargs}: {e}") from None
+        raise
+    except (KeyError, TypeError, ValueError, AssertionError, ZeroDivisionError) as e:  # arguments it refuses
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}, kwargs={cfg.kwargs}: {msg}") from None
 
 
 def plus_joined(spec: str | None) -> str | None:

@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import EvalConfig, ModelConfig, OptimConfig, RunConfig
+from ..config import EvalConfig, ModelConfig, OptimConfig, RunConfig, model_build_errors
 from ..data.classification import AugConfig, ClsDataConfig, is_synthetic
 from ..data.folder import Batch, collate_skipping, warn_skipped
 from ..data.gpu_decode import DeviceAugment, DeviceDecodeLoader, collate_encoded
@@ -59,20 +59,14 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     kwargs: dict[str, Any] = dict(cfg.kwargs, num_classes=num_classes)
     if cfg.name.startswith("vitpe_"):
         kwargs.update(pos=cfg.pos, pos_kwargs=cfg.pos_kwargs or None, img_size=img_size)
-    try:
+
+    def closest() -> str:
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=4, cutoff=0.5)
+        return f" (closest: {', '.join(close)})" if close else " (see timm.list_models())"
+
+    with model_build_errors(cfg, closest):
         model = _timm_model(cfg.name, kwargs, img_size) if not cfg.name.startswith("vitpe_") else \
             timm.create_model(cfg.name, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            close = difflib.get_close_matches(cfg.name, timm.list_models(), n=4, cutoff=0.5)
-            hint = f" (closest: {', '.join(close)})" if close else " (see timm.list_models())"
-            raise UserError(f"unknown model {cfg.name!r}{hint}") from None
-        if cfg.kwargs:  # e.g. a tensor of a size the model.kwargs make impossible
-            raise UserError(f"model {cfg.name!r} with kwargs={cfg.kwargs}: {e}") from None
-        raise
-    except (KeyError, TypeError, ValueError, AssertionError, ZeroDivisionError) as e:  # arguments it refuses
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}, kwargs={cfg.kwargs}: {msg}") from None
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

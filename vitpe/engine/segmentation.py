@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
+from ..config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, model_build_errors
 from ..data.folder import warn_skipped
 from ..data.segmentation import (SegmentationDataset, Skipped, augment_batch, base_scale, list_collate, normalize,
                                  skip_error)
@@ -142,18 +142,9 @@ def head_width(cfg: SegModelConfig) -> int:
 
 def build_model(cfg: SegModelConfig, num_classes: int, crop_size: int) -> Segmentor:
     """The segmentor; ``backbone_weights`` (any layout ``checkpoint_filter_fn`` reads) are loaded strictly."""
-    try:
+    with model_build_errors(cfg, lambda: " (use vitpe_mit_b0..b5 or a vitpe_vit_* model)"):
         model = build_segmentor(cfg.name, num_classes, cfg.pos, cfg.pos_kwargs, crop_size, head_width(cfg),
                                 cfg.head_dropout, **cfg.kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise UserError(f"unknown model {cfg.name!r} (use vitpe_mit_b0..b5 or a vitpe_vit_* model)") from None
-        if cfg.kwargs:  # e.g. a tensor of a size the model.kwargs make impossible
-            raise UserError(f"model {cfg.name!r} with kwargs={cfg.kwargs}: {e}") from None
-        raise
-    except (KeyError, TypeError, ValueError, AssertionError, ZeroDivisionError) as e:  # arguments it refuses
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise UserError(f"model {cfg.name!r} with pos={cfg.pos!r}: {msg}") from None
     if cfg.backbone_weights:
         load_backbone(model.backbone, cfg.backbone_weights)
     if cfg.grad_checkpointing:
