@@ -23,7 +23,8 @@ from ..layers import Block
 from ..layers.init import init_weights_
 from ..layers.overlap_patch_embed import OverlapPatchEmbed, overlap_grid
 from ..layers.sr_attention import SRAttention
-from ..pos.base import Grid, clear_caches
+from ..pos.base import Grid
+from ._timm import BlockModel
 from .mit_convert import convert_segformer_state_dict
 
 
@@ -62,11 +63,9 @@ class MiTStage(nn.Module):
         return rearrange(self.norm(x), "b (h w) c -> b c h w", h=grid[0])  # (B, dim, h, w)
 
 
-class MixTransformer(nn.Module):
+class MixTransformer(BlockModel):
     """MiT-B0..B5 with ``pos`` any strategy of ``vitpe.pos`` (``a+b`` too), options in ``pos_kwargs``
     (given to every stage). ``img_size`` sets only the native grids of grid-shaped strategies."""
-
-    grad_checkpointing = False  # set_grad_checkpointing
 
     def __init__(self, img_size: int | Sequence[int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
@@ -108,15 +107,6 @@ class MixTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos.{n}" for i, s in enumerate(self.stages) for n, _ in s.pos.named_parameters()}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward instead of keeping its activations (timm's
-        ``--grad-checkpointing``): less memory for a second forward's time."""
-        self.grad_checkpointing = enable
-        for m in self.modules():
-            if isinstance(m, Block):
-                m.grad_checkpointing = enable
-
     # -- forward -----------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> last stage's map ``(B, C4, H/32, W/32)`` (sides rounded up)."""
@@ -137,11 +127,6 @@ class MixTransformer(nn.Module):
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
-
-    def clear_pos_cache(self) -> None:
-        """Drop the positional tables cached for forwards without gradients; needed only after the
-        strategy's parameters were edited through ``.data`` (``vitpe.pos.base.GridCache``)."""
-        clear_caches(self)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes

@@ -20,17 +20,16 @@ from torch import Tensor, nn
 from .. import pos as pos_lib
 from ..layers import Block, PatchEmbed
 from ..layers.init import init_weights_
-from ..pos.base import Grid, clear_caches
+from ..pos.base import Grid
+from ._timm import BlockModel
 
 _logger = logging.getLogger(__name__)
 _POOLS = ("token", "avg", "max", "avgmax", "")
 
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(BlockModel):
     """ViT with ``pos`` any strategy of ``vitpe.pos`` (a name or ``a+b``), options in ``pos_kwargs``."""
-
-    grad_checkpointing = False  # set_grad_checkpointing
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
@@ -102,15 +101,6 @@ class VisionTransformer(nn.Module):
         return dict(stem=r"^cls_token|^reg_token|^pos\.|^patch_embed", blocks=[(r"^blocks\.(\d+)", None),
                                                                                (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward instead of keeping its activations (timm's
-        ``--grad-checkpointing``): less memory for a second forward's time."""
-        self.grad_checkpointing = enable
-        for m in self.modules():
-            if isinstance(m, Block):
-                m.grad_checkpointing = enable
-
     # -- trunk -------------------------------------------------------------------------------
     def _embed(self, x: Tensor) -> tuple[Tensor, Grid]:
         if self.dynamic_img_pad:
@@ -162,11 +152,6 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
-
-    def clear_pos_cache(self) -> None:
-        """Drop the positional tables cached for forwards without gradients; needed only after the
-        strategy's parameters were edited through ``.data`` (``vitpe.pos.base.GridCache``)."""
-        clear_caches(self)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes

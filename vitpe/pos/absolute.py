@@ -120,16 +120,18 @@ class Learned(GridShapedStrategy):
                              f"{self.native_grid[1]} grid nor a square one; {hint}")
         return grid
 
+    def _lacks_prefix_rows(self, rows: int, grid: Tensor | None) -> bool:
+        """Whether a table of ``rows`` rows has none for the prefix tokens: a vitpe table's ``grid``
+        entry says so; without one, the rows make a grid only without prefix rows."""
+        if grid is not None and grid.numel() == 2:
+            return rows == int(grid[0]) * int(grid[1])
+        return self._grid_of(rows - self.table_prefix) is None and self._grid_of(rows) is not None
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # type: ignore[override]
         key, p = prefix + "pos_embed", self.table_prefix
         t, g = state_dict.get(key), state_dict.get(prefix + "grid")
-        if p and t is not None and t.dim() == 3:
-            if g is not None and g.numel() == 2:  # a vitpe table: its grid says whether prefix rows are there
-                no_prefix_rows = t.shape[1] == int(g[0]) * int(g[1])
-            else:
-                no_prefix_rows = self._grid_of(t.shape[1] - p) is None and self._grid_of(t.shape[1]) is not None
-        if p and t is not None and t.dim() == 3 and no_prefix_rows:
+        if p and t is not None and t.dim() == 3 and self._lacks_prefix_rows(t.shape[1], g):
             # a timm table without prefix rows (no_embed_class=True: DeiT III, the RoPE ViTs' "ape"
             # tables): its prefix tokens got no position, which zero prefix rows give exactly
             _logger.info("%s: %d rows, a grid without prefix rows (timm's no_embed_class); the "
