@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="folder for checkpoint_memory.json and .md")
     args = p.parse_args(argv)
     rows = []
+    print(markdown(rows, args.batch, args.size), flush=True)  # the header, then a row per model as measured
     for spec in args.models:
         rows.append(measure(spec, args.batch, args.size, args.device, args.bf16))
-        print(markdown(rows[-1:], args.batch, args.size).splitlines()[-1] if len(rows) > 1
-              else markdown(rows, args.batch, args.size), flush=True)
+        print(markdown(rows[-1:], args.batch, args.size).splitlines()[-1], flush=True)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "checkpoint_memory.json").write_text(json.dumps(

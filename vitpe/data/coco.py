@@ -247,7 +247,7 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
                                   f"image's file name (a path relative to the image folder)")
         for k in ("width", "height"):  # compared with the decoded pixels, and boxes checked against them
             v = img[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v <= 0:
+            if not _is_number(v) or v != int(v) or v <= 0:
                 raise CocoFormatError(f"{path}: image {img['id']!r} ({img['file_name']}) has {k} {v!r}: expected a "
                                       f"positive whole number of pixels")
         if img["id"] in seen:
