@@ -118,7 +118,10 @@ def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:
                "pos": cfg.model.pos, "model": cfg.model.name, "train_size": cfg.data.img_size, "resolution": {}}
     if cfg.eval.sizes:
         sizes = evaluate_sizes(model, cfg, cfg.eval.sizes, device, mean, std, classes)
-        results["resolution"] = {str(s): v["top1"] for s, v in sizes.items()}
+        results["resolution"] = {str(s): v["top1"] for s, v in sizes.items() if "top1" in v}
+        failed = {str(s): v["error"] for s, v in sizes.items() if "error" in v}
+        if failed:
+            results["resolution_errors"] = failed
         results["throughput"] = {str(s): v["img_per_s"] for s, v in sizes.items() if "img_per_s" in v}
         report = {cfg.model.pos: {"checkpoint": str(out / "checkpoint.pt"), "train_size": cfg.data.img_size,
                                   "sizes": sizes}}

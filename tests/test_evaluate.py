@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cls_data import make_folder, tiny_argv, train_cls_module
@@ -124,6 +125,53 @@ def test_set_overrides_the_checkpoints_data_config_and_unreadable_images_are_cou
     assert run_eval([*argv, "--set", "data.nope=1"]) == 2
     assert run_eval([*argv, "--set", "model.pos=none"]) == 2  # the model comes from the checkpoint
     assert run_eval([*argv, "--set", "run.amp=false"]) == 0  # float32 on a GPU, as timm's validate.py
+
+
+class _RunsOutAbove(torch.nn.Module):
+    """The trained model, with an allocator that fails on inputs larger than ``limit`` pixels."""
+
+    def __init__(self, model, limit: int, error: BaseException):
+        super().__init__()
+        self.model, self.limit, self.error = model, limit, error
+
+    def forward(self, x):
+        if x.shape[-1] > self.limit:
+            raise self.error
+        return self.model(x)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 99999999999 bytes.")])
+def test_a_size_that_runs_out_of_memory_is_reported_and_the_others_still_run(runs, tmp_path, error, caplog):
+    data, out = runs
+    model, cfg, state = ev.load_model(str(out["peg"] / "checkpoint.pt"), torch.device("cpu"))
+    cfg.data.path, cfg.data.workers, cfg.eval.throughput = str(data), 0, False
+    big = _RunsOutAbove(model, 16, error)
+    sizes = ev.evaluate_sizes(big, cfg, [32, 8, 16], torch.device("cpu"), tuple(state["mean"]),
+                              tuple(state["std"]), state["classes"])
+    assert list(sizes) == [32, 8, 16]
+    assert "top1" not in sizes[32] and "out of memory (accuracy, batch size" in sizes[32]["error"]
+    assert all(sizes[s]["n"] == 8 and "error" not in sizes[s] for s in (8, 16))  # the sizes after it still ran
+    assert sizes[16]["top1"] == ev.evaluate_sizes(model, cfg, [16], torch.device("cpu"), tuple(state["mean"]),
+                                                  tuple(state["std"]), state["classes"])[16]["top1"]
+    assert "test size 32px: out of memory" in caplog.text
+    report = {"peg": {"checkpoint": "x", "train_size": 16, "sizes": sizes}}
+    text = ev.write_report(report, tmp_path)
+    row = [line for line in text.splitlines() if line.startswith("| peg |")][0]
+    assert row == f"| peg | {sizes[8]['top1']:.1f} | {sizes[16]['top1']:.1f} | OOM |"  # columns 8, 16*, 32
+    assert "peg, 32px: out of memory" in text
+    assert (tmp_path / "resolution.png").exists()  # the plot leaves the failed size out
+
+
+def test_an_error_other_than_memory_is_not_swallowed(runs):
+    data, out = runs
+    model, cfg, state = ev.load_model(str(out["peg"] / "checkpoint.pt"), torch.device("cpu"))
+    cfg.data.path, cfg.data.workers, cfg.eval.throughput = str(data), 0, False
+    broken = _RunsOutAbove(model, 8, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        ev.evaluate_sizes(broken, cfg, [16], torch.device("cpu"), tuple(state["mean"]), tuple(state["std"]),
+                          state["classes"])
 
 
 def test_markdown_table_marks_the_training_size():

@@ -81,10 +81,19 @@ def throughput(model: nn.Module, size: int, device: torch.device, batch_size: in
     return n * batch_size / (time.perf_counter() - start)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: CUDA's, or the CPU allocator's."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], device: torch.device,
                    mean: tuple, std: tuple, classes: list[str] | None = None) -> dict[int, dict[str, float]]:
     """``{size: {top1, top5, n, skipped, img_per_s}}`` on the validation set of ``cfg.data`` (this
-    process only): ``n`` images scored, ``skipped`` unreadable ones left out."""
+    process only): ``n`` images scored, ``skipped`` unreadable ones left out. A size that runs out
+    of memory is logged and recorded as ``{"error": ...}``, and the other sizes are still evaluated."""
     check_sizes(sizes, model)
     mean, std = norm_stats(cfg.data, mean, std)
     out, seen = {}, set()  # each unreadable file is named once, not at every size
@@ -95,13 +104,25 @@ def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], devic
                             f"{list(classes)[:5]}; evaluate on data with the classes the model was trained on")
         loader = DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
                             collate_fn=collate_skipping)
-        m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False, seen=seen)
-        skipped = m["skipped"] + cached_skips(ds)
-        out[size] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"], "skipped": skipped}
-        if cfg.eval.throughput:
-            gpu = device.type == "cuda"  # a GPU needs full batches to be measured, not launch overhead
-            out[size]["img_per_s"] = throughput(model, size, device, cfg.eval.batch_size if gpu else
-                                                min(cfg.eval.batch_size, 64), cfg.run.amp, 0.5 if gpu else 0.2)
+        gpu = device.type == "cuda"  # a GPU needs full batches to be measured, not launch overhead
+        try:
+            m = evaluate(model, loader, device, cfg.run.amp, desc=f"eval {size}px", reduce=False, seen=seen)
+            out[size] = {"top1": m["top1"], "top5": m["top5"], "n": m["n"],
+                         "skipped": m["skipped"] + cached_skips(ds)}
+            if cfg.eval.throughput:
+                out[size]["img_per_s"] = throughput(model, size, device, cfg.eval.batch_size if gpu else
+                                                    min(cfg.eval.batch_size, 64), cfg.run.amp, 0.5 if gpu else 0.2)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            phase = "throughput" if size in out else "accuracy"
+            error = f"out of memory ({phase}, batch size {cfg.eval.batch_size})"
+            _logger.warning("test size %dpx: %s; left out, the other sizes go on (a smaller eval batch size, "
+                            "--batch-size or --set eval.batch_size=N, may fit)", size, error)
+            out[size] = {**out.get(size, {"n": 0, "skipped": 0}), "error": error}
+            del e  # the traceback holds the failed step's tensors
+            if gpu:
+                torch.cuda.empty_cache()
     return out
 
 
@@ -121,7 +142,8 @@ def markdown_table(results: Results, key: str = "top1", fmt: str = "{:.1f}") -> 
     head = ["strategy"] + [f"{s}*" if s in train else str(s) for s in sizes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in rows.items():
-        cells = [fmt.format(row[s][key]) if s in row and key in row[s] else "-" for s in sizes]
+        cells = [fmt.format(row[s][key]) if s in row and key in row[s] else
+                 "OOM" if s in row and "error" in row[s] else "-" for s in sizes]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines)
 
@@ -134,7 +156,7 @@ def plot(results: Results, path: str | Path, title: str = "accuracy against test
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in results.items():
-        row = {int(s): v for s, v in r["sizes"].items()}
+        row = {int(s): v for s, v in r["sizes"].items() if "top1" in v}  # not the sizes that failed
         ax.plot(sorted(row), [row[s]["top1"] for s in sorted(row)], marker="o", label=label)
     for t in sorted({r.get("train_size") for r in results.values()} - {None}):
         ax.axvline(t, color="gray", linestyle="--", linewidth=1)
@@ -159,6 +181,10 @@ def write_report(results: Results, output: str | Path) -> str:
     for label, n in skips.items():
         if n:
             text += f"\n\n{label}: {n} unreadable validation image(s) skipped at each size (named in the log)"
+    for label, r in results.items():
+        for size, v in r["sizes"].items():
+            if "error" in v:
+                text += f"\n\n{label}, {size}px: {v['error']}"
     return text
 
 
