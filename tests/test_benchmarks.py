@@ -398,6 +398,12 @@ def test_depthwise_resources_records_the_kernels_each_setting_launches():
         plain, gelu = (bench.calls_of((2, 3, 16, 256, 1), call, torch.bfloat16)[1].kwargs["BLOCK_C"]
                        for call in ("forward", "gelu_forward"))
     assert (plain, gelu) == (128, 64)
+    # by default the GELU's tile follows the grid's width: 1024 elements while a strip row keeps 64
+    # channels (16 columns: ViT-S at 224), else 2048 (32 columns)
+    for width, tile in ((16, None), (32, None), (16, "GELU_TILE=2048")):
+        with bench.tile_settings(depthwise, tile or ""):
+            block_c = bench.calls_of((2, 3, width, 256, 1), "gelu_forward", torch.bfloat16)[1].kwargs["BLOCK_C"]
+        assert block_c == {(16, None): 64, (32, None): 64, (16, "GELU_TILE=2048"): 128}[width, tile]
     launch = bench.calls_of((2, 3, 4, 8, 1), "forward", torch.bfloat16)[1]
     sig, consts, attrs = bench.signature(launch)
     names = [p.name for p in launch.kernel.params]

@@ -76,9 +76,14 @@ ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 # registers (16 x 128 tile), the weight gradient 255 and spills 128 bytes, and is still the fastest
 CONV_TILE, CONV_WARPS, CONV_WAVES = 2048, 4, 4
 # the tile of the convolution with the GELU inside (``_conv_kernel``, ``ACT`` 1-3): the ``erf``
-# raises its registers (213 a thread at 2048 elements, 157 at 1024; sm_90, offline), so it may
-# want a smaller tile than the convolution alone. Not yet swept on a GPU: the default is CONV_TILE's
-GELU_TILE = 2048
+# raises its registers (213 a thread at 2048 elements, 157 at 1024; sm_90, offline). 0 (the
+# default) picks it by the grid's width (``_gelu_tile``): 1024 where that still leaves 64 channels
+# (128 bytes in bf16) to a row of the strip, else 2048. Measured per launch on an H100
+# (benchmarks/depthwise_kernels.py, docs/performance.md "Thirteenth round"), 1024 was 7 % faster on
+# ViT-S's 14 x 14 grid (a 16-column strip: 64 channels instead of 128) and 3-5 % slower on the
+# 24 x 24, 64 x 64 and 128 x 128 grids (32-column strips: 32 channels instead of 64); the rule
+# picks the faster tile on each. A positive value sets the tile for every shape
+GELU_TILE = 0
 WG_TILE, WG_WARPS, WG_WAVES = 2048, 4, 2
 # rows in flight with Triton's software pipeliner (``_conv_staged_kernel``, ``_weight_grad_staged_kernel``:
 # the loads of the rows ahead copied asynchronously into shared memory; the weight gradient's at
@@ -451,6 +456,15 @@ def _strip(W: int, C: int, tile: int) -> tuple[int, int]:
     return block_w, max(16, min(128, tile // block_w, triton.next_power_of_2(C)))
 
 
+def _gelu_tile(W: int) -> int:
+    """The tile of the convolution with the GELU inside: ``GELU_TILE`` if set, else the smaller of
+    1024 and 2048 elements that gives a strip row at least 64 channels (``_strip``)."""
+    if GELU_TILE > 0:
+        return GELU_TILE
+    block_w = min(triton.next_power_of_2(W), 32)  # the strip's columns, as ``_strip`` takes them
+    return 1024 if 1024 // block_w >= 64 else 2048
+
+
 def _walk(x: Tensor, H: int, W: int, tile: int, waves: int) -> tuple[int, int, int, int, int, int]:
     """How row-walking programs cover ``x`` ``(B, P + H*W, C)``: a strip's columns and channels
     (``_strip``), the strips and channel blocks, the rows each program walks, and the chunks of
@@ -474,7 +488,8 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     B, _, C = src.shape
     H, W = grid_hw
     taps = _taps(weight.flip(-1, -2) if flip else weight)
-    block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, GELU_TILE if act else CONV_TILE, CONV_WAVES)
+    tile = _gelu_tile(W) if act else CONV_TILE
+    block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, tile, CONV_WAVES)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
     grid = (B * chunks * strips, c_blocks)
