@@ -21,7 +21,7 @@ from vitpe.config import save_config, to_dict
 from vitpe.data.classification import build_train_val, norm_stats, resolve_crop_pct
 from vitpe.data.folder import cached_skips, collate_skipping
 from vitpe.engine import distributed as dist
-from vitpe.engine.checkpoint import save_checkpoint
+from vitpe.engine.checkpoint import check_resumed_classes, save_checkpoint
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, build_train_loader,
                                          evaluate, train_one_epoch)
 from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
@@ -52,6 +52,7 @@ def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
         save_config(cfg, out / "config.yaml")
     mean, std = norm_stats(cfg.data, *model_stats(cfg.model.name))
     train_set, val_set, classes = build_train_val(cfg.data, cfg.aug, mean, std, cfg.run.seed)
+    check_resumed_classes(resumed, classes, cfg.data.path)
     if dist.is_main():  # class names in index order: timm's validate.py --class-map reads this file
         (out / "class_map.txt").write_text("".join(f"{c}\n" for c in classes))
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun

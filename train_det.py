@@ -15,7 +15,7 @@ from vitpe.cli import CLI_KEYS, common_parser, run_cli, run_training
 from vitpe.config import save_config, to_dict
 from vitpe.data.coco import PadCollate
 from vitpe.engine import distributed as dist
-from vitpe.engine.checkpoint import save_checkpoint
+from vitpe.engine.checkpoint import check_resumed_classes, save_checkpoint
 from vitpe.engine.coco_eval import plot_detections
 from vitpe.engine.detection import (DetConfig, build_criterion, build_datasets, build_model, build_optimizer,
                                     compile_model, eval_loader, evaluate, figure_samples, metrics_table,
@@ -52,6 +52,7 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
         save_config(cfg, out / "config.yaml")
     train_set, val_set = build_datasets(cfg.data)
     classes = train_set.index.class_names
+    check_resumed_classes(resumed, classes, cfg.data.path)
     most = max((len(boxes) for _, boxes in train_set.samples), default=0)
     if most > cfg.model.num_queries and dist.is_main():  # each query is matched to one box at most
         log.warning("warning: an image of %s has %d boxes, more than model.num_queries=%d: the boxes past "

@@ -18,7 +18,7 @@ from vitpe.cli import CLI_KEYS, common_parser, parse_scales, run_cli, run_traini
 from vitpe.config import ConfigError, save_config, to_dict
 from vitpe.data.segmentation import list_collate
 from vitpe.engine import distributed as dist
-from vitpe.engine.checkpoint import save_checkpoint
+from vitpe.engine.checkpoint import check_resumed_classes, save_checkpoint
 from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_scheduler
@@ -62,6 +62,7 @@ def train(cfg: SegConfig, device: torch.device, resumed: dict | None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     train_set, val_set = build_datasets(cfg.data)
+    check_resumed_classes(resumed, list(train_set.classes), cfg.data.path)
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
     model = build_model(cfg.model, train_set.num_classes, cfg.data.crop_size).to(device)
     if dist.is_distributed() and device.type == "cuda":  # SyncBatchNorm runs on GPUs only

@@ -105,6 +105,15 @@ def test_train_seg_refuses_a_stride_larger_than_the_window_before_training(tmp_p
                                  "--set", "eval.slide_crop=16", "--set", "eval.slide_stride=40"])
     assert e.value.code == 2 and "eval.slide_stride" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # stopped before training
+    # sizes of 0 are named by their own key (a window of 0 used to mean "the training crop"); the
+    # classifier's data.img_size, which segmentation inherits, would be ignored: it is refused
+    for setting, named in (("eval.slide_crop=0", "'eval.slide_crop'"), ("data.crop_size=0", "'data.crop_size'"),
+                           ("data.img_size=48", "set data.crop_size=48 instead")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(train_seg.main, ["--data", str(root), "--device", "cpu", "--output", str(tmp_path / "run"),
+                                     "--set", setting])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and named in err and len(err.splitlines()) == 1, (setting, err)
 
 
 def test_slide_and_whole_agree_for_a_pointwise_model():
@@ -239,10 +248,12 @@ def test_layout_reads_sub_folders_and_passes_over_hidden_files(tmp_path):
 def test_two_images_sharing_a_mask_are_an_error(tmp_path):
     save_pair(tmp_path, "a", 1)
     save_pair(tmp_path, "a", 1, ext=".png")  # a.jpg and a.png: both would be scored against a.png
-    with pytest.raises(DataError, match=r"a\.png: its mask .*annotations/training/a\.png is also the mask of a\.jpg"):
+    with pytest.raises(DataError, match=r"a\.jpg: its mask .*annotations/training/a\.png is also the mask of a\.png"):
         SegmentationDataset(tmp_path, "training", 3)
-    ds = SegmentationDataset(tmp_path, "training", 3, on_error="skip")
-    assert [p.name for p in ds.images] == ["a.jpg"] and ds.skipped[0].path.endswith("a.png")
+    save_pair(tmp_path, "b", 2)
+    ds = SegmentationDataset(tmp_path, "training", 3, on_error="skip")  # neither is kept: the mask may be a.png's
+    assert [p.name for p in ds.images] == ["b.jpg"] and sorted(Path(k.path).name for k in ds.skipped) == \
+        ["a.jpg", "a.png"]
 
 
 def test_unreadable_mask_names_the_mask_not_the_image(tmp_path):
@@ -379,9 +390,20 @@ def test_ade20ks_object_info_names_the_classes(tmp_path):
             "3\t0.05\t5\t1\tsky"]
     (tmp_path / "objectInfo150.txt").write_text("\n".join(rows) + "\n")
     assert read_classes(tmp_path, 3) == ["wall", "building", "sky"]
+    assert read_classes(tmp_path, 0) == ["wall", "building", "sky"]  # no --num-classes: the file's count
     assert read_classes(tmp_path, 4) == ["class_0", "class_1", "class_2", "class_3"]  # another class count
     (tmp_path / "classes.json").write_text('["a", "b", "c"]')
     assert read_classes(tmp_path, 3) == ["a", "b", "c"]  # classes.json first
+
+
+def test_a_class_name_given_twice_is_named(tmp_path):
+    """Per-class results are keyed by name: a repeated name would hide one class's figures."""
+    from vitpe.data.segmentation import read_classes
+
+    save_pair(tmp_path, "a", 0)
+    (tmp_path / "classes.json").write_text('["road", "car", "road"]')
+    with pytest.raises(DataError, match=r"classes\.json: class names must differ.*'road' at \[0, 2\]"):
+        read_classes(tmp_path, 0)
 
 
 def test_an_empty_classes_json_says_so(tmp_path):
@@ -604,6 +626,14 @@ def test_train_seg_two_iterations(tmp_path, capsys):
     assert set(again["scales"]["whole"]) == {"0.75", "1.0", "2.0", "ms"}
     assert again["scales"]["whole"]["1.0"] == results["scales"]["whole"]["1.0"]  # the same weights
     assert (out / "checkpoint.pt").read_bytes() == before and not (tmp_path / "again" / "checkpoint.pt").exists()
+    # resumed on data whose classes are in another order: the head's outputs would take other names
+    import shutil
+
+    other = tmp_path / "data2"
+    shutil.copytree(root, other)
+    (other / "classes.json").write_text(json.dumps(["ground", "blue", "red"]))
+    with pytest.raises(DataError, match=r"data2: its classes are not the checkpoint's .*index 1: 'blue' against 'red'"):
+        train_seg.main(["--resume", str(out / "checkpoint.pt"), "--data", str(other), "--output", str(tmp_path / "x")])
 
 
 def test_train_seg_bad_mask_is_one_line_error(tmp_path, capsys):

@@ -21,6 +21,8 @@ training device (``augment_batch``), so images decoded once into memory keep a G
 """
 from __future__ import annotations
 
+import collections
+
 import functools
 import json
 import logging
@@ -62,15 +64,15 @@ def _object_info(path: Path) -> list[str] | None:
 def read_classes(root: str | Path, num_classes: int) -> list[str]:
     """Names from ``root/classes.json`` (a list) when present, else from ADE20K's own
     ``objectInfo150.txt`` when it names ``num_classes`` classes, else ``class_0..``;
-    ``num_classes`` 0 means "as many as classes.json lists"."""
+    ``num_classes`` 0 means "as many as the file lists"; names must differ."""
     if not Path(root).is_dir():
         raise DataError(f"data folder not found: {root}")
     path = Path(root) / "classes.json"
     if not path.is_file():
         info = Path(root) / "objectInfo150.txt"
         names = _object_info(info) if info.is_file() else None
-        if names is not None and len(names) == num_classes:
-            return names
+        if names is not None and num_classes in (0, len(names)):
+            return _unique(names, info)
         if num_classes <= 0:
             raise DataError(f"{root}: no classes.json, so the number of classes must be given (--num-classes)")
         return [f"class_{i}" for i in range(num_classes)]
@@ -84,6 +86,15 @@ def read_classes(root: str | Path, num_classes: int) -> list[str]:
         raise DataError(f"{path} lists no classes: expected a list of class names, one per label value")
     if num_classes > 0 and num_classes != len(names):
         raise DataError(f"{path} lists {len(names)} classes but --num-classes is {num_classes}")
+    return _unique(names, path)
+
+
+def _unique(names: list[str], path: Path) -> list[str]:
+    """``names``, or a ``DataError`` naming those given twice: results are reported by class name."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        where = "; ".join(f"{n!r} at {[i for i, m in enumerate(names) if m == n]}" for n in twice[:3])
+        raise DataError(f"{path}: class names must differ, per-class results are reported by name ({where})")
     return names
 
 
@@ -173,12 +184,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         pairs = self._pairs()
         self.images: list[Path] = []
         self.mask_paths: list[Path] = []
-        owner: dict[Path, Path] = {}
+        sharing = collections.defaultdict(list)
         for image, mask in pairs:
-            if mask in owner:  # img.jpg and img.png: which one the mask labels is unknown
-                self._bad(image, f"its mask {mask} is also the mask of {owner[mask].name}")
+            sharing[mask].append(image)
+        for image, mask in pairs:
+            others = [i.name for i in sharing[mask] if i != image]
+            if others:  # img.jpg and img.png: which one the mask labels is unknown, so neither is used
+                self._bad(image, f"its mask {mask} is also the mask of {', '.join(others)}")
                 continue
-            owner[mask] = image
             fault = self._header_fault(image, mask)
             if fault is not None:
                 self._bad(*fault)

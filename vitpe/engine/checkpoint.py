@@ -11,13 +11,13 @@ import pickle
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -113,4 +113,15 @@ def set_rng_state(state: dict[str, Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-__all__ = ["load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["check_resumed_classes", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+
+def check_resumed_classes(resumed: dict | None, classes: Sequence[str], path: str) -> None:
+    """The data's classes must be the checkpoint's, in order: the head's outputs are its classes, and
+    per-class results would otherwise be reported under other names."""
+    saved, classes = list((resumed or {}).get("classes") or []), list(classes)
+    if saved and saved != classes:
+        i = next((i for i, (a, b) in enumerate(zip(saved, classes)) if a != b), min(len(saved), len(classes)))
+        raise DataError(f"{path}: its classes are not the checkpoint's ({len(classes)} against {len(saved)}; "
+                        f"first difference at index {i}: {classes[i] if i < len(classes) else None!r} against "
+                        f"{saved[i] if i < len(saved) else None!r}); resume on the data the run was trained on")

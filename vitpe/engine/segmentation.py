@@ -60,6 +60,9 @@ class SegDataConfig(DataConfig):
 
 
     def __post_init__(self) -> None:
+        if self.img_size != DataConfig.img_size:  # inherited, and not what sizes a segmentation crop
+            raise ConfigError(f"key 'data.img_size': segmentation trains on crops of data.crop_size (--img-size and "
+                              f"--crop-size set it); set data.crop_size={self.img_size} instead")
         if self.base_size is not None and min(self.base_size) <= 0:
             raise ConfigError(f"key 'data.base_size': expected two positive sizes, got {list(self.base_size)}")
         if not 0.0 < self.cat_max_ratio <= 1.0:
