@@ -101,6 +101,26 @@ def test_table_without_class_row_loads_into_the_default_model(tmp_path, img_size
         assert (m(x) - ref(x)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("img_size", [(112, 448), (208, 240)])
+def test_table_without_class_row_is_resampled_to_a_grid_of_as_many_or_one_fewer_cells(tmp_path, img_size):
+    """A 224-px no_embed_class table (196 rows) into the default model at 7x28 (196 cells) or 13x15
+    (195): by its row count alone it would pass for the model's own grid, or for a class row and
+    that grid; the checkpoint's image size says it is 14x14, to be resampled, as timm does."""
+    src = timm.create_model("vit_tiny_patch16_224", depth=2, no_embed_class=True).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "deit3_style.pth"
+    torch.save(src.state_dict(), path)
+    kw = dict(depth=2, img_size=img_size, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    ref = timm.create_model("vit_tiny_patch16_224", no_embed_class=True, **kw).eval()
+    m = timm.create_model("vitpe_vit_tiny_patch16_224", pos="learned", **kw).eval()
+    assert m.pos.pos_embed[0, 0].abs().max() == 0
+    x = torch.randn(2, 3, *img_size)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max() < 1e-4
+
+
 def test_table_with_class_row_into_a_model_without_one_names_the_option(tmp_path):
     _, path = timm_checkpoint(tmp_path)  # 1 + 14 * 14 rows
     with pytest.raises(ValueError, match="pos_embed has 197 patch positions, neither.*prefix_pos"):

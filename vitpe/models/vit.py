@@ -280,9 +280,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
                             "v3's and MAE's are) but the model's strategy is %r; dropped (pos='learned' loads it "
                             "as it is)", model.pos.name)
         else:
-            path = _module_path(model, learned)
+            path, prefix, weight = _module_path(model, learned), learned.table_prefix, sd.get("patch_embed.proj.weight")
+            grid = _pretrained_grid(model, weight, table.shape[1] - prefix)
+            if grid is None and prefix and table.dim() == 3:
+                # a table without prefix rows (timm's no_embed_class: DeiT III, the RoPE ViTs' "ape"
+                # tables) for a model with them: zero rows give those tokens no position, as there
+                grid = _pretrained_grid(model, weight, table.shape[1])
+                if grid is not None:
+                    table = F.pad(table, (0, 0, prefix, 0))
             sd[f"{path}.pos_embed"] = table
-            grid = _pretrained_grid(model, sd.get("patch_embed.proj.weight"), table.shape[1] - learned.table_prefix)
             if grid is not None and f"{path}.grid" not in sd:
                 sd[f"{path}.grid"] = torch.tensor(grid)
     key = "patch_embed.proj.weight"
