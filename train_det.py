@@ -59,7 +59,7 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
                     "that are never matched to a query (DETR: 100 queries for COCO's at most 63 boxes)",
                     cfg.data.train_split, most, cfg.model.num_queries)
     seed_everything(cfg.run.seed)  # the same initial weights in every process and every rerun
-    model = build_model(cfg.model, len(classes)).to(device)
+    model = build_model(cfg.model, len(classes), classes).to(device)
     criterion = build_criterion(cfg.loss, len(classes)).to(device)
     optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
     train_loader = make_loader(train_set, cfg.data.batch_size, True, cfg.run.seed, cfg.data.workers,

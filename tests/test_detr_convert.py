@@ -308,3 +308,22 @@ def test_model_weights_loads_detrs_files_and_leaves_another_classifier_new(tmp_p
     torch.testing.assert_close(same["class_embed.weight"], ref["class_embed.weight"], rtol=0, atol=0)
     with pytest.raises(UserError, match="model.weights .*missing.pth.*does not exist"):
         build_model(DetModelConfig(weights=str(tmp_path / "missing.pth")), 3)
+    # data whose categories are COCO's (by name, any order or case, a subset): their rows and the
+    # "no object" row; one name that is not COCO's leaves the classifier new
+    coco = build_model(DetModelConfig(weights=str(pth)), 3, ["dog", "Person", "toothbrush"]).state_dict()
+    for key in ("class_embed.weight", "class_embed.bias"):
+        torch.testing.assert_close(coco[key], ref[key][[18, 1, 90, 91]], rtol=0, atol=0)
+    other = build_model(DetModelConfig(weights=str(pth)), 3, ["dog", "person", "RBC"]).state_dict()
+    assert not any(torch.equal(other["class_embed.weight"][0], row) for row in ref["class_embed.weight"])
+
+
+def test_coco_category_names_are_cocos_ids():
+    """The 80 names of COCO 2017's instances json at their ids (10 of 1..90 unused)."""
+    from vitpe.models.detr_convert import COCO_CATEGORIES, coco_classifier_rows
+
+    assert len(COCO_CATEGORIES) == 80 and max(COCO_CATEGORIES) == 90
+    assert sorted(set(range(1, 91)) - set(COCO_CATEGORIES)) == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
+    assert [COCO_CATEGORIES[i] for i in (1, 13, 44, 46, 67, 72, 84, 90)] == \
+        ["person", "stop sign", "bottle", "wine glass", "dining table", "tv", "book", "toothbrush"]
+    assert coco_classifier_rows(["person", "person"], 92) is None  # a name twice: no one row for each
+    assert coco_classifier_rows(["person"], 81) is None  # not a 91-id classifier

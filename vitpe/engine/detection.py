@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +154,9 @@ def stem_fixed(cfg: DetModelConfig) -> bool:
     return cfg.freeze_stem if cfg.freeze_stem is not None else bool(cfg.backbone_weights or cfg.weights)
 
 
-def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
+def build_model(cfg: DetModelConfig, num_classes: int, class_names: Sequence[str] | None = None) -> DETR:
+    """DETR as ``cfg`` describes it, with ``model.weights`` loaded; ``class_names`` (the data's, in
+    class order) let a COCO-trained classifier keep the rows of COCO's categories among them."""
     try:
         model = DETR(num_classes=num_classes, backbone=cfg.backbone, backbone_weights=cfg.backbone_weights,
                     frozen_bn=cfg.frozen_bn, freeze_stem=stem_fixed(cfg), backbone_pos=cfg.backbone_pos,
@@ -167,7 +169,8 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> DETR:
         raise UserError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
     if cfg.weights:
         try:
-            new = load_detr_checkpoint(model, load_detr_file(cfg.weights), new_classifier=True)
+            new = load_detr_checkpoint(model, load_detr_file(cfg.weights), new_classifier=True,
+                                       class_names=class_names)
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise UserError(f"model.weights {cfg.weights}: {e.args[0] if isinstance(e, KeyError) and e.args else e}"
                             ) from None

@@ -28,14 +28,17 @@ own ResNet backbone are refused with the key at fault named.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .vit import _unwrap
+
+_logger = logging.getLogger(__name__)
 
 # ResNet blocks per stage, by the number of blocks in layer3
 _RESNET_DEPTHS = {6: ("resnet50", (3, 4, 6, 3)), 23: ("resnet101", (3, 4, 23, 3))}
@@ -277,12 +280,41 @@ def load_detr_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot load DETR weights {path} as plain tensors: {str(e).splitlines()[0]}") from None
 
 
-def load_detr_checkpoint(model: nn.Module, state_dict: dict[str, Any], new_classifier: bool = False) -> list[str]:
+# COCO's category names by id (1..90, ten ids unused): the rows of a COCO-trained DETR classifier,
+# which has one row per id up to 90 and the "no object" row last (91 + 1 rows)
+COCO_CATEGORIES = {i: n for i, n in enumerate((
+    "", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "", "backpack", "umbrella", "", "", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+    "surfboard", "tennis racket", "bottle", "", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana",
+    "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "", "dining table", "", "", "toilet", "", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush")) if n}
+
+
+def coco_classifier_rows(class_names: Sequence[str], rows: int) -> list[int] | None:
+    """The rows of a COCO-trained classifier with ``rows`` rows (92: COCO's ids, then "no object")
+    that score ``class_names``, found by COCO's category names (any case), then the "no object" row;
+    None unless the checkpoint has that many rows and every name is a distinct COCO category."""
+    by_name = {n: i for i, n in COCO_CATEGORIES.items()}
+    ids = [by_name.get(str(n).strip().lower()) for n in class_names]
+    if rows != max(COCO_CATEGORIES) + 2 or not ids or None in ids or len(set(ids)) != len(ids):
+        return None
+    return ids + [rows - 1]
+
+
+def load_detr_checkpoint(model: nn.Module, state_dict: dict[str, Any], new_classifier: bool = False,
+                         class_names: Sequence[str] | None = None) -> list[str]:
     """Convert ``state_dict`` (any layout above) and load it into vitpe's ``DETR`` ``model``, after
     checking that the model is one it fits (sine encoder, no reference points, same heads, same
     shapes), with a message naming the first key or option at fault. With ``new_classifier`` a
     classifier of another class count (COCO's 91 against a dataset's own) is left as the model
-    initialised it, the rest loaded: fine-tuning DETR on a new dataset. Returns the keys left so."""
+    initialised it, the rest loaded: fine-tuning DETR on a new dataset. Returns the keys left so.
+    When the model's classes (``class_names``, in its class order) are all COCO categories, as in
+    COCO's own json (80 of the 91 ids used) or a subset of it, their rows of a COCO classifier are
+    loaded instead (``coco_classifier_rows``), so that COCO weights score COCO data as trained."""
     from ..pos.detr import SineMasked
 
     parts = list(model.transformer.pos.parts())
@@ -294,9 +326,16 @@ def load_detr_checkpoint(model: nn.Module, state_dict: dict[str, Any], new_class
     target = model.state_dict()
     kept = []
     if new_classifier and sd["class_embed.weight"].shape != target["class_embed.weight"].shape:
-        kept = ["class_embed.weight", "class_embed.bias"]
-        for key in kept:
-            sd[key] = target[key]
+        rows = coco_classifier_rows(class_names or [], sd["class_embed.weight"].shape[0])
+        if rows is not None and len(rows) == target["class_embed.weight"].shape[0]:
+            _logger.info("class_embed: the rows of COCO's categories %s (found by name) and 'no object' are "
+                         "the model's %d classes", rows[:-1][:8] + (["..."] if len(rows) > 9 else []), len(rows) - 1)
+            for key in ("class_embed.weight", "class_embed.bias"):
+                sd[key] = sd[key][rows]
+        else:
+            kept = ["class_embed.weight", "class_embed.bias"]
+            for key in kept:
+                sd[key] = target[key]
     for key, value in target.items():  # trainable batch norm (frozen_bn=false) counts its steps
         if key.endswith("num_batches_tracked") and key not in sd:
             sd[key] = torch.zeros_like(value)
@@ -316,4 +355,5 @@ def load_detr_checkpoint(model: nn.Module, state_dict: dict[str, Any], new_class
     return kept
 
 
-__all__ = ["convert_detr_state_dict", "detect_layout", "expected_keys", "load_detr_checkpoint", "load_detr_file"]
+__all__ = ["COCO_CATEGORIES", "coco_classifier_rows", "convert_detr_state_dict", "detect_layout", "expected_keys",
+           "load_detr_checkpoint", "load_detr_file"]
