@@ -27,7 +27,8 @@ from vitpe.errors import DataError
 
 log = logging.getLogger("train_det")
 KEYS = dict(CLI_KEYS, model="model.backbone", backbone="model.backbone", img_size="data.min_size",
-            min_size="data.min_size", max_size="data.max_size", num_queries="model.num_queries")
+            min_size="data.min_size", max_size="data.max_size", num_queries="model.num_queries",
+            on_error="data.on_error")
 SHOWN = ("AP", "AP50", "AP75", "skipped")  # metrics in the epoch summary
 DETECTIONS = "detections_val.json"  # COCO's results file of the latest validation, the one results.json reports
 
@@ -38,6 +39,8 @@ def parse(argv: Sequence[str] | None):
     p.add_argument("--num-queries", type=int, metavar="N", help="object queries (more than objects per image)")
     p.add_argument("--min-size", type=int, metavar="N", help="shorter side (--img-size is the same)")
     p.add_argument("--max-size", type=int, metavar="N", help="cap on the longer side")
+    p.add_argument("--on-error", choices=["error", "skip"],
+                   help="bad json entries and images that cannot be read: stop (default) or skip them with a warning")
     return p.parse_args(argv)
 
 

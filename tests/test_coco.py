@@ -219,6 +219,9 @@ def test_a_json_that_is_not_coco_names_the_missing_key(fresh) -> None:
     (lambda d: d["annotations"][0].update(area=None), r"area None is not", "bad iscrowd or area"),
     (lambda d: d["annotations"][0].update(iscrowd="no"), r"iscrowd 'no' is not 0 or 1", "bad iscrowd or area"),
     (lambda d: d["annotations"][0].update(bbox=[True, 10, 20, 20]), r"is not \[x, y, width, height\]", "bad bbox"),
+    # a segmentation without its box (or an entry without ids): nothing to learn or score
+    (lambda d: d["annotations"][0].pop("bbox"), r"annotation \S+ has no 'bbox' \(set data.on_error=skip", "missing keys"),
+    (lambda d: d["annotations"][0].pop("image_id"), r"has no 'image_id'", "missing keys"),
 ])
 def test_bad_annotations_error_or_skip_by_option(fresh, edit, match, reason) -> None:
     _rewrite(fresh, "train2017", edit)
@@ -229,11 +232,13 @@ def test_bad_annotations_error_or_skip_by_option(fresh, edit, match, reason) -> 
     assert len(index.annotations) == 3 + 2 - 1  # image 0: 2 + crowd, image 1: 2; one dropped, zero-size gone
 
 
-def test_an_annotation_cocoeval_cannot_compare_is_left_out_of_the_ground_truth_under_skip(fresh) -> None:
-    _rewrite(fresh, "train2017", lambda d: d["annotations"][1].update(area="big"))
+@pytest.mark.parametrize("edit", [lambda a: a.update(area="big"), lambda a: a.pop("bbox"),
+                                  lambda a: a.pop("category_id")])
+def test_an_annotation_cocoeval_cannot_compare_is_left_out_of_the_ground_truth_under_skip(fresh, edit) -> None:
+    _rewrite(fresh, "train2017", lambda d: edit(d["annotations"][1]))
     index = _load(fresh, "skip")
     kept = [a for a in index.gt.dataset["annotations"]]
-    assert all(isinstance(a["area"], (int, float)) for a in kept)
+    assert all(isinstance(a["area"], (int, float)) and "bbox" in a and "category_id" in a for a in kept)
     assert len(kept) == len(index.source["annotations"]) - 1  # only that one
     from vitpe.engine.coco_eval import coco_evaluate
     assert coco_evaluate(index.gt, [])["AP"] == 0.0  # COCOeval runs on it
@@ -350,6 +355,28 @@ def test_image_size_disagreeing_with_json_is_named(fresh) -> None:
 
     with pytest.raises(DataError, match="0000.jpg is 64x48 but instances_train2017.json says 80x48"):
         CocoDetection(fresh, "train2017")[0]
+    # width and height swapped, as a json written from the image turned by its EXIF orientation
+    _rewrite(fresh, "train2017", lambda d: d["images"][0].update(width=48, height=64))
+    with pytest.raises(DataError, match=r"says 48x64 \(width and height swapped: .*EXIF orientation"):
+        CocoDetection(fresh, "train2017", clip_boxes=True)[0]  # (its boxes would reach past the json's size)
+
+
+def test_an_image_without_width_and_height_takes_them_from_its_file(fresh, caplog) -> None:
+    """pycocotools does not need them, and some converters leave them out."""
+    def drop(d):
+        for k in ("width", "height"):
+            d["images"][0].pop(k)
+        d["images"][1].pop("height")
+    _rewrite(fresh, "train2017", drop)
+    with caplog.at_level("INFO", logger="vitpe.data.coco"):
+        index = _load(fresh)
+    assert [(img["width"], img["height"]) for img in index.images] == [(64, 48), (64, 48)]
+    assert "2 image(s) without width and height in the json took them from their files" in caplog.text
+    assert len(CocoDetection(fresh, "train2017")[0]) == 2  # decoded, and its size agrees
+    (fresh / "train2017" / "0000.jpg").write_bytes(b"not an image")
+    with pytest.raises(CocoFormatError, match=r"0000.jpg is not an image \(and the json gives no width and height"):
+        _load(fresh)
+    assert _load(fresh, "skip").dropped["unreadable image"] == 1
 
 
 def test_tv_tensor_boxes_before_transform(data) -> None:

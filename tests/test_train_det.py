@@ -84,7 +84,7 @@ def test_unreadable_images_are_skipped_named_and_counted_with_on_error_skip(tmp_
     out = tmp_path / "run"
     with caplog.at_level("INFO"):
         assert train_det().main(["--data", str(data), *TINY, "--epochs", "1", "--output", str(out),
-                                 "--set", "data.on_error=skip"]) == 0
+                                 "--on-error", "skip"]) == 0  # data.on_error=skip, as train_seg.py takes it
     for name in ("train2017/0001.jpg", "val2017/0002.jpg"):
         assert f"warning: skipped cannot decode image {data / name}: image file is truncated" in caplog.text
     record = json.loads((out / "metrics.jsonl").read_text())

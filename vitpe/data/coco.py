@@ -126,7 +126,7 @@ def _extras_problem(a: dict[str, Any]) -> str | None:
 def _scored(a: dict[str, Any]) -> bool:
     """Whether COCOeval can score the annotation as it stands (else it is left out of the ground truth,
     having been named or counted when the json was read)."""
-    return _is_box(a["bbox"]) and _extras_problem(a) is None
+    return all(k in a for k in ("image_id", "category_id")) and _is_box(a.get("bbox")) and _extras_problem(a) is None
 
 
 @dataclass
@@ -237,15 +237,37 @@ def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[
     return [x0, y0, x1 - x0, y1 - y0]
 
 
+def _header_size(file: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from an image file's header (nothing decoded); None if it is no image."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - PIL raises many kinds on files that are not images
+        return None
+
+
 def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Checker) -> list[dict[str, Any]]:
-    images, seen = [], set()
+    """The image entries kept; one without ``width`` and ``height`` (which pycocotools does not need,
+    and some converters leave out) takes them from its file's header."""
+    images, seen, sized = [], set(), 0
     for img in data["images"]:
-        _need(img, ("id", "file_name", "width", "height"), "image", path)
+        _need(img, ("id", "file_name"), "image", path)
         _need_ids(img, ("id",), "image", path)
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             raise CocoFormatError(f"{path}: image {img['id']!r} has file_name {img['file_name']!r}: expected the "
                                   f"image's file name (a path relative to the image folder)")
+        if ("width" not in img or "height" not in img) and (image_dir / img["file_name"]).is_file():
+            size = _header_size(image_dir / img["file_name"])
+            if size is None:
+                check.bad("unreadable image", f"image {img['id']}: {image_dir / img['file_name']} is not an image "
+                                              f"(and the json gives no width and height)")
+                continue
+            img, sized = dict(img, width=size[0], height=size[1]), sized + 1
         for k in ("width", "height"):  # compared with the decoded pixels, and boxes checked against them
+            if k not in img:  # the file is missing: named below
+                continue
             v = img[k]
             if not _is_number(v) or v != int(v) or v <= 0:
                 raise CocoFormatError(f"{path}: image {img['id']!r} ({img['file_name']}) has {k} {v!r}: expected a "
@@ -258,6 +280,9 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
             continue
         seen.add(img["id"])
         images.append(img)
+    if sized:
+        _logger.info("%s: %d image(s) without width and height in the json took them from their files", path.name,
+                     sized)
     return images
 
 
@@ -267,7 +292,12 @@ def _check_annotations(data: dict[str, Any], images: dict[Any, dict[str, Any]], 
     left out, already named and counted, goes with it, counted under "of a left-out image")."""
     kept, listed = [], {img["id"] for img in data["images"]}
     for i, a in enumerate(data["annotations"]):
-        _need(a, ("image_id", "category_id", "bbox"), "annotation", path)
+        if not isinstance(a, dict):
+            raise CocoFormatError(f"{path}: annotation #{i} is {str(a)[:80]}: expected an object")
+        missing = [k for k in ("image_id", "category_id", "bbox") if k not in a]
+        if missing:  # e.g. a segmentation without its box: nothing to train on or to score
+            check.bad("missing keys", f"annotation {a.get('id', f'#{i}')} has no {' or '.join(map(repr, missing))}")
+            continue
         _need_ids(a, ("image_id", "category_id"), "annotation", path)
         problem = _extras_problem(a)
         if problem:
@@ -367,8 +397,12 @@ class CocoDetection(torch.utils.data.Dataset):
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on bad files
             raise DataError(f"cannot decode image {path}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
         if tuple(data.shape[-2:]) != (img["height"], img["width"]):
+            turned = tuple(data.shape[-2:]) == (img["width"], img["height"])
             raise DataError(f"image {path} is {data.shape[-1]}x{data.shape[-2]} but {self.index.path.name} says "
-                            f"{img['width']}x{img['height']}")
+                            f"{img['width']}x{img['height']}" + (
+                                " (width and height swapped: the json was likely written from the image turned by "
+                                "its EXIF orientation, which is not applied here, as in DETR and torchvision)"
+                                if turned else ""))
         return data
 
     def load(self, i: int) -> torch.Tensor | Skipped:
