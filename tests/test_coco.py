@@ -368,7 +368,7 @@ def test_an_image_without_width_and_height_takes_them_from_its_file(fresh, caplo
             d["images"][0].pop(k)
         d["images"][1].pop("height")
     _rewrite(fresh, "train2017", drop)
-    with caplog.at_level("INFO", logger="vitpe.data.coco"):
+    with caplog.at_level("INFO", logger="vitpe.data.coco_index"):
         index = _load(fresh)
     assert [(img["width"], img["height"]) for img in index.images] == [(64, 48), (64, 48)]
     assert "2 image(s) without width and height in the json took them from their files" in caplog.text
