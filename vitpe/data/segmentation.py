@@ -22,7 +22,6 @@ training device (``augment_batch``), so images decoded once into memory keep a G
 from __future__ import annotations
 
 import collections
-
 import functools
 import json
 import logging
