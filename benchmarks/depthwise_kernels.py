@@ -3,6 +3,7 @@
     python benchmarks/depthwise_kernels.py --output runs/depthwise          # on a GPU, bf16
     python benchmarks/depthwise_kernels.py --smoke --output runs/smoke      # tiny, on CPU too
     python benchmarks/depthwise_kernels.py --tiles '' 'CONV_WARPS=8' 'WG_TILE=1024,WG_WAVES=4'  # a sweep
+    python benchmarks/depthwise_kernels.py --variants fused --tiles '' 'STRIP_FIT=1'  # one way, two settings
 
 Shapes ``B,H,W,C,P`` (batch, grid, channels, prefix tokens): Mix-FFN's hidden layer of ViT-S/16 at
 224 px (256,14,14,1536,1) and at 384 px with batch 64 (64,24,24,1536,1), and of MiT-B2's first two
@@ -16,6 +17,9 @@ summed by the kernels' backward with ``BWD_MERGED=1``, by torch otherwise):
 - ``cudnn``: the tokens as a channels-last map through ``nn.Conv2d`` (cuDNN), then torch's GELU;
 - ``copy``: a copy of the tokens (one read and one write), the scale for the column ``passes``:
   a row's time in units of one pass over the tensor (half the copy's).
+
+``--variants`` picks some of the first three (``copy`` is always timed; errors are measured
+against ``cudnn``'s output, computed once whether or not its row is timed).
 
 Tokens in bf16 and the convolution's parameters in float32 under autocast, as in mixed-precision
 training (float32 throughout on CPU). Without the Triton kernels (CPU) ``unfused`` and ``fused``
@@ -124,6 +128,8 @@ def time_shape(shape: Shape, args: argparse.Namespace, tiles: str = "default") -
         ref = fns["cudnn"](x)
         ref_grad = torch.autograd.grad(ref, x, grad)[0]
         for variant, fn in fns.items():
+            if variant not in args.variants:
+                continue
             def forward() -> None:
                 with torch.no_grad():
                     fn(x)
@@ -195,8 +201,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tile settings to time one after another, each a comma-separated list of "
                    "vitpe.kernels.depthwise's constants (e.g. 'WG_WARPS=8' 'CONV_TILE=1024,CONV_WARPS=8'); "
                    "'' is the module's own (the default)")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS[:3]), metavar="V,...",
+                   help=f"which of {', '.join(VARIANTS[:3])} to time (default: all; copy always)")
     p.add_argument("--output", type=Path, default=Path("runs/depthwise"))
     args = p.parse_args(argv)
+    unknown = sorted(set(args.variants) - set(VARIANTS[:3]))
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS[:3])}")
     for spec in args.tiles:
         try:
             parse_tiles(kernels.depthwise, spec)

@@ -187,6 +187,16 @@ def test_depthwise_kernels_smoke_writes_a_row_per_shape_and_variant(tmp_path):
     assert (tmp_path / "depthwise_kernels.md").read_text().count("\n") == 2 + len(rows)
 
 
+def test_depthwise_kernels_times_only_the_variants_asked_for(tmp_path):
+    bench = load("depthwise_kernels")
+    rows = bench.run(bench.parse(["--smoke", "--device", "cpu", "--variants", "fused", "--output", str(tmp_path)]))
+    assert [(tuple(r["shape"]), r["variant"]) for r in rows] == [(s, v) for s in bench.SMOKE_SHAPES
+                                                                 for v in ("copy", "fused")]
+    assert all(r["max_err"] < 1e-5 for r in rows if r["variant"] == "fused")  # still against cuDNN's output
+    with pytest.raises(SystemExit):
+        bench.parse(["--variants", "fused,triton"])
+
+
 def test_depthwise_kernels_a_variant_that_fails_is_a_row_with_its_error(tmp_path, monkeypatch):
     bench = load("depthwise_kernels")
     forward_of = bench.forward_of
@@ -404,6 +414,12 @@ def test_depthwise_resources_records_the_kernels_each_setting_launches():
         with bench.tile_settings(depthwise, tile or ""):
             block_c = bench.calls_of((2, 3, width, 256, 1), "gelu_forward", torch.bfloat16)[1].kwargs["BLOCK_C"]
         assert block_c == {(16, None): 64, (32, None): 64, (16, "GELU_TILE=2048"): 128}[width, tile]
+    # STRIP_FIT: a 14-wide grid in strips of 2 columns x 512 channels (no idle lanes where 16-column
+    # strips idle 2 of 16), a 24-wide one in 8 columns; a 16-wide grid keeps its strip
+    for width, want in ((14, (2, 512)), (24, (8, 128)), (16, (16, 64))):
+        with bench.tile_settings(depthwise, "STRIP_FIT=1"):
+            kw = bench.calls_of((2, 3, width, 1536, 1), "gelu_forward", torch.bfloat16)[1].kwargs
+        assert (kw["BLOCK_W"], kw["BLOCK_C"]) == want, width
     launch = bench.calls_of((2, 3, 4, 8, 1), "forward", torch.bfloat16)[1]
     sig, consts, attrs = bench.signature(launch)
     names = [p.name for p in launch.kernel.params]

@@ -54,16 +54,17 @@ class _GeluKeptDerivative(torch.autograd.Function):
 
 
 def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None,
-            merged: int | None = None, saved: int | None = None) -> None:
+            merged: int | None = None, saved: int | None = None, fit: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
     bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training. ``stages``:
     the convolution's ``CONV_STAGES`` (0: the kernel that carries the next row in registers, which
     the GELU cases take anyway; default: the module's own); ``merged``: ``BWD_MERGED`` (1: the
     backward in one kernel); ``saved``: ``SAVE_GELU_GRAD`` (1: the GELU cases keep the derivative
-    from the forward)."""
+    from the forward); ``fit``: ``STRIP_FIT`` (1: strips as narrow as 2 columns, channel blocks as
+    wide as 1024)."""
     from vitpe.kernels import depthwise
 
-    settings = dict(CONV_STAGES=stages, BWD_MERGED=merged, SAVE_GELU_GRAD=saved)
+    settings = dict(CONV_STAGES=stages, BWD_MERGED=merged, SAVE_GELU_GRAD=saved, STRIP_FIT=fit)
     before = {k: getattr(depthwise, k) for k in settings}
     for k, v in settings.items():
         if v is not None:
@@ -85,7 +86,10 @@ def _compare(device: str, dtype: torch.dtype) -> None:
              (1, 20, 40, 8, 1, True, 3),  # an image's rows split between programs (the last chunk short),
              # more columns than one strip
              (5, 18, 3, 4, 0, False, 3),  # rows split, with images side by side
-             (17, 3, 3, 4, 0, False, 3)]  # weight gradient: several images per program, some programs' last none
+             (17, 3, 3, 4, 0, False, 3),  # weight gradient: several images per program, some programs' last none
+             # widths between powers of two: with STRIP_FIT, strips of 2 (6 wide) and 4 columns (12 wide)
+             # that read their neighbours' columns, and wide channel blocks
+             (2, 4, 6, 256, 1, False, 3), (1, 3, 12, 256, 0, True, 3)]
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for B, H, W, C, P, with_residual, k in cases:
         # every case also without residual and with the GELU: the kernel's against torch's after the convolution
@@ -167,21 +171,23 @@ def _compare(device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
-# the default (pipelined kernels without the GELU, the register-carrying one with it); with
-# -m slow also the register-carrying kernels throughout
-# the merged backward with the GELU's derivative kept (as prepared), and without either (the default)
-@pytest.mark.parametrize("stages,merged,saved", [pytest.param(0, 0, 0, marks=pytest.mark.slow), (4, 0, 0),
-                                                 pytest.param(4, 0, 1, marks=pytest.mark.slow), (4, 1, 1)])
-def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved):
-    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved)
+# the pipelined kernels without the GELU, the register-carrying one with it; with -m slow also the
+# register-carrying kernels throughout. The backward as two kernels, and merged with the GELU's
+# derivative kept (the default), also with the strips that fit the grid's width (STRIP_FIT)
+@pytest.mark.parametrize("stages,merged,saved,fit", [pytest.param(0, 0, 0, 0, marks=pytest.mark.slow), (4, 0, 0, 0),
+                                                     pytest.param(4, 0, 1, 0, marks=pytest.mark.slow), (4, 1, 1, 0),
+                                                     (4, 1, 1, 1)])
+def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved, fit):
+    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved, fit=fit)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stages,merged,saved", [(0, 0, 0), (4, 0, 0), (4, 0, 1), (4, 1, 0), (4, 1, 1)])
+@pytest.mark.parametrize("stages,merged,saved,fit", [(0, 0, 0, 0), (4, 0, 0, 0), (4, 0, 1, 0), (4, 1, 0, 0),
+                                                     (4, 1, 1, 0), (0, 0, 0, 1), (4, 1, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved):
+def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved, fit):
     torch.backends.cudnn.allow_tf32 = False
-    compare("cuda", dtype, stages, merged, saved)
+    compare("cuda", dtype, stages, merged, saved, fit)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -109,6 +109,12 @@ BWD_TILE, BWD_WARPS, BWD_WAVES, BWD_STAGES = 1024, 4, 2, 3
 # The default with ``BWD_MERGED``; the derivative in bfloat16 rounds the gradient no more than the
 # GELU's backward in bfloat16 does (``tests/test_kernels.py``)
 SAVE_GELU_GRAD = 1
+# the strip of columns a row-walking program takes (``_strip``): 0, the grid's width rounded up to a
+# power of two (at most 32), whose extra columns idle (2 lanes in 16 on a 14-wide grid, 8 in 32 on
+# a 24-wide one); 1, the strip and channel block that leave the fewest lanes idle (14 wide: 2
+# columns x 512 channels of ViT-S's Mix-FFN; 24 wide: 8 columns), at the cost of reading more
+# columns of the neighbouring strips (one each side of every strip)
+STRIP_FIT = 0
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 
 
@@ -451,18 +457,27 @@ def _launch_prefix(src: Tensor, x: Tensor, dst: Tensor, num_prefix: int, mode: i
 
 def _strip(W: int, C: int, tile: int) -> tuple[int, int]:
     """Columns and channels of a row-walking program's tile of about ``tile`` elements: the grid's
-    width (to a power of two, at most 32), channels for the rest (16 to 128)."""
+    width (to a power of two, at most 32), channels for the rest (16 to 128). With ``STRIP_FIT``,
+    the powers of two (at least 2 columns, 16 to 1024 channels, ``tile / 2`` to ``tile`` elements,
+    or fewer where the grid's channels are fewer) that leave the fewest idle lanes in the padded
+    grid row, the wider strip on a tie."""
     block_w = min(triton.next_power_of_2(W), 32)
-    return block_w, max(16, min(128, tile // block_w, triton.next_power_of_2(C)))
+    if not STRIP_FIT:
+        return block_w, max(16, min(128, tile // block_w, triton.next_power_of_2(C)))
+    widths = [block_w >> i for i in range(block_w.bit_length()) if block_w >> i >= min(2, block_w)]
+    channels = [c for c in (16 << i for i in range(7)) if c <= max(16, triton.next_power_of_2(C))]
+    shapes = [(bw, bc) for bw in widths for bc in channels if bw * bc <= tile] or [(block_w, 16)]
+    least = min(tile // 2, max(bw * bc for bw, bc in shapes))  # no tile much smaller than asked for
+    return min((s for s in shapes if s[0] * s[1] >= least),
+               key=lambda s: (triton.cdiv(W, s[0]) * s[0] * triton.cdiv(C, s[1]) * s[1], -s[0], -s[1]))
 
 
-def _gelu_tile(W: int) -> int:
+def _gelu_tile(W: int, C: int) -> int:
     """The tile of the convolution with the GELU inside: ``GELU_TILE`` if set, else the smaller of
     1024 and 2048 elements that gives a strip row at least 64 channels (``_strip``)."""
     if GELU_TILE > 0:
         return GELU_TILE
-    block_w = min(triton.next_power_of_2(W), 32)  # the strip's columns, as ``_strip`` takes them
-    return 1024 if 1024 // block_w >= 64 else 2048
+    return 1024 if _strip(W, C, 1024)[1] >= 64 else 2048
 
 
 def _walk(x: Tensor, H: int, W: int, tile: int, waves: int) -> tuple[int, int, int, int, int, int]:
@@ -488,7 +503,7 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     B, _, C = src.shape
     H, W = grid_hw
     taps = _taps(weight.flip(-1, -2) if flip else weight)
-    tile = _gelu_tile(W) if act else CONV_TILE
+    tile = _gelu_tile(W, C) if act else CONV_TILE
     block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, tile, CONV_WAVES)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
