@@ -36,7 +36,7 @@ KEYS.update(img_size="data.crop_size", crop_size="data.crop_size", num_classes="
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = common_parser(__doc__.splitlines()[0])
+    p = common_parser(__doc__.splitlines()[0], eval_sizes=False)
     a = p.add_argument
     a("--crop-size", type=int, metavar="N", help="square training crop (--img-size is the same)")
     a("--num-classes", type=int, metavar="N", help="classes (default: as many as DIR/classes.json lists)")

@@ -262,3 +262,47 @@ def test_timms_own_models_are_built_at_the_training_size_and_take_any_size():
     with pytest.raises(UserError, match=r"test sizes \[32\]: the model takes 64x64 inputs only"):
         ev.check_sizes([32, 64], fixed)
     assert timm.create_model("vit_tiny_patch16_224", depth=1).patch_embed.strict_img_size  # timm's default
+
+
+def test_every_checkpoint_is_checked_before_any_is_evaluated(runs, tmp_path, capsys):
+    """A checkpoint whose data has other classes stops the run before the first checkpoint is
+    evaluated, and the error names it."""
+    _, out = runs
+    state = torch.load(out["peg"] / "checkpoint.pt", weights_only=True)
+    state["classes"] = ["cat", "dog"]  # its config's folder has blue and red
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    calls = []
+    argv = ["--checkpoint", str(out["learned"] / "checkpoint.pt"), str(other), "--sizes", "16", "--device", "cpu",
+            "--workers", "0", "--no-throughput", "--output", str(tmp_path / "res")]
+    original = ev.evaluate_sizes
+    ev.evaluate_sizes = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        assert run_eval(argv) == 2
+    finally:
+        ev.evaluate_sizes = original
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(other) in err and "trained on the classes ['cat', 'dog']" in err
+    assert "'blue'" in err and "'red'" in err  # the folder's
+    assert calls == [] and not (tmp_path / "res").exists()
+    # a size that the second checkpoint's patch does not divide is named with that checkpoint too
+    assert run_eval([*argv[:2], str(out["peg"] / "checkpoint.pt"), *argv[3:4], "18", *argv[5:]]) == 2
+    assert str(out["learned"] / "checkpoint.pt") in capsys.readouterr().err
+
+
+def test_results_are_written_after_each_checkpoint(runs, tmp_path, monkeypatch):
+    """A failure while evaluating the second checkpoint keeps the first one's results on disk."""
+    _, out = runs
+    original, calls = ev.evaluate_sizes, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a fault of the second checkpoint's evaluation")
+        return original(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_sizes", second_fails)
+    with pytest.raises(RuntimeError, match="second checkpoint"):
+        ev.main(["--checkpoint", str(out["peg"] / "checkpoint.pt"), str(out["learned"] / "checkpoint.pt"),
+                 "--sizes", "16", "--device", "cpu", "--workers", "0", "--no-throughput", "--output", str(tmp_path)])
+    assert list(json.loads((tmp_path / "resolution.json").read_text())) == ["peg"]

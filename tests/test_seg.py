@@ -116,6 +116,19 @@ def test_train_seg_refuses_a_stride_larger_than_the_window_before_training(tmp_p
         assert e.value.code == 2 and named in err and len(err.splitlines()) == 1, (setting, err)
 
 
+def test_train_seg_help_leaves_out_eval_sizes_and_the_option_points_to_eval_scales(capsys):
+    import train_seg
+    from vitpe.cli import run_cli
+
+    with pytest.raises(SystemExit):
+        train_seg.parse(["--help"])
+    shown = capsys.readouterr().out
+    assert "--eval-scales" in shown and "--eval-sizes" not in shown
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_seg.main, ["--eval-sizes", "32", "--device", "cpu"])
+    assert e.value.code == 2 and "--eval-scales" in capsys.readouterr().err
+
+
 def test_slide_and_whole_agree_for_a_pointwise_model():
     model = torch.nn.Conv2d(3, 4, 1)  # no spatial context: windows cannot change any logit
     x = torch.randn(1, 3, 70, 90)

@@ -53,9 +53,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
+def common_parser(description: str, eval_sizes: bool = True) -> argparse.ArgumentParser:
     """The options every training script takes; scripts may add their own. Unset options are None,
-    so only what the user typed overrides the config file."""
+    so only what the user typed overrides the config file. Without ``eval_sizes`` the option
+    ``--eval-sizes`` is left out of the help, still parsed so that the script can say what to use
+    instead."""
     p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--config", metavar="FILE", help="YAML config (only what differs from the defaults)")
@@ -68,7 +70,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     a("--lr", type=float, help="peak learning rate")
     a("--output", metavar="DIR", help="output folder")
     a("--device", metavar="DEV", help="cpu, cuda, cuda:N or auto")
-    a("--eval-sizes", type=parse_sizes, metavar="S1,S2,...", help="test resolutions evaluated after training")
+    a("--eval-sizes", type=parse_sizes, metavar="S1,S2,...",
+      help="test resolutions evaluated after training" if eval_sizes else argparse.SUPPRESS)
     a("--resume", metavar="CHECKPOINT", help="continue from this checkpoint")
     a("--workers", type=int, metavar="N", help="data-loading processes")
     a("--seed", type=int, metavar="N")

@@ -42,9 +42,10 @@ def patch_size(model: nn.Module) -> int:
     return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
 
-def check_sizes(sizes: Sequence[int], model: nn.Module) -> None:
+def check_sizes(sizes: Sequence[int], model: nn.Module, path: str | None = None) -> None:
     """Sizes the model takes: multiples of its patch size, any size where it pads its input
-    (timm's ``dynamic_img_pad``)."""
+    (timm's ``dynamic_img_pad``); ``path``: the checkpoint the errors name."""
+    where = f"{path}: " if path else ""
     if getattr(model, "dynamic_img_pad", False):
         return
     pe = getattr(model, "patch_embed", None)
@@ -52,12 +53,12 @@ def check_sizes(sizes: Sequence[int], model: nn.Module) -> None:
         fixed = tuple(pe.img_size)
         bad = [s for s in sizes if (s, s) != fixed]
         if bad:
-            raise UserError(f"test sizes {bad}: the model takes {fixed[0]}x{fixed[1]} inputs only (build it with "
+            raise UserError(f"{where}test sizes {bad}: the model takes {fixed[0]}x{fixed[1]} inputs only (build it with "
                             f"--set model.kwargs.dynamic_img_size=true)")
     p = patch_size(model)
     bad = [s for s in sizes if s % p]
     if bad:
-        raise UserError(f"test sizes {bad} are not multiples of the patch size {p} "
+        raise UserError(f"{where}test sizes {bad} are not multiples of the patch size {p} "
                         f"(e.g. use {', '.join(str(max(p, s // p * p)) for s in bad)})")
 
 
@@ -208,20 +209,28 @@ def _classification_config(path: str, config: Any) -> ClsConfig:
         raise UserError(f"{path}: its config is not a classification run's ({e})") from None
 
 
-def load_model(path: str, device: torch.device, weights: str = "auto") -> tuple[nn.Module, ClsConfig, dict]:
-    """Rebuild the model a training checkpoint describes; ``weights``: model, ema, or auto (EMA if saved)."""
+def read_checkpoint(path: str, weights: str = "auto") -> tuple[ClsConfig, dict]:
+    """A classification checkpoint's config and state, checked: its entries, its task, and EMA
+    weights where ``weights`` asks for them."""
     state = load_checkpoint(path)
     missing = [k for k in ("config", "model", "classes") if k not in state]
     if missing:
         raise UserError(f"{path}: not a vitpe classification checkpoint (no {'/'.join(map(repr, missing))} "
                         f"entr{'y' if len(missing) == 1 else 'ies'})")
     cfg = _classification_config(path, state["config"])
+    if weights == "ema" and ema_weights(state) is None:
+        raise UserError(f"{path}: has no EMA weights ({EMA_KEY!r})")
+    return cfg, state
+
+
+def load_model(path: str, device: torch.device, weights: str = "auto",
+               read: tuple[ClsConfig, dict] | None = None) -> tuple[nn.Module, ClsConfig, dict]:
+    """Rebuild the model a training checkpoint describes; ``weights``: model, ema, or auto (EMA if
+    saved); ``read``: what ``read_checkpoint`` already returned for ``path``."""
+    cfg, state = read or read_checkpoint(path, weights)
     model = build_model(cfg.model, len(state["classes"]), cfg.data.img_size)
     ema = ema_weights(state)
-    use_ema = weights == "ema" or (weights == "auto" and ema is not None)
-    if use_ema and ema is None:
-        raise UserError(f"{path}: has no EMA weights ({EMA_KEY!r})")
-    model.load_state_dict(ema if use_ema else state["model"])
+    model.load_state_dict(ema if weights == "ema" or (weights == "auto" and ema is not None) else state["model"])
     return model.to(device).eval(), cfg, state
 
 
@@ -237,8 +246,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto")
     p.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a data or eval entry of each checkpoint's config, e.g. data.cache=false")
+                   help="override a data.*, eval.* or run.amp entry of each checkpoint's config, e.g. data.cache=false")
     return p.parse_args(argv)
+
+
+def _evaluation_config(path: str, cfg: ClsConfig, args: argparse.Namespace) -> ClsConfig:
+    """``cfg`` with this evaluation's data, workers, batch size and ``--set`` overrides."""
+    data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None else cfg.data.workers)
+    cfg.data = from_dict(ClsDataConfig, {**vars(cfg.data), **data})
+    wrong = [item for item in args.set if not item.strip().startswith(("data.", "eval.", "run.amp="))]
+    if wrong:  # the model is already built from the checkpoint: its entries cannot change here
+        raise UserError(f"--set {wrong[0]!r}: only data.*, eval.* and run.amp can be set for an evaluation")
+    cfg = apply_overrides(cfg, args.set)
+    resolve_crop_pct(cfg.data, cfg.model.name)  # a checkpoint's config has it, unless set to null here
+    cfg.eval.batch_size = args.batch_size if args.batch_size is not None else cfg.eval.batch_size
+    cfg.eval.throughput = not args.no_throughput
+    return cfg
+
+
+def _check_classes(path: str, cfg: ClsConfig, state: dict, size: int) -> None:
+    """The data's classes are the checkpoint's (a model scored on other classes would index
+    outputs it does not have), checked for every checkpoint before any is evaluated."""
+    mean, std = norm_stats(cfg.data, tuple(state.get("mean", (0.5,) * 3)), tuple(state.get("std", (0.5,) * 3)))
+    try:
+        found = list(eval_dataset(cfg.data, size, mean, std, cfg.aug.interpolation, cfg.run.seed,
+                                  classes=state["classes"]).classes)
+    except UserError as e:  # the folder's own check, which knows the folder but not the checkpoint
+        raise UserError(f"{path}: trained on the classes {list(state['classes'])[:5]}; {e}") from None
+    if found != list(state["classes"]):
+        raise UserError(f"{path}: trained on the classes {list(state['classes'])[:5]}, but {cfg.data.path} has "
+                        f"{found[:5]}; evaluate on data with the classes the model was trained on")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,26 +284,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < least:
             raise UserError(f"{flag} {value}: must be at least {least}")
     device = dist.resolve_device(args.device)
-    results: Results = {}
-    entries = []
+    # every checkpoint read and its data checked first, so that a wrong one stops the run before
+    # the others' evaluations, not after them
+    read = []
     for path in args.checkpoint:
-        model, cfg, state = load_model(path, device, args.weights)
-        data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None
-                    else cfg.data.workers)
-        cfg.data = from_dict(ClsDataConfig, {**vars(cfg.data), **data})
-        wrong = [item for item in args.set if not item.strip().startswith(("data.", "eval.", "run.amp="))]
-        if wrong:  # the model is already built from the checkpoint: its entries cannot change here
-            raise UserError(f"--set {wrong[0]!r}: only data.*, eval.* and run.amp can be set for an evaluation")
-        cfg = apply_overrides(cfg, args.set)
-        resolve_crop_pct(cfg.data, cfg.model.name)  # a checkpoint's config has it, unless set to null here
-        cfg.eval.batch_size = args.batch_size if args.batch_size is not None else cfg.eval.batch_size
-        cfg.eval.throughput = not args.no_throughput
+        cfg, state = read_checkpoint(path, args.weights)
+        cfg = _evaluation_config(path, cfg, args)
+        # the architecture, unweighted and on the CPU, for the sizes it takes
+        check_sizes(args.sizes, build_model(cfg.model, len(state["classes"]), cfg.data.img_size), path)
+        _check_classes(path, cfg, state, args.sizes[0])
+        read.append((path, cfg, state))
+    labels = unique_labels([cfg.model.pos for _, cfg, _ in read], args.checkpoint)
+    results: Results = {}
+    for label, (path, cfg, state) in zip(labels, read):
+        model, cfg, state = load_model(path, device, args.weights, (cfg, state))
         mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)
         sizes = evaluate_sizes(model, cfg, args.sizes, device, tuple(mean), tuple(std), state["classes"])
-        entries.append((cfg.model.pos, path, {"checkpoint": path, "train_size": cfg.data.img_size, "sizes": sizes}))
-    for label, (_, _, r) in zip(unique_labels([e[0] for e in entries], [e[1] for e in entries]), entries):
-        results[label] = r
-    print(write_report(results, args.output))
+        results[label] = {"checkpoint": path, "train_size": cfg.data.img_size, "sizes": sizes}
+        text = write_report(results, args.output)  # after each checkpoint: a later failure keeps these
+        del model
+    print(text)
     print(f"\nwrote {Path(args.output) / 'resolution.json'} and {Path(args.output) / 'resolution.png'}")
     return 0
 
