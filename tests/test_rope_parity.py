@@ -290,3 +290,76 @@ def test_timm_checkpoint_loads_through_pretrained_cfg(pos, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(v(x), t(x), rtol=1e-4, atol=1e-5)
+
+
+# -- EVA's rotary layout (timm's vit_*_patch16_rope_reg*_gap_256) --------------------------------
+EVA_ROPE = {"rope_axial": {"theta": 10000, "ref_grid": [16, 16]}}
+
+
+def eva_checkpoint(tmp_path, name="vit_medium_patch16_rope_reg1_gap_256"):
+    """A small EVA-style RoPE ViT (register tokens, no class token, average pooling, q and v biases
+    apart, rows first, temperature 10000, positions rescaled to its 16 x 16 training grid), moved
+    off its init so that every weight matters."""
+    torch.manual_seed(0)
+    ref = timm.create_model(name, depth=2, embed_dim=128, num_heads=2, dynamic_img_size=True).eval()
+    assert ref.rope.grid_indexing == "ij" and ref.rope.temperature == 10000 and tuple(ref.rope.ref_feat_shape) == (16, 16)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "eva.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, str(path)
+
+
+def eva_vitpe(path, ref, pos_kwargs=EVA_ROPE):
+    return timm.create_model("vitpe_vit_small_patch16_224", pos="rope_axial", depth=2, embed_dim=128, num_heads=2,
+                             img_size=256, class_token=False, reg_tokens=ref.num_prefix_tokens, global_pool="avg",
+                             pos_kwargs=pos_kwargs, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=path)).eval()
+
+
+@pytest.mark.parametrize("name", ["vit_medium_patch16_rope_reg1_gap_256", "vit_betwixt_patch16_rope_reg4_gap_256"])
+def test_an_eva_rope_checkpoint_gives_timms_logits_at_every_size(tmp_path, name):
+    """The q and v biases become qkv's bias, the rows-first angles are relabelled to vitpe's
+    columns-first ones, and ``ref_grid`` rescales positions as ``ref_feat_shape`` does, so the
+    logits agree at the training size and at others, square or not."""
+    ref, path = eva_checkpoint(tmp_path, name)
+    model = eva_vitpe(path, ref)
+    for size in [(256, 256), (224, 224), (192, 320)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), atol=2e-5, rtol=1e-5, msg=str(size))
+
+
+def test_an_eva_rope_checkpoint_needs_evas_temperature_and_says_what_else_differs(tmp_path, caplog):
+    import logging
+
+    ref, path = eva_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"rope_axial has theta=100: build it with pos_kwargs="):
+        eva_vitpe(path, ref, pos_kwargs=None)
+    # without ref_grid: the same at the training grid, and a warning that other sizes differ
+    with caplog.at_level(logging.WARNING):
+        model = eva_vitpe(path, ref, pos_kwargs={"rope_axial": {"theta": 10000}})
+    assert "rescales positions to its training grid" in caplog.text
+    with torch.no_grad():
+        x = torch.randn(1, 3, 256, 256)
+        native = (model(x) - ref(x)).abs().max()
+        x = torch.randn(1, 3, 224, 224)
+        other = (model(x) - ref(x)).abs().max()
+    assert native < 2e-5 and other > 20 * native  # float rounding at 16 x 16; positions apart at 14 x 14
+
+
+def test_ref_grid_rescales_positions_to_the_reference_grid():
+    """With ``ref_grid`` every grid spans the reference one: at the reference grid the tables are
+    the plain ones, and on a grid twice as fine token (2i, 2j) turns as token (i, j) of the reference."""
+    plain = vitpe_model("rope_axial").pos
+    ref = vitpe_model("rope_axial", pos_kwargs={"rope_axial": {"ref_grid": [3, 4]}}).pos
+    for a, b in zip(ref.tables((3, 4), 1), plain.tables((3, 4), 1)):
+        torch.testing.assert_close(a, b)
+    coarse, fine = ref.tables((3, 4), 0), ref.tables((6, 8), 0)
+    even = torch.arange(6 * 8).reshape(6, 8)[::2, ::2].reshape(-1)  # tokens (2i, 2j) of the fine grid
+    for c, f in zip(coarse, fine):
+        torch.testing.assert_close(f[..., even, :], c)
+    for bad in ([3], [3, 0], [2.5, 3]):
+        with pytest.raises(ValueError, match="ref_grid must be two positive whole numbers"):
+            vitpe_model("rope_axial", pos_kwargs={"rope_axial": {"ref_grid": bad}})

@@ -262,13 +262,13 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
     a model without one drops it with a warning. Layer scale (DeiT III's ``blocks.i.ls1.gamma`` /
     ``ls2.gamma``, the RoPE ViTs' ``gamma_1`` / ``gamma_2``) is folded into ``attn.proj`` / ``mlp.fc2``,
     which computes the same function. A patch-embedding kernel of another patch size is
-    resampled as timm does. timm's RoPE ViTs (``vit_*_patch16_rope_224``, ``..._rope_mixed_224``)
-    go through ``_from_timm_rope``.
+    resampled as timm does. timm's RoPE ViTs (``vit_*_patch16_rope_224``, ``..._rope_mixed_224``,
+    ``..._rope_reg*_gap_256``) go through ``_from_timm_rope``.
     """
     from timm.layers import resample_patch_embed
 
     sd = dict(_unwrap(state_dict))
-    eva = "rope.freqs" in sd or any(k.endswith((".gamma_1", ".gamma_2")) for k in sd)  # timm's RoPE ViTs
+    eva = "rope.freqs" in sd or any(k.endswith((".gamma_1", ".gamma_2", ".attn.q_bias")) for k in sd)  # eva.py's
     sd = _fold_layer_scale(sd)
     if eva:
         sd = _from_timm_rope(sd, model)
@@ -340,28 +340,67 @@ def _from_timm_rope(sd: dict[str, Tensor], model: VisionTransformer) -> dict[str
       ``rope_mixed``; a model without one drops it with a warning.
     - timm rotates channel pairs ``(2i, 2i+1)`` of a head, vitpe pairs ``(i, i + D/2)``, both by
       frequency ``i``: each head's q and k rows of ``qkv`` are relabelled to match (a permutation of
-      q and k alike, which leaves attention without rotation unchanged too)."""
+      q and k alike, which leaves attention without rotation unchanged too).
+    - EVA's attention (``attn.q_bias`` and ``attn.v_bias`` apart, the key's bias zero:
+      ``vit_*_patch16_rope_reg*_gap_256``) comes with EVA's rotary layout: the first half of the
+      angles follows the row (``grid_indexing='ij'``; RoPE-ViT's and vitpe's the column), at
+      temperature 10000 and positions rescaled to the training grid (``ref_feat_shape``). The biases
+      become ``qkv.bias`` and the relabelling swaps the halves too; the model's ``rope_axial`` must
+      have ``theta=10000`` (and ``ref_grid``, for other resolutions)."""
     sd = dict(sd)
-    if model.pos.find("rope_axial") is None and model.pos.find("rope_mixed") is None:
+    axial, mixed = model.pos.find("rope_axial"), model.pos.find("rope_mixed")
+    if axial is None and mixed is None:
         _logger.warning("checkpoint is a timm RoPE ViT (eva.py's blocks) but the model's strategy %r has no rotary "
                         "embedding: q and k will not be rotated as they were in training", model.pos.name)
     if "rope.freqs" in sd:
         freqs = sd.pop("rope.freqs")
-        mixed = model.pos.find("rope_mixed")
         if mixed is None:
             _logger.warning("checkpoint has rope_mixed's 'rope.freqs' but the model's strategy is %r; dropped",
                             model.pos.name)
         else:
             sd[f"{_module_path(model, mixed)}.freqs"] = freqs
+    eva = _eva_qkv_bias(sd)
+    if eva and axial is not None:
+        _check_eva_rope(axial)
     heads = model.blocks[0].attn.num_heads
     for key in [k for k in sd if k.endswith(("attn.qkv.weight", "attn.qkv.bias"))]:
         w = sd[key]
         head_dim = w.shape[0] // (3 * heads)
         half = head_dim // 2
-        order = torch.tensor([2 * (c % half) + c // half for c in range(head_dim)])  # vitpe c <- timm order[c]
+        # vitpe's angle a is timm's angle a (RoPE-ViT's column-first order) or, in EVA's row-first
+        # order, the other half's: vitpe c <- timm order[c]
+        angle = [(c % half + (half // 2 if eva else 0)) % half for c in range(head_dim)]
+        order = torch.tensor([2 * angle[c] + c // half for c in range(head_dim)])
         w = w.reshape(3, heads, head_dim, *w.shape[1:])
         sd[key] = torch.cat([w[:2, :, order], w[2:]]).reshape(sd[key].shape)
     return sd
+
+
+def _eva_qkv_bias(sd: dict[str, Tensor]) -> bool:
+    """EVA's ``attn.q_bias`` and ``attn.v_bias`` (the key's bias is zero) -> ``attn.qkv.bias``, in
+    place; whether there were any."""
+    found = False
+    for q_key in [k for k in sd if k.endswith("attn.q_bias")]:
+        prefix = q_key[: -len("q_bias")]
+        q, v = sd.pop(q_key), sd.pop(f"{prefix}v_bias", None)
+        if v is None:
+            raise ValueError(f"checkpoint key {q_key!r} without {prefix}v_bias: not EVA's attention biases")
+        sd[f"{prefix}qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        found = True
+    return found
+
+
+def _check_eva_rope(axial: nn.Module) -> None:
+    """EVA's rotary embedding turns at temperature 10000; RoPE-ViT's, vitpe's default, at 100."""
+    if axial.theta != 10000:
+        raise ValueError(f"checkpoint has EVA's rotary embedding (temperature 10000; eva.py's attn.q_bias / v_bias) "
+                         f"but the model's rope_axial has theta={axial.theta:g}: build it with "
+                         f"pos_kwargs={{'rope_axial': {{'theta': 10000, 'ref_grid': [16, 16]}}}} (ref_grid: the "
+                         f"training grid, 16 x 16 for timm's vit_*_rope_reg*_gap_256)")
+    if axial.ref_grid is None:
+        _logger.warning("checkpoint has EVA's rotary embedding, which rescales positions to its training grid at "
+                        "other resolutions; rope_axial without ref_grid does not (set pos_kwargs={'rope_axial': "
+                        "{'theta': 10000, 'ref_grid': [16, 16]}} for timm's vit_*_rope_reg*_gap_256)")
 
 
 # -- timm registry ---------------------------------------------------------------------------

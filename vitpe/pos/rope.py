@@ -2,13 +2,14 @@
 
 ``rope_axial``: fixed frequencies, half of each head's pairs turn with the column, half with the row.
 ``rope_mixed``: every block and head learns its own 2D frequency vectors, so one pair can turn with
-any direction of the grid. Both are recomputed for any grid (positions in patch units) and leave
-prefix tokens unrotated, so ``q_m . k_n`` depends only on the offset between patches m and n.
+any direction of the grid. Both are recomputed for any grid (positions in patch units; ``rope_axial``
+can rescale them to span a reference grid, as EVA does) and leave prefix tokens unrotated, so
+``q_m . k_n`` depends only on the offset between patches m and n.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,8 @@ class _Rope(PosStrategy):
         if self.head_dim % 4:
             raise ValueError(f"{self.name}: head width {self.head_dim} must be divisible by 4")
 
-    def tables(self, grid: Grid, num_prefix: int, stride: int = 1) -> tuple[Tensor, Tensor]:
+    def tables(self, grid: Grid, num_prefix: int, stride: int = 1, full: Grid | None = None) -> tuple[Tensor, Tensor]:
+        """``full``: the grid of the queries when ``grid`` is the keys' reduced one."""
         raise NotImplementedError
 
     def context(self, grid: Grid, num_prefix: int, kv_stride: int = 1) -> PosContext:
@@ -31,17 +33,26 @@ class _Rope(PosStrategy):
         reduced grid's cells (same units), so ``q . k`` still depends only on their offset."""
         rope_k = None
         if kv_stride > 1:
-            rope_k = self.tables(reduced_grid(grid, kv_stride), num_prefix, kv_stride)
+            rope_k = self.tables(reduced_grid(grid, kv_stride), num_prefix, kv_stride, full=grid)
         return PosContext(grid, num_prefix, rope=self.tables(grid, num_prefix), kv_stride=kv_stride, rope_k=rope_k)
 
 
 class RopeAxial(_Rope):
     name = "rope_axial"
 
-    def __init__(self, *, theta: float = 100.0, **kw: Any) -> None:
+    def __init__(self, *, theta: float = 100.0, ref_grid: Sequence[int] | None = None, **kw: Any) -> None:
+        """``ref_grid`` ``(rows, cols)``: positions rescaled so that every grid spans this one, as
+        EVA's rotary embedding (timm's ``ref_feat_shape``) does: at a grid of ``H x W`` the row of
+        token ``i`` is ``i * rows / H``. Without it (the default, as RoPE-ViT) positions are the
+        tokens' indices at every grid, so a larger grid reaches angles never seen in training."""
         super().__init__(**kw)
         check_positive(self.name, theta=theta)
-        self.theta = theta
+        if ref_grid is not None:
+            ref_grid = tuple(ref_grid)
+            if len(ref_grid) != 2 or not all(isinstance(v, int) and v > 0 for v in ref_grid):
+                raise ValueError(f"{self.name}: ref_grid must be two positive whole numbers (rows, cols); "
+                                 f"got {ref_grid}")
+        self.theta, self.ref_grid = theta, ref_grid
         self.register_buffer("freqs", self._freqs(None), persistent=False)
 
     def _freqs(self, device: torch.device | None) -> Tensor:
@@ -56,16 +67,21 @@ class RopeAxial(_Rope):
         self._cache.clear()
         return self
 
-    def tables(self, grid: Grid, num_prefix: int, stride: int = 1) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)`` each ``(1, 1, P + H*W, D)``; ``stride``: see ``grid_coords``."""
+    def tables(self, grid: Grid, num_prefix: int, stride: int = 1, full: Grid | None = None) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` each ``(1, 1, P + H*W, D)``; ``stride``: see ``grid_coords``; ``full``:
+        the queries' grid, which ``ref_grid`` rescales by (default ``grid``)."""
+        full = full or grid
+
         def make() -> tuple[Tensor, Tensor]:
             rows, cols = grid_coords(grid, self.freqs.device, stride)
+            if self.ref_grid is not None:
+                rows, cols = rows * (self.ref_grid[0] / full[0]), cols * (self.ref_grid[1] / full[1])
             # (N, D/2): first D/4 angles follow the column, the next D/4 the row
             angles = torch.cat([cols[:, None] * self.freqs, rows[:, None] * self.freqs], dim=1)
             cos, sin = rope_tables(angles, num_prefix)
             return cos[None, None], sin[None, None]
 
-        return self._cache.get((grid, num_prefix, stride, self.freqs.device), make)
+        return self._cache.get((grid, full, num_prefix, stride, self.freqs.device), make)
 
 
 class RopeMixed(_Rope):
@@ -85,7 +101,7 @@ class RopeMixed(_Rope):
         fy = torch.cat([mag * torch.sin(phase), mag * torch.sin(phase + math.pi / 2)], dim=-1)
         return torch.stack([fx, fy])
 
-    def tables(self, grid: Grid, num_prefix: int, stride: int = 1) -> tuple[Tensor, Tensor]:
+    def tables(self, grid: Grid, num_prefix: int, stride: int = 1, full: Grid | None = None) -> tuple[Tensor, Tensor]:
         """``(cos, sin)`` each ``(depth, heads, P + H*W, D)``; ``stride``: see ``grid_coords``."""
         def make() -> tuple[Tensor, Tensor]:
             rows, cols = grid_coords(grid, self.freqs.device, stride)
