@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .vit import _unwrap
+from .vit_convert import _unwrap
 
 _logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .vit import _unwrap
+from .vit_convert import _unwrap
 
 _NVLABS = [
     (r"patch_embed(\d)\.(proj|norm)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.patch_embed.{m[2]}.{m[3]}"),

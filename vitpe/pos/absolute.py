@@ -99,7 +99,7 @@ class Learned(GridShapedStrategy):
     def _grid_of(self, n: int) -> Grid | None:
         """The grid of a table of ``n`` patch rows without a ``grid`` entry, as timm's loader takes
         it: the model's own grid if it has ``n`` cells (kept as it is), else a square one if ``n``
-        is a square, else None. (``vit.checkpoint_filter_fn`` first writes the grid the checkpoint's
+        is a square, else None. (``vit_convert.checkpoint_filter_fn`` first writes the grid the checkpoint's
         image size gives, where that accounts for every row, as timm does: 14x14 rows from a 224
         checkpoint go to a 7x28 model resampled, not reshaped.)"""
         if n == self.native_grid[0] * self.native_grid[1]:
