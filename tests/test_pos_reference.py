@@ -1,0 +1,103 @@
+"""Parity of the strategies with their papers' reference implementations on non-square grids,
+grids other than the built one, prefix tokens and checkpoints made at another resolution.
+
+References: timm's ``resample_abs_pos_embed`` (the learned table: bicubic with antialiasing, prefix
+rows apart), timm's ``gen_relative_position_index`` (Swin and BEiT's offset indexing), timm's Twins
+``PosConv`` (CPVT's PEG), and DETR's ``PositionEmbeddingSine(normalize=True)``, whose formula is
+written out below. The rotary strategies are compared with timm's RoPE ViTs in ``test_rope_parity``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_rel import gen_relative_position_index
+from timm.models.twins import PosConv
+
+import vitpe
+from vitpe.pos.detr import build_detr_pos, qk_embed
+from vitpe.pos.relative import relative_index
+
+
+def build(spec, grid, num_prefix=1, dim=32, heads=4, depth=2, **kw):
+    return vitpe.pos.build(spec, dim=dim, num_heads=heads, depth=depth, grid=grid, num_prefix=num_prefix, **kw)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 5])
+@pytest.mark.parametrize("old, new", [((14, 14), (10, 10)), ((14, 14), (18, 18)), ((14, 14), (20, 12)),
+                                      ((7, 11), (11, 7)), ((14, 14), (1, 9)), ((1, 1), (3, 3))])
+def test_learned_table_follows_timms_resampling_at_run_time_and_on_load(num_prefix, old, new):
+    learned = build("learned", old, num_prefix)
+    with torch.no_grad():
+        learned.pos_embed.normal_()
+    ref = resample_abs_pos_embed(learned.pos_embed.detach(), new_size=list(new), old_size=list(old),
+                                 num_prefix_tokens=num_prefix)  # (1, P + H*W, C)
+    x = torch.zeros(1, num_prefix + new[0] * new[1], 32)
+    torch.testing.assert_close(learned.embed(x, new, num_prefix), ref, atol=1e-5, rtol=0)
+    loaded = build("learned", new, num_prefix)
+    loaded.load_state_dict(learned.state_dict())  # recorded grid -> resampled on load
+    torch.testing.assert_close(loaded.pos_embed.detach(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [(7, 11), (11, 7), (1, 9), (1, 1)])
+def test_rpb_reads_the_offset_table_as_swin_and_beit_index_it(grid):
+    assert torch.equal(relative_index(grid), gen_relative_position_index(grid))
+    rpb = build("rpb", grid, num_prefix=2)
+    with torch.no_grad():
+        rpb.tables.normal_()
+    ctx = rpb.context(grid, 2)
+    n = grid[0] * grid[1]
+    for i in range(2):
+        bias = ctx.block(i).bias  # (heads, 2 + N, 2 + N)
+        ref = rpb.tables[i].flatten(1)[:, gen_relative_position_index(grid).view(-1)].view(4, n, n)
+        torch.testing.assert_close(bias[:, 2:, 2:], ref.detach())
+        assert bias[:, :2].abs().max() == 0 and bias[:, :, :2].abs().max() == 0  # prefix tokens: no bias
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 5])
+@pytest.mark.parametrize("grid", [(7, 11), (1, 9), (9, 1), (1, 1)])
+def test_peg_is_cpvts_positional_convolution(num_prefix, grid):
+    peg = build("peg", (14, 14), num_prefix)
+    ref = PosConv(32, 32)
+    ref.proj[0].load_state_dict(peg.convs["0"].proj.state_dict())
+    x = torch.randn(2, num_prefix + grid[0] * grid[1], 32)
+    with torch.no_grad():
+        out = peg.after_block(x, 0, grid, num_prefix)
+        torch.testing.assert_close(out[:, num_prefix:], ref(x[:, num_prefix:], grid))
+    assert torch.equal(out[:, :num_prefix], x[:, :num_prefix])
+    assert torch.equal(peg.after_block(x, 1, grid, num_prefix), x)  # only after block 0 (CPVT)
+
+
+def detr_sine(mask: torch.Tensor, num_pos_feats: int, temperature: float = 10000.0,
+              scale: float = 2 * math.pi) -> torch.Tensor:
+    """DETR's normalised sine encoding, ``mask`` ``(B, H, W)`` True on padding -> ``(B, H*W, 2F)``:
+    1-based positions counted over the unpadded cells, divided by the last one (plus 1e-6) and
+    scaled; channel ``2j`` is the sine and ``2j + 1`` the cosine of position / T^(2j / F); the row
+    encoding comes first."""
+    inside = (~mask).to(torch.float32)
+    y, x = inside.cumsum(1), inside.cumsum(2)
+    y = y / (y[:, -1:, :] + 1e-6) * scale
+    x = x / (x[:, :, -1:] + 1e-6) * scale
+    j = torch.arange(num_pos_feats, dtype=torch.float32)
+    div = temperature ** (2 * torch.div(j, 2, rounding_mode="floor") / num_pos_feats)
+
+    def encode(p: torch.Tensor) -> torch.Tensor:
+        a = p[..., None] / div
+        return torch.where(j.long() % 2 == 0, a.sin(), a.cos())
+
+    return torch.cat([encode(y), encode(x)], dim=-1).flatten(1, 2)
+
+
+@pytest.mark.parametrize("dim", [256, 64])
+@pytest.mark.parametrize("padded, sizes", [((20, 25), [(20, 25), (13, 25), (20, 9), (1, 1), (7, 3)]),
+                                           ((1, 9), [(1, 9), (1, 4)]), ((9, 1), [(9, 1), (3, 1)])])
+def test_detr_sine_matches_detr_on_a_batch_of_differently_padded_images(dim, padded, sizes):
+    mask = torch.ones(len(sizes), *padded, dtype=torch.bool)
+    for i, (h, w) in enumerate(sizes):
+        mask[i, :h, :w] = False
+    ref = detr_sine(mask, dim // 2)
+    for spec in ("sine", "sine+peg"):
+        pos = build_detr_pos(spec, dim=dim, num_heads=8, depth=2, grid=(16, 16))
+        torch.testing.assert_close(qk_embed(pos, mask), ref, atol=1e-6, rtol=0)  # padded cells too
