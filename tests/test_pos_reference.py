@@ -2,7 +2,8 @@
 grids other than the built one, prefix tokens and checkpoints made at another resolution.
 
 References: timm's ``resample_abs_pos_embed`` (the learned table: bicubic with antialiasing, prefix
-rows apart), timm's ``gen_relative_position_index`` (Swin and BEiT's offset indexing), timm's Twins
+rows apart), timm's ``gen_relative_position_index`` (Swin and BEiT's offset indexing) and
+``resize_rel_pos_bias_table`` (BEiT's geometric resizing of the offset table), timm's Twins
 ``PosConv`` (CPVT's PEG), and DETR's ``PositionEmbeddingSine(normalize=True)``, whose formula is
 written out below. The rotary strategies are compared with timm's RoPE ViTs in ``test_rope_parity``.
 """
@@ -13,11 +14,12 @@ import math
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.layers.pos_embed_rel import gen_relative_position_index
+from timm.layers.pos_embed_rel import gen_relative_position_index, resize_rel_pos_bias_table
 from timm.models.twins import PosConv
 
 import vitpe
 from vitpe.pos.detr import build_detr_pos, qk_embed
+from vitpe.pos.functional import resize_offset_table
 from vitpe.pos.relative import relative_index
 
 
@@ -54,6 +56,35 @@ def test_rpb_reads_the_offset_table_as_swin_and_beit_index_it(grid):
         ref = rpb.tables[i].flatten(1)[:, gen_relative_position_index(grid).view(-1)].view(4, n, n)
         torch.testing.assert_close(bias[:, 2:, 2:], ref.detach())
         assert bias[:, :2].abs().max() == 0 and bias[:, :, :2].abs().max() == 0  # prefix tokens: no bias
+
+
+@pytest.mark.parametrize("old, new", [((14, 14), (18, 18)), ((14, 14), (10, 10)), ((7, 11), (9, 5)),
+                                      ((4, 4), (4, 6)), ((2, 3), (1, 1))])
+def test_rpb_geometric_resize_is_beits_at_run_time_and_on_load(old, new):
+    """``resize='geometric'`` resizes each block's and head's offset table as timm's
+    ``resize_rel_pos_bias_table`` (BEiT's), enlarging or shrinking, square or not; the bias of a
+    patch with itself (offset 0) keeps its value. A checkpoint made at another grid is resized the
+    same way on load."""
+    rpb = build("rpb", old, pos_kwargs={"rpb": {"resize": "geometric"}})
+    size = (2 * new[0] - 1, 2 * new[1] - 1)
+    ref = torch.stack([resize_rel_pos_bias_table(t, new, (4, *size)) for t in rpb.tables.detach()])
+    got = rpb.tables_for(new).reshape(ref.shape)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    centre = rpb.tables[..., old[0] - 1, old[1] - 1]
+    torch.testing.assert_close(got[..., new[0] - 1, new[1] - 1], centre.detach(), atol=1e-6, rtol=0)
+    loaded = build("rpb", new, pos_kwargs={"rpb": {"resize": "geometric"}})
+    loaded.load_state_dict(rpb.state_dict())
+    torch.testing.assert_close(loaded.tables.detach(), ref, atol=1e-6, rtol=0)
+    # the default scales offsets with the grid instead: on a larger grid it is another table
+    if new[0] > old[0]:
+        plain = build("rpb", old)
+        with torch.no_grad():
+            plain.tables.copy_(rpb.tables)
+        assert not torch.allclose(plain.tables_for(new), rpb.tables_for(new), atol=1e-3)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        build("rpb", old, pos_kwargs={"rpb": {"resize": "nearest"}})
+    with pytest.raises(ValueError, match="resized 'bicubic' or 'geometric'"):
+        resize_offset_table(rpb.tables, size, "nearest")
 
 
 @pytest.mark.parametrize("num_prefix", [0, 1, 5])

@@ -110,6 +110,66 @@ def filter_weights(scale: float | Tensor, stretch: float | Tensor, rows: int, si
     return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
+def geometric_offsets(size: int, new_size: int) -> list[float]:
+    """BEiT's positions for the ``size`` offsets of a relative-bias table's axis resized to
+    ``new_size`` (``timm.layers.resize_rel_pos_bias_table``): the steps out from offset 0 grow
+    geometrically, ``1, q, q^2, ...``, with ``q`` found (bisection in ``[1.01, 1.5]``) so that the
+    last one reaches about ``new_size // 2``. Near offsets keep their values; far ones are spread out
+    (enlarging) or, shrinking (where ``q`` stays at 1.01), kept about where they were."""
+    def progression(q: float, n: int) -> float:
+        return (1.0 - q ** n) / (1.0 - q)
+
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if progression(q, size // 2) > new_size // 2:
+            right = q
+        else:
+            left = q
+    steps, cur = [], 1.0
+    for i in range(size // 2):
+        steps.append(cur)
+        cur += q ** (i + 1)
+    return [-v for v in reversed(steps)] + [0.0] + steps
+
+
+def geometric_matrix(size: int, new_size: int, device: torch.device | None = None) -> Tensor:
+    """``(new_size, size)`` float32: linear interpolation of an axis of ``size`` offsets at BEiT's
+    positions (``geometric_offsets``) onto the integer offsets ``-(new_size // 2) ..
+    new_size // 2``, the ends held beyond the range (as timm's ``RegularGridInterpolator``)."""
+    src = torch.tensor(geometric_offsets(size, new_size), dtype=torch.float32)
+    half = new_size // 2
+    dst = torch.arange(-half, half + 0.1, 1.0, dtype=torch.float32)
+    right = torch.bucketize(dst, src).clamp(max=size - 1)
+    left = (right - 1).clamp(min=0)
+    to_left, to_right = (dst - src[left]).clamp(min=0), (src[right] - dst).clamp(min=0)
+    both = (to_left == 0) & (to_right == 0)  # on a source offset
+    to_left, to_right = torch.where(both, 1.0, to_left), torch.where(both, 1.0, to_right)
+    m = torch.zeros(new_size, size)
+    rows = torch.arange(new_size)
+    m.index_put_((rows, left), to_right / (to_left + to_right), accumulate=True)
+    m.index_put_((rows, right), to_left / (to_left + to_right), accumulate=True)
+    return m.to(device)
+
+
+def resize_offset_table(tables: Tensor, size: Grid, mode: str = "bicubic") -> Tensor:
+    """``(..., 2h-1, 2w-1)`` relative-bias tables -> ``(..., *size)``: ``bicubic`` resamples the
+    offsets as a map (``resample_map``: every offset scaled with the grid, as Swin's fine-tuning
+    does, antialiased when shrinking); ``geometric`` is BEiT's (``geometric_matrix``, on both axes
+    when either changes, as timm), which keeps near offsets at their values."""
+    if tuple(tables.shape[-2:]) == tuple(size):
+        return tables
+    if mode == "bicubic":
+        lead = tables.shape[:-2]
+        return resample_map(tables.reshape(1, -1, *tables.shape[-2:]), size).reshape(*lead, *size)
+    if mode != "geometric":
+        raise ValueError(f"a relative-bias table is resized 'bicubic' or 'geometric'; got {mode!r}")
+    rows = geometric_matrix(tables.shape[-2], size[0], tables.device)
+    cols = geometric_matrix(tables.shape[-1], size[1], tables.device)
+    with torch.autocast(tables.device.type, enabled=False):
+        return (rows @ tables.float() @ cols.t()).to(tables.dtype)
+
+
 def cubic_filter(x: Tensor, a: float = -0.5) -> Tensor:
     """The cubic convolution filter with ``a = -0.5``, as antialiased bicubic resampling uses it."""
     x = x.abs()

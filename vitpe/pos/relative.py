@@ -1,12 +1,17 @@
 """``rpb``: a learned relative position bias on the attention logits (Swin, BEiT).
 
 Each block has, per head, a table over 2D offsets ``(2H-1) x (2W-1)``; the bias between patches m
-and n is the entry at their offset. For another grid the table is resized bicubically, with
-antialiasing (``resample_map``, as the learned table): Swin's own code resizes with plain bicubic
-interpolation, BEiT's and timm's on a geometric grid of offsets that keeps the nearest offsets'
-values. Enlarged, a table resized here is close to theirs but not equal; shrunk, it differs more
-(the antialiasing averages neighbouring offsets that theirs keeps apart). Prefix tokens get zero bias
-(BEiT's three learned class-token entries are not kept).
+and n is the entry at their offset. For another grid the table is resized (``resize``):
+
+- ``bicubic`` (the default): resampled as a map, with antialiasing (``resample_map``, as the
+  learned table), so every offset scales with the grid: the bias between two patches depends on
+  their offset as a fraction of the grid. Swin's fine-tuning resizes this way, without the
+  antialiasing (which, shrinking, averages neighbouring offsets).
+- ``geometric``: BEiT's and timm's (``resize_rel_pos_bias_table``): the near offsets keep their
+  values (an offset of one patch is still one patch), the far ones are spread out to reach the new
+  grid's edges, or, on a smaller grid, kept about where they were.
+
+Prefix tokens get zero bias (BEiT's three learned class-token entries are not kept).
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Grid, GridShapedStrategy, PosContext
-from .functional import grid_coords, reduced_grid, resample_map
+from .functional import grid_coords, reduced_grid, resize_offset_table
+
+RESIZE_MODES = ("bicubic", "geometric")
 
 
 def relative_index(grid: Grid, device: torch.device | None = None) -> Tensor:
@@ -44,8 +51,11 @@ def relative_offsets(grid: Grid, kv_stride: int, device: torch.device | None = N
 class RelativeBias(GridShapedStrategy):
     name = "rpb"
 
-    def __init__(self, *, shared: bool = False, **kw: Any) -> None:
+    def __init__(self, *, shared: bool = False, resize: str = "bicubic", **kw: Any) -> None:
         super().__init__(**kw)
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"{self.name}: resize must be one of {RESIZE_MODES}; got {resize!r}")
+        self.resize = resize
         h, w = self.native_grid
         layers = 1 if shared else self.depth
         self.tables = nn.Parameter(torch.zeros(layers, self.num_heads, 2 * h - 1, 2 * w - 1))
@@ -55,7 +65,7 @@ class RelativeBias(GridShapedStrategy):
         """``(layers, heads, (2h-1)*(2w-1))`` for ``grid``."""
         def make() -> Tensor:
             size = (2 * grid[0] - 1, 2 * grid[1] - 1)
-            return resample_map(self.tables, size).flatten(2)
+            return resize_offset_table(self.tables, size, self.resize).flatten(2)
 
         if grid == self.native_grid:
             return self.tables.flatten(2)
@@ -100,4 +110,4 @@ class RelativeBias(GridShapedStrategy):
         key = prefix + "tables"
         if key in state_dict:
             h, w = self.native_grid
-            state_dict[key] = resample_map(state_dict[key], (2 * h - 1, 2 * w - 1))
+            state_dict[key] = resize_offset_table(state_dict[key], (2 * h - 1, 2 * w - 1), self.resize)
