@@ -58,6 +58,7 @@ def test_rpb_reads_the_offset_table_as_swin_and_beit_index_it(grid):
         assert bias[:, :2].abs().max() == 0 and bias[:, :, :2].abs().max() == 0  # prefix tokens: no bias
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # timm's interpolator's own, about its indexing
 @pytest.mark.parametrize("old, new", [((14, 14), (18, 18)), ((14, 14), (10, 10)), ((7, 11), (9, 5)),
                                       ((4, 4), (4, 6)), ((2, 3), (1, 1))])
 def test_rpb_geometric_resize_is_beits_at_run_time_and_on_load(old, new):
