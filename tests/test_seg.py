@@ -306,6 +306,22 @@ def test_an_image_that_cannot_be_decoded_names_the_file_or_is_skipped(tmp_path, 
     assert len(read_all(ds)) == 3 and [s.path for s in ds.skipped] == [str(bad)]
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_image_over_pils_pixel_limit_names_the_file_or_is_skipped(tmp_path, monkeypatch, cache):
+    """PIL refuses to open an image over twice ``Image.MAX_IMAGE_PIXELS`` with its own exception
+    (not an OSError), which names no file: it is a bad pair like any unreadable one."""
+    root = make_dataset(tmp_path)
+    image, mask = blocks_pair(80, 112, seed=9)
+    Image.fromarray(image).save(root / "images" / "training" / "img1.png")
+    Image.fromarray(mask).save(root / "annotations" / "training" / "img1.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 80x112 is over twice it, 40x56 under it
+    with pytest.raises(DataError, match="exceeds limit") as info:
+        read_all(SegmentationDataset(root, "training", 3, cache=cache))
+    assert "img1.png" in str(info.value) and "on_error=skip" in str(info.value)
+    ds = SegmentationDataset(root, "training", 3, on_error="skip", cache=cache)
+    assert len(read_all(ds)) == 3 and len(ds.skipped) == 1 and "img1.png" in ds.skipped[0].path
+
+
 def test_evaluate_leaves_out_and_records_images_that_cannot_be_decoded(tmp_path, caplog):
     from vitpe.engine.segmentation import evaluate
 

@@ -46,6 +46,9 @@ _logger = logging.getLogger(__name__)
 OnError = Literal["error", "skip"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MASK_MODES = ("L", "P", "I", "I;16", "1")  # one channel of class indices
+# What PIL raises on a file it cannot read: besides OSError and friends, DecompressionBombError
+# (an Exception of its own) for an image over twice Image.MAX_IMAGE_PIXELS, already when it opens
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _object_info(path: Path) -> list[str] | None:
@@ -123,7 +126,7 @@ def read_mask(path: Path, num_classes: int, reduce_zero_label: bool = False, ign
                 raise DataError(f"{path}: mask has mode {im.mode}, expected one channel of class indices "
                                 f"(a colour rendering of the labels cannot be read)")
             raw = np.asarray(im, dtype=np.int64)
-    except (OSError, ValueError, SyntaxError) as e:  # the mask's file is named, not its image's
+    except UNREADABLE as e:  # the mask's file is named, not its image's
         raise DataError(f"{path}: unreadable mask ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     top = num_classes if reduce_zero_label else num_classes - 1
     valid = ((raw >= 0) & (raw <= top)) | (raw == ignore_index)
@@ -241,7 +244,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                         return mask_path, (f"mask has mode {im.mode}, expected one channel of class indices "
                                            f"(a colour rendering of the labels cannot be read)")
                     sizes.append(im.size)
-            except (OSError, ValueError, SyntaxError) as e:
+            except UNREADABLE as e:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 return path, f"unreadable mask ({reason})" if path == mask_path else f"unreadable ({reason})"
         (mw, mh), (iw, ih) = sizes
@@ -268,7 +271,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         path = self.images[i]
         try:
             return torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).contiguous()
-        except (OSError, ValueError, SyntaxError) as e:
+        except UNREADABLE as e:
             reason = str(e).splitlines()[0] if str(e) else "unreadable"
             raise DataError(f"{path}: cannot decode image: {reason}") from None
 
