@@ -93,8 +93,20 @@ def test_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(DataError, match="no class folders"):
         ImageFolder(tmp_path / "a", "train")
     root = make_folder(tmp_path / "b", per_class=1, val_per_class=1)
-    with pytest.raises(DataError, match="differ"):
-        ImageFolder(root, "val", classes=["blue", "green", "red"])
+    with pytest.raises(DataError, match=r"the training split does not have: \['red'\]"):
+        ImageFolder(root, "val", classes=["blue", "green"])
+
+
+def test_a_validation_split_without_a_class_folder_keeps_the_training_indices(tmp_path):
+    """A class with no validation folder has no validation images, as one with an empty folder: the
+    other classes keep their training index, not their place among the validation folders."""
+    root = make_folder(tmp_path, per_class=1, val_per_class=2, classes=("blue", "green", "red"))
+    for f in (root / "val" / "blue").iterdir():
+        f.unlink()
+    (root / "val" / "blue").rmdir()
+    val = ImageFolder(root, "val", classes=["blue", "green", "red"])
+    assert val.classes == ["blue", "green", "red"]
+    assert [(Path(f).parent.name, i) for f, i in val.samples] == [("green", 1)] * 2 + [("red", 2)] * 2
 
 
 def test_an_empty_class_folder_of_the_training_split_is_named(tmp_path):

@@ -1,7 +1,8 @@
 """ImageNet-layout folders (``root/<split>/<class>/<image>``), robust to bad files.
 
-As in torchvision's ImageFolder, class indices follow the sorted class folder names and a class's
-images may also lie in sub-folders of its folder; hidden files and folders (``.DS_Store``,
+As in torchvision's ImageFolder, class indices follow the sorted class folder names (of the training
+split: another split is indexed by those names, and may lack a class's folder but not have one of
+its own) and a class's images may also lie in sub-folders of its folder; hidden files and folders (``.DS_Store``,
 ``.ipynb_checkpoints``) are left out. Any other file is a sample: one that is not an image is
 skipped like a corrupt one. EXIF orientation is not applied (as torchvision, timm and the device
 decoder of ``gpu_decode``).
@@ -140,9 +141,18 @@ class ImageFolder(Dataset):
             if empty:
                 raise DataError(f"{self.root / split}: class folder(s) with no files: {empty[:5]}; a class "
                                 f"without images would still get an output (remove the folder)")
-        if classes is not None and found != classes:  # val must index the same classes as train
-            missing = sorted(set(found) ^ set(classes))
-            raise DataError(f"{self.root / split}: class folders differ from the training split's: {missing[:5]}")
+        if classes is not None and found != classes:  # val indexes train's classes, by name
+            extra = [c for c in found if c not in classes]
+            if extra:
+                raise DataError(f"{self.root / split}: class folder(s) that the training split does not have: "
+                                f"{extra[:5]} (its classes: {classes[:5]}{' ...' if len(classes) > 5 else ''})")
+            # a class with no folder here has no images here, as one with an empty folder: the other
+            # samples keep the training split's indices, not their place among this split's folders
+            index = [classes.index(c) for c in found]
+            self.samples = [(f, index[i]) for f, i in self.samples]
+            absent = [c for c in classes if c not in found]
+            _logger.info("%s: no folder for %d of the %d classes (no images of them): %s", self.root / split,
+                         len(absent), len(classes), absent[:5])
 
     def __len__(self) -> int:
         return len(self.samples)
