@@ -23,7 +23,7 @@ from vitpe.data.folder import cached_skips, collate_skipping
 from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import check_resumed_classes, save_checkpoint
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, build_train_loader,
-                                         evaluate, train_one_epoch)
+                                         evaluate, model_label, model_pos, train_one_epoch)
 from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_optimizer, build_scheduler
@@ -116,7 +116,7 @@ def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:
     val = evaluate(model, final_loader, device, cfg.run.amp, reduce=False)
     val["skipped"] += cached_skips(val_loader.dataset)
     results = {"top1": val["top1"], "top5": val["top5"], "n": val["n"], "skipped": val["skipped"],
-               "pos": cfg.model.pos, "model": cfg.model.name, "train_size": cfg.data.img_size, "resolution": {}}
+               "pos": model_pos(cfg.model), "model": cfg.model.name, "train_size": cfg.data.img_size, "resolution": {}}
     if cfg.eval.sizes:
         sizes = evaluate_sizes(model, cfg, cfg.eval.sizes, device, mean, std, classes)
         results["resolution"] = {str(s): v["top1"] for s, v in sizes.items() if "top1" in v}
@@ -124,7 +124,7 @@ def finish(cfg, out, model, val_loader, device, classes, mean, std) -> None:
         if failed:
             results["resolution_errors"] = failed
         results["throughput"] = {str(s): v["img_per_s"] for s, v in sizes.items() if "img_per_s" in v}
-        report = {cfg.model.pos: {"checkpoint": str(out / "checkpoint.pt"), "train_size": cfg.data.img_size,
+        report = {model_label(cfg.model): {"checkpoint": str(out / "checkpoint.pt"), "train_size": cfg.data.img_size,
                                   "sizes": sizes}}
         print(write_report(report, out))
     (out / "results.json").write_text(json.dumps(results, indent=2))

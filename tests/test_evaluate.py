@@ -306,3 +306,21 @@ def test_results_are_written_after_each_checkpoint(runs, tmp_path, monkeypatch):
         ev.main(["--checkpoint", str(out["peg"] / "checkpoint.pt"), str(out["learned"] / "checkpoint.pt"),
                  "--sizes", "16", "--device", "cpu", "--workers", "0", "--no-throughput", "--output", str(tmp_path)])
     assert list(json.loads((tmp_path / "resolution.json").read_text())) == ["peg"]
+
+
+def test_timms_own_model_is_labelled_by_its_name_not_by_a_strategy_it_does_not_use(tmp_path, capsys):
+    """A timm ViT takes no ``pos`` (its learned table is its own): the run's table, results.json and
+    the evaluation name it by model, not by the ``model.pos`` of the config, which it ignores."""
+    data = make_folder(tmp_path / "data")
+    module = train_cls_module()
+    with pytest.raises(SystemExit) as e:
+        module.run_cli(module.main, tiny_argv(data, tmp_path / "run", "--model", "vit_tiny_patch16_224", "--pos",
+                                              "rope_mixed", "--eval-sizes", "16,32", epochs=1))
+    assert e.value.code == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["pos"] is None and results["model"] == "vit_tiny_patch16_224"
+    assert list(json.loads((tmp_path / "run" / "resolution.json").read_text())) == ["vit_tiny_patch16_224"]
+    assert run_eval(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--sizes", "16,32", "--output",
+                     str(tmp_path / "res"), "--device", "cpu", "--workers", "0", "--no-throughput"]) == 0
+    assert "| vit_tiny_patch16_224 |" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "res" / "resolution.json").read_text())) == ["vit_tiny_patch16_224"]

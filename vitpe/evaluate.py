@@ -5,8 +5,9 @@ the same content on a finer or coarser patch grid and its positional strategy mu
     python -m vitpe.evaluate --checkpoint runs/peg/best.pt runs/learned/best.pt \\
         --sizes 16,24,32,48,64 --output runs/compare
 
-prints a markdown table (rows: checkpoints, labelled by strategy; columns: sizes) and writes
-``resolution.json`` and ``resolution.png`` in ``--output``. Training runs the same code at its end.
+prints a markdown table (rows: checkpoints, labelled by strategy, timm's own models by name;
+columns: sizes) and writes ``resolution.json`` and ``resolution.png`` in ``--output``. Training runs
+the same code at its end.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .data.classification import ClsDataConfig, eval_dataset, norm_stats, resolv
 from .data.folder import cached_skips, collate_skipping
 from .engine import distributed as dist
 from .engine.checkpoint import load_checkpoint
-from .engine.classification import ClsConfig, build_model, evaluate
+from .engine.classification import ClsConfig, build_model, evaluate, model_label
 from .engine.loop import EMA_KEY, autocast, ema_weights
 from .errors import UserError
 
@@ -294,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_sizes(args.sizes, build_model(cfg.model, len(state["classes"]), cfg.data.img_size), path)
         _check_classes(path, cfg, state, args.sizes[0])
         read.append((path, cfg, state))
-    labels = unique_labels([cfg.model.pos for _, cfg, _ in read], args.checkpoint)
+    labels = unique_labels([model_label(cfg.model) for _, cfg, _ in read], args.checkpoint)
     results: Results = {}
     for label, (path, cfg, state) in zip(labels, read):
         model, cfg, state = load_model(path, device, args.weights, (cfg, state))

@@ -52,6 +52,18 @@ class ClsConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(sizes=[16, 24, 32, 48, 64]))  # resolution eval
 
 
+def model_pos(cfg: ModelConfig) -> str | None:
+    """The positional strategy the model uses: ``model.pos`` for vitpe's models, None for timm's own,
+    which take no ``pos`` (their position is their own, e.g. a learned table)."""
+    return cfg.pos if cfg.name.startswith("vitpe_") else None
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """The model's name in the resolution tables and plots: its strategy, or a timm model's name
+    (labelling it with the ``model.pos`` it does not use would compare strategies it does not have)."""
+    return model_pos(cfg) or cfg.name
+
+
 def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
     """``timm.create_model`` with vitpe's ``pos`` options passed only to models that take them."""
     import vitpe  # noqa: F401  (registers vitpe's models with timm)
@@ -207,4 +219,4 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
 
 
 __all__ = ["ClsConfig", "EmaConfig", "as_batch", "build_criterion", "build_mixup", "build_model", "build_train_loader",
-           "evaluate", "train_one_epoch"]
+           "evaluate", "model_label", "model_pos", "train_one_epoch"]
