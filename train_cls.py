@@ -23,7 +23,7 @@ from vitpe.data.folder import cached_skips, collate_skipping
 from vitpe.engine import distributed as dist
 from vitpe.engine.checkpoint import check_resumed_classes, save_checkpoint
 from vitpe.engine.classification import (ClsConfig, build_criterion, build_mixup, build_model, build_train_loader,
-                                         evaluate, model_label, model_pos, train_one_epoch)
+                                         default_kwargs_warning, evaluate, model_label, model_pos, train_one_epoch)
 from vitpe.engine.loop import make_loader, restore_training_state, seed_epoch, seed_everything, training_state
 from vitpe.engine.metrics_log import MetricsLog, summary_line
 from vitpe.engine.optim import build_optimizer, build_scheduler
@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(cfg: ClsConfig, device, resumed: dict | None) -> int:
     out = Path(cfg.run.output)
+    note = default_kwargs_warning(cfg.model)
+    if note and resumed is None and dist.is_main():
+        log.warning(note)
     resolve_crop_pct(cfg.data, cfg.model.name)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)

@@ -284,3 +284,18 @@ def test_mixup_with_an_odd_batch_is_refused_at_start(folder, tmp_path, capsys):
     assert run(argv) == 2
     err = capsys.readouterr().err
     assert "must be even" in err and err.count("\n") == 1
+
+
+def test_another_model_with_the_default_runs_kwargs_is_warned_about(folder, tmp_path, caplog):
+    """The default run's model.kwargs (4 blocks, 64 wide) are kept when only --model changes: they
+    would silently shrink a ViT-S to the default's size, so the run says so before it trains."""
+    base = ["--data", str(folder), "--epochs", "1", "--batch-size", "8", "--img-size", "16", "--device", "cpu",
+            "--workers", "0", "--eval-sizes", "16", "--set", "eval.throughput=false"]
+    caplog.set_level("WARNING")
+    assert run([*base, "--output", str(tmp_path / "small"), "--model", "vitpe_vit_small_patch16_224"]) == 0
+    assert "are the default run's" in caplog.text and "model.kwargs={}" in caplog.text
+    caplog.clear()
+    assert run([*base, "--output", str(tmp_path / "default")]) == 0  # the default model: its own sizes
+    assert run([*base, "--output", str(tmp_path / "sized"), "--model", "vitpe_vit_small_patch16_224", "--set",
+                "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]) == 0
+    assert "are the default run's" not in caplog.text

@@ -39,6 +39,18 @@ def _default_model() -> ModelConfig:
                        kwargs={"depth": 4, "embed_dim": 64, "num_heads": 2})
 
 
+def default_kwargs_warning(cfg: ModelConfig) -> str | None:
+    """A warning when ``model.kwargs`` are still the default run's sizes but ``model.name`` names
+    another model: they apply to it too, and shrink it (``--model vitpe_vit_small_patch16_224``
+    alone builds a 4-block, 64-wide ViT, not ViT-S) or are refused by it (a ResNet takes no
+    ``depth``). None otherwise."""
+    default = _default_model()
+    if cfg.name == default.name or cfg.kwargs != default.kwargs:
+        return None
+    return (f"warning: model.kwargs {cfg.kwargs} are the default run's (they size {default.name}) and apply to "
+            f"{cfg.name} too; for its own size, --set 'model.kwargs={{}}'")
+
+
 @dataclass
 class ClsConfig:
     """Defaults are the default run: ``python train_cls.py`` trains on the synthetic task on CPU."""
@@ -219,4 +231,4 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
 
 
 __all__ = ["ClsConfig", "EmaConfig", "as_batch", "build_criterion", "build_mixup", "build_model", "build_train_loader",
-           "evaluate", "model_label", "model_pos", "train_one_epoch"]
+           "default_kwargs_warning", "evaluate", "model_label", "model_pos", "train_one_epoch"]
