@@ -379,6 +379,17 @@ def test_an_image_without_width_and_height_takes_them_from_its_file(fresh, caplo
     assert _load(fresh, "skip").dropped["unreadable image"] == 1
 
 
+def test_an_image_over_pils_pixel_limit_without_width_and_height_is_named_for_that(fresh, monkeypatch) -> None:
+    """PIL refuses to open an image over twice ``Image.MAX_IMAGE_PIXELS``: that is the reason given,
+    not that the file is no image."""
+    from PIL import Image
+
+    _rewrite(fresh, "train2017", lambda d: [d["images"][0].pop(k) for k in ("width", "height")])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 64x48 images are over twice it
+    with pytest.raises(CocoFormatError, match=r"0000.jpg cannot be read \(DecompressionBombError: Image size"):
+        _load(fresh)
+
+
 def test_tv_tensor_boxes_before_transform(data) -> None:
     image, t = CocoDetection(data, "train2017").raw(0)
     assert isinstance(image, tv_tensors.Image) and isinstance(t["boxes"], tv_tensors.BoundingBoxes)

@@ -226,15 +226,18 @@ def _check_box(a: dict[str, Any], img: dict[str, Any], check: _Checker) -> list[
     return [x0, y0, x1 - x0, y1 - y0]
 
 
-def _header_size(file: Path) -> tuple[int, int] | None:
-    """``(width, height)`` from an image file's header (nothing decoded); None if it is no image."""
-    from PIL import Image
+def _header_size(file: Path) -> tuple[int, int] | str:
+    """``(width, height)`` from an image file's header (nothing decoded), or why it cannot be read
+    (not an image; or one over PIL's pixel limit, which PIL refuses to open)."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(file) as im:
             return im.size
-    except Exception:  # noqa: BLE001 - PIL raises many kinds on files that are not images
-        return None
+    except UnidentifiedImageError:
+        return "is not an image"
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds on files it cannot read
+        return f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'})"
 
 
 def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Checker) -> list[dict[str, Any]]:
@@ -250,8 +253,8 @@ def _check_images(data: dict[str, Any], path: Path, image_dir: Path, check: _Che
         exists = (image_dir / img["file_name"]).is_file()  # one stat an image: a json may list 100k+
         if ("width" not in img or "height" not in img) and exists:
             size = _header_size(image_dir / img["file_name"])
-            if size is None:
-                check.bad("unreadable image", f"image {img['id']}: {image_dir / img['file_name']} is not an image "
+            if isinstance(size, str):
+                check.bad("unreadable image", f"image {img['id']}: {image_dir / img['file_name']} {size} "
                                               f"(and the json gives no width and height)")
                 continue
             img, sized = dict(img, width=size[0], height=size[1]), sized + 1
