@@ -54,7 +54,7 @@ def train(cfg: DetConfig, device, resumed: dict | None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     train_set, val_set = build_datasets(cfg.data)
-    classes = train_set.index.class_names
+    classes = train_set.class_names
     check_resumed_classes(resumed, classes, cfg.data.path)
     most = max((len(boxes) for _, boxes in train_set.samples), default=0)
     if most > cfg.model.num_queries and dist.is_main():  # each query is matched to one box at most
@@ -135,12 +135,12 @@ def finish(cfg: DetConfig, out: Path, model, train_set, val_set, val: dict[str, 
     strip = lambda m: {k: v for k, v in m.items() if k != "summary"}  # noqa: E731
     results = {"coco": strip(val), "eval_sizes": {s: strip(m) for s, m in sizes.items()}, "pos": cfg.model.pos,
                "backbone": cfg.model.backbone, "min_size": cfg.data.min_size, "max_size": cfg.data.max_size,
-               "classes": val_set.index.class_names, "category_ids": val_set.index.cat_ids,
+               "classes": val_set.class_names, "category_ids": val_set.cat_ids,
                "dropped": {"train": dict(train_set.index.dropped), "val": dict(val_set.index.dropped)},
                "clipped": {"train": train_set.index.clipped, "val": val_set.index.clipped}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     samples = figure_samples(model, val_set, cfg.eval.figure_images, device, div, cfg.run.amp)
-    plot_detections(samples, val_set.index.class_names, out / "detections.png", cfg.eval.score_threshold,
+    plot_detections(samples, val_set.class_names, out / "detections.png", cfg.eval.score_threshold,
                     f"DETR, encoder pos={cfg.model.pos}: predictions (red, score >= {cfg.eval.score_threshold}) "
                     f"and ground truth (dashed green)")
     print(val.get("summary", ""))

@@ -573,3 +573,34 @@ def test_category_names_that_differ_between_the_splits_are_named(tmp_path, caplo
     with caplog.at_level("WARNING"):
         build_datasets(DetDataConfig(path=str(root)))
     assert "category names differ between train2017 and val2017" in caplog.text and "'renamed'" in caplog.text
+
+
+def test_a_validation_json_with_some_of_the_training_categories_is_read_in_the_training_label_space(
+        tmp_path, caplog) -> None:
+    """Some exporters write each split's own categories: a validation json without one of the
+    training categories (and without its boxes) keeps the training labels, its detections go out
+    with the training ids, and perfect predictions still score AP 1. A validation category the
+    training split lacks is an error naming it."""
+    from vitpe.engine.detection import DetDataConfig, build_datasets
+
+    root = make_dataset(tmp_path, 2, 4, zero_box=False)
+
+    def drop_first(d):
+        d["categories"] = [c for c in d["categories"] if c["id"] != CAT_IDS[0]]
+        d["annotations"] = [a for a in d["annotations"] if a["category_id"] != CAT_IDS[0]]
+
+    _rewrite(root, "val2017", drop_first)
+    with caplog.at_level("INFO"):
+        train, val = build_datasets(DetDataConfig(path=str(root)))
+    assert "lists 2 of train2017's 3 categories" in caplog.text
+    assert val.cat_ids == train.cat_ids == CAT_IDS and val.class_names == train.class_names
+    assert val.index.cat_ids == CAT_IDS[1:]
+    labels = torch.cat([val.raw(i)[1]["labels"] for i in range(len(val))])
+    assert set(labels.tolist()) == {1, 2}  # the training split's labels of categories 17 and 90
+    preds, ids = perfect_predictions(val)
+    results = to_coco_results(preds, ids, val.cat_ids)
+    assert {r["category_id"] for r in results} == set(CAT_IDS[1:])
+    assert coco_evaluate(val.index.gt, results)["AP"] == pytest.approx(1.0)
+    _rewrite(root, "val2017", lambda d: d["categories"].append({"id": 42, "name": "new"}))
+    with pytest.raises(DataError, match=r"categories of val2017 \[42\] are not in train2017's"):
+        build_datasets(DetDataConfig(path=str(root)))

@@ -32,17 +32,24 @@ class CocoDetection(torch.utils.data.Dataset):
 
     ``transform`` takes and returns ``(tv_tensors.Image, {'boxes': BoundingBoxes, 'labels': ...})``.
     ``cache``: decode every image once into memory (uint8), for small datasets and many epochs.
-    ``clip_boxes``: see ``load_coco``.
+    ``clip_boxes``: see ``load_coco``. ``labels``: the label space, ``(category ids, names)`` in
+    label order (the training split's, for a validation json that lists only some of its
+    categories); by default the json's own.
     """
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
                  on_error: OnError = "error", cache: bool = False, index: CocoIndex | None = None,
-                 clip_boxes: bool = False) -> None:
+                 clip_boxes: bool = False, labels: tuple[list[Any], list[str]] | None = None) -> None:
         self.root, self.split, self.transform, self.on_error = Path(root), split, transform, on_error
         self.image_dir = self.root / split
         self.index = index or load_coco(self.root / "annotations" / f"instances_{split}.json", self.image_dir,
                                         on_error, clip_boxes)
-        self.label_of = {cid: i for i, cid in enumerate(self.index.cat_ids)}
+        self.cat_ids, self.class_names = labels or (self.index.cat_ids, self.index.class_names)
+        unknown = sorted(set(self.index.cat_ids) - set(self.cat_ids), key=str)
+        if unknown:
+            raise DataError(f"{self.index.path}: categories {unknown[:10]} are not among the label space's "
+                            f"{list(self.cat_ids)[:10]}")
+        self.label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
         anns = self.index.by_image()
         self.samples = [(img, [a for a in anns[img["id"]] if not a["iscrowd"]]) for img in self.index.images]
         self._cache: list[torch.Tensor | Skipped] | None = None

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import EvalConfig, OptimConfig, RunConfig, plus_joined
-from ..data.coco import CocoDetection, PadCollate
+from ..data.coco import CocoDetection, PadCollate, load_coco
 from ..data.det_transforms import eval_transform, train_transform
 from ..data.folder import Skipped, warn_skipped
 from ..errors import DataError, UserError
@@ -129,18 +129,28 @@ def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
         raise DataError("no dataset: set --data DIR (COCO layout: DIR/annotations/instances_<split>.json, DIR/<split>/)")
     augment = train_transform(cfg.min_size, cfg.max_size, cfg.flip, cfg.multiscale, cfg.crop_prob)
     train = CocoDetection(cfg.path, cfg.train_split, augment, cfg.on_error, cfg.cache, clip_boxes=cfg.clip_boxes)
+    val_index = load_coco(Path(cfg.path) / "annotations" / f"instances_{cfg.val_split}.json",
+                          Path(cfg.path) / cfg.val_split, cfg.on_error, cfg.clip_boxes)
+    extra = sorted(set(val_index.cat_ids) - set(train.index.cat_ids), key=str)
+    if extra:
+        raise DataError(f"{cfg.path}: categories of {cfg.val_split} {extra[:10]} are not in {cfg.train_split}'s "
+                        f"{train.index.cat_ids[:10]}: the model has no class for them")
+    # a validation json listing only some of the training categories (as some exporters write each
+    # split's own) is read in the training split's label space; the categories it leaves out are
+    # not scored, as COCOeval scores the ground truth's categories
     val = CocoDetection(cfg.path, cfg.val_split, eval_transform(cfg.min_size, cfg.max_size), cfg.on_error, cfg.cache,
-                        clip_boxes=cfg.clip_boxes)
+                        index=val_index, labels=(train.index.cat_ids, train.index.class_names))
     if len(val) == 0:
         raise DataError(f"{val.index.path}: no validation images (the json lists none that can be used)")
     if not any(boxes for _, boxes in val.samples):
         _logger.warning("warning: %s: no boxes in the validation images: COCO AP is undefined (n/a)",
                         val.index.path.name)
-    if train.index.cat_ids != val.index.cat_ids:
-        raise DataError(f"{cfg.path}: categories of {cfg.train_split} {train.index.cat_ids[:10]} and {cfg.val_split} "
-                        f"{val.index.cat_ids[:10]} differ")
-    renamed = [(i, a, b) for i, a, b in zip(train.index.cat_ids, train.index.class_names, val.index.class_names)
-               if a != b]
+    if val.index.cat_ids != train.index.cat_ids:
+        _logger.info("%s: %s lists %d of %s's %d categories; those it leaves out are not scored",
+                     cfg.path, cfg.val_split, len(val.index.cat_ids), cfg.train_split, len(train.index.cat_ids))
+    val_names = dict(zip(val.index.cat_ids, val.index.class_names))
+    renamed = [(i, a, val_names[i]) for i, a in zip(train.index.cat_ids, train.index.class_names)
+               if i in val_names and val_names[i] != a]
     if renamed:  # the same ids: scored alike, but the tables and figures name the validation json's
         _logger.warning("warning: %s: category names differ between %s and %s (id: train / val): %s",
                         cfg.path, cfg.train_split, cfg.val_split,
@@ -334,7 +344,7 @@ def evaluate(model: nn.Module, loader: DataLoader, dataset: CocoDetection, devic
     if not main:
         return {}
     results = [r for shard_preds, shard_ids, _, _ in shards
-               for r in to_coco_results(shard_preds, shard_ids, dataset.index.cat_ids)]
+               for r in to_coco_results(shard_preds, shard_ids, dataset.cat_ids)]
     left_out = len(dataset.index.gt.getImgIds()) - len(image_ids)
     if left_out:
         _logger.info("%s: %d of the json's %d images evaluated, %d left out (skipped)", desc, len(image_ids),
