@@ -184,7 +184,7 @@ def read_all(ds: SegmentationDataset) -> list:
 
 
 @pytest.mark.parametrize("cache", [True, False])
-@pytest.mark.parametrize("fault", ["size", "missing", "values", "rgb"])
+@pytest.mark.parametrize("fault", ["size", "turned", "missing", "values", "rgb"])
 def test_bad_masks_name_the_file_or_are_skipped(tmp_path, fault, cache, caplog):
     """Headers are checked when the dataset is built; label values when the masks are decoded:
     then too with ``cache``, else when an item is read, the same error or skip either way."""
@@ -192,6 +192,8 @@ def test_bad_masks_name_the_file_or_are_skipped(tmp_path, fault, cache, caplog):
     ann = root / "annotations" / "training" / "img1.png"
     if fault == "size":
         Image.fromarray(np.zeros((30, 56), np.uint8)).save(ann)
+    elif fault == "turned":  # drawn on the image as turned by its EXIF orientation
+        Image.fromarray(np.zeros((56, 40), np.uint8)).save(ann)
     elif fault == "missing":
         ann.unlink()
     elif fault == "values":
@@ -199,7 +201,7 @@ def test_bad_masks_name_the_file_or_are_skipped(tmp_path, fault, cache, caplog):
     else:
         Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(ann)
     expected = {"size": "30 but image img1.png is 56x40", "missing": "no mask", "values": r"label values \[7\]",
-                "rgb": "mode RGB"}[fault]
+                "rgb": "mode RGB", "turned": "is 40x56 but image img1.png is 56x40 .width and height swapped.*EXIF"}[fault]
     with pytest.raises(DataError, match=expected) as info:
         read_all(SegmentationDataset(root, "training", 3, cache=cache))
     assert "img1.png" in str(info.value) and "on_error=skip" in str(info.value)

@@ -249,7 +249,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 return path, f"unreadable mask ({reason})" if path == mask_path else f"unreadable ({reason})"
         (mw, mh), (iw, ih) = sizes
         if (mw, mh) != (iw, ih):
-            return mask_path, f"mask is {mw}x{mh} but image {image.name} is {iw}x{ih}"
+            turned = (mw, mh) == (ih, iw)  # a mask drawn on the image as a viewer shows it
+            return mask_path, f"mask is {mw}x{mh} but image {image.name} is {iw}x{ih}" + (
+                " (width and height swapped: the mask was likely drawn on the image turned by its EXIF "
+                "orientation, which is not applied here to images or masks)" if turned else "")
         return None
 
     def _decode_all(self) -> None:
