@@ -14,7 +14,8 @@ from PIL import Image
 
 import vitpe  # noqa: F401
 from vitpe.config import ConfigError
-from vitpe.data.segmentation import SegmentationDataset, augment_batch, normalize
+from vitpe.data.seg_transforms import augment_batch, normalize
+from vitpe.data.segmentation import SegmentationDataset
 from vitpe.engine.seg_metrics import (confusion_matrix, metrics_from_confusion, predict, slide_logits,
                                       slide_windows)
 from vitpe.errors import DataError
@@ -518,7 +519,7 @@ def test_base_size_fits_each_image_as_mmseg_resizes_with_keep_ratio(tmp_path):
     at most 512, one of them reached; training's random scale and evaluation's scales apply to the
     fitted size; the config refuses sizes that are not positive."""
     from vitpe.config import ConfigError, from_dict
-    from vitpe.data.segmentation import base_scale
+    from vitpe.data.seg_transforms import base_scale
     from vitpe.engine.segmentation import SegDataConfig, evaluate
 
     assert base_scale((512, 683), (2048, 512)) == 1.0
@@ -551,7 +552,7 @@ def test_base_size_fits_each_image_as_mmseg_resizes_with_keep_ratio(tmp_path):
 def test_cat_max_ratio_redraws_crops_one_class_fills():
     """mmseg's RandomCrop(cat_max_ratio=0.75): a crop one class covers is redrawn up to 10 times, so
     the rare class reaches far more crops; the default draws once (the same crops as before)."""
-    from vitpe.data.segmentation import scale_crop
+    from vitpe.data.seg_transforms import scale_crop
 
     image = torch.zeros(3, 8, 64)
     mask = torch.zeros(8, 64, dtype=torch.long)
@@ -786,7 +787,7 @@ def test_train_seg_non_finite_loss_stops_naming_its_step_and_keeps_the_checkpoin
 def test_photometric_distortion_follows_mmseg():
     import colorsys
 
-    from vitpe.data.segmentation import _hsv_to_rgb, _rgb_to_hsv, photometric_distortion
+    from vitpe.data.seg_transforms import _hsv_to_rgb, _rgb_to_hsv, photometric_distortion
 
     torch.manual_seed(0)
     x = torch.rand(3, 8, 8) * 255

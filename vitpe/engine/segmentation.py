@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, model_build_errors
 from ..data.folder import warn_skipped
-from ..data.segmentation import (SegmentationDataset, Skipped, augment_batch, base_scale, list_collate, normalize,
-                                 skip_error)
+from ..data.seg_transforms import augment_batch, base_scale, normalize
+from ..data.segmentation import SegmentationDataset, Skipped, list_collate, skip_error
 from ..errors import UserError
 from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
