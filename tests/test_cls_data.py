@@ -226,6 +226,11 @@ def test_16_bit_greyscale_keeps_its_contrast(tmp_path):
     for name in ("a.png", "a.pgm"):
         out = np.asarray(load_rgb(tmp_path / name))
         assert out.shape == (4, 4, 3) and (out == (ramp >> 8)[..., None]).all(), name
+    # 32-bit integers holding 8-bit values (a TIFF of mode "I") are those values, not 16-bit data
+    small = np.arange(0, 256, 16, dtype=np.int32).reshape(4, 4)
+    Image.fromarray(small, "I").save(tmp_path / "b.tiff")
+    out = np.asarray(load_rgb(tmp_path / "b.tiff"))
+    assert (out == small[..., None]).all()
 
 
 def test_images_in_subfolders_of_a_class_belong_to_it(tmp_path):

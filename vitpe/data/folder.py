@@ -80,10 +80,13 @@ class Batch(NamedTuple):
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB whatever the mode, as torchvision's and timm's loaders give it (``convert('RGB')``:
     transparency is dropped, the colour under it kept), except 16-bit grey, which ``convert`` would
-    clip at 255 and which is scaled to 8 bits here."""
+    clip at 255 and which is scaled to 8 bits here. Mode "I" (32-bit integers: a 16-bit PGM, or a
+    TIFF) is taken as 16-bit unless no value is above 255, where it is 8-bit data as it stands."""
     if img.mode.startswith("I"):  # 16-bit grey ("I;16*"; "I" from PGM)
-        grey = np.clip(np.asarray(img), 0, 65535) >> 8
-        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+        grey = np.asarray(img)
+        if img.mode != "I" or grey.max(initial=0) > 255:
+            grey = np.clip(grey, 0, 65535) >> 8
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
