@@ -443,7 +443,7 @@ def test_nan_in_a_bbox_is_a_bad_box_not_a_nan_target(fresh) -> None:
     assert _load(fresh, "skip").dropped["bad bbox"] == 1
 
 
-def test_image_modes_exif_subfolders_and_unreadable_files(tmp_path) -> None:
+def test_image_modes_exif_subfolders_and_unreadable_files(tmp_path, caplog) -> None:
     """Grayscale, CMYK and palette files come out RGB; EXIF orientation is not applied (COCO's json
     sizes and boxes are of the stored pixels, as pycocotools and DETR read them), and a json that
     gives the rotated size is named; an unreadable file is named."""
@@ -464,7 +464,12 @@ def test_image_modes_exif_subfolders_and_unreadable_files(tmp_path) -> None:
     (root / "train2017" / "bad.jpg").write_bytes(b"not an image")
     _rewrite(root, "train2017", lambda d: d["images"].extend(
         dict(d["images"][0], id=200 + k, file_name=f) for k, f in enumerate([*files, "bad.jpg"])))
-    ds = CocoDetection(root, "train2017")
+    Image.new("RGB", (8, 8)).save(root / "train2017" / "sub" / "unlisted.png")
+    with caplog.at_level(logging.INFO):
+        ds = CocoDetection(root, "train2017")
+    # listed files in sub-folders are matched by their path, unlisted ones found there too (with the
+    # one that make_dataset leaves at the top)
+    assert "ignored 2 image file(s) the json does not list" in caplog.text
     decoded = {ds.samples[i][0]["file_name"]: ds.decode(i) for i in range(1, 5)}
     assert all(x.shape == (3, 48, 64) for x in decoded.values())
     assert decoded["sub/dir/gray.jpg"][:, 0, 0].tolist() == [200] * 3

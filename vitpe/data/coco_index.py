@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -336,8 +337,9 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, on_error: OnError = "
     _need_order([img["id"] for img in data["images"]], "image", path)
     anns = _check_annotations(data, {img["id"]: img for img in images}, set(cats), path, check)
     index = CocoIndex(path, images, anns, data["categories"], data, check.dropped, check.clipped)
-    listed = {img["file_name"] for img in images}
-    unlisted = sum(1 for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.name not in listed)
+    listed = {os.path.normpath(img["file_name"]) for img in images}  # "sub/a.jpg", "./a.jpg" as the files'
+    unlisted = sum(1 for f in image_dir.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                   and os.path.normpath(f.relative_to(image_dir)) not in listed)
     boxed = {a["image_id"] for a in anns if not a["iscrowd"]}
     left_out = len(data["images"]) - len(images)
     _logger.info("%s: %d images (%d without boxes to learn, kept), %d boxes (%d crowd), %d categories%s%s%s",
