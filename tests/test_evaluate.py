@@ -89,7 +89,7 @@ def test_data_with_other_classes_and_bad_flags_are_one_line(runs, tmp_path, caps
     torch.save(state, tmp_path / "no_classes.pt")
     argv[1] = str(tmp_path / "no_classes.pt")
     assert run_eval(argv) == 2
-    assert "not a vitpe classification checkpoint (no 'classes' entry)" in capsys.readouterr().err
+    assert "not a vitpe training checkpoint (no 'classes' entry)" in capsys.readouterr().err
 
 
 def test_a_model_that_pads_its_input_takes_any_size():
@@ -199,20 +199,72 @@ def test_sweep_trains_every_strategy_at_once_and_merges_the_reports(tmp_path):
     assert json.loads((out / "sweep.json").read_text())["epochs"] == 1
 
 
-@pytest.mark.parametrize("task", ["segmentation", "detection"])
-def test_a_segmentation_or_detection_checkpoint_is_named_as_one(tmp_path, capsys, task):
-    from vitpe.config import to_dict
-    from vitpe.engine.checkpoint import save_checkpoint
-    from vitpe.engine.detection import DetConfig
-    from vitpe.engine.segmentation import SegConfig
-    cfg = SegConfig() if task == "segmentation" else DetConfig()
-    save_checkpoint({"config": to_dict(cfg), "model": {}, "classes": ["a"]}, tmp_path / "other.pt")
-    assert run_eval(["--checkpoint", str(tmp_path / "other.pt"), "--data", str(tmp_path)]) != 0
+def test_segmentation_checkpoints_are_scored_at_each_scale_as_their_runs_score_them(runs, tmp_path, capsys):
+    """Two MiT runs (two strategies) evaluated at test scales: the same mIoU as each run's own final
+    evaluation at those scales, one table across strategies with scale 1.0 marked; --sizes is
+    refused for them, and checkpoints of two tasks in one call are named."""
+    from script_modules import load_script
+    from test_seg import TINY, make_dataset
+
+    train_seg = load_script("train_seg.py")
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=2)
+    ckpts = []
+    for pos in ("mixffn", "none"):
+        out = tmp_path / pos
+        assert train_seg.main(["--data", str(data), "--epochs", "1", "--pos", pos, "--eval-scales", "0.5,1.0",
+                               "--output", str(out), *TINY]) == 0
+        ckpts.append(str(out / "checkpoint.pt"))
+    capsys.readouterr()
+    argv = ["--checkpoint", *ckpts, "--output", str(tmp_path / "res"), "--device", "cpu", "--workers", "0"]
+    assert run_eval([*argv, "--scales", "0.5,1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU (%) by test scale" in printed and "| strategy | 0.5 | 1.0* |" in printed
+    res = json.loads((tmp_path / "res" / "resolution.json").read_text())
+    assert list(res) == ["mixffn", "none"]
+    for label in res:
+        own = json.loads((tmp_path / label / "results.json").read_text())["scales"]["whole"]
+        assert res[label]["task"] == "segmentation" and set(res[label]["sizes"]) == {"0.5", "1.0"}
+        for scale in ("0.5", "1.0"):
+            assert res[label]["sizes"][scale]["mIoU"] == pytest.approx(own[scale]["mIoU"], abs=1e-9)
+    assert run_eval([*argv, "--sizes", "32"]) == 2
+    assert "--sizes: segmentation checkpoints are evaluated at --scales" in capsys.readouterr().err
+    _, cls_runs = runs
+    assert run_eval(["--checkpoint", str(cls_runs["peg"] / "checkpoint.pt"), ckpts[0], "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert f"other.pt: a {task} run's checkpoint" in err and "Traceback" not in err
+    assert f"{ckpts[0]}: a segmentation run's checkpoint among classification ones" in err
+
+
+def test_detection_checkpoints_are_scored_at_each_shorter_side_as_their_run_scores_them(tmp_path, capsys):
+    """A DETR run evaluated at shorter sides: at its training size the AP of its last validation,
+    at another the AP of its own --eval-sizes evaluation; the table is in percent, the training
+    size marked, and AP50 is given too."""
+    from det_data import make_dataset
+    from script_modules import load_script
+    from test_train_det import TINY
+
+    train_det = load_script("train_det.py")
+    data, out = make_dataset(tmp_path / "coco"), tmp_path / "sine"
+    assert train_det.main(["--data", str(data), *TINY, "--epochs", "1", "--pos", "sine", "--eval-sizes", "32",
+                           "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert run_eval(["--checkpoint", str(out / "checkpoint.pt"), "--sizes", "32,48", "--output",
+                     str(tmp_path / "res"), "--device", "cpu", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "COCO AP (%) by shorter side" in printed and "| strategy | 32 | 48* |" in printed and "AP50" in printed
+    res = json.loads((tmp_path / "res" / "resolution.json").read_text())["sine"]
+    own = json.loads((out / "results.json").read_text())
+    assert res["task"] == "detection" and res["train_size"] == 48
+    assert res["sizes"]["48"]["AP"] == pytest.approx(own["coco"]["AP"], abs=1e-9)
+    assert res["sizes"]["32"]["AP"] == pytest.approx(own["eval_sizes"]["32"]["AP"], abs=1e-9)
+
+
+def test_a_checkpoint_of_no_training_run_is_named(tmp_path, capsys):
+    from vitpe.engine.checkpoint import save_checkpoint
+
     save_checkpoint({"config": {"nonsense": 1}, "model": {}, "classes": ["a"]}, tmp_path / "odd.pt")
     assert run_eval(["--checkpoint", str(tmp_path / "odd.pt"), "--data", str(tmp_path)]) != 0
-    assert "odd.pt: its config is not a classification run's (unknown key 'nonsense'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "odd.pt: its config is not a vitpe training run's (unknown key 'nonsense'" in err and "Traceback" not in err
 
 
 def test_ema_weights_are_where_timms_tools_look_and_old_checkpoints_still_load(tmp_path):

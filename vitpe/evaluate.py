@@ -1,18 +1,22 @@
-"""Resolution generalisation: accuracy (and throughput) of classifiers at test sizes they were not
-trained at. Each image is resized (shorter side) and centre-cropped to the size, so the model sees
-the same content on a finer or coarser patch grid and its positional strategy must follow.
+"""Resolution generalisation: how classifiers, segmenters and DETR detectors score at test sizes
+they were not trained at, with no fine-tuning. A classifier's images are resized (shorter side) and
+centre-cropped to each size, so the model sees the same content on a finer or coarser patch grid
+and its positional strategy must follow; a segmenter's are scaled (``--scales``, of each image's
+size, scored at the labels' size; ``evaluate_dense``), a detector's resized to each shorter side
+(COCO AP against the json).
 
     python -m vitpe.evaluate --checkpoint runs/peg/best.pt runs/learned/best.pt \\
         --sizes 16,24,32,48,64 --output runs/compare
+    python -m vitpe.evaluate --checkpoint runs/seg-*/checkpoint.pt --scales 0.5,1.0,1.5 --output runs/seg
 
-prints a markdown table (rows: checkpoints, labelled by strategy, timm's own models by name;
-columns: sizes) and writes ``resolution.json`` and ``resolution.png`` in ``--output``. Training runs
-the same code at its end.
+prints a markdown table per metric (rows: checkpoints of one task, labelled by strategy, timm's own
+models by name; columns: sizes, the training size marked) and writes ``resolution.json`` and
+``resolution.png`` in ``--output`` (``evaluate_report``), after each checkpoint. Every checkpoint is
+read and checked against its data first. ``train_cls.py`` runs the classification part at its end.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,19 +26,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .cli import parse_sizes, run_cli
+from .cli import parse_scales, parse_sizes, run_cli
 from .config import ConfigError, apply_overrides, from_dict
-from .data.classification import ClsDataConfig, eval_dataset, norm_stats, resolve_crop_pct
+from .data.classification import eval_dataset, norm_stats, resolve_crop_pct
 from .data.folder import cached_skips, collate_skipping
 from .engine import distributed as dist
 from .engine.checkpoint import load_checkpoint
 from .engine.classification import ClsConfig, build_model, evaluate, model_label
 from .engine.loop import EMA_KEY, autocast, ema_weights
 from .errors import UserError
+from .evaluate_dense import SEG_SCALES, det_sizes, seg_scales
+from .evaluate_report import Results, markdown_table, plot, unique_labels, write_report  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger(__name__)
-# label -> {"checkpoint", "train_size", "sizes": {size: {top1, top5, n, skipped, img_per_s}}}
-Results = dict[str, dict[str, Any]]
 
 
 def patch_size(model: nn.Module) -> int:
@@ -128,106 +132,53 @@ def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], devic
     return out
 
 
-# -- reporting ---------------------------------------------------------------------------------
-def unique_labels(labels: Sequence[str], paths: Sequence[str]) -> list[str]:
-    """Strategy names, with the run folder added where two checkpoints share a strategy (and a
-    number where even that repeats)."""
-    named = [f"{lab} ({Path(p).parent.name})" if labels.count(lab) > 1 else lab for lab, p in zip(labels, paths)]
-    return [lab if named[:i].count(lab) == 0 else f"{lab} #{named[:i].count(lab) + 1}" for i, lab in enumerate(named)]
-
-
-def markdown_table(results: Results, key: str = "top1", fmt: str = "{:.1f}") -> str:
-    """Rows: checkpoints; columns: sizes (the training size marked with *)."""
-    rows = {label: {int(s): v for s, v in r["sizes"].items()} for label, r in results.items()}  # JSON keys are str
-    sizes = sorted({s for row in rows.values() for s in row})
-    train = {r.get("train_size") for r in results.values()}
-    head = ["strategy"] + [f"{s}*" if s in train else str(s) for s in sizes]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, row in rows.items():
-        cells = [fmt.format(row[s][key]) if s in row and key in row[s] else
-                 "OOM" if s in row and "error" in row[s] else "-" for s in sizes]
-        lines.append("| " + " | ".join([label] + cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(results: Results, path: str | Path, title: str = "accuracy against test resolution") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, r in results.items():
-        row = {int(s): v for s, v in r["sizes"].items() if "top1" in v}  # not the sizes that failed
-        ax.plot(sorted(row), [row[s]["top1"] for s in sorted(row)], marker="o", label=label)
-    for t in sorted({r.get("train_size") for r in results.values()} - {None}):
-        ax.axvline(t, color="gray", linestyle="--", linewidth=1)
-    ax.set(xlabel="test resolution (px)", ylabel="top-1 (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(results: Results, output: str | Path) -> str:
-    """Write ``resolution.json`` and ``resolution.png``; return the markdown tables."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "resolution.json").write_text(json.dumps(results, indent=2))
-    plot(results, output / "resolution.png")
-    text = "top-1 (%) by test resolution (* = training size)\n\n" + markdown_table(results)
-    if any("img_per_s" in v for r in results.values() for v in r["sizes"].values()):
-        text += "\n\nthroughput (images/s) by test resolution\n\n" + markdown_table(results, "img_per_s", "{:.0f}")
-    skips = {label: max(v.get("skipped", 0) for v in r["sizes"].values()) for label, r in results.items() if r["sizes"]}
-    for label, n in skips.items():
-        if n:
-            text += f"\n\n{label}: {n} unreadable validation image(s) skipped at each size (named in the log)"
-    for label, r in results.items():
-        for size, v in r["sizes"].items():
-            if "error" in v:
-                text += f"\n\n{label}, {size}px: {v['error']}"
-    return text
-
-
 # -- command line ------------------------------------------------------------------------------
-def _classification_config(path: str, config: Any) -> ClsConfig:
-    """The checkpoint's ``ClsConfig``; a segmentation or detection run's checkpoint is named as one."""
-    try:
-        return from_dict(ClsConfig, config)
-    except ConfigError as e:
-        from .engine.detection import DetConfig
-        from .engine.segmentation import SegConfig
-        for cls, task, script in ((SegConfig, "segmentation", "train_seg.py"), (DetConfig, "detection", "train_det.py")):
-            try:
-                from_dict(cls, config)
-            except ConfigError:
-                continue
-            sizes = "--eval-scales" if cls is SegConfig else "--eval-sizes"
-            raise UserError(f"{path}: a {task} run's checkpoint; vitpe.evaluate evaluates classification "
-                            f"checkpoints (evaluate this one at other sizes with {script} --resume {path} "
-                            f"{sizes} ... --output DIR)") from None
-        raise UserError(f"{path}: its config is not a classification run's ({e})") from None
+CLS_SIZES = [16, 24, 32, 40, 48, 56, 64]  # the default run's 32 px, halved and doubled
 
 
-def read_checkpoint(path: str, weights: str = "auto") -> tuple[ClsConfig, dict]:
-    """A classification checkpoint's config and state, checked: its entries, its task, and EMA
+def _task_configs() -> dict[str, type]:
+    from .engine.detection import DetConfig
+    from .engine.segmentation import SegConfig
+    return {"classification": ClsConfig, "segmentation": SegConfig, "detection": DetConfig}
+
+
+def _run_config(path: str, config: Any) -> tuple[str, Any]:
+    """The checkpoint's task and config (classification, segmentation or detection)."""
+    first = None
+    for task, cls in _task_configs().items():
+        try:
+            return task, from_dict(cls, config)
+        except ConfigError as e:
+            first = first or e
+    raise UserError(f"{path}: its config is not a vitpe training run's ({first})")
+
+
+def read_run(path: str, weights: str = "auto") -> tuple[str, Any, dict]:
+    """A training checkpoint's task, config and state, checked: its entries, its task, and EMA
     weights where ``weights`` asks for them."""
     state = load_checkpoint(path)
     missing = [k for k in ("config", "model", "classes") if k not in state]
     if missing:
-        raise UserError(f"{path}: not a vitpe classification checkpoint (no {'/'.join(map(repr, missing))} "
+        raise UserError(f"{path}: not a vitpe training checkpoint (no {'/'.join(map(repr, missing))} "
                         f"entr{'y' if len(missing) == 1 else 'ies'})")
-    cfg = _classification_config(path, state["config"])
+    task, cfg = _run_config(path, state["config"])
     if weights == "ema" and ema_weights(state) is None:
         raise UserError(f"{path}: has no EMA weights ({EMA_KEY!r})")
+    return task, cfg, state
+
+
+def read_checkpoint(path: str, weights: str = "auto") -> tuple[ClsConfig, dict]:
+    """A classification checkpoint's config and state (``read_run``, another task's refused)."""
+    task, cfg, state = read_run(path, weights)
+    if task != "classification":
+        raise UserError(f"{path}: a {task} run's checkpoint, not a classifier's")
     return cfg, state
 
 
 def load_model(path: str, device: torch.device, weights: str = "auto",
                read: tuple[ClsConfig, dict] | None = None) -> tuple[nn.Module, ClsConfig, dict]:
-    """Rebuild the model a training checkpoint describes; ``weights``: model, ema, or auto (EMA if
-    saved); ``read``: what ``read_checkpoint`` already returned for ``path``."""
+    """Rebuild the classifier a training checkpoint describes; ``weights``: model, ema, or auto (EMA
+    if saved); ``read``: what ``read_checkpoint`` already returned for ``path``."""
     cfg, state = read or read_checkpoint(path, weights)
     model = build_model(cfg.model, len(state["classes"]), cfg.data.img_size)
     ema = ema_weights(state)
@@ -236,32 +187,40 @@ def load_model(path: str, device: torch.device, weights: str = "auto",
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Accuracy and throughput of classifiers across test resolutions.")
+    p = argparse.ArgumentParser(description="Accuracy of classifiers, segmenters and DETR detectors across test "
+                                            "sizes they were not trained at (checkpoints of one task at a time).")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT", help="training checkpoints")
-    p.add_argument("--data", help="dataset folder or 'synthetic' (default: each checkpoint's own)")
-    p.add_argument("--sizes", type=parse_sizes, default=[16, 24, 32, 40, 48, 56, 64], help="e.g. 16,32,64")
+    p.add_argument("--data", help="dataset folder, or 'synthetic' for classifiers (default: each checkpoint's own)")
+    p.add_argument("--sizes", type=parse_sizes, metavar="S1,S2,...",
+                   help=f"classification: square test sizes (default {','.join(map(str, CLS_SIZES))}); detection: "
+                        f"shorter sides (default: the run's eval.sizes and its training size)")
+    p.add_argument("--scales", type=parse_scales, metavar="S1,S2,...",
+                   help=f"segmentation: test scales of each image's size (default "
+                        f"{','.join(map(str, SEG_SCALES))})")
     p.add_argument("--output", default="runs/resolution", help="folder for resolution.json and .png")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size (classification, detection)")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto")
-    p.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement")
+    p.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement (classification)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data.*, eval.* or run.amp entry of each checkpoint's config, e.g. data.cache=false")
     return p.parse_args(argv)
 
 
-def _evaluation_config(path: str, cfg: ClsConfig, args: argparse.Namespace) -> ClsConfig:
+def _evaluation_config(path: str, task: str, cfg: Any, args: argparse.Namespace) -> Any:
     """``cfg`` with this evaluation's data, workers, batch size and ``--set`` overrides."""
-    data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None else cfg.data.workers)
-    cfg.data = from_dict(ClsDataConfig, {**vars(cfg.data), **data})
     wrong = [item for item in args.set if not item.strip().startswith(("data.", "eval.", "run.amp="))]
     if wrong:  # the model is already built from the checkpoint: its entries cannot change here
         raise UserError(f"--set {wrong[0]!r}: only data.*, eval.* and run.amp can be set for an evaluation")
+    data = dict(path=args.data or cfg.data.path, workers=args.workers if args.workers is not None else cfg.data.workers)
+    cfg.data = from_dict(type(cfg.data), {**vars(cfg.data), **data})
     cfg = apply_overrides(cfg, args.set)
-    resolve_crop_pct(cfg.data, cfg.model.name)  # a checkpoint's config has it, unless set to null here
-    cfg.eval.batch_size = args.batch_size if args.batch_size is not None else cfg.eval.batch_size
-    cfg.eval.throughput = not args.no_throughput
+    if task == "classification":
+        resolve_crop_pct(cfg.data, cfg.model.name)  # a checkpoint's config has it, unless set to null here
+        cfg.eval.throughput = not args.no_throughput
+    if args.batch_size is not None and hasattr(cfg.eval, "batch_size"):
+        cfg.eval.batch_size = args.batch_size
     return cfg
 
 
@@ -279,6 +238,45 @@ def _check_classes(path: str, cfg: ClsConfig, state: dict, size: int) -> None:
                         f"{found[:5]}; evaluate on data with the classes the model was trained on")
 
 
+def _test_sizes(task: str, cfg: Any, args: argparse.Namespace) -> list:
+    """The sizes (scales, for segmentation) ``task`` is evaluated at; the other option refused."""
+    if task == "segmentation":
+        if args.sizes:
+            raise UserError("--sizes: segmentation checkpoints are evaluated at --scales (of each image's size)")
+        return list(args.scales or SEG_SCALES)
+    if args.scales:
+        raise UserError(f"--scales: {task} checkpoints are evaluated at --sizes")
+    if task == "detection":
+        return list(args.sizes or sorted(set(cfg.eval.sizes) | {cfg.data.min_size}))
+    return list(args.sizes or CLS_SIZES)
+
+
+def _check(path: str, task: str, cfg: Any, state: dict, sizes: list) -> None:
+    """What can fail before any checkpoint is evaluated: the sizes the model takes, the data's classes."""
+    if task == "classification":
+        # the architecture, unweighted and on the CPU, for the sizes it takes
+        check_sizes(sizes, build_model(cfg.model, len(state["classes"]), cfg.data.img_size), path)
+        _check_classes(path, cfg, state, sizes[0])
+    else:
+        (seg_scales if task == "segmentation" else det_sizes)(path, cfg, state, sizes, torch.device("cpu"),
+                                                              check_only=True)
+
+
+def _evaluate(path: str, task: str, cfg: Any, state: dict, sizes: list, device: torch.device,
+              weights: str) -> dict[str, Any]:
+    """One checkpoint's result: ``{"checkpoint", "task", "train_size", "sizes"}``."""
+    if task == "classification":
+        model, cfg, state = load_model(path, device, weights, (cfg, state))
+        mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)
+        scores = evaluate_sizes(model, cfg, sizes, device, tuple(mean), tuple(std), state["classes"])
+        train = cfg.data.img_size
+    elif task == "segmentation":
+        scores, train = seg_scales(path, cfg, state, sizes, device), 1.0
+    else:
+        scores, train = det_sizes(path, cfg, state, sizes, device), cfg.data.min_size
+    return {"checkpoint": path, "task": task, "train_size": train, "sizes": {str(s): v for s, v in scores.items()}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
@@ -289,21 +287,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the others' evaluations, not after them
     read = []
     for path in args.checkpoint:
-        cfg, state = read_checkpoint(path, args.weights)
-        cfg = _evaluation_config(path, cfg, args)
-        # the architecture, unweighted and on the CPU, for the sizes it takes
-        check_sizes(args.sizes, build_model(cfg.model, len(state["classes"]), cfg.data.img_size), path)
-        _check_classes(path, cfg, state, args.sizes[0])
-        read.append((path, cfg, state))
-    labels = unique_labels([model_label(cfg.model) for _, cfg, _ in read], args.checkpoint)
+        task, cfg, state = read_run(path, args.weights)
+        if read and task != read[0][1]:
+            raise UserError(f"{path}: a {task} run's checkpoint among {read[0][1]} ones ({read[0][0]}); evaluate "
+                            f"the checkpoints of one task at a time")
+        cfg = _evaluation_config(path, task, cfg, args)
+        sizes = _test_sizes(task, cfg, args)
+        _check(path, task, cfg, state, sizes)
+        read.append((path, task, cfg, state, sizes))
+    # by strategy (DETR's: its encoder's), a timm model by its name
+    labels = unique_labels([cfg.model.pos if task == "detection" else model_label(cfg.model)
+                            for _, task, cfg, _, _ in read], args.checkpoint)
     results: Results = {}
-    for label, (path, cfg, state) in zip(labels, read):
-        model, cfg, state = load_model(path, device, args.weights, (cfg, state))
-        mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)
-        sizes = evaluate_sizes(model, cfg, args.sizes, device, tuple(mean), tuple(std), state["classes"])
-        results[label] = {"checkpoint": path, "train_size": cfg.data.img_size, "sizes": sizes}
+    for label, (path, task, cfg, state, sizes) in zip(labels, read):
+        results[label] = _evaluate(path, task, cfg, state, sizes, device, args.weights)
         text = write_report(results, args.output)  # after each checkpoint: a later failure keeps these
-        del model
     print(text)
     print(f"\nwrote {Path(args.output) / 'resolution.json'} and {Path(args.output) / 'resolution.png'}")
     return 0

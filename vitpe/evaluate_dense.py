@@ -1,0 +1,94 @@
+"""The resolution evaluation of segmentation and detection checkpoints (``python -m vitpe.evaluate``).
+
+Each checkpoint's model is rebuilt from its config, given the checkpoint's weights, and scored on
+its validation split, with no fine-tuning:
+
+- segmentation: at test scales of each image's own size (or of its size fitted to
+  ``data.base_size``, mmseg's test resize), whole-image inference unless the run evaluated by
+  sliding window only, logits resized back to the labels and scored there (mIoU, mAcc, aAcc), as
+  ``train_seg.py``'s final evaluation scores each scale;
+- detection: with the shorter side resized to each test size and the longer side capped in the
+  training ratio (DETR's resize), COCO AP against the json as it is, as ``train_det.py
+  --eval-sizes`` scores them.
+
+Weight files named in a config (``model.weights``, ``model.backbone_weights``) are not read again:
+the checkpoint holds the whole model.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from .engine import detection as det
+from .engine import segmentation as seg
+from .engine.seg_metrics import metrics_from_confusion
+from .errors import UserError
+
+_logger = logging.getLogger(__name__)
+SEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # mmseg's test-time scales
+
+
+def _check_classes(path: str, trained: Sequence[str], found: Sequence[str], where: str) -> None:
+    if list(found) != list(trained):
+        raise UserError(f"{path}: trained on the classes {list(trained)[:5]}, but {where} has {list(found)[:5]}; "
+                        f"evaluate on data with the classes the model was trained on")
+
+
+def seg_scales(path: str, cfg: seg.SegConfig, state: dict[str, Any], scales: Sequence[float],
+               device: torch.device, check_only: bool = False) -> dict[str, dict[str, float]]:
+    """``{scale: {mIoU, mAcc, aAcc, n, skipped}}`` of a segmentation checkpoint on its validation
+    split; ``check_only``: read the split and check its classes, evaluate nothing."""
+    d = cfg.data
+    val = seg.SegmentationDataset(d.path, d.val_split, num_classes=d.num_classes, ignore_index=d.ignore_index,
+                                  reduce_zero_label=d.reduce_zero_label, on_error=d.on_error,
+                                  cache=d.cache and not check_only)
+    _check_classes(path, state["classes"], val.classes, f"{d.path} ({d.val_split})")
+    if check_only:
+        return {}
+    cfg.model.backbone_weights = None  # the checkpoint holds the whole model
+    model = seg.build_model(cfg.model, val.num_classes, d.crop_size)
+    model.load_state_dict(state["model"])
+    model = model.to(device).eval()
+    mode = "whole" if "whole" in cfg.eval.modes else cfg.eval.modes[0]
+    crop, stride = seg.slide_settings(cfg)
+    at_start = len(val.skipped)  # pairs whose headers failed, already out of the dataset
+    conf = seg.evaluate(model, val, device, cfg.run.amp, (mode,), tuple(scales), crop, stride, f"eval ({mode})",
+                        d.base_size, fuse=())
+    scored = len(val) - (len(val.skipped) - at_start)
+    out = {}
+    for s in scales:
+        m = metrics_from_confusion(conf[mode][str(s)], val.classes)
+        out[str(s)] = {k: m[k] for k in ("mIoU", "mAcc", "aAcc")}
+        out[str(s)].update(n=scored, skipped=len(val.skipped))
+    return out
+
+
+def det_sizes(path: str, cfg: det.DetConfig, state: dict[str, Any], sizes: Sequence[int],
+              device: torch.device, check_only: bool = False) -> dict[str, dict[str, float]]:
+    """``{size: {AP, AP50, AP75, n, skipped}}`` of a DETR checkpoint on its validation split at each
+    shorter side; ``check_only``: read the json and check its classes, evaluate nothing."""
+    d = cfg.data
+    val = det.CocoDetection(d.path, d.val_split, det.eval_transform(d.min_size, d.max_size), d.on_error,
+                            d.cache and not check_only, clip_boxes=d.clip_boxes)
+    if list(val.class_names) != list(state["classes"]):
+        # a validation json listing only some of the training categories: the training split's labels
+        _, val = det.build_datasets(d)
+    _check_classes(path, state["classes"], val.class_names, f"{d.path} ({d.val_split})")
+    if check_only:
+        return {}
+    cfg.model.weights = cfg.model.backbone_weights = None  # the checkpoint holds the whole model
+    model = det.build_model(cfg.model, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model = model.to(device).eval()
+    out = {}
+    for s in sizes:
+        m = det.evaluate(model, det.eval_loader(val, cfg, model.size_divisibility, s), val, device, cfg.run.amp,
+                         f"eval {s}", gather=False)
+        out[str(s)] = {k: m[k] for k in ("AP", "AP50", "AP75") if k in m}
+        out[str(s)].update(n=m["images"], skipped=m["skipped"])
+    return out
+
+
+__all__ = ["SEG_SCALES", "det_sizes", "seg_scales"]
