@@ -228,6 +228,27 @@ def test_segmentation_checkpoints_are_scored_at_each_scale_as_their_runs_score_t
             assert res[label]["sizes"][scale]["mIoU"] == pytest.approx(own[scale]["mIoU"], abs=1e-9)
     assert run_eval([*argv, "--sizes", "32"]) == 2
     assert "--sizes: segmentation checkpoints are evaluated at --scales" in capsys.readouterr().err
+    # a scale that runs out of memory: the scales are then taken one at a time, that one marked
+    from vitpe.engine import segmentation
+
+    real = segmentation.evaluate
+
+    def runs_out_at_2(model, dataset, device, amp, modes, scales, *a, **k):
+        if 2.0 in scales:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes")
+        return real(model, dataset, device, amp, modes, scales, *a, **k)
+
+    segmentation.evaluate = runs_out_at_2
+    try:
+        assert run_eval([*argv[:2], *argv[3:], "--scales", "1.0,2.0"]) == 0
+    finally:
+        segmentation.evaluate = real
+    printed = capsys.readouterr().out
+    assert "| mixffn |" in printed and "| OOM |" in printed and "mixffn, scale 2.0: out of memory" in printed
+    res = json.loads((tmp_path / "res" / "resolution.json").read_text())["mixffn"]["sizes"]
+    assert res["2.0"] == {"error": "out of memory"}
+    own = json.loads((tmp_path / "mixffn" / "results.json").read_text())["scales"]["whole"]
+    assert res["1.0"]["mIoU"] == pytest.approx(own["1.0"]["mIoU"], abs=1e-9)
     _, cls_runs = runs
     assert run_eval(["--checkpoint", str(cls_runs["peg"] / "checkpoint.pt"), ckpts[0], "--device", "cpu"]) == 2
     err = capsys.readouterr().err

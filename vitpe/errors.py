@@ -14,4 +14,15 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read safely (corrupt, or carrying code)."""
 
 
-__all__ = ["CheckpointError", "DataError", "UserError"]
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: CUDA's (``torch.OutOfMemoryError``), or the CPU
+    allocator's (a ``RuntimeError`` saying so)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+__all__ = ["CheckpointError", "DataError", "UserError", "out_of_memory"]

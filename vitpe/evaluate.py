@@ -34,7 +34,7 @@ from .engine import distributed as dist
 from .engine.checkpoint import load_checkpoint
 from .engine.classification import ClsConfig, build_model, evaluate, model_label
 from .engine.loop import EMA_KEY, autocast, ema_weights
-from .errors import UserError
+from .errors import UserError, out_of_memory  # noqa: F401  (out_of_memory re-exported)
 from .evaluate_dense import SEG_SCALES, det_sizes, seg_scales
 from .evaluate_report import Results, markdown_table, plot, unique_labels, write_report  # noqa: F401  (re-exported)
 
@@ -85,14 +85,6 @@ def throughput(model: nn.Module, size: int, device: torch.device, batch_size: in
                 sync()
         sync()
     return n * batch_size / (time.perf_counter() - start)
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation failure: CUDA's, or the CPU allocator's."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def evaluate_sizes(model: nn.Module, cfg: ClsConfig, sizes: Sequence[int], device: torch.device,

@@ -24,7 +24,7 @@ import torch
 from .engine import detection as det
 from .engine import segmentation as seg
 from .engine.seg_metrics import metrics_from_confusion
-from .errors import UserError
+from .errors import UserError, out_of_memory
 
 _logger = logging.getLogger(__name__)
 SEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # mmseg's test-time scales
@@ -54,15 +54,47 @@ def seg_scales(path: str, cfg: seg.SegConfig, state: dict[str, Any], scales: Seq
     mode = "whole" if "whole" in cfg.eval.modes else cfg.eval.modes[0]
     crop, stride = seg.slide_settings(cfg)
     at_start = len(val.skipped)  # pairs whose headers failed, already out of the dataset
-    conf = seg.evaluate(model, val, device, cfg.run.amp, (mode,), tuple(scales), crop, stride, f"eval ({mode})",
-                        d.base_size, fuse=())
-    scored = len(val) - (len(val.skipped) - at_start)
+
+    def run(at: Sequence[float]) -> dict[str, Any]:
+        return seg.evaluate(model, val, device, cfg.run.amp, (mode,), tuple(at), crop, stride, f"eval ({mode})",
+                            d.base_size, fuse=())[mode]
+
+    try:  # every scale in one pass over the images
+        conf = run(scales)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        del e
+        _logger.warning("out of memory with every scale in one pass: the scales one at a time")
+        conf = {}
+        for s in scales:
+            conf[str(s)] = _unless_out_of_memory(lambda: run([s])[str(s)], f"scale {s}", device)
+    lost = {k.path for k in val.skipped[at_start:]}  # pairs that failed when decoded (once per pass)
+    scored, skipped = len(val) - len(lost), at_start + len(lost)
     out = {}
     for s in scales:
-        m = metrics_from_confusion(conf[mode][str(s)], val.classes)
+        c = conf[str(s)]
+        if isinstance(c, dict):  # the error
+            out[str(s)] = c
+            continue
+        m = metrics_from_confusion(c, val.classes)
         out[str(s)] = {k: m[k] for k in ("mIoU", "mAcc", "aAcc")}
-        out[str(s)].update(n=scored, skipped=len(val.skipped))
+        out[str(s)].update(n=scored, skipped=skipped)
     return out
+
+
+def _unless_out_of_memory(fn: Any, at: str, device: torch.device) -> Any:
+    """``fn()``, or where it runs out of memory ``{"error": ...}``, logged; the other sizes go on."""
+    try:
+        return fn()
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        del e  # the traceback holds the failed step's tensors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _logger.warning("%s: out of memory; left out, the other sizes go on", at)
+        return {"error": "out of memory"}
 
 
 def det_sizes(path: str, cfg: det.DetConfig, state: dict[str, Any], sizes: Sequence[int],
@@ -84,10 +116,11 @@ def det_sizes(path: str, cfg: det.DetConfig, state: dict[str, Any], sizes: Seque
     model = model.to(device).eval()
     out = {}
     for s in sizes:
-        m = det.evaluate(model, det.eval_loader(val, cfg, model.size_divisibility, s), val, device, cfg.run.amp,
-                         f"eval {s}", gather=False)
-        out[str(s)] = {k: m[k] for k in ("AP", "AP50", "AP75") if k in m}
-        out[str(s)].update(n=m["images"], skipped=m["skipped"])
+        m = _unless_out_of_memory(lambda: det.evaluate(model, det.eval_loader(val, cfg, model.size_divisibility, s),
+                                                       val, device, cfg.run.amp, f"eval {s}", gather=False),
+                                  f"shorter side {s}px (batch size {cfg.eval.batch_size})", device)
+        out[str(s)] = m if "error" in m else {**{k: m[k] for k in ("AP", "AP50", "AP75") if k in m},
+                                               "n": m["images"], "skipped": m["skipped"]}
     return out
 
 
