@@ -175,6 +175,37 @@ def test_lr_base_batch_scales_every_groups_rate_to_the_global_batch():
         from_dict(OptimConfig, {"lr_base_batch": 0})
 
 
+
+def _train_steps(model, optimizer, scheduler, steps: int) -> list[float]:
+    """The rate each of ``steps`` optimizer steps used."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        model(torch.ones(3, 2)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return lrs
+
+
+def test_a_run_resumed_with_more_epochs_takes_its_first_step_on_the_new_schedule():
+    """Extending a run (``--resume ... --epochs 4``) changes only the schedule's length: the first
+    step after the resume is at the new schedule's rate, not where the old one ended."""
+    from vitpe.engine.loop import restore_training_state, training_state
+
+    cfg = OptimConfig(lr=1.0, warmup_epochs=1, warmup_lr_ratio=0.01, min_lr_ratio=0.01, clip_grad=None)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 10, 2)
+    _train_steps(model, optimizer, scheduler, 20)  # the whole 2-epoch run: its rate ends at the floor
+    state = training_state(model, optimizer, scheduler, 2, {})
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 10, 4)
+    assert restore_training_state(state, model, optimizer, scheduler) == 2
+    expected = [lr_factor(step, 40, 10, "cosine", 0.01, 0.01) for step in (20, 21, 22)]
+    assert _train_steps(model, optimizer, scheduler, 3) == pytest.approx(expected)
+
+
 # -- metrics log ---------------------------------------------------------------------------------
 def test_metrics_log_drops_epochs_past_the_resumed_checkpoint(tmp_path):
     log = MetricsLog(tmp_path / "m.jsonl")

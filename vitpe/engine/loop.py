@@ -229,10 +229,13 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
         for g, f in zip(optimizer.param_groups, fresh):
             g.update(f)
         scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-        for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            g["lr"] = base * fn(scheduler.last_epoch)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         _logger.info("resumed with this run's %s (the checkpoint's differed)", ", ".join(sorted(changed)))
+    # the next step's rate from this run's schedule at the saved step, not the rate saved with the
+    # optimizer: that is the old schedule's, wrong for one step when run.epochs, the warm-up or
+    # the schedule changed (a finished run extended would take its first step at the floor)
+    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     if ema is not None:
         weights = ema_weights(state)
         if weights is None:
