@@ -206,6 +206,31 @@ def test_a_run_resumed_with_more_epochs_takes_its_first_step_on_the_new_schedule
     assert _train_steps(model, optimizer, scheduler, 3) == pytest.approx(expected)
 
 
+
+@pytest.mark.parametrize("steps_per_epoch", [5, 20])
+def test_a_run_resumed_with_another_batch_size_keeps_its_place_in_the_schedule(steps_per_epoch):
+    """The schedule counts optimizer steps; another batch size on ``--resume`` changes the steps
+    per epoch, and the epochs done keep their share of the schedule: the resumed run ends at the
+    end of its schedule, neither cut short nor stopped before the floor."""
+    from vitpe.engine.loop import restore_training_state, training_state
+
+    cfg = OptimConfig(lr=1.0, warmup_epochs=1, warmup_lr_ratio=0.01, min_lr_ratio=0.01, clip_grad=None)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 10, 4)
+    _train_steps(model, optimizer, scheduler, 10)  # epoch 1 of 4 at 10 steps an epoch
+    state = training_state(model, optimizer, scheduler, 1, {})
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, 4)
+    restore_training_state(state, model, optimizer, scheduler)
+    total, warmup = 4 * steps_per_epoch, steps_per_epoch
+    lrs = _train_steps(model, optimizer, scheduler, 3 * steps_per_epoch)  # epochs 2 to 4
+    assert lrs == pytest.approx([lr_factor(k, total, warmup, "cosine", 0.01, 0.01)
+                                 for k in range(steps_per_epoch, total)])
+    assert scheduler.last_epoch == total
+    assert training_state(model, optimizer, scheduler, 4, {})["scheduler"]["steps_per_epoch"] == steps_per_epoch
+
+
 # -- metrics log ---------------------------------------------------------------------------------
 def test_metrics_log_drops_epochs_past_the_resumed_checkpoint(tmp_path):
     log = MetricsLog(tmp_path / "m.jsonl")

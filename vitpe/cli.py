@@ -138,8 +138,8 @@ def run_training(cls: type[C], args: argparse.Namespace, train: Callable[[C, Any
         cfg = resolve_config(cls, args, keymap, base=base)
         changed = changed_settings(base, cfg, skip=("run.resume", "run.output", "run.device", "data.workers"))
         if changed:
-            note = " (the schedule's steps per epoch change with the batch)" if any(
-                c.startswith("data.batch_size") for c in changed) else ""
+            note = (" (the schedule's steps per epoch change with the batch; the epochs done keep their share of it)"
+                    if any(c.startswith("data.batch_size") for c in changed) else "")
             _logger.info("resuming with settings other than the run's own: %s%s", "; ".join(changed), note)
         here = str(Path(cfg.run.resume).parent)
         if cfg.run.output == base.run.output and Path(here).resolve() != Path(cfg.run.output).resolve():

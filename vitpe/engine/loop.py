@@ -221,8 +221,19 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
     # learning rate, weight decay or betas given with --resume apply from here (as recorded in
     # config.yaml), where the saved state would bring back the old ones
     fresh = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas") if k in g} for g in optimizer.param_groups]
+    steps_per_epoch = getattr(scheduler, "steps_per_epoch", None)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    saved_steps = getattr(scheduler, "steps_per_epoch", None)  # None: an older checkpoint, which kept none
+    if steps_per_epoch is not None:
+        scheduler.steps_per_epoch = steps_per_epoch
+    if steps_per_epoch and saved_steps and saved_steps != steps_per_epoch:
+        # the schedule counts steps: with another batch size the epochs done keep their share of
+        # it, or the resumed run would reach its floor early (fewer steps an epoch) or never (more)
+        step = round(scheduler.last_epoch * steps_per_epoch / saved_steps)
+        _logger.info("resumed at step %d of the schedule (step %d at %d steps an epoch, now %d)", step,
+                     scheduler.last_epoch, saved_steps, steps_per_epoch)
+        scheduler.last_epoch = step
     plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (betas: a tuple or a list)
     changed = {k for g, f in zip(optimizer.param_groups, fresh) for k, v in f.items() if plain(g.get(k)) != plain(v)}
     if changed:  # (load_state_dict has checked that the groups are as many)

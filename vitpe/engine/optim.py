@@ -84,13 +84,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
                     epochs: int) -> LambdaLR:
     """Per-step schedule (call ``scheduler.step()`` after every optimizer step). Its state dict
-    holds plain numbers, so it goes into checkpoints as is."""
+    holds plain numbers, so it goes into checkpoints as is, ``steps_per_epoch`` with them: a run
+    resumed with another batch size maps its step count to the new epochs (``restore_training_state``)."""
     total = max(1, steps_per_epoch * epochs)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     fn: Callable[[int], float] = lambda step: lr_factor(  # noqa: E731
         step, total, warmup, cfg.schedule, cfg.warmup_lr_ratio, cfg.min_lr_ratio, cfg.poly_power,
         cfg.step_at, cfg.step_gamma)
-    return LambdaLR(optimizer, fn)
+    scheduler = LambdaLR(optimizer, fn)
+    scheduler.steps_per_epoch = steps_per_epoch  # type: ignore[attr-defined]
+    return scheduler
 
 
 def clip_gradients(parameters: Iterable[Tensor] | nn.Module, max_norm: float | None) -> Tensor | None:
