@@ -137,6 +137,20 @@ def test_weight_decay_skips_norms_biases_and_position_tables():
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
 
 
+def test_weight_decay_reads_wildcards_in_no_weight_decay_as_timm_does():
+    """timm's models may name patterns (XCiT: ``pos_embed.*``, its convolutional position
+    encoding); the groups are timm's own ``param_groups_weight_decay``'s."""
+    import timm
+    from timm.optim import param_groups_weight_decay
+
+    model = timm.create_model("xcit_nano_12_p16_224", depth=1, num_classes=3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ours = {names[id(p)] for p in param_groups(model, 0.05)[1]["params"]}
+    timms = {names[id(p)] for g in param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())
+             if g["weight_decay"] == 0 for p in g["params"]}
+    assert "pos_embed.token_projection.weight" in timms and ours == timms
+
+
 def test_schedules_warm_up_then_decay_to_the_floor():
     f = [lr_factor(s, 100, 10, "cosine", 0.01, 0.1) for s in range(101)]
     assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -17,7 +18,8 @@ _logger = logging.getLogger(__name__)
 def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
     """Two groups: decayed weights, and undecayed norms, biases, 1-d parameters and the names in
     ``skip`` plus the model's ``no_weight_decay()`` (position tables, class token): decaying them
-    pulls them toward zero for no gain in regularisation."""
+    pulls them toward zero for no gain in regularisation. A name also covers the parameters of a
+    module of that name, and may be a pattern (``pos_embed.*``, as timm matches them)."""
     skip = set(skip)
     if hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
@@ -25,8 +27,8 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        undecayed = p.ndim <= 1 or name.endswith(".bias") or name in skip or any(
-            name.startswith(s + ".") for s in skip)
+        undecayed = p.ndim <= 1 or name.endswith(".bias") or any(
+            name == s or name.startswith(s + ".") or fnmatchcase(name, s) for s in skip)
         (no_decay if undecayed else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
