@@ -229,7 +229,9 @@ def build_criterion(cfg: LossConfig, num_classes: int) -> SetCriterion:
 
 def build_optimizer(model: DETR, cfg: DetOptimConfig, batch_size: int | None = None) -> torch.optim.AdamW:
     """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest
-    (all scaled as ``lr_scale`` says)."""
+    (all scaled as ``lr_scale`` says). DETR's own training decays every parameter; here norms,
+    biases, the encoder's position parameters, the reference centres and the spatial prior's widths are
+    not decayed."""
     backbone = {id(p) for p in model.backbone.parameters()}
     groups = []
     for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos", "box_refs", "spatial_prior"]):

@@ -19,7 +19,10 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     """Two groups: decayed weights, and undecayed norms, biases, 1-d parameters and the names in
     ``skip`` plus the model's ``no_weight_decay()`` (position tables, class token): decaying them
     pulls them toward zero for no gain in regularisation. A name also covers the parameters of a
-    module of that name, and may be a pattern (``pos_embed.*``, as timm matches them)."""
+    module of that name, and may be a pattern (``pos_embed.*``, as timm matches them). vitpe's
+    models name every parameter of their positional strategy (a PEG's convolution too, as timm's
+    Twins and mmseg's ``pos_block``); Mix-FFN's convolution is part of the FFN and decayed, as in
+    SegFormer."""
     skip = set(skip)
     if hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
@@ -40,8 +43,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int | None =
 
 
 def lr_scale(cfg: OptimConfig, batch_size: int | None) -> float:
-    """``batch_size / cfg.lr_base_batch`` (the linear scaling rule of DeiT and timm's ``--lr-base``),
-    or 1 when ``lr_base_batch`` is not set."""
+    """``batch_size / cfg.lr_base_batch`` (DeiT's linear scaling rule; timm's ``--lr-base`` scales
+    AdamW's rate by the square root of that ratio unless given ``--lr-base-scale linear``), or 1
+    when ``lr_base_batch`` is not set."""
     if cfg.lr_base_batch is None:
         return 1.0
     if batch_size is None:
@@ -66,7 +70,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
               step_at: Sequence[float] = (), step_gamma: float = 0.1) -> float:
     """Multiplier of the peak rate at ``step``: linear warm-up from ``warmup_ratio`` to 1, then
     ``cosine`` or ``poly`` decay to ``min_ratio`` at ``total_steps``, ``constant``, or ``step``:
-    times ``step_gamma`` at each fraction ``step_at`` of ``total_steps``."""
+    times ``step_gamma`` at each fraction ``step_at`` of ``total_steps``.
+
+    Per optimizer step, the decay starting after the warm-up: ``cosine`` is timm's
+    ``CosineLRScheduler`` with ``warmup_prefix=True``, ``t_in_epochs=False`` and ``t_initial`` the
+    steps after the warm-up (timm's train.py and DeiT update once an epoch, their cosine counted
+    from step 0 through the warm-up); ``poly`` is mmseg's ``LinearLR`` then ``PolyLR`` by
+    iteration, but for its rounding (mmengine reaches the peak one step sooner and ends on 0)."""
     if step < warmup_steps:
         return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
     if schedule == "constant":

@@ -195,7 +195,8 @@ def compile_model(model: nn.Module, backend: str = "inductor", mode: str = "defa
 
 def pixel_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """Mean cross-entropy over the labelled pixels; 0 (not NaN) for a batch with none, which
-    random crops of sparsely labelled images can produce."""
+    random crops of sparsely labelled images can produce. (mmseg's ``CrossEntropyLoss`` divides by
+    every pixel, ignored ones included, unless given ``avg_non_ignore=True``, which is this.)"""
     # the softmax reads bf16 logits and writes float32 itself (and its backward hands bf16 back):
     # cross_entropy(logits.float()) would first copy the full-size logits to float32, both ways
     logp = F.log_softmax(logits, dim=1, dtype=torch.float32)
