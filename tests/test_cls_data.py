@@ -204,6 +204,25 @@ def test_a_training_set_smaller_than_one_batch_is_a_named_error():
     assert len(make_loader(list(range(3)), 4, False)) == 1  # evaluation keeps the partial batch
 
 
+@pytest.mark.parametrize("size, batch, world", [(7, 4, 2), (11, 4, 2), (511, 256, 2), (23, 6, 3), (10, 4, 2)])
+def test_processes_together_take_the_one_process_batches_and_no_more(size, batch, world, monkeypatch):
+    """The global batches of N processes are those of one: as many, with the same images (a
+    training set that does not split evenly is not padded with repeated images into an extra step)."""
+    from vitpe.engine import loop
+
+    def global_batches(processes: int) -> list[list[int]]:
+        shards = []
+        for rank in range(processes):
+            monkeypatch.setattr(loop.dist, "world_size", lambda: processes)
+            monkeypatch.setattr(loop.dist, "rank", lambda: rank)
+            loader = loop.make_loader(list(range(size)), batch, True, seed=0)
+            loader.sampler.set_epoch(3)
+            shards.append([b.tolist() for b in loader])
+        return [sorted(i for shard in shards for i in shard[k]) for k in range(len(shards[0]))]
+
+    assert global_batches(world) == [sorted(b) for b in global_batches(1)]
+
+
 def test_epoch_seeds_depend_on_epoch_and_process_only():
     import torch
 

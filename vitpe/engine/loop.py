@@ -74,8 +74,10 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, w
     if batch_size % world:
         raise UserError(f"batch size {batch_size} is not divisible by the {world} processes")
     if train:
+        # drop_last: the shards are not padded with repeated samples, which (with the loader's
+        # drop_last) could make one more global batch than one process takes, and a longer schedule
         sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
-                                                   seed=seed, drop_last=False)
+                                                   seed=seed, drop_last=True)
     else:
         sampler = ShardSampler(len(dataset), dist.rank(), world)
     loader = DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=workers,
