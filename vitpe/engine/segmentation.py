@@ -175,7 +175,10 @@ def load_backbone(backbone: nn.Module, path: str) -> None:
 
 
 def build_optimizer(model: Segmentor, cfg: SegOptimConfig, batch_size: int | None = None) -> torch.optim.AdamW:
-    """AdamW; the decode head's groups get ``lr * head_lr_mult`` (all scaled as ``lr_scale`` says)."""
+    """AdamW; the decode head's groups get ``lr * head_lr_mult`` (all scaled as ``lr_scale`` says).
+    Norms and biases are undecayed throughout (``param_groups``), where SegFormer's mmseg config
+    decays the biases and the decode head's batch norms (its ``bn``: only names holding ``norm``
+    or ``pos_block`` are undecayed there)."""
     skip = model.no_weight_decay()
     groups = param_groups(model.backbone, cfg.weight_decay, {s.removeprefix("backbone.") for s in skip})
     for g in param_groups(model.decode_head, cfg.weight_decay):
