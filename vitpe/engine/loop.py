@@ -190,9 +190,11 @@ def all_finite(module: nn.Module) -> bool:
 def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any, ema: nn.Module | None = None) -> int:
     """Load what ``training_state`` saved (RNG last, so nothing after it disturbs the streams);
-    returns the epoch to start from. Weights that do not fit the model (options changed since the
-    checkpoint) are an error naming the keys at fault; an entry of the wrong shape or kind (a
-    damaged or foreign checkpoint) is an error naming the file."""
+    returns the epoch to start from. The schedule goes on from the saved step as this run's
+    options define it (a longer ``run.epochs`` stretches what is left; with another batch size the
+    step is rescaled, so the epochs done keep their share). Weights that do not fit the model
+    (options changed since the checkpoint) are an error naming the keys at fault; an entry of the
+    wrong shape or kind (a damaged or foreign checkpoint) is an error naming the file."""
     try:
         return _restore(state, model, optimizer, scheduler, ema)
     except (KeyError, IndexError, TypeError, ValueError) as e:
