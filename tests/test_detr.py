@@ -332,3 +332,25 @@ def test_a_pretrained_backbone_keeps_its_stem_fixed_as_detr():
     assert stem_fixed(DetModelConfig(backbone_weights="resnet50.pth"))
     assert stem_fixed(DetModelConfig(weights="detr-r50.pth"))
     assert not stem_fixed(DetModelConfig(backbone_weights="resnet50.pth", freeze_stem=False))
+
+
+def test_a_vit_backbones_position_tables_and_class_token_are_not_decayed() -> None:
+    """A vitpe ViT under DETR is decayed as the same ViT alone (``param_groups`` reads its
+    ``no_weight_decay()`` through the feature wrapper): its tables and class token are not."""
+    import timm
+
+    from vitpe.engine import detection
+    from vitpe.engine.optim import param_groups
+
+    cfg = detection.DetModelConfig(backbone="vitpe_vit_tiny_patch4_32", backbone_pos="learned+rpb", frozen_bn=False,
+                                   dim=16, num_heads=2, enc_layers=1, dec_layers=1, ffn_dim=16, num_queries=4)
+    model = detection.build_model(cfg, 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)].removeprefix("backbone.body.model.") for g in
+                 detection.build_optimizer(model, detection.DetOptimConfig()).param_groups
+                 if g["weight_decay"] == 0 for p in g["params"] if names[id(p)].startswith("backbone.")}
+    vit = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned+rpb")
+    vit_names = {id(p): n for n, p in vit.named_parameters()}
+    alone = {vit_names[id(p)] for p in param_groups(vit, 0.05)[1]["params"]}
+    assert {"cls_token", "pos.learned.pos_embed", "pos.rpb.tables"} <= undecayed
+    assert undecayed == {n for n in alone if f"backbone.body.model.{n}" in names.values()}

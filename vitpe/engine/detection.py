@@ -230,11 +230,14 @@ def build_criterion(cfg: LossConfig, num_classes: int) -> SetCriterion:
 def build_optimizer(model: DETR, cfg: DetOptimConfig, batch_size: int | None = None) -> torch.optim.AdamW:
     """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest
     (all scaled as ``lr_scale`` says). DETR's own training decays every parameter; here norms,
-    biases, the encoder's position parameters, the reference centres and the spatial prior's widths are
-    not decayed."""
+    biases, the encoder's position parameters, the reference centres, the spatial prior's widths and
+    what a timm backbone's ``no_weight_decay()`` names (a ViT's tables, class token) are not decayed."""
     backbone = {id(p) for p in model.backbone.parameters()}
+    # a timm backbone's own exclusions (a ViT's tables, class token), as the same model has alone
+    inner = getattr(model.backbone, "no_weight_decay", set)()
+    skip = ["transformer.pos", "box_refs", "spatial_prior", *(f"backbone.{n}" for n in inner)]
     groups = []
-    for g in param_groups(model, cfg.weight_decay, skip=["transformer.pos", "box_refs", "spatial_prior"]):
+    for g in param_groups(model, cfg.weight_decay, skip=skip):
         for is_bb, lr in ((True, cfg.backbone_lr), (False, cfg.lr)):
             ps = [p for p in g["params"] if (id(p) in backbone) == is_bb]
             if ps and lr > 0:

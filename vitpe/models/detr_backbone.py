@@ -139,6 +139,14 @@ class TimmBackbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)[-1]
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The model's own ``no_weight_decay()`` (a ViT's position tables and class token), named
+        from here: timm's feature wrapper for vitpe's models (and timm's ViTs) keeps it as ``model``."""
+        inner = getattr(self.body, "model", None)
+        names = inner.no_weight_decay() if hasattr(inner, "no_weight_decay") else set()
+        return {f"body.model.{n}" for n in names}
+
 
 def build_backbone(name: str, *, weights: str | None = None, frozen_bn: bool = True, freeze_stem: bool = False,
                    pos: str | None = None, stages: int = 4) -> nn.Module:
