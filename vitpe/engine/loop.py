@@ -204,23 +204,8 @@ def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: t
                         f"options") from None
 
 
-def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             ema: nn.Module | None) -> int:
-    source = state.get("source", "the checkpoint")
-    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng") if k not in state]
-    if missing:
-        raise UserError(f"{source}: not a vitpe training checkpoint (no {', '.join(missing)}); --resume takes "
-                        f"the checkpoint.pt a training run writes")
-    hint = "resume without options that change the model (strategy, sizes) or start a new run"
-    try:
-        result = dist.unwrap_model(model).load_state_dict(state["model"], strict=False)
-    except RuntimeError as e:  # a shape that differs
-        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise UserError(f"{source}: its weights do not fit this model ({detail}); {hint}") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = [f"{label} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for label, keys in
-                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
-        raise UserError(f"{source}: its weights do not fit this model ({'; '.join(parts)}); {hint}")
+def _restore_schedule(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """The optimizer's and the schedule's state from ``state``, under this run's settings."""
     # the run's own settings, as the optimizer and schedule were just built from the config: a
     # learning rate, weight decay or betas given with --resume apply from here (as recorded in
     # config.yaml), where the saved state would bring back the old ones
@@ -251,6 +236,26 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
     for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         g["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             ema: nn.Module | None) -> int:
+    source = state.get("source", "the checkpoint")
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng") if k not in state]
+    if missing:
+        raise UserError(f"{source}: not a vitpe training checkpoint (no {', '.join(missing)}); --resume takes "
+                        f"the checkpoint.pt a training run writes")
+    hint = "resume without options that change the model (strategy, sizes) or start a new run"
+    try:
+        result = dist.unwrap_model(model).load_state_dict(state["model"], strict=False)
+    except RuntimeError as e:  # a shape that differs
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise UserError(f"{source}: its weights do not fit this model ({detail}); {hint}") from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = [f"{label} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for label, keys in
+                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+        raise UserError(f"{source}: its weights do not fit this model ({'; '.join(parts)}); {hint}")
+    _restore_schedule(state, optimizer, scheduler)
     if ema is not None:
         weights = ema_weights(state)
         if weights is None:
