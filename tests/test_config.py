@@ -151,6 +151,39 @@ def test_weight_decay_reads_wildcards_in_no_weight_decay_as_timm_does():
     assert "pos_embed.token_projection.weight" in timms and ours == timms
 
 
+def test_layer_decay_gives_each_layer_timms_rate_and_keeps_the_decay_groups():
+    """``optim.layer_decay``: every parameter at the rate timm's ``param_groups_layer_decay`` gives
+    it (the stem slowest, the head at the peak), the weight-decay membership unchanged, the ratios
+    kept by the schedule; a model that does not number its layers is named."""
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    import vitpe  # noqa: F401
+    from vitpe.engine.classification import ClsOptimConfig
+
+    model = timm.create_model("vitpe_vit_tiny_patch4_32", pos="learned+rpb", depth=3, num_classes=3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = ClsOptimConfig(lr=1e-3, weight_decay=0.05, layer_decay=0.5, warmup_epochs=0, schedule="cosine")
+    opt = build_optimizer(model, cfg)
+    rate = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    ref = {names[id(p)]: g["lr_scale"] for g in param_groups_layer_decay(model, layer_decay=0.5) for p in g["params"]}
+    assert rate.keys() == ref.keys()
+    for name, scale in ref.items():
+        assert rate[name] == pytest.approx(1e-3 * scale), name
+    assert rate["head.weight"] == pytest.approx(1e-3) and rate["patch_embed.proj.weight"] == pytest.approx(1e-3 / 16)
+    plain_decayed = {names[id(p)] for p in param_groups(model, 0.05)[0]["params"]}
+    assert decayed == plain_decayed
+    sched = build_scheduler(opt, cfg, steps_per_epoch=4, epochs=2)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    after = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert after["blocks.0.attn.qkv.weight"] / after["head.weight"] == pytest.approx(0.125)
+    with pytest.raises(ConfigError, match="optim.layer_decay: Linear does not number its layers"):
+        build_optimizer(torch.nn.Linear(2, 2), cfg)
+
+
 def test_schedules_warm_up_then_decay_to_the_floor():
     f = [lr_factor(s, 100, 10, "cosine", 0.01, 0.1) for s in range(101)]
     assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)

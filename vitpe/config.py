@@ -261,7 +261,7 @@ _BOUNDS: dict[str, tuple] = {
     "dropout": (0, 1), "head_dropout": (0, 1), "eos_coef": (0, None), "dim": (1, None), "num_heads": (1, None),
     "enc_layers": (0, None), "dec_layers": (1, None), "ffn_dim": (1, None), "pos_grid": (1, None),
     "head_dim": (1, None), "backbone_stages": (1, 4, "[]"), "figure_images": (0, None), "img_size": (1, None),
-    "crop_size": (1, None), "slide_crop": (1, None), "slide_stride": (1, None)}
+    "crop_size": (1, None), "slide_crop": (1, None), "slide_stride": (1, None), "layer_decay": (0, 1, "(]")}
 _ORDERED = {"scale", "ratio", "scale_range"}  # (min, max) pairs
 # timm.create_model arguments in ``model.kwargs`` (a number, or one per stage as MiT's lists): a
 # drop rate past 1 fails at the first training step, a zero depth or width at the model's build

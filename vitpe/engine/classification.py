@@ -52,12 +52,19 @@ def default_kwargs_warning(cfg: ModelConfig) -> str | None:
 
 
 @dataclass
+class ClsOptimConfig(OptimConfig):
+    # layer-wise rate decay for fine-tuning (BEiT, MAE: 0.65-0.75; timm's --layer-decay): block i of
+    # L learns at layer_decay ** (L - i) of the rate, the stem (patch embedding, position) slowest
+    layer_decay: float | None = None
+
+
+@dataclass
 class ClsConfig:
     """Defaults are the default run: ``python train_cls.py`` trains on the synthetic task on CPU."""
 
     data: ClsDataConfig = field(default_factory=lambda: ClsDataConfig(workers=0))  # what to train on
     model: ModelConfig = field(default_factory=_default_model)  # which backbone and positional strategy
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3))  # AdamW, schedule, clipping
+    optim: ClsOptimConfig = field(default_factory=lambda: ClsOptimConfig(lr=2e-3))  # AdamW, schedule, clipping
     aug: AugConfig = field(default_factory=AugConfig)  # augmentation and target smoothing/mixing
     ema: EmaConfig = field(default_factory=EmaConfig)  # weight averaging
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=5, output="runs/synthetic"))  # epochs, output...
@@ -184,7 +191,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                         f"read and transformed (each is named above)")
     if totals["skipped"] and dist.is_main():
         _logger.warning("epoch %d: skipped %d image(s) that could not be read or transformed", epoch + 1, int(totals["skipped"]))
-    return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": optimizer.param_groups[0]["lr"],
+    return {"train_loss": totals["loss"] / max(totals["n"], 1), "lr": max(g["lr"] for g in optimizer.param_groups),
             "skipped": int(totals["skipped"]), "time": time.time() - start}
 
 
@@ -230,5 +237,5 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
             "loss": totals["loss"] / n, "n": int(totals["n"]), "skipped": int(totals["skipped"])}
 
 
-__all__ = ["ClsConfig", "EmaConfig", "as_batch", "build_criterion", "build_mixup", "build_model", "build_train_loader",
+__all__ = ["ClsConfig", "ClsOptimConfig", "EmaConfig", "as_batch", "build_criterion", "build_mixup", "build_model", "build_train_loader",
            "default_kwargs_warning", "evaluate", "model_label", "model_pos", "train_one_epoch"]

@@ -10,36 +10,62 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..config import OptimConfig
+from ..config import ConfigError, OptimConfig
 
 _logger = logging.getLogger(__name__)
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = (),
+                 layer_decay: float | None = None) -> list[dict]:
     """Two groups: decayed weights, and undecayed norms, biases, 1-d parameters and the names in
     ``skip`` plus the model's ``no_weight_decay()`` (position tables, class token): decaying them
     pulls them toward zero for no gain in regularisation. A name also covers the parameters of a
     module of that name, and may be a pattern (``pos_embed.*``, as timm matches them). vitpe's
     models name every parameter of their positional strategy (a PEG's convolution too, as timm's
     Twins and mmseg's ``pos_block``); Mix-FFN's convolution is part of the FFN and decayed, as in
-    SegFormer."""
+    SegFormer.
+
+    With ``layer_decay`` (BEiT's and MAE's fine-tuning, timm's ``--layer-decay``) each of those is
+    split by layer, as the model's ``group_matcher`` numbers them (timm's rule: the stem 0, block
+    ``i`` ``i + 1``, the final norm and head last), a layer ``k`` below the last learning at
+    ``layer_decay ** k`` of the rate (the group's ``lr_scale``)."""
     skip = set(skip)
     if hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
-    decay, no_decay = [], []
+    layers, last = _layers(model) if layer_decay is not None else ({}, 0)
+    groups: dict[tuple[int, bool], list[Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         undecayed = p.ndim <= 1 or name.endswith(".bias") or any(
             name == s or name.startswith(s + ".") or fnmatchcase(name, s) for s in skip)
-        (no_decay if undecayed else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((layers.get(name, last), undecayed), []).append(p)
+    if layer_decay is None:
+        return [{"params": groups.get((0, False), []), "weight_decay": weight_decay},
+                {"params": groups.get((0, True), []), "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": 0.0 if undecayed else weight_decay,
+             "lr_scale": layer_decay ** (last - layer)} for (layer, undecayed), params in sorted(groups.items())]
+
+
+def _layers(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's layer, as timm's layer decay numbers them (``group_matcher(coarse=False)``
+    through ``timm.models.group_parameters``), and the last layer's number."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise ConfigError(f"optim.layer_decay: {type(model).__name__} does not number its layers (no "
+                          f"group_matcher, as timm's and vitpe's ViTs have); unset optim.layer_decay")
+    layers = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    return layers, max(layers.values(), default=0)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int | None = None) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model, cfg.weight_decay)`` at the peak rate ``cfg.lr`` (scaled to
-    ``batch_size``, the global batch, when ``cfg.lr_base_batch`` is set)."""
-    return adamw(param_groups(model, cfg.weight_decay), cfg.lr, cfg.betas, lr_scale(cfg, batch_size))
+    ``batch_size``, the global batch, when ``cfg.lr_base_batch`` is set), each group at its
+    ``lr_scale`` of it where the config has a ``layer_decay`` (classification's)."""
+    groups = param_groups(model, cfg.weight_decay, layer_decay=getattr(cfg, "layer_decay", None))
+    groups = [dict(g, lr=cfg.lr * g["lr_scale"]) if "lr_scale" in g else g for g in groups]
+    return adamw(groups, cfg.lr, cfg.betas, lr_scale(cfg, batch_size))
 
 
 def lr_scale(cfg: OptimConfig, batch_size: int | None) -> float:
