@@ -58,6 +58,27 @@ def test_rpb_reads_the_offset_table_as_swin_and_beit_index_it(grid):
         assert bias[:, :2].abs().max() == 0 and bias[:, :, :2].abs().max() == 0  # prefix tokens: no bias
 
 
+@pytest.mark.parametrize("grid, num_prefix", [((3, 4), 1), ((5, 2), 1), ((4, 4), 3)])
+def test_rpb_prefix_bias_is_beits_class_token_layout(grid, num_prefix):
+    """``prefix_bias=True``: the bias of every block is the one BEiT reads from its table with the
+    three class-token entries (timm's ``gen_relative_position_index(class_token=True)``), for
+    several prefix tokens alike; the entries learn; by default prefix tokens get zero bias."""
+    rpb = build("rpb", grid, num_prefix, pos_kwargs={"rpb": {"prefix_bias": True}})
+    n = grid[0] * grid[1]
+    index = gen_relative_position_index(grid, class_token=True)  # (1 + n, 1 + n)
+    index = torch.cat([index[:1].expand(num_prefix, -1), index[1:]])  # every prefix token as the class token
+    index = torch.cat([index[:, :1].expand(-1, num_prefix), index[:, 1:]], dim=1)
+    ctx = rpb.context(grid, num_prefix)
+    for block in range(2):
+        table = torch.cat([rpb.tables[block].flatten(1).t(), rpb.prefix_tables[block].t()])  # BEiT's layout
+        ref = table[index.reshape(-1)].reshape(num_prefix + n, num_prefix + n, -1).permute(2, 0, 1)
+        torch.testing.assert_close(ctx.block(block).bias, ref, atol=0, rtol=0)
+    ctx.block(1).bias.sum().backward()
+    assert rpb.prefix_tables.grad[1].abs().sum() > 0 and rpb.prefix_tables.grad[0].abs().sum() == 0
+    plain = build("rpb", grid, num_prefix).context(grid, num_prefix).block(0).bias
+    assert plain[:, :num_prefix].abs().sum() == 0 and plain[:, :, :num_prefix].abs().sum() == 0
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # timm's interpolator's own, about its indexing
 @pytest.mark.parametrize("old, new", [((14, 14), (18, 18)), ((14, 14), (10, 10)), ((7, 11), (9, 5)),
                                       ((4, 4), (4, 6)), ((2, 3), (1, 1))])

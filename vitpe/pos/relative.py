@@ -11,7 +11,9 @@ and n is the entry at their offset. For another grid the table is resized (``res
   values (an offset of one patch is still one patch), the far ones are spread out to reach the new
   grid's edges, or, on a smaller grid, kept about where they were.
 
-Prefix tokens get zero bias (BEiT's three learned class-token entries are not kept).
+Prefix tokens (class and register tokens) get zero bias by default; with ``prefix_bias`` they get
+BEiT's three learned entries per block and head: one for a prefix token attending to a patch, one
+for a patch attending to a prefix token, one between prefix tokens (the same at every grid).
 """
 from __future__ import annotations
 
@@ -48,10 +50,21 @@ def relative_offsets(grid: Grid, kv_stride: int, device: torch.device | None = N
     return torch.stack([dc, dr], dim=-1)[None]
 
 
+def with_prefix(bias: Tensor, entries: Tensor, num_prefix: int) -> Tensor:
+    """``(heads, N, S)`` patch-to-patch bias -> ``(heads, P + N, P + S)`` with BEiT's entries
+    ``(heads, 3)`` for the ``P`` prefix tokens: prefix to patch, patch to prefix, prefix to prefix."""
+    heads, n, s = bias.shape
+    e = entries.to(bias.dtype)[:, :, None, None]  # (heads, 3, 1, 1)
+    top = torch.cat([e[:, 2].expand(heads, num_prefix, num_prefix), e[:, 0].expand(heads, num_prefix, s)], dim=-1)
+    rest = torch.cat([e[:, 1].expand(heads, n, num_prefix), bias], dim=-1)
+    return torch.cat([top, rest], dim=-2)
+
+
 class RelativeBias(GridShapedStrategy):
     name = "rpb"
 
-    def __init__(self, *, shared: bool = False, resize: str = "bicubic", **kw: Any) -> None:
+    def __init__(self, *, shared: bool = False, resize: str = "bicubic", prefix_bias: bool = False,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         if resize not in RESIZE_MODES:
             raise ValueError(f"{self.name}: resize must be one of {RESIZE_MODES}; got {resize!r}")
@@ -60,6 +73,10 @@ class RelativeBias(GridShapedStrategy):
         layers = 1 if shared else self.depth
         self.tables = nn.Parameter(torch.zeros(layers, self.num_heads, 2 * h - 1, 2 * w - 1))
         nn.init.trunc_normal_(self.tables, std=0.02)
+        # BEiT's class-token entries: prefix -> patch, patch -> prefix, prefix -> prefix
+        self.prefix_tables = nn.Parameter(torch.zeros(layers, self.num_heads, 3)) if prefix_bias else None
+        if self.prefix_tables is not None:
+            nn.init.trunc_normal_(self.prefix_tables, std=0.02)
 
     def tables_for(self, grid: Grid) -> Tensor:
         """``(layers, heads, (2h-1)*(2w-1))`` for ``grid``."""
@@ -92,7 +109,11 @@ class RelativeBias(GridShapedStrategy):
 
         def bias(i: int) -> Tensor:
             b = lookup(tables[i if tables.shape[0] > 1 else 0])
-            return F.pad(b, (num_prefix, 0, num_prefix, 0)) if num_prefix else b
+            if not num_prefix:
+                return b
+            if self.prefix_tables is None:
+                return F.pad(b, (num_prefix, 0, num_prefix, 0))
+            return with_prefix(b, self.prefix_tables[i if self.prefix_tables.shape[0] > 1 else 0], num_prefix)
 
         return PosContext(grid, num_prefix, bias_terms=[bias], kv_stride=kv_stride)
 
