@@ -337,11 +337,12 @@ def test_an_eva_rope_checkpoint_needs_evas_temperature_and_says_what_else_differ
     ref, path = eva_checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"rope_axial has theta=100: build it with pos_kwargs="):
         eva_vitpe(path, ref, pos_kwargs=None)
-    with caplog.at_level(logging.WARNING):
+    # into rope_mixed: the frequencies it would learn are not in the file (strict loading names them)
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="pos.freqs"):
         timm.create_model("vitpe_vit_small_patch16_224", pos="rope_mixed", depth=2, embed_dim=128, num_heads=2,
                           img_size=256, class_token=False, reg_tokens=1, global_pool="avg", pretrained=True,
                           pretrained_cfg_overlay=dict(file=path))
-    assert "rope_mixed frequencies stay as initialised" in caplog.text
+    assert "pos='rope_axial' with theta=10000 loads it as trained" in caplog.text
     caplog.clear()
     # without ref_grid: the same at the training grid, and a warning that other sizes differ
     with caplog.at_level(logging.WARNING):

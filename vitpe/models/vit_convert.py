@@ -139,9 +139,9 @@ def _from_timm_rope(sd: dict[str, Tensor], model: VisionTransformer) -> dict[str
     if eva and axial is not None:
         _check_eva_rope(axial)
     elif eva and mixed is not None:
-        _logger.warning("checkpoint has EVA's fixed axial rotary embedding but the model's strategy is %r: its "
-                        "rope_mixed frequencies stay as initialised (pos='rope_axial' with theta=10000 loads it as "
-                        "trained)", model.pos.name)
+        _logger.warning("checkpoint has EVA's fixed axial rotary embedding but the model's strategy is %r, whose "
+                        "learned frequencies the checkpoint does not have (pos='rope_axial' with theta=10000 loads "
+                        "it as trained)", model.pos.name)
     heads = model.blocks[0].attn.num_heads
     for key in [k for k in sd if k.endswith(("attn.qkv.weight", "attn.qkv.bias"))]:
         w = sd[key]
