@@ -231,7 +231,11 @@ def build_optimizer(model: DETR, cfg: DetOptimConfig, batch_size: int | None = N
     """AdamW with the shared decay groups, each split into backbone (at ``backbone_lr``) and the rest
     (all scaled as ``lr_scale`` says). DETR's own training decays every parameter; here norms,
     biases, the encoder's position parameters, the reference centres, the spatial prior's widths and
-    what a timm backbone's ``no_weight_decay()`` names (a ViT's tables, class token) are not decayed."""
+    what a timm backbone's ``no_weight_decay()`` names (a ViT's tables, class token) are not decayed.
+    The encoder's position parameters (``learned``'s tables, ``peg``'s convolution, ``rope_mixed``'s
+    frequencies) learn at the transformer's rate: DETR's learned tables sit in its backbone module
+    and so learn at the backbone's, 10x slower, a placement of code rather than a choice, which
+    would also freeze them with the backbone."""
     backbone = {id(p) for p in model.backbone.parameters()}
     # a timm backbone's own exclusions (a ViT's tables, class token), as the same model has alone
     inner = getattr(model.backbone, "no_weight_decay", set)()
