@@ -397,3 +397,24 @@ def test_timms_own_model_is_labelled_by_its_name_not_by_a_strategy_it_does_not_u
                      str(tmp_path / "res"), "--device", "cpu", "--workers", "0", "--no-throughput"]) == 0
     assert "| vit_tiny_patch16_224 |" in capsys.readouterr().out
     assert list(json.loads((tmp_path / "res" / "resolution.json").read_text())) == ["vit_tiny_patch16_224"]
+
+
+def test_each_task_has_its_default_test_sizes_and_refuses_the_other_option():
+    import argparse
+
+    from vitpe.engine.detection import DetConfig
+    from vitpe.engine.segmentation import SegConfig
+
+    def sizes(task, cfg, **kw):
+        return ev._test_sizes(task, cfg, argparse.Namespace(**{"sizes": None, "scales": None, **kw}))
+
+    det = DetConfig()
+    det.data.min_size = 48
+    assert sizes("detection", det) == [24, 36, 48, 60, 72]  # 0.5-1.5x the training size
+    det.eval.sizes = [32]
+    assert sizes("detection", det) == [32, 48] and sizes("detection", det, sizes=[40]) == [40]
+    assert sizes("segmentation", SegConfig()) == ev.SEG_SCALES
+    assert sizes("segmentation", SegConfig(), scales=[0.5, 2.0]) == [0.5, 2.0]
+    assert sizes("classification", ev.ClsConfig()) == ev.CLS_SIZES
+    with pytest.raises(ev.UserError, match="--scales: classification checkpoints are evaluated at --sizes"):
+        sizes("classification", ev.ClsConfig(), scales=[1.0])

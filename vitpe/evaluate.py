@@ -185,7 +185,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="dataset folder, or 'synthetic' for classifiers (default: each checkpoint's own)")
     p.add_argument("--sizes", type=parse_sizes, metavar="S1,S2,...",
                    help=f"classification: square test sizes (default {','.join(map(str, CLS_SIZES))}); detection: "
-                        f"shorter sides (default: the run's eval.sizes and its training size)")
+                        f"shorter sides (default: the run's eval.sizes, else 0.5-1.5x, and its training size)")
     p.add_argument("--scales", type=parse_scales, metavar="S1,S2,...",
                    help=f"segmentation: test scales of each image's size (default "
                         f"{','.join(map(str, SEG_SCALES))})")
@@ -238,8 +238,9 @@ def _test_sizes(task: str, cfg: Any, args: argparse.Namespace) -> list:
         return list(args.scales or SEG_SCALES)
     if args.scales:
         raise UserError(f"--scales: {task} checkpoints are evaluated at --sizes")
-    if task == "detection":
-        return list(args.sizes or sorted(set(cfg.eval.sizes) | {cfg.data.min_size}))
+    if task == "detection":  # the run's own test sizes, else its training size scaled as segmentation's
+        default = cfg.eval.sizes or [max(1, round(cfg.data.min_size * f)) for f in (0.5, 0.75, 1.25, 1.5)]
+        return list(args.sizes or sorted(set(default) | {cfg.data.min_size}))
     return list(args.sizes or CLS_SIZES)
 
 
