@@ -16,6 +16,7 @@ the checkpoint holds the whole model.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
 
@@ -106,7 +107,7 @@ def det_sizes(path: str, cfg: det.DetConfig, state: dict[str, Any], sizes: Seque
                             d.cache and not check_only, clip_boxes=d.clip_boxes)
     if list(val.class_names) != list(state["classes"]):
         # a validation json listing only some of the training categories: the training split's labels
-        _, val = det.build_datasets(d)
+        _, val = det.build_datasets(dataclasses.replace(d, cache=d.cache and not check_only))
     _check_classes(path, state["classes"], val.class_names, f"{d.path} ({d.val_split})")
     if check_only:
         return {}
