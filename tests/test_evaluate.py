@@ -277,6 +277,18 @@ def test_detection_checkpoints_are_scored_at_each_shorter_side_as_their_run_scor
     assert res["task"] == "detection" and res["train_size"] == 48
     assert res["sizes"]["48"]["AP"] == pytest.approx(own["coco"]["AP"], abs=1e-9)
     assert res["sizes"]["32"]["AP"] == pytest.approx(own["eval_sizes"]["32"]["AP"], abs=1e-9)
+    # a validation json with some of the training categories: read in the training labels
+    from det_data import CAT_IDS
+
+    path = data / "annotations" / "instances_val2017.json"
+    d = json.loads(path.read_text())
+    d["categories"] = [c for c in d["categories"] if c["id"] != CAT_IDS[0]]
+    d["annotations"] = [a for a in d["annotations"] if a["category_id"] != CAT_IDS[0]]
+    path.write_text(json.dumps(d))
+    assert run_eval(["--checkpoint", str(out / "checkpoint.pt"), "--sizes", "48", "--output", str(tmp_path / "sub"),
+                     "--device", "cpu", "--workers", "0"]) == 0
+    sub = json.loads((tmp_path / "sub" / "resolution.json").read_text())["sine"]["sizes"]["48"]
+    assert -1 <= sub["AP"] <= 1 and sub["n"] == res["sizes"]["48"]["n"]
 
 
 def test_a_checkpoint_of_no_training_run_is_named(tmp_path, capsys):
