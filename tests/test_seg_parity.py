@@ -133,3 +133,22 @@ def test_saved_tensor_report_runs_and_shows_the_composed_head():
     assert theirs["saved"][("head", "cat")] > 0  # the names of both models meet in one vocabulary
     assert "| **total** |" in bench.saved_table(ours["saved"], theirs["saved"], 0.1)
     assert "| forward | cat | 0 | 1 |" in bench.ops_table(ours, theirs)
+
+
+@pytest.mark.parametrize("size, new", [((16, 16), (128, 128)), ((7, 11), (30, 45)), ((30, 45), (7, 11)),
+                                       ((1, 5), (4, 9)), ((5, 5), (5, 20))])
+def test_bilinear_resize_as_products_is_f_interpolate(size, new):
+    """``resize_bilinear`` (two products) gives ``F.interpolate(mode='bilinear')``'s values and
+    gradients, up or down, in channels-first and channels-last layouts."""
+    from vitpe.pos.functional import resize_bilinear
+
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(x, size=new, mode="bilinear", align_corners=False)
+    w = torch.randn_like(ref)
+    ref_grad = torch.autograd.grad((ref * w).sum(), x)[0]
+    for ours in (resize_bilinear(x, new), resize_bilinear(x.permute(0, 2, 3, 1), new, dims=(1, 2)).permute(0, 3, 1, 2)):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad((ours * w).sum(), x)[0], ref_grad, rtol=1e-12, atol=1e-12)
+    y = x.detach().float()
+    torch.testing.assert_close(resize_bilinear(y, new), F.interpolate(y, size=new, mode="bilinear"), rtol=1e-6,
+                               atol=1e-6)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..pos.functional import resize_bilinear
 from .mit import MixTransformer
 from .vit import VisionTransformer
 
@@ -73,13 +74,14 @@ class AllMLPHead(nn.Module):
         weights, bias = self.composed()
         x = None
         for i, (f, w) in enumerate(zip(feats, weights)):
-            # channels-last (B, h, w, D): the stage maps are channels-last views, so nothing is copied
-            y = rearrange(F.linear(rearrange(f, "b c h w -> b h w c"), w, bias if i == 0 else None),
-                          "b h w c -> b c h w")
-            if y.shape[-2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            # channels-last (B, h, w, D): the stage maps are channels-last views, so nothing is copied;
+            # upsampled as two products over h and w (``resize_bilinear``, F.interpolate's weights),
+            # contiguous along D: compiled, F.interpolate's gathers over these wide maps and their
+            # scatter-add backward took 45 % of MiT-B2's step (H100, docs/performance.md)
+            y = F.linear(rearrange(f, "b c h w -> b h w c"), w, bias if i == 0 else None)
+            y = resize_bilinear(y, size, dims=(1, 2))
             x = y if x is None else x + y  # not in place: on a view, that costs a copy per map in the backward
-        return self.classifier(self.dropout(self.act(self.norm(x))))
+        return self.classifier(self.dropout(self.act(self.norm(rearrange(x, "b h w c -> b c h w")))))
 
 
 class SimpleHead(nn.Module):
@@ -117,8 +119,7 @@ class Segmentor(nn.Module):
         feats = self.backbone.forward_intermediates(x, indices=self.indices, norm=self.norm, intermediates_only=True)
         # the head's maps are channels-last; the loss's softmax over classes copies a channels-last
         # input to NCHW, so copy the small map here rather than the upsampled one there
-        logits = self.decode_head(feats).contiguous()
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = resize_bilinear(self.decode_head(feats).contiguous(), x.shape[-2:])
         return logits[..., :H, :W]
 
     @torch.jit.ignore

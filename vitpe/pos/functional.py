@@ -1,6 +1,8 @@
 """Grid maths shared by the strategies: closed-form tables, resampling, token<->map reshapes, rotation."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -108,6 +110,36 @@ def filter_weights(scale: float | Tensor, stretch: float | Tensor, rows: int, si
     src = torch.arange(size, device=device, dtype=torch.float32)[None, :]
     w = _FILTERS[mode]((src + 0.5 - scale * (out + 0.5)) * stretch)
     return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def bilinear_matrix(size: int, new_size: int, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(new_size, size)``: the weights of ``F.interpolate(mode="bilinear", align_corners=False)``
+    along one axis (no antialiasing): output ``i`` reads the input at ``(i + 0.5) * size / new_size
+    - 0.5``, clamped at 0, from its two neighbours (the second clamped at the end)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # as torch computes the positions
+    src = ((torch.arange(new_size, device=device, dtype=work) + 0.5) * (size / new_size) - 0.5).clamp(min=0)
+    left = src.floor().long().clamp(max=size - 1)
+    frac = src - left
+    right = (left + 1).clamp(max=size - 1)
+    m = torch.zeros(new_size, size, device=device, dtype=work)
+    rows = torch.arange(new_size, device=device)
+    m.index_put_((rows, left), 1 - frac, accumulate=True)
+    m.index_put_((rows, right), frac, accumulate=True)
+    return m.to(dtype)
+
+
+def resize_bilinear(x: Tensor, size: Sequence[int], dims: tuple[int, int] = (-2, -1)) -> Tensor:
+    """``x`` resized bilinearly (``align_corners=False``, as ``F.interpolate``) to ``size`` along
+    ``dims`` (rows, columns; ``(1, 2)`` for a channels-last ``(B, H, W, C)`` map), as two products
+    with ``bilinear_matrix``: no gathers forward and no scatter-add backward (a compiled bilinear
+    resize of SegFormer's wide maps takes them, and runs at a fraction of the memory bandwidth)."""
+    rows, cols = dims[0] % x.dim(), dims[1] % x.dim()
+    for dim, new in ((rows, size[0]), (cols, size[1])):
+        if x.shape[dim] != new:
+            m = bilinear_matrix(x.shape[dim], new, x.device, x.dtype if x.is_floating_point() else torch.float32)
+            x = torch.movedim(torch.matmul(m, torch.movedim(x, dim, -2)), -2, dim)
+    return x
 
 
 def geometric_offsets(size: int, new_size: int) -> list[float]:
