@@ -173,7 +173,7 @@ def _compare(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
 # the pipelined kernels without the GELU, the register-carrying one with it; with -m slow also the
 # register-carrying kernels throughout. The backward as two kernels, and merged with the GELU's
-# derivative kept (the default), also with the strips that fit the grid's width (STRIP_FIT)
+# derivative kept, with the strips that fit the grid's width (STRIP_FIT, the default) and without
 @pytest.mark.parametrize("stages,merged,saved,fit", [pytest.param(0, 0, 0, 0, marks=pytest.mark.slow), (4, 0, 0, 0),
                                                      pytest.param(4, 0, 1, 0, marks=pytest.mark.slow), (4, 1, 1, 0),
                                                      (4, 1, 1, 1)])

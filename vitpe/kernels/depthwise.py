@@ -111,10 +111,13 @@ BWD_TILE, BWD_WARPS, BWD_WAVES, BWD_STAGES = 1024, 4, 2, 3
 SAVE_GELU_GRAD = 1
 # the strip of columns a row-walking program takes (``_strip``): 0, the grid's width rounded up to a
 # power of two (at most 32), whose extra columns idle (2 lanes in 16 on a 14-wide grid, 8 in 32 on
-# a 24-wide one); 1, the strip and channel block that leave the fewest lanes idle (14 wide: 2
-# columns x 512 channels of ViT-S's Mix-FFN; 24 wide: 8 columns), at the cost of reading more
-# columns of the neighbouring strips (one each side of every strip)
-STRIP_FIT = 0
+# a 24-wide one); 1 (the default), the strip and channel block that leave the fewest lanes idle (14
+# wide: 2 columns x 512 channels of ViT-S's Mix-FFN; 24 wide: 8 columns), at the cost of reading
+# more columns of the neighbouring strips (one each side of every strip). Measured on an H100
+# (docs/performance.md, fifteenth round): Mix-FFN's convolution and GELU, forward + backward, 0.646
+# -> 0.603 ms on ViT-S's 14 x 14 grid and 0.545 -> 0.450 on 24 x 24; compiled ViT-S ``mixffn``
+# 0.91 / 0.89 -> 0.92 / 0.90 of ``learned`` (train / infer), 0.93 / 0.91 in the every-strategy run
+STRIP_FIT = 1
 MIN_ROWS = 8  # fewest rows a program walks when an image's rows are split between programs
 
 
