@@ -146,7 +146,7 @@ def test_bilinear_resize_as_products_is_f_interpolate(size, new):
     ref = F.interpolate(x, size=new, mode="bilinear", align_corners=False)
     w = torch.randn_like(ref)
     ref_grad = torch.autograd.grad((ref * w).sum(), x)[0]
-    for ours in (resize_bilinear(x, new), resize_bilinear(x.permute(0, 2, 3, 1), new, dims=(1, 2)).permute(0, 3, 1, 2)):
+    for ours in (resize_bilinear(x, new), resize_bilinear(x.permute(0, 2, 3, 1), new, channels_last=True).permute(0, 3, 1, 2)):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(torch.autograd.grad((ours * w).sum(), x)[0], ref_grad, rtol=1e-10, atol=1e-10)
     y = x.detach().float()

@@ -35,6 +35,20 @@ class _Proj(nn.Module):
         return rearrange(self.proj(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
 
 
+def _upsample(x: Tensor, size: Sequence[int], channels_last: bool = False) -> Tensor:
+    """Bilinear resize of ``(B, C, h, w)`` (or ``(B, h, w, C)``) to ``size``. Compiled, as two
+    matrix products (``resize_bilinear``): inductor made ``F.interpolate`` over the head's wide maps
+    into gathers, and its backward into a scatter-add, 45 % of MiT-B2's compiled step, and the
+    products took the step from 193 to 305 img/s (H100, docs/performance.md). Eager, torch's own
+    kernel, as fast as it was. The same values either way."""
+    if torch.compiler.is_compiling():
+        return resize_bilinear(x, size, channels_last)
+    if channels_last:
+        x = rearrange(x, "b h w c -> b c h w")
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return rearrange(x, "b c h w -> b h w c") if channels_last else x
+
+
 class AllMLPHead(nn.Module):
     """SegFormer's All-MLP decoder: stage maps ``[(B, C_i, H_i, W_i)]`` -> logits ``(B, K, H_1, W_1)``.
 
@@ -74,12 +88,8 @@ class AllMLPHead(nn.Module):
         weights, bias = self.composed()
         x = None
         for i, (f, w) in enumerate(zip(feats, weights)):
-            # channels-last (B, h, w, D): the stage maps are channels-last views, so nothing is copied;
-            # upsampled as two products over h and w (``resize_bilinear``, F.interpolate's weights),
-            # contiguous along D: compiled, F.interpolate's gathers over these wide maps and their
-            # scatter-add backward took 45 % of MiT-B2's step (H100, docs/performance.md)
-            y = F.linear(rearrange(f, "b c h w -> b h w c"), w, bias if i == 0 else None)
-            y = resize_bilinear(y, size, dims=(1, 2))
+            # channels-last (B, h, w, D): the stage maps are channels-last views, so nothing is copied
+            y = _upsample(F.linear(rearrange(f, "b c h w -> b h w c"), w, bias if i == 0 else None), size, True)
             x = y if x is None else x + y  # not in place: on a view, that costs a copy per map in the backward
         return self.classifier(self.dropout(self.act(self.norm(rearrange(x, "b h w c -> b c h w")))))
 
@@ -119,7 +129,7 @@ class Segmentor(nn.Module):
         feats = self.backbone.forward_intermediates(x, indices=self.indices, norm=self.norm, intermediates_only=True)
         # the head's maps are channels-last; the loss's softmax over classes copies a channels-last
         # input to NCHW, so copy the small map here rather than the upsampled one there
-        logits = resize_bilinear(self.decode_head(feats).contiguous(), x.shape[-2:])
+        logits = _upsample(self.decode_head(feats).contiguous(), x.shape[-2:])
         return logits[..., :H, :W]
 
     @torch.jit.ignore

