@@ -151,7 +151,7 @@ def build_datasets(cfg: DetDataConfig) -> tuple[CocoDetection, CocoDetection]:
     val_names = dict(zip(val.index.cat_ids, val.index.class_names))
     renamed = [(i, a, val_names[i]) for i, a in zip(train.index.cat_ids, train.index.class_names)
                if i in val_names and val_names[i] != a]
-    if renamed:  # the same ids: scored alike, but the tables and figures name the validation json's
+    if renamed:  # the same ids: scored alike; the figures and results.json name the training json's
         _logger.warning("warning: %s: category names differ between %s and %s (id: train / val): %s",
                         cfg.path, cfg.train_split, cfg.val_split,
                         ", ".join(f"{i}: {a!r} / {b!r}" for i, a, b in renamed[:5]))
