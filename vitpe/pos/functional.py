@@ -122,11 +122,17 @@ def bilinear_matrix(size: int, new_size: int, device: torch.device | None = None
     left = src.floor().long().clamp(max=size - 1)
     frac = src - left
     right = (left + 1).clamp(max=size - 1)
-    m = torch.zeros(new_size, size, device=device, dtype=work)
-    rows = torch.arange(new_size, device=device)
+    return _two_taps(size, left, right, frac).to(dtype)
+
+
+def _two_taps(size: int, left: Tensor, right: Tensor, frac: Tensor) -> Tensor:
+    """``(len(left), size)``: row ``i`` takes ``1 - frac[i]`` of input ``left[i]`` and ``frac[i]`` of
+    ``right[i]`` (the two added where they are the same input), in ``frac``'s dtype and device."""
+    m = torch.zeros(len(left), size, device=frac.device, dtype=frac.dtype)
+    rows = torch.arange(len(left), device=frac.device)
     m.index_put_((rows, left), 1 - frac, accumulate=True)
     m.index_put_((rows, right), frac, accumulate=True)
-    return m.to(dtype)
+    return m
 
 
 def resize_bilinear(x: Tensor, size: Sequence[int], channels_last: bool = False) -> Tensor:
@@ -192,11 +198,7 @@ def geometric_matrix(size: int, new_size: int, device: torch.device | None = Non
     to_left, to_right = (dst - src[left]).clamp(min=0), (src[right] - dst).clamp(min=0)
     both = (to_left == 0) & (to_right == 0)  # on a source offset
     to_left, to_right = torch.where(both, 1.0, to_left), torch.where(both, 1.0, to_right)
-    m = torch.zeros(new_size, size)
-    rows = torch.arange(new_size)
-    m.index_put_((rows, left), to_right / (to_left + to_right), accumulate=True)
-    m.index_put_((rows, right), to_left / (to_left + to_right), accumulate=True)
-    return m.to(device)
+    return _two_taps(size, left, right, to_left / (to_left + to_right)).to(device)
 
 
 def resize_offset_table(tables: Tensor, size: Grid, mode: str = "bicubic") -> Tensor:
