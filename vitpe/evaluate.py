@@ -35,7 +35,7 @@ from .engine.checkpoint import load_checkpoint
 from .engine.classification import ClsConfig, build_model, evaluate, model_label
 from .engine.loop import EMA_KEY, autocast, ema_weights
 from .errors import UserError, out_of_memory  # noqa: F401  (out_of_memory re-exported)
-from .evaluate_dense import SEG_SCALES, det_sizes, seg_scales
+from .evaluate_dense import SEG_SCALES, check_classes, det_dataset, det_sizes, seg_dataset, seg_scales
 from .evaluate_report import Results, markdown_table, plot, unique_labels, write_report  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger(__name__)
@@ -225,9 +225,7 @@ def _check_classes(path: str, cfg: ClsConfig, state: dict, size: int) -> None:
                                   classes=state["classes"]).classes)
     except UserError as e:  # the folder's own check, which knows the folder but not the checkpoint
         raise UserError(f"{path}: trained on the classes {list(state['classes'])[:5]}; {e}") from None
-    if found != list(state["classes"]):
-        raise UserError(f"{path}: trained on the classes {list(state['classes'])[:5]}, but {cfg.data.path} has "
-                        f"{found[:5]}; evaluate on data with the classes the model was trained on")
+    check_classes(path, state["classes"], found, cfg.data.path)
 
 
 def _test_sizes(task: str, cfg: Any, args: argparse.Namespace) -> list:
@@ -244,29 +242,30 @@ def _test_sizes(task: str, cfg: Any, args: argparse.Namespace) -> list:
     return list(args.sizes or CLS_SIZES)
 
 
-def _check(path: str, task: str, cfg: Any, state: dict, sizes: list) -> None:
-    """What can fail before any checkpoint is evaluated: the sizes the model takes, the data's classes."""
+def _check(path: str, task: str, cfg: Any, state: dict, sizes: list) -> Any:
+    """What can fail before any checkpoint is evaluated: the sizes the model takes, the data's
+    classes. Returns a dense task's validation split as read for the check (kept for its evaluation)."""
     if task == "classification":
         # the architecture, unweighted and on the CPU, for the sizes it takes
         check_sizes(sizes, build_model(cfg.model, len(state["classes"]), cfg.data.img_size), path)
         _check_classes(path, cfg, state, sizes[0])
-    else:
-        (seg_scales if task == "segmentation" else det_sizes)(path, cfg, state, sizes, torch.device("cpu"),
-                                                              check_only=True)
+        return None
+    return (seg_dataset if task == "segmentation" else det_dataset)(path, cfg, state)
 
 
 def _evaluate(path: str, task: str, cfg: Any, state: dict, sizes: list, device: torch.device,
-              weights: str) -> dict[str, Any]:
-    """One checkpoint's result: ``{"checkpoint", "task", "train_size", "sizes"}``."""
+              weights: str, val: Any = None) -> dict[str, Any]:
+    """One checkpoint's result: ``{"checkpoint", "task", "train_size", "sizes"}``; ``val``: what
+    ``_check`` returned."""
     if task == "classification":
         model, cfg, state = load_model(path, device, weights, (cfg, state))
         mean, std = state.get("mean", (0.5,) * 3), state.get("std", (0.5,) * 3)
         scores = evaluate_sizes(model, cfg, sizes, device, tuple(mean), tuple(std), state["classes"])
         train = cfg.data.img_size
     elif task == "segmentation":
-        scores, train = seg_scales(path, cfg, state, sizes, device), 1.0
+        scores, train = seg_scales(path, cfg, state, sizes, device, val), 1.0
     else:
-        scores, train = det_sizes(path, cfg, state, sizes, device), cfg.data.min_size
+        scores, train = det_sizes(path, cfg, state, sizes, device, val), cfg.data.min_size
     return {"checkpoint": path, "task": task, "train_size": train, "sizes": {str(s): v for s, v in scores.items()}}
 
 
@@ -286,14 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"the checkpoints of one task at a time")
         cfg = _evaluation_config(path, task, cfg, args)
         sizes = _test_sizes(task, cfg, args)
-        _check(path, task, cfg, state, sizes)
-        read.append((path, task, cfg, state, sizes))
+        read.append((path, task, cfg, state, sizes, _check(path, task, cfg, state, sizes)))
     # by strategy (DETR's: its encoder's), a timm model by its name
     labels = unique_labels([cfg.model.pos if task == "detection" else model_label(cfg.model)
-                            for _, task, cfg, _, _ in read], args.checkpoint)
+                            for _, task, cfg, *_ in read], args.checkpoint)
     results: Results = {}
-    for label, (path, task, cfg, state, sizes) in zip(labels, read):
-        results[label] = _evaluate(path, task, cfg, state, sizes, device, args.weights)
+    for label, (path, task, cfg, state, sizes, val) in zip(labels, read):
+        results[label] = _evaluate(path, task, cfg, state, sizes, device, args.weights, val)
         text = write_report(results, args.output)  # after each checkpoint: a later failure keeps these
     print(text)
     print(f"\nwrote {Path(args.output) / 'resolution.json'} and {Path(args.output) / 'resolution.png'}")

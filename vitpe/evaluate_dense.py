@@ -16,12 +16,13 @@ the checkpoint holds the whole model.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .data.coco import load_coco
 from .engine import detection as det
 from .engine import segmentation as seg
 from .engine.seg_metrics import metrics_from_confusion
@@ -31,23 +32,32 @@ _logger = logging.getLogger(__name__)
 SEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # mmseg's test-time scales
 
 
-def _check_classes(path: str, trained: Sequence[str], found: Sequence[str], where: str) -> None:
+def check_classes(path: str, trained: Sequence[str], found: Sequence[str], where: str) -> None:
+    """The data's classes are the checkpoint's: a model scored on other classes would index outputs it
+    does not have."""
     if list(found) != list(trained):
         raise UserError(f"{path}: trained on the classes {list(trained)[:5]}, but {where} has {list(found)[:5]}; "
                         f"evaluate on data with the classes the model was trained on")
 
 
-def seg_scales(path: str, cfg: seg.SegConfig, state: dict[str, Any], scales: Sequence[float],
-               device: torch.device, check_only: bool = False) -> dict[str, dict[str, float]]:
-    """``{scale: {mIoU, mAcc, aAcc, n, skipped}}`` of a segmentation checkpoint on its validation
-    split; ``check_only``: read the split and check its classes, evaluate nothing."""
+def seg_dataset(path: str, cfg: seg.SegConfig, state: dict[str, Any], cache: bool = False) -> seg.SegmentationDataset:
+    """The validation split of a segmentation checkpoint's run, its classes checked against the
+    checkpoint's (the pairs' headers read; their pixels too with ``cache``)."""
     d = cfg.data
     val = seg.SegmentationDataset(d.path, d.val_split, num_classes=d.num_classes, ignore_index=d.ignore_index,
-                                  reduce_zero_label=d.reduce_zero_label, on_error=d.on_error,
-                                  cache=d.cache and not check_only)
-    _check_classes(path, state["classes"], val.classes, f"{d.path} ({d.val_split})")
-    if check_only:
-        return {}
+                                  reduce_zero_label=d.reduce_zero_label, on_error=d.on_error, cache=cache)
+    check_classes(path, state["classes"], val.classes, f"{d.path} ({d.val_split})")
+    return val
+
+
+def seg_scales(path: str, cfg: seg.SegConfig, state: dict[str, Any], scales: Sequence[float],
+               device: torch.device, val: seg.SegmentationDataset | None = None) -> dict[str, dict[str, float]]:
+    """``{scale: {mIoU, mAcc, aAcc, n, skipped}}`` of a segmentation checkpoint on its validation
+    split; ``val``: that split as ``seg_dataset`` read it without decoding (read again under
+    ``data.cache``, which decodes it)."""
+    d = cfg.data
+    if val is None or d.cache:
+        val = seg_dataset(path, cfg, state, d.cache)
     cfg.model.backbone_weights = None  # the checkpoint holds the whole model
     model = seg.build_model(cfg.model, val.num_classes, d.crop_size)
     model.load_state_dict(state["model"])
@@ -98,19 +108,31 @@ def _unless_out_of_memory(fn: Any, at: str, device: torch.device) -> Any:
         return {"error": "out of memory"}
 
 
-def det_sizes(path: str, cfg: det.DetConfig, state: dict[str, Any], sizes: Sequence[int],
-              device: torch.device, check_only: bool = False) -> dict[str, dict[str, float]]:
-    """``{size: {AP, AP50, AP75, n, skipped}}`` of a DETR checkpoint on its validation split at each
-    shorter side; ``check_only``: read the json and check its classes, evaluate nothing."""
+def det_dataset(path: str, cfg: det.DetConfig, state: dict[str, Any], cache: bool = False) -> det.CocoDetection:
+    """The validation json of a DETR checkpoint's run, in the checkpoint's label space, its classes
+    checked against the checkpoint's (the images decoded only with ``cache``)."""
     d = cfg.data
-    val = det.CocoDetection(d.path, d.val_split, det.eval_transform(d.min_size, d.max_size), d.on_error,
-                            d.cache and not check_only, clip_boxes=d.clip_boxes)
-    if list(val.class_names) != list(state["classes"]):
-        # a validation json listing only some of the training categories: the training split's labels
-        _, val = det.build_datasets(dataclasses.replace(d, cache=d.cache and not check_only))
-    _check_classes(path, state["classes"], val.class_names, f"{d.path} ({d.val_split})")
-    if check_only:
-        return {}
+    index = load_coco(Path(d.path) / "annotations" / f"instances_{d.val_split}.json", Path(d.path) / d.val_split,
+                      d.on_error, d.clip_boxes)
+    labels = None
+    if index.class_names != list(state["classes"]):
+        # a validation json listing only some of the training categories: the training json's labels
+        train = load_coco(Path(d.path) / "annotations" / f"instances_{d.train_split}.json",
+                          Path(d.path) / d.train_split, d.on_error, d.clip_boxes)
+        labels = (train.cat_ids, train.class_names)
+    val = det.CocoDetection(d.path, d.val_split, det.eval_transform(d.min_size, d.max_size), d.on_error, cache,
+                            index=index, labels=labels)
+    check_classes(path, state["classes"], val.class_names, f"{d.path} ({d.val_split})")
+    return val
+
+
+def det_sizes(path: str, cfg: det.DetConfig, state: dict[str, Any], sizes: Sequence[int],
+              device: torch.device, val: det.CocoDetection | None = None) -> dict[str, dict[str, float]]:
+    """``{size: {AP, AP50, AP75, n, skipped}}`` of a DETR checkpoint on its validation split at each
+    shorter side; ``val``: that split as ``det_dataset`` read it without decoding (read again under
+    ``data.cache``)."""
+    if val is None or cfg.data.cache:
+        val = det_dataset(path, cfg, state, cfg.data.cache)
     cfg.model.weights = cfg.model.backbone_weights = None  # the checkpoint holds the whole model
     model = det.build_model(cfg.model, len(state["classes"]))
     model.load_state_dict(state["model"])
@@ -125,4 +147,4 @@ def det_sizes(path: str, cfg: det.DetConfig, state: dict[str, Any], sizes: Seque
     return out
 
 
-__all__ = ["SEG_SCALES", "det_sizes", "seg_scales"]
+__all__ = ["SEG_SCALES", "check_classes", "det_dataset", "det_sizes", "seg_dataset", "seg_scales"]
