@@ -16,6 +16,7 @@ from cls_data import tiny_argv, train_cls_module
 from vitpe.data.classification import AugConfig, ClsDataConfig, build_train_val
 from vitpe.data.gpu_decode import (DeviceAugment, DeviceDecodeLoader, EncodedFolder, collate_encoded,
                                    device_decodable, resized_crops, sample_boxes)
+from vitpe.data.folder import Skipped
 from vitpe.engine.metrics_log import read_metrics
 from vitpe.errors import UserError
 from script_modules import load_script
@@ -109,10 +110,28 @@ def test_only_plain_colour_jpegs_go_to_the_device_decoder(mixed):
     assert not any(device_decodable((a / n).read_bytes()) for n in ("grey.jpg", "cmyk.jpg", "x.png", "empty.jpg"))
 
 
+def test_jpegs_that_do_not_end_as_jpegs_go_to_pil(mixed, tmp_path):
+    """A file cut short never reaches the device decoder (nvjpeg can fill the missing part with
+    grey instead of failing): PIL refuses it, as on the CPU path; bytes after the end marker are
+    PIL's to decode."""
+    data = (mixed / "train/a/rgb.jpg").read_bytes()
+    assert device_decodable(data) and device_decodable(data + b"\x00" * 7)
+    assert not device_decodable((mixed / "train/a/cut.jpg").read_bytes())
+    assert not device_decodable(data[:-1]) and not device_decodable(data + b"trailer")
+    (tmp_path / "split/c").mkdir(parents=True)
+    (tmp_path / "split/c/tail.jpg").write_bytes(data + b"trailer")
+    (tmp_path / "split/c/cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    folder = EncodedFolder(tmp_path, "split")
+    items = {Path(folder.samples[i][0]).name: folder[i] for i in range(len(folder))}
+    assert isinstance(items["cut.jpg"], Skipped) and "truncated" in items["cut.jpg"].reason
+    img, target, _ = items["tail.jpg"]
+    assert img.shape == (3, 48, 64) and target == 0  # decoded by PIL in the worker
+
+
 def test_every_readable_file_arrives_and_bad_ones_are_counted(mixed):
     folder = EncodedFolder(mixed, "train")
     batch = collate_encoded([folder[i] for i in range(len(folder))])
-    assert len(batch.lengths) == 5 and len(batch.decoded) == 3  # 4 good + 1 truncated JPEG; grey, CMYK, PNG
+    assert len(batch.lengths) == 4 and len(batch.decoded) == 3  # 4 good JPEGs; grey, CMYK, PNG
     aug = DeviceAugment(32, AugConfig(scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0), (0.5,) * 3, (0.5,) * 3,
                         torch.device("cpu"))
     out = aug(batch, torch.Generator().manual_seed(0))

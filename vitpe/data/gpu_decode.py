@@ -35,9 +35,12 @@ _STANDALONE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length field
 
 
 def device_decodable(data: bytes) -> bool:
-    """True for an 8-bit, 3-component, Huffman-coded JPEG (read from its frame header); grey, CMYK,
-    12-bit and arithmetic-coded JPEGs and other formats go to PIL instead."""
-    if not data.startswith(b"\xff\xd8\xff"):
+    """True for an 8-bit, 3-component, Huffman-coded JPEG (read from its frame header) that ends
+    with its end-of-image marker; grey, CMYK, 12-bit and arithmetic-coded JPEGs, other formats and
+    files that do not end as a JPEG does go to PIL instead. nvjpeg may decode a truncated file
+    into a partly grey image without an error, where PIL refuses it: a file cut short, or one with
+    bytes after its end marker, is PIL's to decode or to refuse, exactly as on the CPU path."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return False
     i = 2
     while i + 10 <= len(data):
