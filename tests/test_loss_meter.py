@@ -39,3 +39,30 @@ def test_a_finite_run_never_raises_and_gradients_are_untouched() -> None:
     meter.update(0, loss)
     loss.backward()  # the meter kept a detached copy: the graph is intact
     assert w.grad.tolist() == [2.0, 2.0, 2.0] and meter.means() == {"loss": 6.0}
+
+
+def test_a_batch_with_no_readable_file_still_moves_the_schedule(caplog) -> None:
+    """Three batches, the middle one empty (every file unreadable): the optimizer steps twice, the
+    schedule three times, so the last rate is the one planned for the end, with no warning."""
+    import warnings
+
+    from vitpe.data.folder import Batch, Skipped
+    from vitpe.engine.classification import ClsConfig, train_one_epoch
+    from vitpe.engine.optim import build_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    full = Batch(torch.randn(2, 3, 2, 2), torch.tensor([0, 1]), [])
+    empty = Batch(torch.zeros(0, 3, 2, 2), torch.zeros(0, dtype=torch.long), [Skipped("a.jpg", "truncated")])
+    cfg = ClsConfig()
+    cfg.run.epochs = 1
+    for first in (full, empty):  # an empty batch first: no optimizer step before the schedule's
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=3, epochs=1)
+        planned = [scheduler.lr_lambdas[0](i) for i in range(4)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = train_one_epoch(model, [first, empty, full], optimizer, scheduler, torch.nn.CrossEntropyLoss(),
+                                  torch.device("cpu"), 0, cfg)
+        assert scheduler.last_epoch == 3 and optimizer.param_groups[0]["lr"] == pytest.approx(planned[3])
+        assert out["skipped"] == (1 if first is full else 2)

@@ -20,7 +20,7 @@ from ..data.folder import Batch, collate_skipping, warn_skipped
 from ..data.gpu_decode import DeviceAugment, DeviceDecodeLoader, collate_encoded
 from ..errors import DataError, UserError
 from . import distributed as dist
-from .loop import LossMeter, autocast, make_loader, optimizer_step, progress
+from .loop import LossMeter, autocast, make_loader, optimizer_step, pass_step, progress
 
 _logger = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         warn_skipped(batch.skipped, seen, _logger)
         skipped += len(batch.skipped)
         if _empty_anywhere(batch):
+            pass_step(scheduler)
             continue
         x = batch.images.to(device, non_blocking=True)
         y = batch.targets.to(device, non_blocking=True)

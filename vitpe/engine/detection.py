@@ -23,7 +23,7 @@ from ..models.detr_criterion import SetCriterion
 from ..models.detr_matcher import HungarianMatcher
 from . import distributed as dist
 from .coco_eval import coco_evaluate, to_coco_results, write_results
-from .loop import LossMeter, autocast, optimizer_step, progress
+from .loop import LossMeter, autocast, optimizer_step, pass_step, progress
 from .optim import adamw, lr_scale, param_groups
 
 _logger = logging.getLogger(__name__)
@@ -274,6 +274,7 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoade
         # A batch left empty is passed over by every process together, or the others would wait
         # forever in the gradient all-reduce; the vote (on the hosts) only when images can be skipped.
         if cfg.data.on_error == "skip" and dist.any_process(not targets):
+            pass_step(scheduler)
             continue
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = to_device(targets, device)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import sys
+import warnings
 from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import numpy as np
@@ -149,6 +150,15 @@ def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimi
     return norm
 
 
+def pass_step(scheduler: Any) -> None:
+    """Move the schedule past a step that every process passed over (a batch with no readable
+    file), so that it still ends where it was planned. Without a step of the optimizer before it,
+    torch would warn of a wrong call order; here that order is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        scheduler.step()
+
+
 def progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm:
     """A tqdm bar on the main process when stderr is a terminal; silent otherwise (logs, CI)."""
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
@@ -266,4 +276,4 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
 
 
 __all__ = ["EMA_KEY", "LossMeter", "NonFiniteLossError", "ShardSampler", "autocast", "ema_weights", "make_loader",
-           "optimizer_step", "progress", "restore_training_state", "seed_epoch", "seed_everything", "training_state"]
+           "optimizer_step", "pass_step", "progress", "restore_training_state", "seed_epoch", "seed_everything", "training_state"]

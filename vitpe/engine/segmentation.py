@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..models.segmentor import Segmentor, build_segmentor
 from . import distributed as dist
 from .checkpoint import load_checkpoint
-from .loop import LossMeter, ShardSampler, autocast, optimizer_step, progress
+from .loop import LossMeter, ShardSampler, autocast, optimizer_step, pass_step, progress
 from .optim import adamw, lr_scale, param_groups
 from .seg_metrics import confusion_matrix, metrics_from_confusion, predict
 
@@ -246,6 +246,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         # every process skips a step together, or the others would wait forever in the gradient
         # all-reduce; with on_error=error nothing is ever skipped, and no vote is needed
         if d.on_error == "skip" and dist.any_process(not samples):
+            pass_step(scheduler)
             continue
         x, y = augment_batch(samples, d.crop_size, d.scale_range, d.flip, IMAGENET_MEAN, IMAGENET_STD,
                              d.ignore_index, device, base_size=d.base_size, cat_max_ratio=d.cat_max_ratio,
