@@ -88,6 +88,9 @@ class VisionTransformer(BlockModel):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """The prefix tokens and the strategy's parameters. Register tokens are left undecayed as
+        the class token is; timm's ViT decays them (its set names only ``cls_token``,
+        ``pos_embed`` and ``dist_token``)."""
         names = {"cls_token", "reg_token"}
         names |= {f"pos.{n}" for n, _ in self.pos.named_parameters()}
         return names
