@@ -189,10 +189,15 @@ def test_under_bf16_autocast_the_residual_stream_stays_float32_and_matches_timm(
     dtypes = []
     m.blocks[1].register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
     x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, theirs = m(x).float(), ref(x).float()
+    with torch.no_grad():
+        exact = ref(x)  # float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, theirs = m(x).float(), ref(x).float()
     assert dtypes == [torch.float32]
-    assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max()  # the same ops as timm, in the same dtypes
+    # as close to the float32 logits as timm's autocast is (the patch embedding's product sums in
+    # another order than timm's convolution, so single bfloat16 roundings can differ)
+    err_ours, err_theirs = (ours - exact).abs().mean(), (theirs - exact).abs().mean()
+    assert err_ours <= 1.1 * err_theirs and (ours - theirs).abs().max() <= 2 ** -6 * theirs.abs().max()
 
 
 def _perturbed(name: str, **kw) -> torch.nn.Module:
