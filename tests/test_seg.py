@@ -812,3 +812,15 @@ def test_photometric_distortion_follows_mmseg():
     colour = torch.rand(3, 16, 16, generator=gen) * 255
     hues = [_rgb_to_hsv(photometric_distortion(colour, gen))[0].mean().item() for _ in range(100)]
     assert len({round(h, 3) for h in hues}) > 10  # the hue moves too
+
+
+def test_head_upsampling_passes_a_map_already_at_size_through_and_resizes_the_others():
+    from vitpe.models.segmentor import _upsample
+
+    x = torch.randn(2, 5, 6, 3)  # (B, h, w, C)
+    assert _upsample(x, (5, 6), channels_last=True) is x
+    nchw = x.permute(0, 3, 1, 2)
+    assert _upsample(nchw, torch.Size([5, 6])) is nchw
+    up = _upsample(x, (10, 12), channels_last=True)
+    ref = torch.nn.functional.interpolate(nchw, size=(10, 12), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up, ref.permute(0, 2, 3, 1))

@@ -40,7 +40,10 @@ def _upsample(x: Tensor, size: Sequence[int], channels_last: bool = False) -> Te
     matrix products (``resize_bilinear``): inductor made ``F.interpolate`` over the head's wide maps
     into gathers, and its backward into a scatter-add, 45 % of MiT-B2's compiled step, and the
     products took the step from 193 to 305 img/s (H100, docs/performance.md). Eager, torch's own
-    kernel, as fast as it was. The same values either way."""
+    kernel, as fast as it was. The same values either way; a map already at ``size`` is returned
+    as it is (the head's first map)."""
+    if tuple(x.shape[1:3] if channels_last else x.shape[-2:]) == tuple(int(v) for v in size):
+        return x
     if torch.compiler.is_compiling():
         return resize_bilinear(x, size, channels_last)
     if channels_last:
