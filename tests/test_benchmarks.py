@@ -442,3 +442,19 @@ def test_depthwise_resources_compiles_for_the_gpu_offline(tmp_path):
     data = json.loads((tmp_path / "depthwise_resources.json").read_text())
     assert data["target"] == "sm_90" and len(data["rows"]) == 2
     assert (tmp_path / "depthwise_resources.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_step_ceiling_sums_the_products_and_attention_of_every_block(tmp_path):
+    bench = load("step_ceiling")
+    r = bench.main(["--size", "tiny", "--depth", "2", "--batch-size", "2", "--resolution", "32", "--square", "64",
+                    "--calls", "2", "--device", "cpu", "--output", str(tmp_path)])
+    assert r["tokens"] == 5 and len(r["products"]) == 12  # 4 products x forward, two gradients
+    assert {p["product"]: p["gflop"] for p in r["products"] if p["part"] == "forward"} == pytest.approx(
+        {"qkv": 2 * 10 * 192 * 576 / 1e9, "proj": 2 * 10 * 192 * 192 / 1e9, "fc1": 2 * 10 * 192 * 768 / 1e9,
+         "fc2": 2 * 10 * 768 * 192 / 1e9})
+    assert r["products_ms"] == pytest.approx(2 * sum(p["ms"] for p in r["products"]))
+    assert r["ceiling_ms"] == pytest.approx(r["products_ms"] + 2 * r["attention_ms_per_block"])
+    assert r["ceiling_tflops"] == pytest.approx(r["ceiling_gflop"] / r["ceiling_ms"])
+    saved = json.loads((tmp_path / "step_ceiling.json").read_text())["rows"][0]
+    assert saved["ceiling_share_of_peak"] == pytest.approx(r["ceiling_tflops"] / 798)
+    assert "both: the step's ceiling" in (tmp_path / "step_ceiling.md").read_text()
