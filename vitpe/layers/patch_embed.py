@@ -11,10 +11,10 @@ class PatchEmbed(nn.Module):
     """``(B, C, H, W)`` -> tokens ``(B, H/p * W/p, dim)`` and the grid ``(H/p, W/p)``.
 
     The weights are a ``Conv2d``'s (``proj``, as timm's checkpoints hold them), but the patches do
-    not overlap, so the convolution is one matrix product over the image cut into patches: on an
-    H100 cuDNN took 1.5 ms for ViT-B's forward at batch 256 (three input channels suit its
-    kernels badly) and 0.8 ms for the weight gradient, 3 % of a compiled training step, where the
-    product and the copy that cuts the patches take a fraction of that.
+    not overlap, so the convolution is one matrix product over the image cut into patches. On an
+    H100, cuDNN's convolution took 1.5 ms of ViT-B's compiled training step at batch 256 and its
+    weight gradient 0.8 ms (three input channels suit its kernels badly); as a product, the step
+    went from 1.01x to 1.04x timm's (docs/performance.md, sixteenth round).
     """
 
     def __init__(self, patch_size: int | tuple[int, int] = 16, in_chans: int = 3, dim: int = 768) -> None:
