@@ -34,3 +34,12 @@ def test_wrong_channels_and_sizes_are_named():
         embed(torch.zeros(1, 4, 32, 32))
     with pytest.raises(ValueError, match="input size 32x40 is not a multiple of the patch size 16"):
         embed(torch.zeros(1, 3, 32, 40))
+
+
+def test_a_projection_of_another_kind_runs_as_it_is():
+    torch.manual_seed(0)
+    embed = PatchEmbed(8, 3, 16)
+    embed.proj = torch.nn.Conv2d(3, 16, kernel_size=8, stride=4, padding=2)  # overlapping patches
+    x = torch.randn(1, 3, 32, 32)
+    tokens, _ = embed(x)
+    torch.testing.assert_close(tokens, embed.proj(x).flatten(2).transpose(1, 2))

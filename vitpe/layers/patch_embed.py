@@ -40,9 +40,19 @@ class PatchEmbed(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
         grid = self.grid_of(x.shape[-2], x.shape[-1])
+        if not self._plain_patches():  # a projection replaced by another kind: run it as it is
+            return self.proj(x).flatten(2).transpose(1, 2), grid
         (gh, gw), p, B, C = grid, self.patch_size[0], x.shape[0], x.shape[1]
         if C != self.proj.in_channels:
             raise ValueError(f"expected {self.proj.in_channels} input channels, got shape {tuple(x.shape)}")
         # (B, C, gh, p, gw, p) -> (B, gh, gw, C, p, p): each row a patch, flattened as the weight is
         patches = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias), grid
+
+    def _plain_patches(self) -> bool:
+        """Whether ``proj`` is the convolution this module builds: one (p, p) kernel a patch, no
+        overlap, padding, dilation or groups."""
+        conv, p = self.proj, self.patch_size
+        return (type(conv) is nn.Conv2d and tuple(conv.kernel_size) == p and tuple(conv.stride) == p
+                and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros")
