@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import write_rows  # noqa: E402
+from throughput import timed, write_rows  # noqa: E402
 
-SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}  # width, depth, heads
+from vitpe.models.vit import _SIZES as SIZES  # noqa: E402  (width, depth and heads of each size)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,30 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ms_per_call(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
-    """Milliseconds per call of ``fn`` after 3 warm-up calls (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / calls
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    begin.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    return begin.elapsed_time(end) / calls
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    width, depth, heads = SIZES[args.size]
-    depth = args.depth or depth
+    width, heads = SIZES[args.size]["embed_dim"], SIZES[args.size]["num_heads"]
+    depth = args.depth or SIZES[args.size]["depth"]
     tokens = (args.resolution // args.patch) ** 2 + 1  # and the class token
     M = args.batch_size * tokens
     like = {"device": device, "dtype": dtype}
@@ -78,10 +59,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         gy = torch.randn(M, n_out, **like)
         for part, fn in (("forward", lambda: F.linear(x, w, b)), ("input gradient", lambda: gy @ w),
                          ("weight gradient", lambda: gy.t() @ x)):
-            t = ms_per_call(fn, args.calls, device)
+            t = 1e3 * timed(fn, args.calls, 3, device)  # ms a call
             rows.append({"product": name, "part": part, "shape": f"{M}x{k} -> {n_out}", "ms": t,
                          "gflop": 2 * M * n_out * k / 1e9})
-        del x, w, b, gy
     q, k, v = (torch.randn(args.batch_size, heads, tokens, width // heads, **like, requires_grad=True)
                for _ in range(3))
     go = torch.randn_like(q)
@@ -89,12 +69,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     def attention() -> None:
         torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), go)
 
-    att_ms = ms_per_call(attention, args.calls, device)
+    att_ms = 1e3 * timed(attention, args.calls, 3, device)
     # counted as throughput.py counts a step: three forwards of two (tokens x tokens) products a head
     att_gflop = 3 * 4 * args.batch_size * heads * tokens ** 2 * (width // heads) / 1e9
-    del q, k, v, go
     big = torch.randn(args.square, args.square, **like)
-    square_ms = ms_per_call(lambda: big @ big, max(3, args.calls // 5), device)
+    square_ms = 1e3 * timed(lambda: big @ big, max(3, args.calls // 5), 3, device)
     products_ms = depth * sum(r["ms"] for r in rows)
     products_gflop = depth * sum(r["gflop"] for r in rows)
     floor_ms = products_ms + depth * att_ms
