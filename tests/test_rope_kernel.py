@@ -29,7 +29,10 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
         got = rope.rope_qkv(qkv, cos, sin)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         want = (apply_rope(q.float(), cos, sin), apply_rope(k.float(), cos, sin), v.float())
-        for what, a, b in zip("qkv", got, want):
+        with torch.no_grad():  # q and k alone from the kernel, v a view of the projection
+            inferred = rope.rope_qkv(qkv, cos, sin)
+        assert inferred[2].untyped_storage().data_ptr() == proj.untyped_storage().data_ptr()
+        for what, a, b in zip("qkvqkv", got + inferred, want + want):
             assert a.shape == b.shape and a.dtype == dtype
             torch.testing.assert_close(a.float(), b, **tol, msg=lambda m: f"{name} {what}: {m}")
         grads = [torch.randn_like(t) for t in want]
@@ -44,6 +47,8 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
     qkv = torch.randn(2, 5, 3, 2, 8, device=device, dtype=dtype, requires_grad=True)
     cos, sin = torch.randn(2, 2, 5, 8, device=device, requires_grad=True).unbind(0)
     torch.library.opcheck(torch.ops.vitpe.rope_qkv, (qkv, cos, sin),
+                          test_utils=opcheck_utils(device))
+    torch.library.opcheck(torch.ops.vitpe.rope_qk, (qkv.detach(), cos.detach(), sin.detach()),
                           test_utils=opcheck_utils(device))
 
 
@@ -96,3 +101,22 @@ def test_compiled_rope_vit_uses_the_kernel_and_matches_eager():
     # the kernel's own error is tested above; compiled and eager models differ in float32 by more
     # (fused layer norms, attention), summed over the batch
     torch.testing.assert_close(got / scale, freqs.grad / scale, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_rope_vit_inference_rotates_q_and_k_alone():
+    import timm
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    model = timm.create_model("vitpe_vit_tiny_patch16_224", pos="rope_axial", depth=2, num_classes=3).cuda().eval()
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    with torch.no_grad():
+        explained = dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        code = str(explained.graphs[0].code)
+        assert "vitpe.rope_qk" in code and "vitpe.rope_qkv" not in code
+        dynamo.reset()
+        got = torch.compile(model)(x)
+        want = model(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -7,6 +7,8 @@ frequencies) and one to put dq, dk and dv back together: about 4x the memory tra
 unrotated block. Here:
 
 - the forward reads the projection once and writes rotated q, k and a copy of v for the attention;
+  with no gradient to take (inference), it writes q and k alone and v stays a view of the
+  projection, as the unrotated attention takes it;
 - the backward reads the attention's three gradients and q, k once, writes the projection's
   gradient ``(B, T, 3, heads, D)`` whole, and sums the tables' gradient over its share of the batch
   (per-program partial sums, added up afterwards: the result does not depend on scheduling).
@@ -33,6 +35,7 @@ except ImportError:  # torch builds without Triton keep the torch rotation
 ENABLED = os.environ.get("VITPE_TRITON", "1") != "0"
 BLOCK_T, NUM_WARPS = 32, 4  # positions per program; each program takes one head of one image
 BWD_WAVES = 8  # backward programs per multiprocessor, when the tables' gradient is summed (swept: 4-64)
+V_VIEW = 1  # without gradients, v as a view of the projection (1) or copied by the forward kernel (0)
 
 
 def available(qkv: Tensor, cos: Tensor) -> bool:
@@ -59,8 +62,8 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(QKV, COS, SIN, Q, K, V, s_b, s_t, s_3, s_h, c_h, c_t, o_b, o_t, o_h, n_heads, T, HALF,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One block of positions of one (image, head): rotate q and k, copy v. ``s_*`` are the
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, COPY_V: tl.constexpr):
+        """One block of positions of one (image, head): rotate q and k, copy v (``COPY_V``). ``s_*`` are the
         projection's (image, position, q/k/v, head) strides, ``c_*`` the tables' (head, position)
         ones (``c_h`` 0 when the heads share a table), ``o_*`` the outputs' (image, position, head)."""
         bh = tl.program_id(1)
@@ -76,8 +79,9 @@ if triton is not None:
         _store_halves(Q + dst, offs_t, o_t, offs_d, HALF, mask, q1 * c1 - q2 * s1, q2 * c2 + q1 * s2)
         k1, k2 = _halves(src + s_3, offs_t, s_t, offs_d, HALF, mask)
         _store_halves(K + dst, offs_t, o_t, offs_d, HALF, mask, k1 * c1 - k2 * s1, k2 * c2 + k1 * s2)
-        v1, v2 = _halves(src + 2 * s_3, offs_t, s_t, offs_d, HALF, mask)
-        _store_halves(V + dst, offs_t, o_t, offs_d, HALF, mask, v1, v2)
+        if COPY_V:
+            v1, v2 = _halves(src + 2 * s_3, offs_t, s_t, offs_d, HALF, mask)
+            _store_halves(V + dst, offs_t, o_t, offs_d, HALF, mask, v1, v2)
 
     @triton.jit
     def _bwd_kernel(QKV, COS, SIN, DQ, DK, DV, DQKV, PART, s_b, s_t, s_3, s_h, c_h, c_t,
@@ -130,19 +134,33 @@ def _block_d(D: int) -> int:
     return triton.next_power_of_2(D // 2)
 
 
-def rope_qkv_forward(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``qkv`` ``(B, T, 3, heads, D)`` (any strides, the last contiguous), tables ``(heads or 1, T,
-    D)`` -> rotated q, rotated k and v, each ``(B, heads, T, D)``, stored position-major."""
+def _forward(qkv: Tensor, cos: Tensor, sin: Tensor, copy_v: bool) -> list[Tensor]:
+    """Rotated q and k (and with ``copy_v`` a copy of v), each ``(B, heads, T, D)``, stored
+    position-major."""
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     B, T, _, H, D = qkv.shape
-    q, k, v = (torch.empty(B, T, H, D, device=qkv.device, dtype=qkv.dtype) for _ in range(3))
+    out = [torch.empty(B, T, H, D, device=qkv.device, dtype=qkv.dtype) for _ in range(3 if copy_v else 2)]
+    q, k = out[:2]
     traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_T), B * H)](
-        qkv, cos, sin, q, k, v, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *_table_strides(cos),
-        q.stride(0), q.stride(1), q.stride(2), H, T, D // 2, BLOCK_T=BLOCK_T, BLOCK_D=_block_d(D),
-        num_warps=NUM_WARPS)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        qkv, cos, sin, q, k, out[-1], qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+        *_table_strides(cos), q.stride(0), q.stride(1), q.stride(2), H, T, D // 2, BLOCK_T=BLOCK_T,
+        BLOCK_D=_block_d(D), COPY_V=copy_v, num_warps=NUM_WARPS)
+    return [t.transpose(1, 2) for t in out]
+
+
+def rope_qkv_forward(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``qkv`` ``(B, T, 3, heads, D)`` (any strides, the last contiguous), tables ``(heads or 1, T,
+    D)`` -> rotated q, rotated k and v, each ``(B, heads, T, D)``, stored position-major."""
+    q, k, v = _forward(qkv, cos, sin, copy_v=True)
+    return q, k, v
+
+
+def rope_qk_forward(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``rope_qkv_forward`` without v: rotated q and k alone (no gradient is taken through them)."""
+    q, k = _forward(qkv, cos, sin, copy_v=False)
+    return q, k
 
 
 def rope_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, cos: Tensor, sin: Tensor,
@@ -196,11 +214,18 @@ def _grads(ctx, dq, dk, dv, backward) -> tuple:
 
 # the operators vitpe::rope_qkv(_backward) when compiled, an autograd.Function eager
 _call = kernel_op("rope_qkv", rope_qkv_forward, rope_qkv_backward, _setup, _grads)
+# without gradients: the operator vitpe::rope_qk when compiled, the function itself eager
+_rope_qk = torch.library.triton_op("vitpe::rope_qk", mutates_args=())(rope_qk_forward)
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``qkv`` ``(B, T, 3, heads, D)`` and rotary tables ``(heads or 1, T, D)`` (rotate-half
     layout, as ``pos.functional.rope_tables`` makes them) -> rotated q, rotated k, and v, each
-    ``(B, heads, T, D)``: the result of ``apply_rope`` on the projection's q and k, in one pass."""
-    args = (qkv, cos, sin)
-    return _call(*args)
+    ``(B, heads, T, D)``: the result of ``apply_rope`` on the projection's q and k, in one pass.
+
+    When no gradient is taken (inference, ``torch.no_grad``), v is a view of ``qkv`` and the pass
+    writes q and k alone: two thirds of the memory traffic."""
+    if V_VIEW and not (torch.is_grad_enabled() and (qkv.requires_grad or cos.requires_grad or sin.requires_grad)):
+        q, k = (_rope_qk if torch.compiler.is_compiling() else rope_qk_forward)(qkv, cos, sin)
+        return q, k, qkv[:, :, 2].transpose(1, 2)
+    return _call(qkv, cos, sin)
