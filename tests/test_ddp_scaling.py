@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from script_modules import SUBPROCESS_LIMIT_S, load_script
+from script_modules import SUBPROCESS_LIMIT_S, load_script, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--no-amp", "--model", "vitpe_vit_tiny_patch4_32", "--img-size", "32", "--depth", "1",
@@ -30,10 +30,7 @@ def test_one_and_two_gloo_processes_fill_one_table(tmp_path, monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     bench.main([*TINY, "--output", str(out)])  # one process, no process group
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "benchmarks" / "ddp_scaling.py"), *TINY, "--output", str(out)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    torchrun("benchmarks/ddp_scaling.py", [*TINY, "--output", str(out)], tmp_path / "logs")
     data = json.loads(out.read_text())
     one, two = data["runs"]["1"], data["runs"]["2"]
     assert (one["global_batch"], two["global_batch"]) == (4, 8)

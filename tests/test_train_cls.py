@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cls_data import ROOT, make_folder, tiny_argv, train_cls_module
-from script_modules import SUBPROCESS_LIMIT_S
+from script_modules import SUBPROCESS_LIMIT_S, torchrun
 from vitpe.engine.checkpoint import load_checkpoint
 from vitpe.engine.metrics_log import read_metrics
 
@@ -151,11 +151,7 @@ def test_resume_of_a_copied_run_goes_on_in_the_copy_with_the_options_given(folde
 def test_two_gloo_processes_match_one_at_the_same_global_batch(folder, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert run(tiny_argv(folder, one, *NO_AUG, "--set", "eval.sizes=[]")) == 0
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_cls.py"), *tiny_argv(folder, two, *NO_AUG, "--set", "eval.sizes=[]")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    torchrun("train_cls.py", tiny_argv(folder, two, *NO_AUG, "--set", "eval.sizes=[]"), tmp_path / "logs")
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
     v1, v2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["val_top1"] for r in v2] == [r["val_top1"] for r in v1]

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from det_data import CAT_IDS, make_dataset, truncate
-from script_modules import SUBPROCESS_LIMIT_S, load_script
+from script_modules import SUBPROCESS_LIMIT_S, load_script, torchrun
 
 from vitpe.engine.checkpoint import load_checkpoint
 
@@ -227,11 +226,7 @@ def test_two_gloo_processes_match_one_at_the_same_global_batch(tmp_path) -> None
     fixed = [*TINY, "--set", "model.frozen_bn=true", "--set", "model.dropout=0", "--set", "data.flip=0",
              "--set", "data.multiscale=false", "--set", "data.crop_prob=0", "--epochs", "2"]
     assert train_det().main(["--data", str(data), *fixed, "--output", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_det.py"), "--data", str(data), *fixed, "--output", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    torchrun("train_det.py", ["--data", str(data), *fixed, "--output", str(tmp_path / "two")], tmp_path / "logs")
     read = lambda d: [json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     one, two = read("one"), read("two")
     for a, b in zip(one, two, strict=True):
