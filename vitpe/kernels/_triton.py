@@ -61,3 +61,15 @@ def kernel_op(name: str, forward: Callable[..., Any], backward: Callable[..., An
         return op(*args) if torch.compiler.is_compiling() else Eager.apply(*args)
 
     return call
+
+
+def forward_op(name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A kernel module's forward alone, for calls through which no gradient is taken: compiled, the
+    operator ``vitpe::<name>`` (its launches issued by the compiled code, as ``kernel_op``'s are);
+    eager, ``forward`` itself."""
+    op = torch.library.triton_op(f"vitpe::{name}", mutates_args=())(forward)
+
+    def call(*args: Any) -> Any:
+        return op(*args) if torch.compiler.is_compiling() else forward(*args)
+
+    return call

@@ -24,7 +24,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, kernel_op, multiprocessors, traceable
+from ._triton import INTERPRET, forward_op, kernel_op, multiprocessors, traceable
 
 try:
     import triton
@@ -143,7 +143,7 @@ def _forward(qkv: Tensor, cos: Tensor, sin: Tensor, copy_v: bool) -> list[Tensor
     B, T, _, H, D = qkv.shape
     out = [torch.empty(B, T, H, D, device=qkv.device, dtype=qkv.dtype) for _ in range(3 if copy_v else 2)]
     q, k = out[:2]
-    traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_T), B * H)](
+    traceable(_fwd_kernel)[(triton.cdiv(T, BLOCK_T), B * H)](  # without copy_v, V (k) is never written
         qkv, cos, sin, q, k, out[-1], qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
         *_table_strides(cos), q.stride(0), q.stride(1), q.stride(2), H, T, D // 2, BLOCK_T=BLOCK_T,
         BLOCK_D=_block_d(D), COPY_V=copy_v, num_warps=NUM_WARPS)
@@ -215,7 +215,7 @@ def _grads(ctx, dq, dk, dv, backward) -> tuple:
 # the operators vitpe::rope_qkv(_backward) when compiled, an autograd.Function eager
 _call = kernel_op("rope_qkv", rope_qkv_forward, rope_qkv_backward, _setup, _grads)
 # without gradients: the operator vitpe::rope_qk when compiled, the function itself eager
-_rope_qk = torch.library.triton_op("vitpe::rope_qk", mutates_args=())(rope_qk_forward)
+_rope_qk = forward_op("rope_qk", rope_qk_forward)
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -226,6 +226,6 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Ten
     When no gradient is taken (inference, ``torch.no_grad``), v is a view of ``qkv`` and the pass
     writes q and k alone: two thirds of the memory traffic."""
     if V_VIEW and not (torch.is_grad_enabled() and (qkv.requires_grad or cos.requires_grad or sin.requires_grad)):
-        q, k = (_rope_qk if torch.compiler.is_compiling() else rope_qk_forward)(qkv, cos, sin)
+        q, k = _rope_qk(qkv, cos, sin)
         return q, k, qkv[:, :, 2].transpose(1, 2)
     return _call(qkv, cos, sin)
