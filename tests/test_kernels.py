@@ -54,17 +54,19 @@ class _GeluKeptDerivative(torch.autograd.Function):
 
 
 def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None,
-            merged: int | None = None, saved: int | None = None, fit: int | None = None) -> None:
+            merged: int | None = None, saved: int | None = None, fit: int | None = None,
+            poly: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
     bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training. ``stages``:
     the convolution's ``CONV_STAGES`` (0: the kernel that carries the next row in registers, which
     the GELU cases take anyway; default: the module's own); ``merged``: ``BWD_MERGED`` (1: the
     backward in one kernel); ``saved``: ``SAVE_GELU_GRAD`` (1: the GELU cases keep the derivative
     from the forward); ``fit``: ``STRIP_FIT`` (1: strips as narrow as 2 columns, channel blocks as
-    wide as 1024)."""
+    wide as 1024); ``poly``: ``ERF_POLY`` (1: the GELU's normal CDF from a polynomial, 0: from
+    libdevice's ``erf``)."""
     from vitpe.kernels import depthwise
 
-    settings = dict(CONV_STAGES=stages, BWD_MERGED=merged, SAVE_GELU_GRAD=saved, STRIP_FIT=fit)
+    settings = dict(CONV_STAGES=stages, BWD_MERGED=merged, SAVE_GELU_GRAD=saved, STRIP_FIT=fit, ERF_POLY=poly)
     before = {k: getattr(depthwise, k) for k in settings}
     for k, v in settings.items():
         if v is not None:
@@ -128,6 +130,8 @@ def _compare(device: str, dtype: torch.dtype) -> None:
             want = (*want, want[0].float().sum((0, 1)))
             for name, a, b in zip(("x", "weight", "bias", "input bias"), got, want):
                 torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{case} {name}: {m}")
+    if dtype == torch.float32:
+        _compare_gelu(device)
     # without a bias, the GELU's pre-activation is recomputed without one
     conv = GridConv(8).to(device)
     x = torch.randn(2, 1 + 12, 8, device=device, dtype=dtype, requires_grad=True)
@@ -170,24 +174,50 @@ def _compare(device: str, dtype: torch.dtype) -> None:
                                   test_utils=opcheck_utils(device))
 
 
+def _compare_gelu(device: str) -> None:
+    """The kernels' GELU and its derivative over [-12, 12] against float64's: a kernel with only
+    its centre tap, 1, passes the tokens through the convolution unchanged, so the output is the
+    GELU of the input (the prefix row's from the prefix kernel) and the input's gradient of its sum
+    the GELU's derivative, from the forward's kept derivative or the recomputing backward."""
+    from vitpe import kernels
+
+    B, P, H, W, C = 2, 1, 8, 8, 32
+    z = torch.linspace(-12, 12, B * (P + H * W) * C, dtype=torch.float64)
+    weight = torch.zeros(C, 1, 3, 3, device=device)
+    weight[:, 0, 1, 1] = 1
+    x = z.float().reshape(B, P + H * W, C).to(device).requires_grad_()
+    z = x.detach().double().cpu().requires_grad_()  # the float32 inputs, exactly
+    gelu = F.gelu(z)
+    slope = torch.autograd.grad(gelu.sum(), z)[0]
+    for bias in (torch.zeros(C, device=device), None):  # the derivative kept, and recomputed (no bias)
+        out = kernels.depthwise_conv_tokens(x, weight, bias, (H, W), P, gelu=True)
+        torch.testing.assert_close(out.double().cpu(), gelu, atol=1e-6, rtol=0, msg=lambda m: f"GELU: {m}")
+        grad = torch.autograd.grad(out.sum(), x)[0]
+        torch.testing.assert_close(grad.double().cpu(), slope, atol=2e-6, rtol=0,
+                                   msg=lambda m: f"GELU's derivative: {m}")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are tested")
 # the pipelined kernels without the GELU, the register-carrying one with it; with -m slow also the
 # register-carrying kernels throughout. The backward as two kernels, and merged with the GELU's
-# derivative kept, with the strips that fit the grid's width (STRIP_FIT, the default) and without
-@pytest.mark.parametrize("stages,merged,saved,fit", [pytest.param(0, 0, 0, 0, marks=pytest.mark.slow), (4, 0, 0, 0),
-                                                     pytest.param(4, 0, 1, 0, marks=pytest.mark.slow), (4, 1, 1, 0),
-                                                     (4, 1, 1, 1)])
-def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved, fit):
-    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved, fit=fit)
+# derivative kept, with the strips that fit the grid's width (STRIP_FIT, the default) and without;
+# the GELU's normal CDF from the polynomial (ERF_POLY, the default) and from libdevice's erf.
+@pytest.mark.parametrize("stages,merged,saved,fit,poly", [pytest.param(0, 0, 0, 0, 1, marks=pytest.mark.slow),
+                                                          (4, 0, 0, 0, 1),
+                                                          pytest.param(4, 0, 1, 0, 1, marks=pytest.mark.slow),
+                                                          (4, 1, 1, 0, 1), (4, 1, 1, 1, 1), (4, 1, 1, 1, 0)])
+def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved, fit, poly):
+    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved, fit=fit, poly=poly)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stages,merged,saved,fit", [(0, 0, 0, 0), (4, 0, 0, 0), (4, 0, 1, 0), (4, 1, 0, 0),
-                                                     (4, 1, 1, 0), (0, 0, 0, 1), (4, 1, 1, 1)])
+@pytest.mark.parametrize("stages,merged,saved,fit,poly", [(0, 0, 0, 0, 1), (4, 0, 0, 0, 1), (4, 0, 1, 0, 1),
+                                                          (4, 1, 0, 0, 1), (4, 1, 1, 0, 1), (0, 0, 0, 1, 1),
+                                                          (4, 1, 1, 1, 1), (4, 1, 1, 1, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved, fit):
+def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved, fit, poly):
     torch.backends.cudnn.allow_tf32 = False
-    compare("cuda", dtype, stages, merged, saved, fit)
+    compare("cuda", dtype, stages, merged, saved, fit, poly)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
