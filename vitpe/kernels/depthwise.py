@@ -233,12 +233,21 @@ if triton is not None:
         return x_l.to(tl.float32), x_m.to(tl.float32), x_r.to(tl.float32)
 
     @triton.jit
-    def _taps9(ptr, C, cmask):
-        """The 9 taps' rows of a ``(9, C)`` table (``ptr`` already at the channel block), each
-        ``(1, BLOCK_C)`` float32."""
-        return _row(ptr, 0, C, cmask), _row(ptr, 1, C, cmask), _row(ptr, 2, C, cmask), _row(ptr, 3, C, cmask), \
-            _row(ptr, 4, C, cmask), _row(ptr, 5, C, cmask), _row(ptr, 6, C, cmask), _row(ptr, 7, C, cmask), \
-            _row(ptr, 8, C, cmask)
+    def _tap(w_ptr, offs_c, cmask, i: tl.constexpr, FLIP: tl.constexpr):
+        """Tap ``i`` (row-major in the 3x3 kernel; with ``FLIP``, of the kernel turned by 180
+        degrees) of the block's channels of a contiguous ``(C, 1, 3, 3)`` weight, as a
+        ``(1, BLOCK_C)`` float32 tile."""
+        return tl.load(w_ptr + offs_c * 9 + (8 - i if FLIP else i), mask=cmask, other=0.0).to(tl.float32)[None, :]
+
+    @triton.jit
+    def _taps9(w_ptr, offs_c, cmask, FLIP: tl.constexpr):
+        """The 9 taps of the block's channels (``_tap``), read from the weight as the module holds it:
+        no transposed copy of it is made at each call."""
+        return _tap(w_ptr, offs_c, cmask, 0, FLIP), _tap(w_ptr, offs_c, cmask, 1, FLIP), \
+            _tap(w_ptr, offs_c, cmask, 2, FLIP), _tap(w_ptr, offs_c, cmask, 3, FLIP), \
+            _tap(w_ptr, offs_c, cmask, 4, FLIP), _tap(w_ptr, offs_c, cmask, 5, FLIP), \
+            _tap(w_ptr, offs_c, cmask, 6, FLIP), _tap(w_ptr, offs_c, cmask, 7, FLIP), \
+            _tap(w_ptr, offs_c, cmask, 8, FLIP)
 
     @triton.jit
     def _unit(unit, n_chunks, n_units, rows, H):
@@ -248,8 +257,8 @@ if triton is not None:
         return b, r0, tl.where(unit < n_units, tl.minimum(r0 + rows, H), r0 - 2)
 
     @triton.jit
-    def _conv_start(taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+    def _conv_start(w_ptr, n_strips, n_chunks, rows, H, W, C, FLIP: tl.constexpr, EVEN_C: tl.constexpr,
+                    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """What both convolution kernels set up: the program's image ``b`` and its rows ``r0`` to
         ``r1``, its tile's offsets, channels and masks (``_row_setup``), and the 9 taps' rows."""
         pid = tl.program_id(0)
@@ -257,7 +266,7 @@ if triton is not None:
         b, r0 = (unit // n_chunks).to(tl.int64), (unit % n_chunks) * rows
         r1 = tl.minimum(r0 + rows, H)
         offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(1), C, W, BLOCK_W, BLOCK_C, EVEN_C)
-        t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps9(taps_ptr + offs_c, C, cmask)
+        t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps9(w_ptr, offs_c, cmask, FLIP)
         return b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8
 
     @triton.jit
@@ -270,11 +279,11 @@ if triton is not None:
         return bias
 
     @triton.jit
-    def _conv_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks, n_strips,
+    def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks, n_strips,
                      HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, POLY: tl.constexpr,
-                     EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * taps[3 i + j, c] (+ bias)
-        (+ x)``, zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1),
+                     FLIP: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * w[c, 0, i, j] (+ bias)
+        (+ x)`` (with ``FLIP``, ``w[c, 0, 2 - i, 2 - j]``), zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1),
         ``ga * gelu'(z)`` (2: the GELU's backward, ``ga`` laid out as ``y``), or ``gelu(z)`` with
         ``gelu'(z)`` stored in ``ga`` (3: the forward that keeps the derivative); positions are row-major
         within an image, channels contiguous, starting ``skip`` elements into each image (after the
@@ -283,7 +292,7 @@ if triton is not None:
         shifts, the two shifted ones from cache) and keeping the two output rows it still adds to:
         a row's three kernel rows go to the output rows above, at and below it."""
         b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8 = _conv_start(
-            taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C, BLOCK_W, BLOCK_C)
+            w_ptr, n_strips, n_chunks, rows, H, W, C, FLIP, EVEN_C, BLOCK_W, BLOCK_C)
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
         row_len = W * C
@@ -325,8 +334,8 @@ if triton is not None:
             tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m)
 
     @triton.jit
-    def _conv_staged_kernel(x_ptr, taps_ptr, b_ptr, y_ptr, skip, H, W, C, sxb, syb, rows, n_chunks, n_strips,
-                            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
+    def _conv_staged_kernel(x_ptr, w_ptr, b_ptr, y_ptr, skip, H, W, C, sxb, syb, rows, n_chunks, n_strips,
+                            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, FLIP: tl.constexpr, EVEN_C: tl.constexpr,
                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """``_conv_kernel``'s convolution without the GELU (``ACT`` 0), with the loads of the rows
         ahead issued by Triton's software pipeliner (``STAGES`` - 1 rows ahead, copied
@@ -334,7 +343,7 @@ if triton is not None:
         row ``s`` and completes output row ``s - 1``, from the row above the program's first to the
         row below its last."""
         b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8 = _conv_start(
-            taps_ptr, n_strips, n_chunks, rows, H, W, C, EVEN_C, BLOCK_W, BLOCK_C)
+            w_ptr, n_strips, n_chunks, rows, H, W, C, FLIP, EVEN_C, BLOCK_W, BLOCK_C)
         bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
@@ -400,13 +409,13 @@ if triton is not None:
                     a0, a1, a2, a3, a4, a5, a6, a7, a8, ab)
 
     @triton.jit
-    def _backward_staged_kernel(x_ptr, g_ptr, d_ptr, taps_ptr, gx_ptr, part_ptr, skip, H, W, C, sxb, sgb, sdb, sgxb,
+    def _backward_staged_kernel(x_ptr, g_ptr, d_ptr, w_ptr, gx_ptr, part_ptr, skip, H, W, C, sxb, sgb, sdb, sgxb,
                                 rows, n_chunks, n_units, units_per_prog, RESIDUAL: tl.constexpr,
                                 GATED: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
                                 BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """The whole backward of ``_conv_kernel``'s convolution (no GELU) from one read of the
-        output gradient ``g``: the input gradient ``gx`` (the convolution of ``g`` with ``taps``,
-        the kernel already flipped; ``+ g`` with ``RESIDUAL``) and, as ``_weight_grad_staged_kernel``,
+        output gradient ``g``: the input gradient ``gx`` (the convolution of ``g`` with the
+        weight ``w`` turned by 180 degrees; ``+ g`` with ``RESIDUAL``) and, as ``_weight_grad_staged_kernel``,
         per-program partial sums in ``part[prog, strip]``: rows 0-8 the taps' gradients, 9 the
         bias's (``sum_p g[p]``), 10 the sum of ``gx`` over the patch rows (the gradient of a bias
         added to the input). Programs walk their (image, ``rows`` rows) units as the weight
@@ -421,7 +430,7 @@ if triton is not None:
         the forward), multiplied as it is loaded."""
         prog, strip, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
         offs, offs_c, cmask, m_l, m_m, m_r = _row_setup(strip, tl.program_id(2), C, W, BLOCK_W, BLOCK_C, EVEN_C)
-        t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps9(taps_ptr + offs_c, C, cmask)
+        t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps9(w_ptr, offs_c, cmask, True)
         row_len = W * C
         zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a0, a1, a2, a3, a4, a5, a6, a7, a8, ab, ai = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
@@ -484,11 +493,6 @@ if triton is not None:
         tl.store(dst_ptr + b * sdb + offs, v.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
-def _taps(weight: Tensor) -> Tensor:
-    """``(C, 1, k, k)`` -> ``(k*k, C)``: each tap's channels side by side."""
-    return weight.reshape(weight.shape[0], -1).t().contiguous()
-
-
 def _launch_prefix(src: Tensor, x: Tensor, dst: Tensor, num_prefix: int, mode: int) -> None:
     """Write the prefix rows of ``dst`` from those of ``src`` (and ``x``); see ``_prefix_kernel``."""
     B, _, C = src.shape
@@ -545,23 +549,22 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     degrees (the input gradient)."""
     B, _, C = src.shape
     H, W = grid_hw
-    taps = _taps(weight.flip(-1, -2) if flip else weight)
     tile = _gelu_tile(W, C) if act else CONV_TILE
     block_w, block_c, strips, c_blocks, rows, chunks = _walk(src, H, W, tile, CONV_WAVES)
     # whole tensors and the prefix's length: a kernel that writes into a slice would have to be
     # traced as a mutation of a view
     grid = (B * chunks * strips, c_blocks)
-    b = bias if bias is not None else taps
-    tiles = dict(HAS_BIAS=bias is not None, RESIDUAL=residual, EVEN_C=C % block_c == 0, BLOCK_W=block_w,
+    b = bias if bias is not None else weight  # (unread)
+    tiles = dict(HAS_BIAS=bias is not None, RESIDUAL=residual, FLIP=flip, EVEN_C=C % block_c == 0, BLOCK_W=block_w,
                  BLOCK_C=block_c, num_warps=CONV_WARPS)
     if CONV_STAGES and act == 0:
         traceable(_conv_staged_kernel)[grid](
-            src, taps, b, out, num_prefix * C, H, W, C, src.stride(0), out.stride(0), rows, chunks, strips,
+            src, weight, b, out, num_prefix * C, H, W, C, src.stride(0), out.stride(0), rows, chunks, strips,
             STAGES=CONV_STAGES, **tiles)
         return
     grad = out if grad is None else grad  # read with act 2, written with act 3
     traceable(_conv_kernel)[grid](
-        src, taps, b, out, grad, num_prefix * C, H, W, C, src.stride(0), out.stride(0), grad.stride(0), rows,
+        src, weight, b, out, grad, num_prefix * C, H, W, C, src.stride(0), out.stride(0), grad.stride(0), rows,
         chunks, strips, ACT=act, POLY=bool(ERF_POLY), **tiles)
 
 
@@ -598,7 +601,7 @@ def _backward_merged(grad: Tensor, x: Tensor, weight: Tensor, grad_x: Tensor, H:
     part = torch.empty(progs * strips, 11, C, device=x.device, dtype=torch.float32)
     d = grad if gate is None else gate
     traceable(_backward_staged_kernel)[(progs, strips, c_blocks)](
-        x, grad, d, _taps(weight.flip(-1, -2)), grad_x, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0),
+        x, grad, d, weight, grad_x, part, num_prefix * C, H, W, C, x.stride(0), grad.stride(0),
         d.stride(0), grad_x.stride(0), rows, chunks, units, per_prog, RESIDUAL=residual, GATED=gate is not None,
         EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_WARPS, STAGES=BWD_STAGES)
     return part
