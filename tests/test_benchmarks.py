@@ -423,7 +423,7 @@ def test_depthwise_resources_records_the_kernels_each_setting_launches():
     launch = bench.calls_of((2, 3, 4, 8, 1), "forward", torch.bfloat16)[1]
     sig, consts, attrs = bench.signature(launch)
     names = [p.name for p in launch.kernel.params]
-    assert sig["x_ptr"] == "*bf16" and sig["taps_ptr"] == "*fp32" and sig["H"] == "i32"
+    assert sig["x_ptr"] == "*bf16" and sig["w_ptr"] == "*fp32" and sig["H"] == "i32"
     assert (names.index("x_ptr"),) in attrs and (names.index("H"),) not in attrs  # 16-aligned pointers; H = 3
     assert sig["n_chunks"] == "constexpr" and consts["n_chunks"] == 1  # an integer equal to 1
     assert consts["BLOCK_W"] == 4 and consts["EVEN_C"] is False
