@@ -394,33 +394,34 @@ def test_depthwise_resources_records_the_kernels_each_setting_launches():
                     for launch in bench.calls_of((2, 3, 4, 8, 1), call, torch.bfloat16)]
 
     two = "BWD_MERGED=0,SAVE_GELU_GRAD=0"  # the backward in two kernels, the GELU's derivative recomputed
-    assert kernels("forward") == kernels("forward", two) == [("_prefix_kernel", None), ("_conv_staged_kernel", None)]
+    # the forward's convolution kernel writes the prefix row too; the backward launches a kernel for it
+    assert kernels("forward") == kernels("forward", two) == [("_conv_staged_kernel", None)]
     assert kernels("backward", two) == [("_prefix_kernel", None), ("_weight_grad_staged_kernel", None),
                                         ("_conv_staged_kernel", None)]
-    assert kernels("gelu_forward", two) == [("_prefix_kernel", None), ("_conv_kernel", 1)]
+    assert kernels("gelu_forward", two) == [("_conv_kernel", 1)]
     assert kernels("gelu_backward", two)[0] == ("_conv_kernel", 2)  # the pre-activation recomputed
     # the default: one backward kernel, the GELU's derivative written by the forward
     assert kernels("backward") == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
-    assert kernels("gelu_forward") == [("_prefix_kernel", None), ("_conv_kernel", 3)]
+    assert kernels("gelu_forward") == [("_conv_kernel", 3)]
     assert kernels("gelu_backward") == [("_prefix_kernel", None), ("_backward_staged_kernel", None)]
     # GELU_TILE sizes the convolution with the GELU inside, CONV_TILE the one without
     with bench.tile_settings(depthwise, "GELU_TILE=1024"):
-        plain, gelu = (bench.calls_of((2, 3, 16, 256, 1), call, torch.bfloat16)[1].kwargs["BLOCK_C"]
+        plain, gelu = (bench.calls_of((2, 3, 16, 256, 1), call, torch.bfloat16)[0].kwargs["BLOCK_C"]
                        for call in ("forward", "gelu_forward"))
     assert (plain, gelu) == (128, 64)
     # by default the GELU's tile follows the grid's width: 1024 elements while a strip row keeps 64
     # channels (16 columns: ViT-S at 224), else 2048 (32 columns)
     for width, tile in ((16, None), (32, None), (16, "GELU_TILE=2048")):
         with bench.tile_settings(depthwise, tile or ""):
-            block_c = bench.calls_of((2, 3, width, 256, 1), "gelu_forward", torch.bfloat16)[1].kwargs["BLOCK_C"]
+            block_c = bench.calls_of((2, 3, width, 256, 1), "gelu_forward", torch.bfloat16)[0].kwargs["BLOCK_C"]
         assert block_c == {(16, None): 64, (32, None): 64, (16, "GELU_TILE=2048"): 128}[width, tile]
     # STRIP_FIT: a 14-wide grid in strips of 2 columns x 512 channels (no idle lanes where 16-column
     # strips idle 2 of 16), a 24-wide one in 8 columns; a 16-wide grid keeps its strip
     for width, want in ((14, (2, 512)), (24, (8, 128)), (16, (16, 64))):
         with bench.tile_settings(depthwise, "STRIP_FIT=1"):
-            kw = bench.calls_of((2, 3, width, 1536, 1), "gelu_forward", torch.bfloat16)[1].kwargs
+            kw = bench.calls_of((2, 3, width, 1536, 1), "gelu_forward", torch.bfloat16)[0].kwargs
         assert (kw["BLOCK_W"], kw["BLOCK_C"]) == want, width
-    launch = bench.calls_of((2, 3, 4, 8, 1), "forward", torch.bfloat16)[1]
+    launch = bench.calls_of((2, 3, 4, 8, 1), "forward", torch.bfloat16)[0]
     sig, consts, attrs = bench.signature(launch)
     names = [p.name for p in launch.kernel.params]
     assert sig["x_ptr"] == "*bf16" and sig["w_ptr"] == "*fp32" and sig["H"] == "i32"
@@ -436,11 +437,11 @@ def test_depthwise_resources_compiles_for_the_gpu_offline(tmp_path):
     bench = load("depthwise_resources")
     # ViT-S's Mix-FFN tile (16 columns x 128 channels) on two images of three rows
     rows = bench.run(bench.parse(["--shapes", "2,3,14,1536,1", "--calls", "forward", "--output", str(tmp_path)]))
-    assert [r["kernel"] for r in rows] == ["_prefix_kernel", "_conv_staged_kernel"]
+    assert [r["kernel"] for r in rows] == ["_conv_staged_kernel"]
     assert all(0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["warps"] == 4 for r in rows), rows
-    assert rows[1]["shared_bytes"] > 0  # the pipelined rows ahead are copied into shared memory
+    assert rows[0]["shared_bytes"] > 0  # the pipelined rows ahead are copied into shared memory
     data = json.loads((tmp_path / "depthwise_resources.json").read_text())
-    assert data["target"] == "sm_90" and len(data["rows"]) == 2
+    assert data["target"] == "sm_90" and len(data["rows"]) == 1
     assert (tmp_path / "depthwise_resources.md").read_text().count("\n") == 2 + len(rows)
 
 

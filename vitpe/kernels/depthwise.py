@@ -270,6 +270,17 @@ if triton is not None:
         return b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8
 
     @triton.jit
+    def _prefix_rows(x_ptr, y_ptr, b, sxb, syb, n_prefix, C, offs_c, cmask, GELU: tl.constexpr, POLY: tl.constexpr):
+        """The prefix rows of image ``b``, the program's channel block: ``y = x``, or with ``GELU``
+        ``gelu(x)``. The convolution kernels' programs that start an image's first strip write them
+        (``PREFIX``), instead of a launch of their own."""
+        for p in range(0, n_prefix):
+            v = tl.load(x_ptr + b * sxb + p * C + offs_c, mask=cmask, other=0.0)
+            if GELU:
+                v = _gelu(v.to(tl.float32), POLY)
+            tl.store(y_ptr + b * syb + p * C + offs_c, v.to(y_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
     def _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
         """The convolution's bias as a ``(1, BLOCK_C)`` float32 row, zero without one."""
         if HAS_BIAS:
@@ -279,20 +290,26 @@ if triton is not None:
         return bias
 
     @triton.jit
-    def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ga_ptr, skip, H, W, C, sxb, syb, sgb, rows, n_chunks, n_strips,
-                     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, POLY: tl.constexpr,
-                     FLIP: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ga_ptr, skip, n_prefix, H, W, C, sxb, syb, sgb, rows, n_chunks,
+                     n_strips, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, POLY: tl.constexpr,
+                     PREFIX: tl.constexpr, FLIP: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
         """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * w[c, 0, i, j] (+ bias)
-        (+ x)`` (with ``FLIP``, ``w[c, 0, 2 - i, 2 - j]``), zero outside the grid, stored in ``y`` as ``z`` (``ACT`` 0), ``gelu(z)`` (1),
-        ``ga * gelu'(z)`` (2: the GELU's backward, ``ga`` laid out as ``y``), or ``gelu(z)`` with
-        ``gelu'(z)`` stored in ``ga`` (3: the forward that keeps the derivative); positions are row-major
-        within an image, channels contiguous, starting ``skip`` elements into each image (after the
-        prefix tokens). Each program walks down ``rows`` rows of one image within a strip of
+        (+ x)`` (with ``FLIP``, ``w[c, 0, 2 - i, 2 - j]``), zero outside the grid, stored in ``y``
+        as ``z`` (``ACT`` 0), ``gelu(z)`` (1), ``ga * gelu'(z)`` (2: the GELU's backward, ``ga``
+        laid out as ``y``), or ``gelu(z)`` with ``gelu'(z)`` stored in ``ga`` (3: the forward that
+        keeps the derivative); positions are row-major within an image, channels contiguous,
+        starting ``skip`` elements into each image (after the prefix tokens; with ``PREFIX`` the
+        kernel also writes the ``n_prefix`` prefix rows: ``x``'s, or their GELU with ``ACT`` 1 or
+        3). Each program walks down ``rows`` rows of one image within a strip of
         ``BLOCK_W`` columns and ``BLOCK_C`` channels, reading each input row once (at three column
         shifts, the two shifted ones from cache) and keeping the two output rows it still adds to:
         a row's three kernel rows go to the output rows above, at and below it."""
         b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8 = _conv_start(
             w_ptr, n_strips, n_chunks, rows, H, W, C, FLIP, EVEN_C, BLOCK_W, BLOCK_C)
+        if PREFIX:
+            if (tl.program_id(0) % n_strips == 0) & (r0 == 0):
+                _prefix_rows(x_ptr, y_ptr, b, sxb, syb, n_prefix, C, offs_c, cmask, (ACT == 1) | (ACT == 3), POLY)
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
         row_len = W * C
@@ -334,8 +351,9 @@ if triton is not None:
             tl.store(y_img + (s - 1) * row_len + offs, out.to(y_ptr.dtype.element_ty), mask=m_m)
 
     @triton.jit
-    def _conv_staged_kernel(x_ptr, w_ptr, b_ptr, y_ptr, skip, H, W, C, sxb, syb, rows, n_chunks, n_strips,
-                            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, FLIP: tl.constexpr, EVEN_C: tl.constexpr,
+    def _conv_staged_kernel(x_ptr, w_ptr, b_ptr, y_ptr, skip, n_prefix, H, W, C, sxb, syb, rows, n_chunks, n_strips,
+                            HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PREFIX: tl.constexpr,
+                            FLIP: tl.constexpr, EVEN_C: tl.constexpr,
                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """``_conv_kernel``'s convolution without the GELU (``ACT`` 0), with the loads of the rows
         ahead issued by Triton's software pipeliner (``STAGES`` - 1 rows ahead, copied
@@ -344,6 +362,9 @@ if triton is not None:
         row below its last."""
         b, r0, r1, offs, offs_c, cmask, m_l, m_m, m_r, t0, t1, t2, t3, t4, t5, t6, t7, t8 = _conv_start(
             w_ptr, n_strips, n_chunks, rows, H, W, C, FLIP, EVEN_C, BLOCK_W, BLOCK_C)
+        if PREFIX:  # copied
+            if (tl.program_id(0) % n_strips == 0) & (r0 == 0):
+                _prefix_rows(x_ptr, y_ptr, b, sxb, syb, n_prefix, C, offs_c, cmask, False, False)
         bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
@@ -542,11 +563,15 @@ def _walk(x: Tensor, H: int, W: int, tile: int, waves: int) -> tuple[int, int, i
 
 
 def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, grid_hw: tuple[int, int],
-                 num_prefix: int, flip: bool, residual: bool, act: int = 0, grad: Optional[Tensor] = None) -> None:
+                 num_prefix: int, flip: bool, residual: bool, act: int = 0, grad: Optional[Tensor] = None,
+                 prefix: bool = False) -> None:
     """Convolve the patch rows of ``src`` ``(B, P + H*W, C)`` into those of ``out`` (same shape),
     then (``act``) the GELU (1), the GELU's backward of ``grad`` (2: ``out = grad * gelu'(z)``), or
     the GELU with its derivative written into ``grad`` (3); ``flip`` turns the kernel by 180
-    degrees (the input gradient)."""
+    degrees (the input gradient). With ``prefix`` (not with ``act`` 2) the prefix rows of ``out``
+    are written too: those of ``src``, their GELU with ``act`` 1 or 3 (no derivative)."""
+    if prefix and act == 2:
+        raise ValueError("the GELU's backward writes no prefix rows")
     B, _, C = src.shape
     H, W = grid_hw
     tile = _gelu_tile(W, C) if act else CONV_TILE
@@ -555,17 +580,17 @@ def _launch_conv(src: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tenso
     # traced as a mutation of a view
     grid = (B * chunks * strips, c_blocks)
     b = bias if bias is not None else weight  # (unread)
-    tiles = dict(HAS_BIAS=bias is not None, RESIDUAL=residual, FLIP=flip, EVEN_C=C % block_c == 0, BLOCK_W=block_w,
-                 BLOCK_C=block_c, num_warps=CONV_WARPS)
+    tiles = dict(HAS_BIAS=bias is not None, RESIDUAL=residual, PREFIX=bool(prefix and num_prefix), FLIP=flip,
+                 EVEN_C=C % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=CONV_WARPS)
     if CONV_STAGES and act == 0:
         traceable(_conv_staged_kernel)[grid](
-            src, weight, b, out, num_prefix * C, H, W, C, src.stride(0), out.stride(0), rows, chunks, strips,
-            STAGES=CONV_STAGES, **tiles)
+            src, weight, b, out, num_prefix * C, num_prefix, H, W, C, src.stride(0), out.stride(0), rows, chunks,
+            strips, STAGES=CONV_STAGES, **tiles)
         return
     grad = out if grad is None else grad  # read with act 2, written with act 3
     traceable(_conv_kernel)[grid](
-        src, weight, b, out, grad, num_prefix * C, H, W, C, src.stride(0), out.stride(0), grad.stride(0), rows,
-        chunks, strips, ACT=act, POLY=bool(ERF_POLY), **tiles)
+        src, weight, b, out, grad, num_prefix * C, num_prefix, H, W, C, src.stride(0), out.stride(0), grad.stride(0),
+        rows, chunks, strips, ACT=act, POLY=bool(ERF_POLY), **tiles)
 
 
 def _programs(units: int, blocks: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -614,14 +639,15 @@ def conv_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], H: int, W: in
     ``gelu``) GELU's derivative at the pre-activation of its patch rows for the backward (prefix
     rows unset), else an empty tensor. ``input_bias`` is only given a gradient, in the backward."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if num_prefix:
-        _launch_prefix(x, x, out, num_prefix, mode=1 if gelu else 0)
+    # the prefix rows (x, or its GELU) written by the convolution's kernel
     if save_gelu_grad:
         gelu_grad = torch.empty_like(out)
-        _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=False, act=3, grad=gelu_grad)
+        _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=False, act=3, grad=gelu_grad,
+                     prefix=True)
     else:
         gelu_grad = out.new_empty(0)
-        _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, act=1 if gelu else 0)
+        _launch_conv(x, weight, bias, out, (H, W), num_prefix, flip=False, residual=residual, act=1 if gelu else 0,
+                     prefix=True)
     return out, gelu_grad
 
 
