@@ -156,30 +156,28 @@ if triton is not None:
         return tl.where(z >= 0, 1.0 - tail, tail)
 
     @triton.jit
-    def _gelu(z, POLY: tl.constexpr = False):
-        """The exact GELU, ``z * Phi(z)`` (with ``POLY``, ``Phi`` from ``_phi``)."""
+    def _cdf(z, POLY: tl.constexpr):
+        """``Phi(z)``: from ``_phi`` with ``POLY``, else from libdevice's ``erf``."""
         if POLY:
             cdf = _phi(z)
         else:
             cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        return z * cdf
+        return cdf
+
+    @triton.jit
+    def _gelu(z, POLY: tl.constexpr = False):
+        """The exact GELU, ``z * Phi(z)``."""
+        return z * _cdf(z, POLY)
 
     @triton.jit
     def _gelu_grad(z, POLY: tl.constexpr = False):
         """GELU's derivative ``Phi(z) + z * phi(z)``."""
-        if POLY:
-            cdf = _phi(z)
-        else:
-            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+        return _cdf(z, POLY) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
     @triton.jit
     def _gelu_and_grad(z, POLY: tl.constexpr = False):
         """The exact GELU and its derivative, sharing ``Phi(z)``."""
-        if POLY:
-            cdf = _phi(z)
-        else:
-            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        cdf = _cdf(z, POLY)
         return z * cdf, cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
     @triton.jit
