@@ -30,7 +30,8 @@ kernels and autograd's sum take five.
 
 Prefix tokens pass through (or, with ``residual``, are returned unchanged as ``x + 0``).
 
-With ``gelu`` the convolution also applies Mix-FFN's activation (the exact, erf GELU), which
+With ``gelu`` the convolution also applies Mix-FFN's activation (the exact, erf GELU; its ``erf``
+from a polynomial, ``_phi``, as accurate as torch's float32 GELU), which
 otherwise costs its own passes over the FFN's hidden layer, the largest activation of the block:
 the forward stores ``gelu(conv(x) + bias)`` and keeps only ``x`` for the backward, not the
 pre-activation. The backward recomputes the pre-activation with the convolution's kernel, whose
