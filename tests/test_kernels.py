@@ -177,8 +177,9 @@ def _compare(device: str, dtype: torch.dtype) -> None:
 def _compare_gelu(device: str) -> None:
     """The kernels' GELU and its derivative over [-12, 12] against float64's: a kernel with only
     its centre tap, 1, passes the tokens through the convolution unchanged, so the output is the
-    GELU of the input (the prefix row's from the prefix kernel) and the input's gradient of its sum
-    the GELU's derivative, from the forward's kept derivative or the recomputing backward."""
+    GELU of the input (the prefix row's too, written by the same kernel) and the input's gradient of
+    its sum the GELU's derivative (the prefix row's from the backward's prefix kernel), from the
+    forward's kept derivative or the recomputing backward."""
     from vitpe import kernels
 
     B, P, H, W, C = 2, 1, 8, 8, 32

@@ -501,29 +501,28 @@ if triton is not None:
         tl.store(out_ptr + 10 * C, tl.sum(ai, axis=0), mask=cmask)
 
     @triton.jit
-    def _prefix_kernel(src_ptr, x_ptr, dst_ptr, n, ssb, sxb, sdb, MODE: tl.constexpr, POLY: tl.constexpr,
+    def _prefix_kernel(src_ptr, x_ptr, dst_ptr, n, ssb, sxb, sdb, GELU: tl.constexpr, POLY: tl.constexpr,
                        BLOCK: tl.constexpr):
-        """The first ``n`` elements (the prefix rows) of each image: ``dst = src`` (``MODE`` 0),
-        ``gelu(src)`` (1), or ``src * gelu'(x)`` (2, the GELU's backward), in the tensors
-        themselves (a slice assignment in the operator would be traced as a copy of the whole)."""
+        """The backward's prefix rows, the first ``n`` elements of each image: ``dst = src``, or with
+        ``GELU`` ``src * gelu'(x)`` (the GELU's backward), in the tensors themselves (a slice
+        assignment in the operator would be traced as a copy of the whole). The forward's are
+        written by the convolution kernels (``_prefix_rows``)."""
         b = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
         v = tl.load(src_ptr + b * ssb + offs, mask=ok, other=0.0).to(tl.float32)
-        if MODE == 1:
-            v = _gelu(v, POLY)
-        if MODE == 2:
+        if GELU:
             v = v * _gelu_grad(tl.load(x_ptr + b * sxb + offs, mask=ok, other=0.0).to(tl.float32), POLY)
         tl.store(dst_ptr + b * sdb + offs, v.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch_prefix(src: Tensor, x: Tensor, dst: Tensor, num_prefix: int, mode: int) -> None:
+def _launch_prefix(src: Tensor, x: Tensor, dst: Tensor, num_prefix: int, gelu: bool) -> None:
     """Write the prefix rows of ``dst`` from those of ``src`` (and ``x``); see ``_prefix_kernel``."""
     B, _, C = src.shape
     n = num_prefix * C
     block = min(1024, triton.next_power_of_2(n))
     traceable(_prefix_kernel)[(B, triton.cdiv(n, block))](src, x, dst, n, src.stride(0), x.stride(0), dst.stride(0),
-                                                        MODE=mode, POLY=bool(ERF_POLY), BLOCK=block)
+                                                        GELU=gelu, POLY=bool(ERF_POLY), BLOCK=block)
 
 
 def _strip(W: int, C: int, tile: int) -> tuple[int, int]:
@@ -675,7 +674,7 @@ def conv_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
         _launch_conv(x, weight, bias, grad_pre, (H, W), num_prefix, flip=False, residual=False, act=2, grad=grad)
     grad_x = torch.empty_like(grad)
     if num_prefix:
-        _launch_prefix(grad, x, grad_x, num_prefix, mode=2 if gelu else 0)
+        _launch_prefix(grad, x, grad_x, num_prefix, gelu)
     grad_input_bias = grad_x.new_empty(0, dtype=torch.float32)
     if BWD_MERGED:
         sums = _backward_merged(grad_pre, x, weight, grad_x, H, W, num_prefix, residual, gate).sum(0)  # (11, C)
