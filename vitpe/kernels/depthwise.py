@@ -144,8 +144,8 @@ if triton is not None:
         with the GELU inside issues 54 instructions an output with it and 35.5 with this (ViT-S's
         Mix-FFN, sm_90, compiled offline; docs/performance.md). Against float64, the
         GELU made with it is off by at most 8.2e-7, torch's float32 GELU by 1.2e-6 (4 million
-        points in [-12, 12]; ``tests/test_kernels.py`` holds the kernels to 1e-6). Past ``|z|`` of 9.67 ``p^32`` overflows to infinity and
-        the tail is 0, where it is below 2e-22."""
+        points in [-12, 12]; ``tests/test_kernels.py`` holds the kernels to 1e-6). Past ``|z|`` of
+        9.67 ``p^32`` overflows to infinity and the tail is 0, where it is below 2e-22."""
         x = tl.abs(z)
         p = 5.6212997e-06 * x + 5.1055209e-05
         p = p * x + 3.9686137e-05
