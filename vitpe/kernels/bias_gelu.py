@@ -19,7 +19,8 @@ it takes ViT-S/16's training from 8939 to 9185 img/s and ViT-B/16's from 3499 to
 unchanged within 1 % (docs/performance.md, eleventh round; ``throughput.py --kernel-settings ''
 'bias_gelu:IN_MLP=0'`` times it against torch's bias and GELU).
 
-GELU is the exact one of ``torch.nn.GELU()``. Computed in float32, returned in the product's
+GELU is the exact one of ``torch.nn.GELU()``, its normal CDF from ``depthwise._phi``'s polynomial
+(``ERF_POLY = 0``: libdevice's ``erf``). Computed in float32, returned in the product's
 dtype; the bias gradient is summed in float32 and returned in the bias's dtype.
 """
 from __future__ import annotations
@@ -42,6 +43,9 @@ IN_MLP = 1  # ``Mlp`` without a mixer takes these kernels for its fc1 bias and e
 FWD_BLOCK_M, FWD_BLOCK_N, FWD_WARPS = 16, 256, 4  # forward tiles: rows x columns
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_WARPS, BWD_STAGES = 32, 128, 4, 3  # backward tiles, row tiles in flight
 BWD_WAVES = 4  # backward programs per multiprocessor: each sums the bias gradient over its share of the rows
+# the GELU's normal CDF from the depthwise kernels' polynomial (``depthwise._phi``, as accurate as
+# torch's float32 GELU) instead of libdevice's ``erf``; 0 restores ``erf``
+ERF_POLY = 1
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,7 +66,7 @@ if triton is not None:
         return offs_m.to(tl.int64), (offs_m < M)[:, None] & (offs_n < N)[None, :]
 
     @triton.jit
-    def _fwd_kernel(H, BIAS, G, M, N, s_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _fwd_kernel(H, BIAS, G, M, N, s_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POLY: tl.constexpr):
         """``g = gelu(h + bias)`` on one ``(BLOCK_M, BLOCK_N)`` tile; ``s_h`` is ``h``'s row stride,
         ``g`` is contiguous."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -70,11 +74,11 @@ if triton is not None:
         rows, mask = _tile(offs_m, offs_n, M, N)
         b = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         x = tl.load(H + rows[:, None] * s_h + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) + b[None, :]
-        tl.store(G + rows[:, None] * N + offs_n[None, :], _gelu(x).to(G.dtype.element_ty), mask=mask)
+        tl.store(G + rows[:, None] * N + offs_n[None, :], _gelu(x, POLY).to(G.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bwd_kernel(DG, H, BIAS, DH, PART, M, N, s_dg, s_h, per_prog, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_N: tl.constexpr, STAGES: tl.constexpr, POLY: tl.constexpr):
         """``dh = dg * gelu'(h + bias)`` on the row tiles ``per_prog * program_id(0)`` onwards of
         one block of columns, and ``PART[program_id(0), n]``: this program's sum of ``dh`` over its
         rows (from the float32 ``dh``). ``s_dg`` and ``s_h`` are row strides, ``dh`` is contiguous.
@@ -89,7 +93,7 @@ if triton is not None:
             rows, mask = _tile(offs_m, offs_n, M, N)
             dg = tl.load(DG + rows[:, None] * s_dg + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
             x = tl.load(H + rows[:, None] * s_h + offs_n[None, :], mask=mask, other=0.0).to(tl.float32) + b[None, :]
-            dh = dg * _gelu_grad(x)  # zero outside the tensor: dg is loaded as 0 there
+            dh = dg * _gelu_grad(x, POLY)  # zero outside the tensor: dg is loaded as 0 there
             tl.store(DH + rows[:, None] * N + offs_n[None, :], dh.to(DH.dtype.element_ty), mask=mask)
             acc += dh
         tl.store(PART + tl.program_id(0).to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=nmask)
@@ -112,7 +116,7 @@ def bias_gelu_forward(h: Tensor, bias: Tensor) -> Tensor:
     M = h2.shape[0]
     traceable(_fwd_kernel)[(triton.cdiv(M, FWD_BLOCK_M), triton.cdiv(N, FWD_BLOCK_N))](
         h2, bias.contiguous(), g, M, N, h2.stride(0), BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
-        num_warps=FWD_WARPS)
+        POLY=bool(ERF_POLY), num_warps=FWD_WARPS)
     return g
 
 
@@ -134,7 +138,8 @@ def bias_gelu_backward(dg: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Ten
     part = torch.empty(chunks, N, device=h.device, dtype=torch.float32)
     traceable(_bwd_kernel)[(chunks, n_blocks)](
         dg2, h2, bias.contiguous(), dh, part, M, N, dg2.stride(0), h2.stride(0), per_prog,
-        BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, STAGES=BWD_STAGES, num_warps=BWD_WARPS)
+        BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, STAGES=BWD_STAGES, POLY=bool(ERF_POLY),
+        num_warps=BWD_WARPS)
     return dh, part.sum(0)
 
 
