@@ -114,7 +114,7 @@ SAVE_GELU_GRAD = 1
 # accurate as torch's float32 GELU) instead of libdevice's ``erf``; 0 restores ``erf``. Measured on
 # an H100 (docs/performance.md, eighteenth round), ViT-S's Mix-FFN convolution with the GELU:
 # inference forward 0.197 -> 0.175 ms a launch, training forward + backward 0.595 -> 0.570; compiled
-# ViT-S ``mixffn`` 0.92 / 0.90 -> 0.93 / 0.92 of ``learned`` (nineteenth round). ``bias_gelu`` shares it
+# ViT-S ``mixffn`` 0.92 / 0.90 -> 0.93 / 0.92 of ``learned`` (nineteenth round). ``bias_gelu`` takes ``_phi`` too (its own ``ERF_POLY``)
 ERF_POLY = 1
 # the strip of columns a row-walking program takes (``_strip``): 0, the grid's width rounded up to a
 # power of two (at most 32), whose extra columns idle (2 lanes in 16 on a 14-wide grid, 8 in 32 on
@@ -318,13 +318,15 @@ if triton is not None:
         y_img = y_ptr + skip + b * syb
         row_len = W * C
         # the row above the first: its kernel row 0 goes to output row r0 (zero at the grid's top)
+        # each output row's sum starts from the bias: its first product is a multiply-add with it
+        # instead of a multiply, and no addition of the bias follows the taps
+        bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         x_l, x_m, x_r = _f32(*_row3(x_img + (r0 - 1) * row_len, offs, C, m_l, m_m, m_r, r0 > 0))
-        below = x_l * t0 + x_m * t1 + x_r * t2  # output row r0 so far
+        below = bias + x_l * t0 + x_m * t1 + x_r * t2  # output row r0 so far
         # the first row: kernel row 1 to itself, row 0 to the row below
         x_l, x_m, x_r = _f32(*_row3(x_img + r0 * row_len, offs, C, m_l, m_m, m_r, r0 < H))
         at = below + x_l * t3 + x_m * t4 + x_r * t5  # output row r0, wanting its row below
-        below = x_l * t0 + x_m * t1 + x_r * t2  # output row r0 + 1
-        bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
+        below = bias + x_l * t0 + x_m * t1 + x_r * t2  # output row r0 + 1
         # the next row's loads (and the GELU backward's output gradient) are in flight while a row's
         # products are computed
         n_l, n_m, n_r = _row3(x_img + (r0 + 1) * row_len, offs, C, m_l, m_m, m_r, r0 + 1 < H)
@@ -340,9 +342,7 @@ if triton is not None:
                 n_ga = tl.load(ga_img + s * row_len + offs, mask=m_m & (s < r1), other=0.0)
             out = at + x_l * t6 + x_m * t7 + x_r * t8
             at = below + x_l * t3 + x_m * t4 + x_r * t5
-            below = x_l * t0 + x_m * t1 + x_r * t2
-            if HAS_BIAS:
-                out += bias
+            below = bias + x_l * t0 + x_m * t1 + x_r * t2
             if RESIDUAL:
                 out += tl.load(x_img + (s - 1) * row_len + offs, mask=m_m, other=0.0).to(tl.float32)
             if ACT == 1:
