@@ -1,7 +1,8 @@
-"""Registers, spills and shared memory of the depthwise kernels, compiled for a GPU without one.
+"""Registers, spills, shared memory and loop instructions of the depthwise kernels, compiled for a GPU without one.
 
     python benchmarks/depthwise_resources.py --output runs/resources                   # sm_90, ViT-S's shape
     python benchmarks/depthwise_resources.py --tiles '' 'BWD_MERGED=0,SAVE_GELU_GRAD=0' --output runs/resources
+    python benchmarks/depthwise_resources.py --calls gelu_forward --tiles 'SAVE_GELU_GRAD=0' 'SAVE_GELU_GRAD=0,ERF_POLY=0'
 
 A kernel's registers per thread decide how many of its programs a multiprocessor holds, and a
 kernel past 255 spills to local memory; both can be read off the compiled binary, so tile settings
@@ -13,6 +14,13 @@ Each is compiled by Triton for ``--arch`` (``90``: H100 and H200) with the speci
 Triton's JIT makes at a launch (pointers and integers divisible by 16, integers equal to 1), and
 its registers and spills (``cuobjdump -res-usage``, shipped with Triton) and shared memory
 (Triton's own count) are written to ``depthwise_resources.json`` and ``.md``.
+
+The kernels that walk down the grid are bound by the instructions they issue (docs/performance.md,
+sixth and eighteenth rounds), so each row also counts the machine instructions of the kernel's
+longest loop (``nvdisasm``, shipped with Triton: the span from a label to the furthest branch back
+to it) and, for the tiled kernels, divides them by the elements of a tile a thread holds
+(``BLOCK_W x BLOCK_C`` over the threads): for the convolution kernels, instructions an output row
+element. The JSON keeps the loop's instruction mix.
 
 The calls (``--calls``) are Mix-FFN's: the convolution's ``forward`` and ``backward`` (GELU
 outside, fc1's bias gradient asked for), and ``gelu_forward`` and ``gelu_backward`` (the GELU in
@@ -118,9 +126,51 @@ def signature(launch: _Launch) -> tuple[dict[str, str], dict[str, Any], dict[tup
     return sig, consts, attrs
 
 
+_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^\.(L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\s+`?\(?\.?(L_x_\d+)")
+
+
+def loop_instructions(sass: str) -> tuple[int, dict[str, int]]:
+    """The instructions of the longest loop in ``nvdisasm -c``'s listing of one kernel, and their
+    mix by opcode: the span from a label to the furthest branch back to it (a loop's body and its
+    back edge; nested loops are inside it). ``(0, {})`` for a kernel without a loop."""
+    label_at: dict[str, int] = {}
+    pending: list[str] = []
+    code: list[tuple[int, str, str]] = []  # (address, opcode, line)
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                label_at[name] = addr
+            pending = []
+            code.append((addr, m.group(2), line))
+    best: tuple[int, int] | None = None
+    for addr, _, line in code:
+        m = _BRANCH.search(line)
+        if m and m.group(1) in label_at and label_at[m.group(1)] <= addr:
+            span = (label_at[m.group(1)], addr)
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    if best is None:
+        return 0, {}
+    mix: dict[str, int] = {}
+    for addr, op, _ in code:
+        if best[0] <= addr <= best[1]:
+            mix[op] = mix.get(op, 0) + 1
+    return sum(mix.values()), dict(sorted(mix.items(), key=lambda kv: -kv[1]))
+
+
 def resources(launch: _Launch, arch: int) -> dict[str, Any]:
     """Compile ``launch``'s kernel for ``sm_<arch>``: registers a thread, spilled bytes (the
-    stack frame), shared memory in bytes."""
+    stack frame), shared memory in bytes, and the instructions of its longest loop
+    (``loop_instructions``), also per element of a thread's tile where the kernel has
+    ``BLOCK_W`` and ``BLOCK_C``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -129,17 +179,26 @@ def resources(launch: _Launch, arch: int) -> dict[str, Any]:
     options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
     src = ASTSource(launch.kernel, signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout if (tools / "nvdisasm").exists() else ""
     found = dict(re.findall(r"\b(REG|STACK):(\d+)", usage))
     if "REG" not in found:
         raise RuntimeError(f"no register count in cuobjdump's output: {usage[:300]!r}")
-    return dict(registers=int(found["REG"]), spill_bytes=int(found.get("STACK", 0)),
-                shared_bytes=int(compiled.metadata.shared), warps=options.get("num_warps", 4))
+    warps = options.get("num_warps", 4)
+    out = dict(registers=int(found["REG"]), spill_bytes=int(found.get("STACK", 0)),
+               shared_bytes=int(compiled.metadata.shared), warps=warps)
+    if sass:
+        n, mix = loop_instructions(sass)
+        per_thread = consts.get("BLOCK_W", 0) * consts.get("BLOCK_C", 0) / (32 * warps)
+        out.update(loop_instructions=n, loop_mix=mix,
+                   loop_per_element=round(n / per_thread, 2) if n and per_thread >= 1 else None)
+    return out
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -176,14 +235,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], header: bool = True) -> str:
-    lines = ["| tiles | B,H,W,C,P | call | kernel | constants | warps | registers | spilled bytes | shared bytes |",
-             "|---|---|---|---|---|---|---|---|---|"] if header else []
+    lines = ["| tiles | B,H,W,C,P | call | kernel | constants | warps | registers | spilled bytes | shared bytes "
+             "| loop instructions | an element |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"] if header else []
     for r in rows:
         shape = ",".join(map(str, r["shape"]))
         if "error" in r:
-            cells = f"- | failed: {r['error'].replace('|', '/')} | - | -"
+            cells = f"- | failed: {r['error'].replace('|', '/')} | - | - | - | -"
         else:
-            cells = f"{r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']}"
+            per = r.get("loop_per_element")
+            cells = (f"{r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                     f"{r.get('loop_instructions', '-') or '-'} | {'-' if per is None else per}")
         lines.append(f"| {r['tiles']} | {shape} | {r['call']} | {r['kernel']} | {r['constants']} | {cells} |")
     return "\n".join(lines)
 

@@ -435,14 +435,43 @@ def test_depthwise_resources_compiles_for_the_gpu_offline(tmp_path):
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this Triton ships no cuobjdump")
     bench = load("depthwise_resources")
-    # ViT-S's Mix-FFN tile (16 columns x 128 channels) on two images of three rows
+    # ViT-S's Mix-FFN tile on two images of three rows
     rows = bench.run(bench.parse(["--shapes", "2,3,14,1536,1", "--calls", "forward", "--output", str(tmp_path)]))
     assert [r["kernel"] for r in rows] == ["_conv_staged_kernel"]
     assert all(0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["warps"] == 4 for r in rows), rows
     assert rows[0]["shared_bytes"] > 0  # the pipelined rows ahead are copied into shared memory
+    if (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        # the row walk holds the 9 taps' products (a multiply, then multiply-adds) of a thread's tile elements
+        consts = dict(kv.split("=") for kv in rows[0]["constants"].split(","))
+        per_thread = int(consts["BLOCK_W"]) * int(consts["BLOCK_C"]) / (32 * 4)
+        mix = rows[0]["loop_mix"]
+        assert mix.get("FFMA", 0) + mix.get("FMUL", 0) >= 9 * per_thread, mix
+        assert rows[0]["loop_instructions"] == sum(rows[0]["loop_mix"].values())
+        assert rows[0]["loop_per_element"] == pytest.approx(rows[0]["loop_instructions"] / per_thread, abs=0.01)
     data = json.loads((tmp_path / "depthwise_resources.json").read_text())
     assert data["target"] == "sm_90" and len(data["rows"]) == 1
     assert (tmp_path / "depthwise_resources.md").read_text().count("\n") == 2 + len(rows)
+
+
+def test_depthwise_resources_counts_the_longest_loop_of_a_listing():
+    bench = load("depthwise_resources")
+    sass = """
+        .text.k:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FFMA R2, R3, R4, R2 ;
+.L_x_1:
+        /*0020*/                   FMUL R5, R2, R2 ;
+        /*0030*/              @P0  BRA `(.L_x_1) ;
+        /*0040*/                   SHF.L.U32 R6, R7, 0x10, RZ ;
+        /*0050*/              @!P1 BRA `(.L_x_0) ;
+        /*0060*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0070*/                   EXIT ;
+"""
+    # the outer loop (0x10 to its branch back at 0x50) holds the inner one; the forward branch is no loop
+    assert bench.loop_instructions(sass) == (5, {"BRA": 2, "FFMA": 1, "FMUL": 1, "SHF": 1})
+    assert bench.loop_instructions("        /*0000*/   EXIT ;") == (0, {})
 
 
 def test_step_ceiling_sums_the_products_and_attention_of_every_block(tmp_path):
