@@ -134,7 +134,8 @@ _BRANCH = re.compile(r"\bBRA\s+`?\(?\.?(L_x_\d+)")
 def loop_instructions(sass: str) -> tuple[int, dict[str, int]]:
     """The instructions of the longest loop in ``nvdisasm -c``'s listing of one kernel, and their
     mix by opcode: the span from a label to the furthest branch back to it (a loop's body and its
-    back edge; nested loops are inside it). ``(0, {})`` for a kernel without a loop."""
+    back edge; nested loops are inside it). ``(0, {})`` for a kernel without a loop (the branch to
+    itself that ends every kernel's listing is none)."""
     label_at: dict[str, int] = {}
     pending: list[str] = []
     code: list[tuple[int, str, str]] = []  # (address, opcode, line)
@@ -153,7 +154,7 @@ def loop_instructions(sass: str) -> tuple[int, dict[str, int]]:
     best: tuple[int, int] | None = None
     for addr, _, line in code:
         m = _BRANCH.search(line)
-        if m and m.group(1) in label_at and label_at[m.group(1)] <= addr:
+        if m and m.group(1) in label_at and label_at[m.group(1)] < addr:  # not the trailing self-branch
             span = (label_at[m.group(1)], addr)
             if best is None or span[1] - span[0] > best[1] - best[0]:
                 best = span

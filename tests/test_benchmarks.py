@@ -468,10 +468,12 @@ def test_depthwise_resources_counts_the_longest_loop_of_a_listing():
         /*0060*/                   BRA `(.L_x_2) ;
 .L_x_2:
         /*0070*/                   EXIT ;
+.L_x_3:
+        /*0080*/                   BRA `(.L_x_3);
 """
     # the outer loop (0x10 to its branch back at 0x50) holds the inner one; the forward branch is no loop
     assert bench.loop_instructions(sass) == (5, {"BRA": 2, "FFMA": 1, "FMUL": 1, "SHF": 1})
-    assert bench.loop_instructions("        /*0000*/   EXIT ;") == (0, {})
+    assert bench.loop_instructions("        /*0000*/   EXIT ;\n.L_x_9:\n        /*0010*/   BRA `(.L_x_9);") == (0, {})
 
 
 def test_step_ceiling_sums_the_products_and_attention_of_every_block(tmp_path):
