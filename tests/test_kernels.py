@@ -55,7 +55,7 @@ class _GeluKeptDerivative(torch.autograd.Function):
 
 def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None = None,
             merged: int | None = None, saved: int | None = None, fit: int | None = None,
-            poly: int | None = None) -> None:
+            poly: int | None = None, first: int | None = None) -> None:
     """Kernel path against the convolution path of the same ``GridConv``, over several cases;
     bfloat16 tokens meet float32 weights under autocast, as in mixed-precision training. ``stages``:
     the convolution's ``CONV_STAGES`` (0: the kernel that carries the next row in registers, which
@@ -63,10 +63,11 @@ def compare(device: str, dtype: torch.dtype = torch.float32, stages: int | None 
     backward in one kernel); ``saved``: ``SAVE_GELU_GRAD`` (1: the GELU cases keep the derivative
     from the forward); ``fit``: ``STRIP_FIT`` (1: strips as narrow as 2 columns, channel blocks as
     wide as 1024); ``poly``: ``ERF_POLY`` (1: the GELU's normal CDF from a polynomial, 0: from
-    libdevice's ``erf``)."""
+    libdevice's ``erf``); ``first``: ``BIAS_FIRST`` (1: the forward's sums start from the bias)."""
     from vitpe.kernels import depthwise
 
-    settings = dict(CONV_STAGES=stages, BWD_MERGED=merged, SAVE_GELU_GRAD=saved, STRIP_FIT=fit, ERF_POLY=poly)
+    settings = dict(CONV_STAGES=stages, BWD_MERGED=merged, SAVE_GELU_GRAD=saved, STRIP_FIT=fit, ERF_POLY=poly,
+                    BIAS_FIRST=first)
     before = {k: getattr(depthwise, k) for k in settings}
     for k, v in settings.items():
         if v is not None:
@@ -202,23 +203,25 @@ def _compare_gelu(device: str) -> None:
 # the pipelined kernels without the GELU, the register-carrying one with it; with -m slow also the
 # register-carrying kernels throughout. The backward as two kernels, and merged with the GELU's
 # derivative kept, with the strips that fit the grid's width (STRIP_FIT, the default) and without;
-# the GELU's normal CDF from the polynomial (ERF_POLY, the default) and from libdevice's erf.
-@pytest.mark.parametrize("stages,merged,saved,fit,poly", [pytest.param(0, 0, 0, 0, 1, marks=pytest.mark.slow),
-                                                          (4, 0, 0, 0, 1),
-                                                          pytest.param(4, 0, 1, 0, 1, marks=pytest.mark.slow),
-                                                          (4, 1, 1, 0, 1), (4, 1, 1, 1, 1), (4, 1, 1, 1, 0)])
-def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved, fit, poly):
-    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved, fit=fit, poly=poly)
+# the GELU's normal CDF from the polynomial (ERF_POLY, the default) and from libdevice's erf; the
+# forward's sums started from the bias (BIAS_FIRST) and the bias added after the taps (the default).
+@pytest.mark.parametrize("stages,merged,saved,fit,poly,first", [
+    pytest.param(0, 0, 0, 0, 1, 0, marks=pytest.mark.slow), (4, 0, 0, 0, 1, 0),
+    pytest.param(4, 0, 1, 0, 1, 0, marks=pytest.mark.slow), (4, 1, 1, 0, 1, 0), (4, 1, 1, 1, 1, 0),
+    (4, 1, 1, 1, 0, 0), (4, 1, 1, 1, 1, 1)])
+def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved, fit, poly, first):
+    run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved, fit=fit, poly=poly,
+                               first=first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stages,merged,saved,fit,poly", [(0, 0, 0, 0, 1), (4, 0, 0, 0, 1), (4, 0, 1, 0, 1),
-                                                          (4, 1, 0, 0, 1), (4, 1, 1, 0, 1), (0, 0, 0, 1, 1),
-                                                          (4, 1, 1, 1, 1), (4, 1, 1, 1, 0)])
+@pytest.mark.parametrize("stages,merged,saved,fit,poly,first", [
+    (0, 0, 0, 0, 1, 0), (4, 0, 0, 0, 1, 0), (4, 0, 1, 0, 1, 0), (4, 1, 0, 0, 1, 0), (4, 1, 1, 0, 1, 0),
+    (0, 0, 0, 1, 1, 0), (4, 1, 1, 1, 1, 0), (4, 1, 1, 1, 0, 0), (4, 1, 1, 1, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved, fit, poly):
+def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved, fit, poly, first):
     torch.backends.cudnn.allow_tf32 = False
-    compare("cuda", dtype, stages, merged, saved, fit, poly)
+    compare("cuda", dtype, stages, merged, saved, fit, poly, first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
