@@ -114,11 +114,12 @@ SAVE_GELU_GRAD = 1
 # accurate as torch's float32 GELU) instead of libdevice's ``erf``; 0 restores ``erf``. Measured on
 # an H100 (docs/performance.md, eighteenth round), ViT-S's Mix-FFN convolution with the GELU:
 # inference forward 0.197 -> 0.175 ms a launch, training forward + backward 0.595 -> 0.570; compiled
-# ViT-S ``mixffn`` 0.92 / 0.90 -> 0.93 / 0.92 of ``learned`` (nineteenth round). ``bias_gelu`` takes ``_phi`` too (its own ``ERF_POLY``)
+# ViT-S ``mixffn`` 0.92 / 0.90 -> 0.93 / 0.92 of ``learned`` (nineteenth round). ``bias_gelu`` takes
+# ``_phi`` too (its own ``ERF_POLY``)
 ERF_POLY = 1
 # ``_conv_kernel`` starts each output row's sum from the bias: its first product a multiply-add with
 # it, and no addition of the bias after the taps (34.2 instructions an output in the inference loop
-# against 35.6, compiled offline for sm_90: docs/performance.md, nineteenth round). 0 (the default
+# against 35.5, compiled offline for sm_90: docs/performance.md, nineteenth round). 0 (the default
 # until it has run on a GPU): the bias added after the taps
 BIAS_FIRST = 0
 # the strip of columns a row-walking program takes (``_strip``): 0, the grid's width rounded up to a
@@ -299,20 +300,10 @@ if triton is not None:
         return bias
 
     @triton.jit
-    def _first_row(bias, x_l, x_m, x_r, t0, t1, t2, BIAS_FIRST: tl.constexpr):
-        """An input row's products with kernel row 0: the first of the sums of the output row
-        below it, started from the bias with ``BIAS_FIRST`` (the first product a multiply-add)."""
-        if BIAS_FIRST:
-            first = bias + x_l * t0 + x_m * t1 + x_r * t2
-        else:
-            first = x_l * t0 + x_m * t1 + x_r * t2
-        return first
-
-    @triton.jit
     def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ga_ptr, skip, n_prefix, H, W, C, sxb, syb, sgb, rows, n_chunks,
                      n_strips, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr, POLY: tl.constexpr,
-                     BIAS_FIRST: tl.constexpr, PREFIX: tl.constexpr, FLIP: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_W: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BIAS_FIRST: tl.constexpr, PREFIX: tl.constexpr, FLIP: tl.constexpr, EVEN_C: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """``z[b, h, w, c] = sum_{i,j} x[b, h + i - 1, w + j - 1, c] * w[c, 0, i, j] (+ bias)
         (+ x)`` (with ``FLIP``, ``w[c, 0, 2 - i, 2 - j]``), zero outside the grid, stored in ``y``
         as ``z`` (``ACT`` 0), ``gelu(z)`` (1), ``ga * gelu'(z)`` (2: the GELU's backward, ``ga``
@@ -332,14 +323,22 @@ if triton is not None:
         x_img = x_ptr + skip + b * sxb
         y_img = y_ptr + skip + b * syb
         row_len = W * C
+        if BIAS_FIRST:  # the sums start from it
+            bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         # the row above the first: its kernel row 0 goes to output row r0 (zero at the grid's top)
-        bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)
         x_l, x_m, x_r = _f32(*_row3(x_img + (r0 - 1) * row_len, offs, C, m_l, m_m, m_r, r0 > 0))
-        below = _first_row(bias, x_l, x_m, x_r, t0, t1, t2, BIAS_FIRST)  # output row r0 so far
+        if BIAS_FIRST:
+            below = bias + x_l * t0 + x_m * t1 + x_r * t2  # output row r0 so far
+        else:
+            below = x_l * t0 + x_m * t1 + x_r * t2
         # the first row: kernel row 1 to itself, row 0 to the row below
         x_l, x_m, x_r = _f32(*_row3(x_img + r0 * row_len, offs, C, m_l, m_m, m_r, r0 < H))
         at = below + x_l * t3 + x_m * t4 + x_r * t5  # output row r0, wanting its row below
-        below = _first_row(bias, x_l, x_m, x_r, t0, t1, t2, BIAS_FIRST)  # output row r0 + 1
+        if BIAS_FIRST:
+            below = bias + x_l * t0 + x_m * t1 + x_r * t2  # output row r0 + 1
+        else:
+            below = x_l * t0 + x_m * t1 + x_r * t2
+            bias = _bias_row(b_ptr, offs_c, C, cmask, HAS_BIAS, BLOCK_C)  # added after the taps
         # the next row's loads (and the GELU backward's output gradient) are in flight while a row's
         # products are computed
         n_l, n_m, n_r = _row3(x_img + (r0 + 1) * row_len, offs, C, m_l, m_m, m_r, r0 + 1 < H)
@@ -355,8 +354,10 @@ if triton is not None:
                 n_ga = tl.load(ga_img + s * row_len + offs, mask=m_m & (s < r1), other=0.0)
             out = at + x_l * t6 + x_m * t7 + x_r * t8
             at = below + x_l * t3 + x_m * t4 + x_r * t5
-            below = _first_row(bias, x_l, x_m, x_r, t0, t1, t2, BIAS_FIRST)
-            if not BIAS_FIRST:
+            if BIAS_FIRST:
+                below = bias + x_l * t0 + x_m * t1 + x_r * t2
+            else:
+                below = x_l * t0 + x_m * t1 + x_r * t2
                 if HAS_BIAS:
                     out += bias
             if RESIDUAL:
