@@ -432,7 +432,8 @@ def test_depthwise_resources_records_the_kernels_each_setting_launches():
 
 def test_depthwise_resources_compiles_for_the_gpu_offline(tmp_path):
     triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "cuobjdump").exists():
         pytest.skip("this Triton ships no cuobjdump")
     bench = load("depthwise_resources")
     # ViT-S's Mix-FFN tile on two images of three rows
@@ -440,7 +441,7 @@ def test_depthwise_resources_compiles_for_the_gpu_offline(tmp_path):
     assert [r["kernel"] for r in rows] == ["_conv_staged_kernel"]
     assert all(0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["warps"] == 4 for r in rows), rows
     assert rows[0]["shared_bytes"] > 0  # the pipelined rows ahead are copied into shared memory
-    if (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+    if (tools / "nvdisasm").exists():
         # the row walk holds the 9 taps' products (a multiply, then multiply-adds) of a thread's tile elements
         consts = dict(kv.split("=") for kv in rows[0]["constants"].split(","))
         per_thread = int(consts["BLOCK_W"]) * int(consts["BLOCK_C"]) / (32 * 4)

@@ -6,7 +6,7 @@ interpreter (a subprocess, since the interpreter is chosen when the kernels are 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import opcheck_utils, run_compare_in_interpreter
+from triton_interpreter import GeluPoints, opcheck_utils, run_compare_in_interpreter
 
 from vitpe.layers import Mlp
 from vitpe.pos.base import BlockPos
@@ -83,27 +83,17 @@ def compare(device: str, dtype: torch.dtype = torch.float32) -> None:
 
 
 def _compare_gelu(device: str) -> None:
-    """The kernels' GELU and its derivative over [-12, 12] against float64's, with the polynomial's
-    normal CDF (the default) and with libdevice's ``erf`` (``ERF_POLY = 0``): the output within 1e-6
-    and the gradient of its sum within 2e-6, absolute, where torch's float32 GELU is off by up to
-    1.2e-6 (a float32 step at 12 is 9.5e-7)."""
+    """The kernels' GELU and its derivative over [-12, 12] against float64's (``GeluPoints``), with
+    the polynomial's normal CDF (the default) and with libdevice's ``erf`` (``ERF_POLY = 0``)."""
     from vitpe.kernels import bias_gelu
 
     M, N = 64, 96
-    z = torch.linspace(-12, 12, M * N, dtype=torch.float64)
-    h = z.float().reshape(M, N).to(device).requires_grad_()
-    z = h.detach().double().cpu().requires_grad_()  # the float32 inputs, exactly
-    want = F.gelu(z)
-    slope = torch.autograd.grad(want.sum(), z)[0]
+    points = GeluPoints((M, N), device)
     saved = bias_gelu.ERF_POLY
     try:
         for poly in (1, 0):
             bias_gelu.ERF_POLY = poly
-            got = bias_gelu.bias_gelu(h, torch.zeros(N, device=device))
-            torch.testing.assert_close(got.detach().cpu().double(), want.detach(), atol=1e-6, rtol=0,
-                                       msg=lambda m: f"GELU, ERF_POLY={poly}: {m}")
-            torch.testing.assert_close(torch.autograd.grad(got.sum(), h)[0].cpu().double(), slope, atol=2e-6, rtol=0,
-                                       msg=lambda m: f"GELU's derivative, ERF_POLY={poly}: {m}")
+            points.check(bias_gelu.bias_gelu(points.x, torch.zeros(N, device=device)), f", ERF_POLY={poly}")
     finally:
         bias_gelu.ERF_POLY = saved
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+
+import torch
+import torch.nn.functional as F
 from script_modules import ROOT, SUBPROCESS_LIMIT_S
 
 
@@ -24,3 +27,27 @@ def opcheck_utils(device: str) -> tuple[str, ...]:
     registration everywhere; on a GPU also its shape-only (fake) version, which runs the operator's
     body with the launches skipped (the interpreter's kernels cannot be skipped, so not on CPU)."""
     return ("test_schema", "test_autograd_registration") + (("test_faketensor",) if device != "cpu" else ())
+
+
+class GeluPoints:
+    """Float32 points spread evenly over [-12, 12] in ``shape`` on ``device`` (``x``, requiring a
+    gradient), for the kernels' exact GELU: ``check`` holds a GELU of ``x`` to float64's within
+    1e-6 and the gradient of its sum to the GELU's derivative within 2e-6, absolute (torch's float32
+    GELU is off by up to 1.2e-6; a float32 step at 12 is 9.5e-7)."""
+
+    def __init__(self, shape: tuple[int, ...], device: str) -> None:
+        n = 1
+        for d in shape:
+            n *= d
+        self.x = torch.linspace(-12, 12, n, dtype=torch.float64).float().reshape(shape).to(device).requires_grad_()
+        z = self.x.detach().double().cpu().requires_grad_()  # the float32 inputs, exactly
+        self.gelu = F.gelu(z)
+        self.slope = torch.autograd.grad(self.gelu.sum(), z)[0]
+        self.gelu = self.gelu.detach()
+
+    def check(self, out: torch.Tensor, what: str = "") -> None:
+        torch.testing.assert_close(out.detach().double().cpu(), self.gelu, atol=1e-6, rtol=0,
+                                   msg=lambda m: f"GELU{what}: {m}")
+        grad = torch.autograd.grad(out.sum(), self.x)[0]
+        torch.testing.assert_close(grad.double().cpu(), self.slope, atol=2e-6, rtol=0,
+                                   msg=lambda m: f"GELU's derivative{what}: {m}")
