@@ -197,11 +197,11 @@ def _compare_gelu(device: str) -> None:
 # register-carrying kernels throughout. The backward as two kernels, and merged with the GELU's
 # derivative kept, with the strips that fit the grid's width (STRIP_FIT, the default) and without;
 # the GELU's normal CDF from the polynomial (ERF_POLY, the default) and from libdevice's erf; the
-# forward's sums started from the bias (BIAS_FIRST) and the bias added after the taps (the default).
+# forward's sums started from the bias (BIAS_FIRST, the default) and the bias added after the taps.
 @pytest.mark.parametrize("stages,merged,saved,fit,poly,first", [
-    pytest.param(0, 0, 0, 0, 1, 0, marks=pytest.mark.slow), (4, 0, 0, 0, 1, 0),
-    pytest.param(4, 0, 1, 0, 1, 0, marks=pytest.mark.slow), (4, 1, 1, 0, 1, 0), (4, 1, 1, 1, 1, 0),
-    (4, 1, 1, 1, 0, 0), (4, 1, 1, 1, 1, 1)])
+    pytest.param(0, 0, 0, 0, 1, 1, marks=pytest.mark.slow), (4, 0, 0, 0, 1, 1),
+    pytest.param(4, 0, 1, 0, 1, 1, marks=pytest.mark.slow), (4, 1, 1, 0, 1, 1), (4, 1, 1, 1, 1, 1),
+    (4, 1, 1, 1, 0, 1), (4, 1, 1, 1, 1, 0)])
 def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved, fit, poly, first):
     run_compare_in_interpreter('test_kernels', stages=stages, merged=merged, saved=saved, fit=fit, poly=poly,
                                first=first)
@@ -209,8 +209,8 @@ def test_kernels_match_the_convolution_in_the_interpreter(stages, merged, saved,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("stages,merged,saved,fit,poly,first", [
-    (0, 0, 0, 0, 1, 0), (4, 0, 0, 0, 1, 0), (4, 0, 1, 0, 1, 0), (4, 1, 0, 0, 1, 0), (4, 1, 1, 0, 1, 0),
-    (0, 0, 0, 1, 1, 0), (4, 1, 1, 1, 1, 0), (4, 1, 1, 1, 0, 0), (4, 1, 1, 1, 1, 1)])
+    (0, 0, 0, 0, 1, 1), (4, 0, 0, 0, 1, 1), (4, 0, 1, 0, 1, 1), (4, 1, 0, 0, 1, 1), (4, 1, 1, 0, 1, 1),
+    (0, 0, 0, 1, 1, 1), (4, 1, 1, 1, 1, 1), (4, 1, 1, 1, 0, 1), (4, 1, 1, 1, 1, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_the_convolution_on_gpu(dtype, stages, merged, saved, fit, poly, first):
     torch.backends.cudnn.allow_tf32 = False

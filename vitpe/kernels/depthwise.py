@@ -119,9 +119,12 @@ SAVE_GELU_GRAD = 1
 ERF_POLY = 1
 # ``_conv_kernel`` starts each output row's sum from the bias: its first product a multiply-add with
 # it, and no addition of the bias after the taps (34.2 instructions an output in the inference loop
-# against 35.5, compiled offline for sm_90: docs/performance.md, nineteenth round). 0 (the default
-# until it has run on a GPU): the bias added after the taps
-BIAS_FIRST = 0
+# against 35.5, compiled offline for sm_90: docs/performance.md, nineteenth round). Measured on an
+# H100 (twentieth round): ViT-S's Mix-FFN convolution with the GELU, inference forward 0.177 -> 0.169
+# ms a launch (0.121 -> 0.117 on 64 x 24 x 24, 0.083 -> 0.082 on MiT-B2's 128 x 128), training
+# forward + backward unchanged; compiled ViT-S ``mixffn`` inference 26458 -> 26638 img/s. 0: the
+# bias added after the taps
+BIAS_FIRST = 1
 # the strip of columns a row-walking program takes (``_strip``): 0, the grid's width rounded up to a
 # power of two (at most 32), whose extra columns idle (2 lanes in 16 on a 14-wide grid, 8 in 32 on
 # a 24-wide one); 1 (the default), the strip and channel block that leave the fewest lanes idle (14
