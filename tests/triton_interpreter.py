@@ -2,6 +2,7 @@
 is chosen when the kernels are defined (at import), so it cannot be switched on in this process."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -36,14 +37,12 @@ class GeluPoints:
     GELU is off by up to 1.2e-6; a float32 step at 12 is 9.5e-7)."""
 
     def __init__(self, shape: tuple[int, ...], device: str) -> None:
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         self.x = torch.linspace(-12, 12, n, dtype=torch.float64).float().reshape(shape).to(device).requires_grad_()
         z = self.x.detach().double().cpu().requires_grad_()  # the float32 inputs, exactly
-        self.gelu = F.gelu(z)
-        self.slope = torch.autograd.grad(self.gelu.sum(), z)[0]
-        self.gelu = self.gelu.detach()
+        gelu = F.gelu(z)
+        self.slope = torch.autograd.grad(gelu.sum(), z)[0]
+        self.gelu = gelu.detach()
 
     def check(self, out: torch.Tensor, what: str = "") -> None:
         torch.testing.assert_close(out.detach().double().cpu(), self.gelu, atol=1e-6, rtol=0,
